@@ -1,0 +1,240 @@
+"""Samplers with one contract, and the adapters that turn a DiT into the `model_fn` they call.
+
+Every sampler is `sample_<name>(model_fn, x, diffusion, noise_fn, callback=None) -> x_0`:
+- `model_fn(x, index)` returns the raw model output (eps, then variance values when the model learns sigma)
+  for respaced step indices `index` (N,) of `diffusion`;
+- `x` is the starting noise;
+- `noise_fn(like)` returns fresh Gaussian noise shaped like `like` (per-image generators, see `ImageNoise`);
+- `callback(step, num_steps, x)` is called after each step.
+Guidance and the learned-variance convention live in the adapters, not in the samplers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+from ditcli.diffusion import Diffusion
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor], None] | None
+
+GUIDED_CHANNELS = ("paper", "all")
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` in a run with `seed`: a fixed mix, so no image depends on batching."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 64)
+    return mixed >> 1
+
+
+class ImageNoise:
+    """Per-image Gaussian noise: image i of a run draws only from its own generator, seeded by (seed, i).
+
+    Noise is drawn on the CPU in float32 and moved to the target device, so an image is the same whatever the batch
+    size, the order, the number of processes or the device.
+    """
+
+    def __init__(self, seed: int, indices: list[int] | range):
+        self.generators = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        draws = [torch.randn(like.shape[1:], generator=g) for g in self.generators]
+        return torch.stack(draws).to(device=like.device, dtype=like.dtype)  # (N, ...)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance settings (Ho & Salimans, 2022).
+
+    scale: 1 runs the conditional model alone, 0 the unconditional one, s > 1 extrapolates.
+    channels: "paper" guides only the first 3 latent channels, as the DiT reference sampler does; it is kept because
+        the published FIDs were measured that way. "all" guides every eps channel.
+    interval: (low, high) in training timesteps; guidance applies only where low <= t <= high (Kynkaanniemi et al.,
+        2024). None guides every step.
+    """
+
+    scale: float = 1.0
+    channels: str = "paper"
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if not math.isfinite(self.scale) or self.scale < 0:
+            raise ValueError(f"cfg scale must be >= 0, got {self.scale} (1 disables guidance, 0 is unconditional)")
+        if self.channels not in GUIDED_CHANNELS:
+            raise ValueError(f"unknown guided channels {self.channels!r} (choose from {', '.join(GUIDED_CHANNELS)})")
+        if self.interval is not None and not (0 <= self.interval[0] <= self.interval[1]):
+            raise ValueError(f"guidance interval must be 0 <= low <= high, got {self.interval}")
+
+    def active(self, t: float) -> bool:
+        return self.interval is None or self.interval[0] <= t <= self.interval[1]
+
+
+def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Diffusion, guidance: Guidance,
+                    null_class: int) -> ModelFn:
+    """The `model_fn` of a class-conditional DiT under classifier-free guidance.
+
+    At scale 1 (or outside the guidance interval) only the conditional pass runs; at scale 0 only the unconditional
+    one. Otherwise one forward of the doubled batch [cond, uncond] counts as one NFE.
+    """
+    in_channels = model.config.in_channels
+    guided = 3 if guidance.channels == "paper" else in_channels
+    null = torch.full_like(labels, null_class)
+
+    def model_fn(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        t = diffusion.model_timesteps(index)
+        scale = guidance.scale if guidance.active(float(t[0])) else 1.0
+        if scale == 1.0:
+            return model(x, t, labels)
+        if scale == 0.0:
+            return model(x, t, null)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2N, C_out, H, W)
+        cond, uncond = out.chunk(2)
+        eps = torch.lerp(uncond[:, :guided], cond[:, :guided], scale)  # uncond + s * (cond - uncond)
+        return torch.cat([eps, cond[:, guided:]], dim=1)  # (N, C_out, H, W)
+
+    return model_fn
+
+
+def unconditional_model_fn(model: torch.nn.Module, diffusion: Diffusion) -> ModelFn:
+    """The `model_fn` of a model trained without labels: every image gets the null class."""
+    def model_fn(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        labels = torch.full((x.shape[0],), model.config.num_classes, dtype=torch.long, device=x.device)
+        return model(x, diffusion.model_timesteps(index), labels)
+
+    return model_fn
+
+
+def step_indices(x: torch.Tensor, i: int) -> torch.Tensor:
+    return torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+
+
+@torch.no_grad()
+def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, diffusion: Diffusion, noise_fn: NoiseFn,
+                callback: Callback = None) -> torch.Tensor:
+    """Ancestral sampling, Algorithm 2 of DDPM, with the variance the model predicts (IDDPM)."""
+    steps = diffusion.num_steps
+    for step, i in enumerate(reversed(range(steps))):
+        index = step_indices(x, i)
+        out = diffusion.p_mean_variance(model_fn(x, index), x, index)
+        x = out["mean"]
+        if i > 0:
+            x = x + torch.exp(0.5 * out["log_variance"]) * noise_fn(x)
+        if callback is not None:
+            callback(step, steps, x)
+    return x
+
+
+def sample_ddim(model_fn: ModelFn, x: torch.Tensor, diffusion: Diffusion, noise_fn: NoiseFn,
+                callback: Callback = None, eta: float = 0.0) -> torch.Tensor:
+    """DDIM, Eq. 12 of Song et al. (2021); eta = 0 is deterministic, eta = 1 is DDPM-like."""
+    ac, ac_prev = diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev
+    steps = diffusion.num_steps
+    with torch.no_grad():
+        for step, i in enumerate(reversed(range(steps))):
+            index = step_indices(x, i)
+            out = diffusion.p_mean_variance(model_fn(x, index), x, index)
+            sigma = eta * math.sqrt((1 - ac_prev[i]) / (1 - ac[i])) * math.sqrt(1 - ac[i] / ac_prev[i])
+            x = out["pred_xstart"] * math.sqrt(ac_prev[i]) + math.sqrt(1 - ac_prev[i] - sigma ** 2) * out["eps"]
+            if i > 0 and sigma > 0:
+                x = x + sigma * noise_fn(x)
+            if callback is not None:
+                callback(step, steps, x)
+    return x
+
+
+SOLVERS = {
+    "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "unipc": ("UniPCMultistepScheduler", dict(solver_order=2)),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+}
+SAMPLERS = ("ddpm", "ddim", *SOLVERS)
+
+
+def make_scheduler(name: str, diffusion: Diffusion, steps: int):
+    """A diffusers scheduler for solver `name`, built on this process's own betas."""
+    import diffusers
+
+    if len(diffusion.timesteps) < 2 or diffusion.timesteps[-1] != diffusion.num_steps - 1:
+        raise ValueError(f"sampler {name!r} needs the unrespaced training process")
+    class_name, options = SOLVERS[name]
+    scheduler = getattr(diffusers, class_name)(num_train_timesteps=diffusion.num_steps,
+                                               trained_betas=diffusion.betas.tolist(),
+                                               prediction_type="epsilon", **options)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@torch.no_grad()
+def sample_solver(model_fn: ModelFn, x: torch.Tensor, diffusion: Diffusion, noise_fn: NoiseFn,
+                  callback: Callback = None, scheduler=None) -> torch.Tensor:
+    """Drive a diffusers scheduler with our model_fn; its eps is used and the learned variance dropped.
+
+    The schedulers used here are deterministic, so `noise_fn` is never called; it stays for the common contract.
+    """
+    channels = x.shape[1]
+    x = x * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    for step, t in enumerate(timesteps):
+        model_input = scheduler.scale_model_input(x, t)
+        index = torch.full((x.shape[0],), float(t), device=x.device)
+        eps = model_fn(model_input, index)[:, :channels]
+        x = scheduler.step(eps, t, x, return_dict=False)[0]
+        if callback is not None:
+            callback(step, len(timesteps), x)
+    return x
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """A ready sampler: the process it runs on and a function with the common contract."""
+
+    name: str
+    steps: int
+    diffusion: Diffusion
+    sample: Callable
+
+
+def plan_sampler(name: str, steps: int, learn_sigma: bool, eta: float = 0.0, respacing: str | None = None,
+                 schedule: str = "linear") -> SamplerPlan:
+    """Choose the process and function for `--sampler name --steps steps`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if name in SOLVERS:
+        diffusion = Diffusion.create("", schedule, learn_sigma)
+        scheduler = make_scheduler(name, diffusion, steps)
+        return SamplerPlan(name, steps, diffusion, partial(sample_solver, scheduler=scheduler))
+    if respacing is None:
+        respacing = f"ddim{steps}" if name == "ddim" and _ddim_spacing_exists(steps) else str(steps)
+    diffusion = Diffusion.create(respacing, schedule, learn_sigma)
+    if name == "ddpm":
+        return SamplerPlan(name, diffusion.num_steps, diffusion, sample_ddpm)
+    return SamplerPlan(name, diffusion.num_steps, diffusion, partial(sample_ddim, eta=eta))
+
+
+def _ddim_spacing_exists(steps: int) -> bool:
+    try:
+        Diffusion.create(f"ddim{steps}")
+    except ValueError:
+        return False
+    return True
+
+
+class CountingModelFn:
+    """Wraps a model_fn and counts its calls: the NFE of a run (a doubled CFG batch counts once)."""
+
+    def __init__(self, model_fn: ModelFn):
+        self.model_fn = model_fn
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model_fn(x, index)

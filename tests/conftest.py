@@ -1,0 +1,48 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ditcli.model import DiT, DiTConfig
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def tiny_config(**overrides) -> DiTConfig:
+    fields = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    fields.update(overrides)
+    return DiTConfig(**fields)
+
+
+def perturbed(model: DiT, seed: int = 0, std: float = 0.05) -> DiT:
+    """Move every weight off the zero init so all layers matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.add_(torch.randn(p.shape, generator=generator) * std)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def golden():
+    if not GOLDEN.exists():
+        pytest.fail(f"golden vectors not found at {GOLDEN}")
+    meta = json.loads((GOLDEN / "tiny-dit.json").read_text())
+    return meta, load_file(str(GOLDEN / "tiny-dit.vectors.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden):
+    meta, _ = golden
+    model = DiT(DiTConfig(**meta["config"]))
+    model.load_state_dict(torch.load(GOLDEN / "tiny-dit.official.pt", weights_only=True), strict=True)
+    return model.eval()
+
+
+def assert_close_to_ref(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4):
+    bound = rel * ref.abs().max().item()
+    diff = (ours.double() - ref.double()).abs().max().item()
+    assert diff <= bound, f"max |ours - ref| = {diff:.3g} > {bound:.3g}"
