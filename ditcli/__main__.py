@@ -1,0 +1,3 @@
+from ditcli.cli import main
+
+main()

@@ -1,0 +1,13 @@
+"""Options shared by several commands, declared once."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Global seed; image i uses a generator derived from (seed, i).")]
+CheckpointOpt = Annotated[Path | None, typer.Option("--ckpt", help="A .pt or .safetensors DiT checkpoint.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable results.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]

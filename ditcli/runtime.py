@@ -1,0 +1,52 @@
+"""Devices, precisions and backend flags, resolved in the command that needs them (never at import)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ditcli.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    base = name.split(":")[0]
+    if base not in DEVICES:
+        raise UserError(f"unknown device {name!r}", f"choose from {', '.join(DEVICES)}")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+    if base == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available", "use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_precision(name: str) -> torch.dtype:
+    if name not in PRECISIONS:
+        raise UserError(f"unknown precision {name!r}", f"choose from {', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed-precision autocast for bf16/fp16; a no-op context for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_backend_flags(deterministic: bool = False, allow_tf32: bool = True) -> None:
+    """TF32 matmuls for speed, or a deterministic mode (no TF32, deterministic algorithms, no cuDNN autotune)."""
+    tf32 = allow_tf32 and not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
