@@ -104,8 +104,10 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
         raise UserError(f"{path} is not a readable safetensors file: {' '.join(str(exc).split())}",
                         "the file is truncated or corrupt; fetch it again") from None
     if "transformer_blocks.0.attn1.to_q.weight" in state:
-        from ditcli.conversion import from_diffusers_state
+        from ditcli.conversion import from_diffusers_state, read_diffusers
 
+        if (path.parent / "config.json").is_file():  # inside a transformer/ folder: its config gives the shape
+            return read_diffusers(path, config=config)
         return from_diffusers_state(state, config=config, num_heads=num_heads)
     if metadata.get("format") == SAFETENSORS_FORMAT:
         stored = DiTConfig.from_dict(json.loads(metadata["config"]))
@@ -125,11 +127,15 @@ def safe_torch_load(path: str | os.PathLike):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" ({culprit.group(1)})" if culprit else ""
-        raise UserError(f"refusing to load {path}: it contains pickled code or objects{what} that a weight file "
-                        f"should not", "only tensors, plain containers and argparse.Namespace are allowed") from None
+        if culprit is None:  # the restricted unpickler stopped on bytes it cannot parse, before any global
+            raise UserError(f"{path} is not a readable checkpoint: the weights-only unpickler cannot parse it",
+                            "the file is corrupt or not a PyTorch weight file; fetch it again") from None
+        raise UserError(f"refusing to load {path}: it contains pickled code or objects ({culprit.group(1)}) that a "
+                        f"weight file should not", "only tensors, plain containers and argparse.Namespace are "
+                        "allowed") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first.split(". ")[0]  # torch's zip errors go on for several sentences of advice
         raise UserError(f"{path} is not a readable checkpoint: {first}",
                         "the file is truncated or corrupt; fetch it again") from None
 
@@ -143,7 +149,8 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
         state = data[weights]
         check_state_dict(state, stored, str(path))
         return Checkpoint(state, stored, "ditcli training checkpoint", weights, data.get("class_names"),
-                          data.get("codec"), {"step": data.get("step")})
+                          data.get("codec"), {"step": data.get("step"),
+                                              "schedule": data["config"].get("train", {}).get("schedule", "linear")})
     if "model" in data and "args" in data:
         return _from_reference_train(data, weights, num_heads, config, str(path))
     return _from_bare_state(data, "official DiT state dict", num_heads, config, str(path))
@@ -245,10 +252,18 @@ def atomic_write(path: Path, write, force: bool = False) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        apply_umask(Path(tmp), 0o666)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def apply_umask(path: Path, mode: int) -> None:
+    """Give a mkstemp/mkdtemp entry (private: 0600/0700) the permissions a plain open()/mkdir() would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def save_safetensors(checkpoint: Checkpoint, path: Path, dtype: torch.dtype | None = None, force: bool = False):

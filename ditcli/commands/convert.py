@@ -1,8 +1,103 @@
-"""`dit convert` (filled in by the conversion issue)."""
+"""`dit convert`: builds the conversion request from options, calls ditcli.conversion and renders its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from ditcli.checkpoint import WEIGHT_CHOICES
+from ditcli.commands.options import JsonOpt
+from ditcli.conversion import OUTPUT_FORMATS, ConversionReport
+from ditcli.conversion import convert as convert_weights
+from ditcli.conversion import info as describe_file
+from ditcli.errors import UserError
+from ditcli.runtime import PRECISIONS
+
+SourceArg = Annotated[Path | None, typer.Argument(help="A released .pt, a train.py or ditcli checkpoint, our "
+                                                       ".safetensors, or a diffusers folder or file.",
+                                                  show_default=False)]
+DestArg = Annotated[Path | None, typer.Argument(help="The .safetensors file or diffusers folder to write.",
+                                                show_default=False)]
+ToOpt = Annotated[str | None, typer.Option("--to", help=f"{' or '.join(OUTPUT_FORMATS)}; by default from DST's "
+                                                        "name (*.safetensors).", show_default=False)]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help=f"Stored dtype: {', '.join(PRECISIONS)}.")]
+WeightsOpt = Annotated[str, typer.Option("--weights",
+                                         help=f"From training checkpoints: {' or '.join(WEIGHT_CHOICES)}.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing DST.")]
+NumHeadsOpt = Annotated[int | None, typer.Option("--num-heads", help="Attention heads, for widths outside the presets.",
+                                                 show_default=False)]
+VaeOpt = Annotated[str, typer.Option("--vae", help="With --to diffusers: the VAE to include (a local AutoencoderKL "
+                                                   "folder, a hub id, ema or mse), 'auto' for the checkpoint's own, "
+                                                   "or 'none'.")]
+InfoOpt = Annotated[Path | None, typer.Option("--info", metavar="FILE", help="Describe FILE instead of converting.",
+                                              show_default=False)]
+
+console = Console(highlight=False, soft_wrap=True)
 
 
-def convert():
-    """Convert checkpoints between official, training, safetensors and diffusers formats."""
-    raise typer.Exit(1)
+def convert(
+    src: SourceArg = None,
+    dst: DestArg = None,
+    to: ToOpt = None,
+    dtype: DtypeOpt = "fp32",
+    weights: WeightsOpt = "ema",
+    force: ForceOpt = False,
+    num_heads: NumHeadsOpt = None,
+    vae: VaeOpt = "auto",
+    info: InfoOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Convert DiT weights between official, training, safetensors and diffusers formats; check the result."""
+    if info is not None:
+        if src is not None or dst is not None:
+            raise UserError("--info takes one FILE and no SRC/DST", "run `dit convert --info FILE` on its own")
+        _render_info(describe_file(info, num_heads=num_heads, weights=weights), json_out)
+        return
+    if src is None or dst is None:
+        raise UserError("convert needs SRC and DST", "run `dit convert SRC DST`, or `dit convert --info FILE`")
+    report = convert_weights(src, dst, to=to, dtype=dtype, weights=weights, num_heads=num_heads,
+                             vae=None if vae == "none" else vae, force=force)
+    _render_report(report, json_out)
+
+
+def _render_info(data: dict, json_out: bool) -> None:
+    if json_out:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    ema = {True: "yes", False: "no", None: "not recorded"}[data["ema"]]
+    rows = [("format", data["format"]), ("model", data["model"]), ("parameters", f"{data['parameters']:,}"),
+            ("dtype", ", ".join(data["dtype"])), ("weights", data["weights"]), ("EMA", ema),
+            ("classes", str(data["config"]["num_classes"])),
+            ("class names", str(data["class_names"]) if data["class_names"] is not None else "none"),
+            ("codec", json.dumps(data["codec"]) if data["codec"] else "none"),
+            ("config", json.dumps(data["config"]))]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    for warning in data["warnings"]:
+        console.print(f"warning: {warning}", style="yellow")
+
+
+def _render_report(report: ConversionReport, json_out: bool) -> None:
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    console.print(f"wrote {report.destination} ({report.to}, {report.dtype}, {report.weights} weights) from "
+                  f"{report.source_format}: {report.model}")
+    trip = report.parity["roundtrip"]
+    weights = "bit-exact" if trip["identical_weights"] else "NOT equal to the source"
+    rounding = f", {report.dtype} rounding" if report.dtype != "fp32" else ""
+    console.print(f"parity: weights read back {weights} (as {report.dtype}); fixed-seed forward max |source - result| "
+                  f"= {trip['max_abs_diff']:.3g} (outputs up to {trip['max_abs_output']:.3g}{rounding})")
+    if "diffusers" in report.parity:
+        drift = report.parity["diffusers"]
+        console.print(f"diffusers' own model: max |source - diffusers| = {drift['max_abs_diff']:.3g}, expected "
+                      "(its timestep frequencies differ from the reference; see docs/formats.md)")
+    for warning in report.warnings:
+        console.print(f"warning: {warning}", style="yellow")
