@@ -41,26 +41,31 @@ class PixelCodec:
 class VaeCodec:
     """diffusers' AutoencoderKL; the latent scale comes from the VAE's own config (`scaling_factor`)."""
 
-    downsample = 8
+    downsample = 8  # the SD VAEs; an instance reads its own from the config
 
     def __init__(self, vae, name: str, decode_batch: int = 8):
         self.vae = vae.eval().requires_grad_(False)
         self.name = name
         self.scale = float(vae.config.scaling_factor)
         self.decode_batch = decode_batch
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
 
     @classmethod
-    def load(cls, name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> VaeCodec:
-        """An AutoencoderKL from an alias (ema, mse), a hub id or a local directory, through the HF cache."""
+    def load(cls, name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             offline: bool = False) -> VaeCodec:
+        """An AutoencoderKL from an alias (ema, mse), a hub id or a local directory, through the HF cache.
+
+        `offline` (or HF_HUB_OFFLINE=1) uses the cache only.
+        """
         from diffusers import AutoencoderKL
 
         repo = VAE_ALIASES.get(name, name)
         try:
-            vae = AutoencoderKL.from_pretrained(repo, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(repo, torch_dtype=dtype, local_files_only=offline)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the VAE {repo!r}: {str(exc).splitlines()[0]}",
                             "connect to the internet once so the Hugging Face cache holds it, or pass --vae with a "
@@ -87,13 +92,15 @@ class VaeCodec:
 
 
 def codec_from_dict(spec: dict | None, device: torch.device | str = "cpu", in_channels: int = 4,
-                    vae_override: str | None = None):
+                    vae_override: str | None = None, offline: bool = False):
     """Rebuild the codec a checkpoint recorded; checkpoints without a record are SD-VAE latent models."""
     spec = spec or {"kind": "vae", "vae": VAE_ALIASES["ema"]}
     if spec["kind"] == "pixel":
+        if vae_override:
+            raise UserError("--vae does not apply: this checkpoint is a pixel-space model", "drop --vae")
         return PixelCodec(int(spec.get("channels", in_channels)))
     if spec["kind"] == "vae":
-        return VaeCodec.load(vae_override or spec["vae"], device)
+        return VaeCodec.load(vae_override or spec["vae"], device, offline=offline)
     raise UserError(f"unknown codec kind {spec['kind']!r} in the checkpoint", "expected 'pixel' or 'vae'")
 
 

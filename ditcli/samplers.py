@@ -54,7 +54,8 @@ class Guidance:
 
     scale: 1 runs the conditional model alone, 0 the unconditional one, s > 1 extrapolates.
     channels: "paper" guides only the first 3 latent channels, as the DiT reference sampler does; it is kept because
-        the published FIDs were measured that way. "all" guides every eps channel.
+        the published FIDs were measured that way (models with fewer than 3 channels guide them all). "all" guides
+        every eps channel.
     interval: (low, high) in training timesteps; guidance applies only where low <= t <= high (Kynkaanniemi et al.,
         2024). None guides every step.
     """
@@ -83,7 +84,7 @@ def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Dif
     one. Otherwise one forward of the doubled batch [cond, uncond] counts as one NFE.
     """
     in_channels = model.config.in_channels
-    guided = 3 if guidance.channels == "paper" else in_channels
+    guided = min(3, in_channels) if guidance.channels == "paper" else in_channels  # never the variance channels
     null = torch.full_like(labels, null_class)
 
     def model_fn(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -177,8 +178,10 @@ def sample_solver(model_fn: ModelFn, x: torch.Tensor, diffusion: Diffusion, nois
     """Drive a diffusers scheduler with our model_fn; its eps is used and the learned variance dropped.
 
     The schedulers used here are deterministic, so `noise_fn` is never called; it stays for the common contract.
+    The scheduler is reset first: its multistep history and step counter must not leak from one batch to the next.
     """
     channels = x.shape[1]
+    scheduler.set_timesteps(scheduler.num_inference_steps, device=x.device)
     x = x * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     for step, t in enumerate(timesteps):
@@ -199,6 +202,12 @@ class SamplerPlan:
     steps: int
     diffusion: Diffusion
     sample: Callable
+
+    @property
+    def nfe(self) -> int:
+        """Model evaluations per image: one per step, except Heun's (2 steps - 1); a doubled CFG batch counts once."""
+        scheduler = getattr(self.sample, "keywords", {}).get("scheduler")
+        return len(scheduler.timesteps) if scheduler is not None else self.diffusion.num_steps
 
 
 def plan_sampler(name: str, steps: int, learn_sigma: bool, eta: float = 0.0, respacing: str | None = None,

@@ -1,13 +1,287 @@
-"""`dit sample` and `dit classes` (filled in by the sampling issue)."""
+"""`dit sample` and `dit classes`: parse options, build a GenerateConfig, drive `sample_run` under a progress bar."""
 
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import torch
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from ditcli import __version__
+from ditcli.checkpoint import Checkpoint, describe, load_checkpoint
+from ditcli.classes import ClassTable, class_table, slug
+from ditcli.codec import codec_from_dict
+from ditcli.commands.options import CheckpointOpt, CompileOpt, DeviceOpt, JsonOpt, PrecisionOpt, SeedOpt
+from ditcli.errors import UserError
+from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, class_labels, default_out_dir, distributed,
+                             random_labels, rank_device, sample_run)
+from ditcli.model import PRESET_SHAPES, preset_names
+from ditcli.progress import ProgressBar, byte_progress
+from ditcli.runtime import resolve_device, resolve_precision, set_backend_flags
+from ditcli.samplers import GUIDED_CHANNELS, SAMPLERS, Guidance, plan_sampler
+from ditcli.weights import KnownWeights, file_sha256, is_offline, known_weights, registry_models, resolve_weights
+
+DEFAULT_MODEL = "DiT-XL/2"
+DEFAULT_NUM = 16
+
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help=f"A known checkpoint ({', '.join(registry_models())}) or, with --ckpt, a preset "
+                    f"(DiT-S/2 ... DiT-XL/8). Default: {DEFAULT_MODEL}.")]
+ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="256 or 512: which released DiT-XL/2.")]
+ClassOpt = Annotated[list[str] | None, typer.Option(
+    "--class", help="Class id, name or WordNet id, case-insensitive; repeat for several. See `dit classes`.")]
+NumPerClassOpt = Annotated[int | None, typer.Option("--num-per-class", help="Images per --class (default 4).")]
+NumOpt = Annotated[int | None, typer.Option(
+    "--num", help=f"Number of images, with uniform random classes (from --class if given). Default {DEFAULT_NUM}.")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's; DiT-XL/2: 250).")]
+CfgOpt = Annotated[float | None, typer.Option(
+    "--cfg", help="Classifier-free guidance scale: 1 off, 0 unconditional (DiT-XL/2 default 4; 1.5 for FID).")]
+GuidedOpt = Annotated[str, typer.Option("--guidance-channels", help="paper (first 3 latent channels) or all.")]
+IntervalOpt = Annotated[str | None, typer.Option(
+    "--guidance-interval", help="LOW,HIGH: guide only for training timesteps in [LOW, HIGH], e.g. 0,700.")]
+SamplerOpt = Annotated[str | None, typer.Option("--sampler", help=f"{', '.join(SAMPLERS)} (default: the model's).")]
+EtaOpt = Annotated[float, typer.Option("--eta", help="DDIM noise: 0 deterministic, 1 DDPM-like.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass (per process).")]
+OutOpt = Annotated[Path | None, typer.Option(
+    "--out", help="Folder for PNGs, grid.png and provenance.json (default: samples/<model>-<settings>).")]
+NpzOpt = Annotated[Path | None, typer.Option("--npz", help="Also write all images as an ADM evaluator .npz (arr_0).")]
+VaeOpt = Annotated[str | None, typer.Option("--vae", help="ema, mse, a Hugging Face id or a local folder.")]
+DeterministicOpt = Annotated[bool, typer.Option(
+    "--deterministic", help="No TF32, deterministic algorithms, no cuDNN autotuning.")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download (also DIT_OFFLINE=1 or HF_HUB_OFFLINE=1).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs of a different run instead of refusing.")]
+SearchOpt = Annotated[str | None, typer.Option("--search", help="Show only classes whose id or names contain TEXT.")]
 
 
-def sample():
+def sample(
+    model: ModelOpt = None, image_size: ImageSizeOpt = None, ckpt: CheckpointOpt = None,
+    class_: ClassOpt = None, num_per_class: NumPerClassOpt = None, num: NumOpt = None,
+    steps: StepsOpt = None, cfg: CfgOpt = None, guidance_channels: GuidedOpt = "paper",
+    guidance_interval: IntervalOpt = None, sampler: SamplerOpt = None, eta: EtaOpt = 0.0, seed: SeedOpt = 0,
+    batch_size: BatchOpt = 32, out: OutOpt = None, npz: NpzOpt = None, vae: VaeOpt = None,
+    device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32", compile: CompileOpt = False,
+    json_output: JsonOpt = False, deterministic: DeterministicOpt = False, offline: OfflineOpt = False,
+    force: ForceOpt = False,
+):
     """Generate class-conditional images from a DiT checkpoint."""
-    raise typer.Exit(1)
+    # Check the numbers before any file is read or written.
+    check_counts(num, num_per_class, batch_size, steps)
+    dtype = resolve_precision(precision)
+    torch_device = rank_device(resolve_device(device))
+    set_backend_flags(deterministic=deterministic)
+
+    # Find and load the checkpoint, its codec and class names.
+    checkpoint_path, entry = find_checkpoint(model, image_size, ckpt, offline, quiet=json_output)
+    checkpoint = load_checkpoint(checkpoint_path, num_heads=preset_heads(model))
+    check_preset(model, checkpoint)
+    config_model = checkpoint.config
+    defaults = entry or KnownWeights(DEFAULT_MODEL, None, "")
+    guidance = make_guidance(cfg if cfg is not None else defaults.cfg, guidance_channels, guidance_interval,
+                             unconditional=config_model.num_classes == 0)
+    sampler, steps = sampler or defaults.sampler, steps or defaults.steps
+    plan_sampler(sampler, steps, config_model.learn_sigma, eta)  # unknown sampler or steps fail here, early
+    codec = codec_from_dict(checkpoint.codec, torch_device, config_model.in_channels, vae, is_offline(offline))
+    check_codec(checkpoint, codec, image_size if ckpt is not None else None)
+    names = class_table(config_model.num_classes, checkpoint.class_names)
+    labels, columns = plan_run(names, config_model.num_classes, class_, num_per_class, num, seed)
+    config = GenerateConfig(tuple(labels), seed, sampler, steps, eta, guidance, batch_size, precision, compile)
+
+    # Prepare the outputs, then sample this process's share.
+    net = checkpoint.build(torch_device)
+    sha256 = file_sha256(checkpoint_path)
+    run_key = config.run_key(sha256, codec.to_dict())
+    model_name = entry.model if entry else describe(config_model)
+    if out is None and npz is None:
+        out = default_out_dir(model_name, config, run_key)
+    provenance = make_provenance(model_name, checkpoint_path, sha256, checkpoint, config, codec, dtype, torch_device,
+                                 deterministic, run_key, cfg is not None)
+    with distributed(torch_device) as ranks:
+        writers = make_writers(out, npz, names, config, run_key, force, provenance, columns, ranks)
+        show = ranks.rank == 0 and not json_output
+        with ProgressBar(None, "sampling", unit="img", enabled=show) as bar:
+            summary = sample_run(net, codec, config, torch_device, writers, ranks, provenance,
+                                 on_batch=lambda batch: bar.advance(len(batch.indices), nfe=batch.nfe),
+                                 on_step=bar.step, on_plan=lambda n: bar.update(0, total=n))
+        if ranks.rank == 0:
+            report(summary, out, npz, run_key, json_output)
 
 
-def classes():
+def check_counts(num: int | None, num_per_class: int | None, batch_size: int, steps: int | None) -> None:
+    for flag, value in (("--num", num), ("--num-per-class", num_per_class), ("--batch-size", batch_size),
+                        ("--steps", steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+
+
+def find_checkpoint(model: str | None, image_size: int | None, ckpt: Path | None, offline: bool,
+                    quiet: bool) -> tuple[Path, KnownWeights | None]:
+    """--ckpt wins; otherwise a known model is found in the weights folders or downloaded."""
+    if ckpt is not None:
+        return ckpt, known_weights(model, image_size) if model in registry_models() else None
+    model = model or DEFAULT_MODEL
+    entry = known_weights(model, image_size) if model in registry_models() else None
+    if entry is None:
+        if model in preset_names():
+            raise UserError(f"there are no released weights for {model}", "pass --ckpt with your checkpoint")
+        raise UserError(f"unknown --model {model!r}", f"choose from {', '.join(registry_models() + preset_names())}")
+    with byte_progress(f"downloading {entry.filename}", enabled=not quiet) as progress:
+        return resolve_weights(entry, offline, progress), entry
+
+
+def preset_heads(model: str | None) -> int | None:
+    return PRESET_SHAPES[model.split("/")[0]]["num_heads"] if model in preset_names() else None
+
+
+def check_preset(model: str | None, checkpoint: Checkpoint) -> None:
+    if model not in preset_names():
+        return
+    base, patch = model.split("/")
+    shape, config = PRESET_SHAPES[base], checkpoint.config
+    if (config.depth, config.hidden_size, config.patch_size) != (shape["depth"], shape["hidden_size"], int(patch)):
+        raise UserError(f"--model {model} does not match the checkpoint, which holds {describe(config)}",
+                        "drop --model or pass the matching preset")
+
+
+def check_codec(checkpoint: Checkpoint, codec, image_size: int | None) -> None:
+    config = checkpoint.config
+    if codec.latent_channels != config.in_channels:
+        raise UserError(f"the checkpoint's model takes {config.in_channels} input channels but its codec "
+                        f"({codec.to_dict()}) gives {codec.latent_channels}",
+                        "pass --vae with a matching VAE, or fix the codec recorded in the checkpoint")
+    pixels = config.input_size * codec.downsample
+    if image_size is not None and image_size != pixels:
+        raise UserError(f"--image-size {image_size} does not match the checkpoint, which makes {pixels}x{pixels} "
+                        "images", f"drop --image-size or pass {pixels}")
+
+
+def make_guidance(scale: float, channels: str, interval: str | None, unconditional: bool) -> Guidance:
+    if scale < 0:
+        raise UserError(f"--cfg must be >= 0, got {scale:g}", "1 disables guidance, 0 is unconditional")
+    if unconditional:
+        return Guidance(1.0, channels)  # a model trained without labels has nothing to guide
+    return Guidance(scale, channels, parse_interval(interval))
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--guidance-interval {text!r} is not LOW,HIGH", "for example --guidance-interval 0,700") \
+            from None
+    return low, high
+
+
+def plan_run(names: ClassTable, num_classes: int, classes: list[str] | None, num_per_class: int | None,
+             num: int | None, seed: int) -> tuple[list[int], int | None]:
+    """Each image's class, and the grid width: one row per class with --class, else a square grid."""
+    if num_classes == 0:
+        if classes:
+            raise UserError("this model is unconditional (trained without labels)", "drop --class")
+        return [0] * (num or DEFAULT_NUM), None
+    ids = [names.resolve(text) for text in classes or []]
+    if num is not None and num_per_class is not None:
+        raise UserError("--num and --num-per-class exclude each other",
+                        "--num draws random classes, --num-per-class repeats each --class")
+    if ids and num is None:
+        per_class = num_per_class or 4
+        return class_labels(ids, per_class), per_class
+    if num_per_class is not None:
+        raise UserError("--num-per-class needs --class", "name the classes, or use --num for random classes")
+    return random_labels(num or DEFAULT_NUM, seed, ids or list(range(num_classes))), None
+
+
+def make_writers(out: Path | None, npz: Path | None, names: ClassTable, config: GenerateConfig, run_key: str,
+                 force: bool, provenance: dict, columns: int | None, ranks) -> list:
+    unconditional = len(names) == 0
+    writers = []
+    if out is not None:
+        writers.append(ImageDirWriter(
+            out, config.seed,
+            caption=lambda label: "unconditional" if unconditional else f"{label} {names.name(label)}",
+            file_label=lambda label: "uncond" if unconditional else f"{label}-{slug(names.name(label))}",
+            grid_columns=columns or math.ceil(math.sqrt(min(config.num_images, 100)))))
+    if npz is not None:
+        writers.append(NpzWriter(npz, ranks.rank))
+    if ranks.rank == 0:
+        for writer in writers:
+            if isinstance(writer, ImageDirWriter):
+                writer.prepare(run_key, force, png_text(provenance))
+            else:
+                writer.prepare(run_key, force)
+    else:
+        for writer in writers:
+            if isinstance(writer, ImageDirWriter):
+                writer.text = png_text(provenance)
+    return writers
+
+
+def png_text(provenance: dict) -> dict[str, str]:
+    keys = ("model", "checkpoint_sha256", "sampler", "steps", "cfg", "guidance_channels", "guidance_interval",
+            "codec", "precision", "run_key")
+    return {key: json.dumps(provenance[key]) if not isinstance(provenance[key], str) else provenance[key]
+            for key in keys}
+
+
+def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkpoint, config: GenerateConfig, codec,
+                    dtype: torch.dtype, device: torch.device, deterministic: bool, run_key: str,
+                    cfg_given: bool) -> dict:
+    unconditional = checkpoint.config.num_classes == 0
+    return {
+        "model": model_name, "model_config": checkpoint.config.to_dict(), "checkpoint": str(path),
+        "checkpoint_sha256": sha256, "sampler": config.sampler, "steps": config.steps, "eta": config.eta,
+        "cfg": None if unconditional else config.guidance.scale,
+        "cfg_ignored": unconditional and cfg_given,
+        "guidance_channels": config.guidance.channels,
+        "guidance_interval": list(config.guidance.interval) if config.guidance.interval else None,
+        "nfe_convention": "model evaluations per image; one evaluation of a doubled CFG batch counts as one",
+        "codec": codec.to_dict(), "precision": str(dtype).removeprefix("torch."), "device": str(device),
+        "deterministic": deterministic, "tf32": torch.backends.cuda.matmul.allow_tf32,
+        "seed": config.seed, "num_images": config.num_images,
+        "image_seeds": "image i draws its noise from torch.Generator().manual_seed(ditcli.samplers.image_seed(seed, i))",
+        "labels": list(config.labels), "run_key": run_key, "ditcli": __version__, "torch": torch.__version__,
+    }
+
+
+def report(summary, out: Path | None, npz: Path | None, run_key: str, json_output: bool) -> None:
+    result = {"out": str(out) if out else None, "npz": str(npz) if npz else None, "images": summary.total,
+              "generated": summary.generated, "skipped": summary.skipped, "nfe": summary.nfe,
+              "seconds": round(summary.seconds, 3), "images_per_second": summary.images_per_second,
+              "files": summary.files, "run_key": run_key}
+    if json_output:
+        typer.echo(json.dumps(result))
+        return
+    where = ", ".join(str(p) for p in (out, npz) if p is not None)
+    rate = f", {summary.images_per_second:.3g} img/s" if summary.images_per_second else ""
+    skipped = f" ({summary.skipped} already done)" if summary.skipped else ""
+    nfe = f", NFE {summary.nfe} per image" if summary.nfe else ""
+    Console(highlight=False).print(f"wrote {summary.total} images to {where}{skipped}{nfe}{rate}", markup=False)
+
+
+def classes(
+    search: SearchOpt = None, ckpt: CheckpointOpt = None, model: ModelOpt = None, image_size: ImageSizeOpt = None,
+    json_output: JsonOpt = False, offline: OfflineOpt = False,
+):
     """Print the class names of ImageNet-1k or of a checkpoint."""
-    raise typer.Exit(1)
+    if ckpt is None and model in (None, DEFAULT_MODEL):
+        table = ClassTable.imagenet()
+    else:
+        path, _ = find_checkpoint(model, image_size, ckpt, offline, quiet=json_output)
+        checkpoint = load_checkpoint(path, num_heads=preset_heads(model))
+        table = class_table(checkpoint.config.num_classes, checkpoint.class_names)
+    rows = table.search(search)
+    if json_output:
+        typer.echo(json.dumps([{"id": c.id, "wnid": c.wnid, "names": list(c.names)} for c in rows]))
+        return
+    if not rows:
+        raise UserError(f"no class matches {search!r}", f"{len(table)} classes in {table.source}; try a shorter text")
+    grid = Table("id", *(["wnid"] if table.by_wnid else []), "names", title=f"{table.source} classes", box=None)
+    for info in rows:
+        grid.add_row(str(info.id), *([info.wnid or ""] if table.by_wnid else []), ", ".join(info.names))
+    Console(highlight=False).print(grid)

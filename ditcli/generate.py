@@ -1,0 +1,475 @@
+"""Sampling a DiT into images, edm2-style: `generate_images()` yields batches and the writers put them on disk.
+
+Image i of a run depends only on the run's settings and i: its class, starting noise and step noise come from
+generators seeded by (seed, i). So batches can be any size, ranks can split the indices any way, and a re-run can skip
+the images an earlier run finished. Nothing here prints; progress goes through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from ditcli.codec import to_uint8
+from ditcli.errors import UserError
+from ditcli.runtime import autocast, resolve_precision
+from ditcli.samplers import (CountingModelFn, Guidance, ImageNoise, guided_model_fn, image_seed, plan_sampler,
+                             unconditional_model_fn)
+
+LABEL_STREAM = 0x1ABE1  # keeps the label draws apart from the noise draws of the same (seed, index)
+GRID_MAX = 100
+StepFn = Callable[[int, int], None] | None
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything that decides the pixels of a run, plus the batch size and compile flag, which must not."""
+
+    labels: tuple[int, ...]
+    seed: int = 0
+    sampler: str = "ddpm"
+    steps: int = 250
+    eta: float = 0.0
+    guidance: Guidance = Guidance()
+    batch_size: int = 16
+    precision: str = "fp32"
+    compile: bool = False
+
+    def __post_init__(self):
+        if not self.labels:
+            raise ValueError("nothing to sample: the run has 0 images (use --num N or --num-per-class N with N >= 1)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    def run_key(self, checkpoint_sha256: str, codec: dict) -> str:
+        """A digest of what decides the pixels; a re-run resumes only a run with the same key."""
+        fields = asdict(self)
+        fields.pop("batch_size"), fields.pop("compile")
+        fields["labels"] = hashlib.sha256(np.asarray(self.labels, dtype=np.int64).tobytes()).hexdigest()
+        fields.update(checkpoint=checkpoint_sha256, codec=codec)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def class_labels(classes: Sequence[int], num_per_class: int) -> list[int]:
+    """`num_per_class` images of each class in turn: one grid row per class."""
+    return [c for c in classes for _ in range(num_per_class)]
+
+
+def random_labels(num: int, seed: int, choices: Sequence[int]) -> list[int]:
+    """Uniform random classes; image i draws from its own generator, so its class does not depend on `num`."""
+    return [choices[int(np.random.default_rng([LABEL_STREAM, image_seed(seed, i)]).integers(len(choices)))]
+            for i in range(num)]
+
+
+@dataclass
+class Batch:
+    """A finished batch: image indices, their classes and uint8 images (N, H, W, C) on the CPU."""
+
+    indices: list[int]
+    labels: list[int]
+    images: torch.Tensor
+    nfe: int
+
+
+def make_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion, guidance: Guidance, precision: str,
+                  device: torch.device) -> CountingModelFn:
+    """The counted model_fn: CFG for class-conditional models, the null class for unconditional ones, under autocast."""
+    if model.config.num_classes == 0:
+        inner = unconditional_model_fn(model, diffusion)
+    else:
+        inner = guided_model_fn(model, labels, diffusion, guidance, null_class=model.config.num_classes)
+    dtype = resolve_precision(precision)
+
+    def model_fn(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        with autocast(device, dtype):
+            return inner(x, index).float()
+
+    return CountingModelFn(model_fn)
+
+
+def check_guidance(model: torch.nn.Module, guidance: Guidance) -> None:
+    if model.config.num_classes > 0 and guidance.scale != 1.0 and model.config.class_dropout_prob == 0:
+        raise UserError(f"--cfg {guidance.scale:g} needs a null class, but this model was trained without label "
+                        "dropout", "use --cfg 1")
+
+
+ROW_QUANTUM = 4
+
+
+def batch_width(config: GenerateConfig) -> int:
+    """Images per forward pass: the batch size (at most the run's size) rounded up to a multiple of ROW_QUANTUM.
+
+    Matmul kernels (MKL/oneDNN on CPU, cuBLAS on GPU) may pick another code path, and round differently, for a row
+    count that is not a multiple of 4. Every forward of a run has this one width, whatever the rank or the position
+    of the batch, so image i comes out bit-identical for any batch size, order or number of processes.
+    """
+    return -(-min(config.batch_size, config.num_images) // ROW_QUANTUM) * ROW_QUANTUM
+
+
+def sample_latents(model: torch.nn.Module, plan, config: GenerateConfig, indices: list[int], width: int,
+                   device: torch.device, on_step: StepFn = None) -> tuple[torch.Tensor, int]:
+    """Denoise images `indices`, padded to `width` by repeating the last one; (width, C, H, W) latents and the NFE."""
+    padded = indices + indices[-1:] * (width - len(indices))
+    labels = torch.tensor([config.labels[i] for i in padded], device=device)
+    noise = ImageNoise(config.seed, padded)
+    model_fn = make_model_fn(model, labels, plan.diffusion, config.guidance, config.precision, device)
+    shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
+    x = noise(torch.empty((width, *shape), device=device))  # (B, C, H, W)
+    callback = None if on_step is None else (lambda step, num_steps, x: on_step(step, num_steps))
+    with torch.no_grad():
+        latents = plan.sample(model_fn, x, plan.diffusion, noise, callback)
+    return latents.float(), model_fn.calls
+
+
+def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indices: Sequence[int],
+                    device: torch.device, on_step: StepFn = None) -> Iterator[Batch]:
+    """Sample the images `indices` of the run `config`, `batch_width(config)` at a time.
+
+    The last batch is padded to the same width (static shapes also suit torch.compile) and the padding dropped.
+    """
+    if not indices:
+        return
+    check_guidance(model, config.guidance)
+    plan = plan_sampler(config.sampler, config.steps, model.config.learn_sigma, config.eta)
+    net = torch.compile(model) if config.compile else model
+    width = batch_width(config)
+    for start in range(0, len(indices), width):
+        chunk = [int(i) for i in indices[start:start + width]]
+        latents, nfe = sample_latents(net, plan, config, chunk, width, device, on_step)
+        with torch.no_grad():
+            images = to_uint8(codec.decode(latents))[: len(chunk)]  # (n, H, W, C)
+        yield Batch(chunk, [config.labels[i] for i in chunk], images.cpu(), nfe)
+
+
+# Ranks under torchrun.
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun group (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, each process takes the GPU of its LOCAL_RANK."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device) -> Iterator[Ranks]:
+    """Join the torchrun group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield Ranks()
+        return
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# Writers: each knows which images it already holds, writes batches, and finishes on rank 0.
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` on success, remove it on failure."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, data: dict) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create `folder` and prove a file can be written there, before any sampling starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".ditcli-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{flag} {folder} is not writable: {exc.strerror or exc}",
+                        f"choose another {flag} or fix its permissions") from None
+
+
+def _previous_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("run_key")
+    except (OSError, ValueError):
+        return None
+
+
+PNG_NAME = re.compile(r"^\d{6,}_.+_seed\d+\.png$")
+
+
+class ImageDirWriter:
+    """`--out DIR`: one PNG per image (its settings in PNG text chunks), grid.png and provenance.json."""
+
+    def __init__(self, root: Path, seed: int, caption: Callable[[int], str], file_label: Callable[[int], str],
+                 grid_columns: int | None = None):
+        self.root = Path(root)
+        self.seed = seed
+        self.caption = caption
+        self.file_label = file_label
+        self.grid_columns = grid_columns
+        self.text: dict[str, str] = {}
+
+    def filename(self, index: int, label: int) -> str:
+        return f"{index:06d}_{self.file_label(label)}_seed{self.seed}.png"
+
+    def prepare(self, run_key: str, force: bool, text: dict[str, str]) -> None:
+        """Check the folder; a folder holding another run is refused unless `force`, which clears its images."""
+        check_writable(self.root, "--out")
+        provenance = self.root / "provenance.json"
+        previous = _previous_key(provenance)
+        if previous is not None and previous != run_key:
+            if not force:
+                raise UserError(f"--out {self.root} holds samples of a different run",
+                                "choose another --out, or pass --force to replace them")
+            for name in os.listdir(self.root):
+                if PNG_NAME.match(name) or name == "grid.png":
+                    (self.root / name).unlink()
+        write_json(provenance, {"run_key": run_key, "complete": False})
+        self.text = text
+
+    def done(self, labels: Sequence[int]) -> set[int]:
+        present = set(os.listdir(self.root)) if self.root.is_dir() else set()
+        return {i for i, label in enumerate(labels) if self.filename(i, label) in present}
+
+    def write(self, batch: Batch) -> None:
+        for index, label, image in zip(batch.indices, batch.labels, batch.images.numpy()):
+            info = PngInfo()
+            for key, value in {**self.text, "index": str(index), "class": str(label), "seed": str(self.seed),
+                               "image_seed": str(image_seed(self.seed, index))}.items():
+                info.add_text(key, value)
+            with replacing(self.root / self.filename(index, label)) as tmp:
+                _pil(image).save(tmp, format="PNG", pnginfo=info)
+
+    def finish(self, labels: Sequence[int], provenance: dict) -> list[Path]:
+        count = min(len(labels), GRID_MAX)
+        images = [np.asarray(Image.open(self.root / self.filename(i, labels[i]))) for i in range(count)]
+        columns = self.grid_columns if self.grid_columns and self.grid_columns <= 16 else math.ceil(math.sqrt(count))
+        with replacing(self.root / "grid.png") as tmp:
+            make_grid(images, [self.caption(labels[i]) for i in range(count)], columns).save(tmp, format="PNG")
+        write_json(self.root / "provenance.json", {**provenance, "complete": True})
+        return [self.root / "grid.png", self.root / "provenance.json"]
+
+
+def _pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)  # (H, W) or (H, W, 3)
+
+
+def make_grid(images: list[np.ndarray], captions: list[str], columns: int, min_cell: int = 96) -> Image.Image:
+    """Images (H, W, C) uint8 in rows of `columns`, upscaled to at least `min_cell` px, each with a caption below."""
+    height, width = images[0].shape[:2]
+    scale = max(1, math.ceil(min_cell / width))
+    cell_w, cell_h = width * scale, height * scale
+    font = ImageFont.load_default()
+    line = font.getbbox("Ag")[3] + 4
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + line)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (k % columns) * cell_w, (k // columns) * (cell_h + line)
+        grid.paste(_pil(image).convert("RGB").resize((cell_w, cell_h), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + cell_h + 1), _fit(caption, font, cell_w - 4), fill="black", font=font)
+    return grid
+
+
+def _fit(text: str, font, width: int) -> str:
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+class NpzWriter:
+    """`--npz FILE` in the ADM evaluator's format (`arr_0`, uint8 NHWC), built without holding the images in memory.
+
+    Each batch lands in FILE.parts/ as a .npy shard plus a .json list of its indices (written last, so a shard counts
+    only when whole). Rank 0 then streams the shards, in index order, into one .npz, and removes the parts.
+    """
+
+    def __init__(self, path: Path, rank: int = 0):
+        self.path = Path(path)
+        self.rank = rank
+        self.parts = self.path.with_name(self.path.name + ".parts")
+        self.sidecar = self.path.with_name(self.path.stem + ".provenance.json")
+
+    def prepare(self, run_key: str, force: bool) -> bool:
+        """Check the target; True when FILE already holds this very run. Parts of another run need `force`."""
+        check_writable(self.path.parent, "--npz")
+        if self.path.exists() and not force:
+            if _previous_key(self.sidecar) == run_key:
+                return True
+            raise UserError(f"{self.path} already exists", "choose another --npz, or pass --force to replace it")
+        previous = _previous_key(self.parts / "run.json")
+        if self.parts.exists() and (force or previous != run_key):
+            if previous != run_key and not force:
+                raise UserError(f"{self.parts} holds the unfinished parts of a different run",
+                                "pass --force to discard them, or use the same settings to resume")
+            shutil.rmtree(self.parts)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        write_json(self.parts / "run.json", {"run_key": run_key})
+        return False
+
+    def shards(self) -> list[tuple[list[int], Path]]:
+        if not self.parts.is_dir():
+            return []
+        found = []
+        for index_file in sorted(self.parts.glob("shard-*.json")):
+            found.append((json.loads(index_file.read_text()), index_file.with_suffix(".npy")))
+        return found
+
+    def done(self, labels: Sequence[int]) -> set[int]:
+        if self.path.exists():
+            return set(range(len(labels)))
+        return {i for indices, _ in self.shards() for i in indices}
+
+    def write(self, batch: Batch) -> None:
+        name = f"shard-{batch.indices[0]:09d}-r{self.rank}"
+        with replacing(self.parts / f"{name}.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, batch.images.numpy())
+        with replacing(self.parts / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(batch.indices))
+
+    def finish(self, labels: Sequence[int], provenance: dict) -> list[Path]:
+        if self.path.exists() and not self.parts.exists():
+            return [self.path, self.sidecar]
+        where = {}
+        for indices, npy in self.shards():
+            for row, i in enumerate(indices):
+                where.setdefault(i, (npy, row))
+        missing = [i for i in range(len(labels)) if i not in where]
+        if missing:
+            raise UserError(f"{len(missing)} images are missing from {self.parts} (first: {missing[0]})",
+                            "run the same command again to generate them")
+        write_npz(self.path, [where[i] for i in range(len(labels))])
+        shutil.rmtree(self.parts)
+        write_json(self.sidecar, provenance)
+        return [self.path, self.sidecar]
+
+
+def write_npz(path: Path, rows: list[tuple[Path, int]]) -> None:
+    """Stream images, given as (shard .npy, row) in order, into an .npz holding one uint8 array `arr_0`.
+
+    The zip entry is stored uncompressed with a fixed timestamp, so equal images give byte-identical files.
+    """
+    @lru_cache(maxsize=64)
+    def shard(npy: Path) -> np.ndarray:
+        return np.load(npy, mmap_mode="r")
+
+    first = shard(rows[0][0])
+    header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
+              "shape": (len(rows), *first.shape[1:])}
+    info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+    with replacing(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for npy, row in rows:
+                    f.write(np.ascontiguousarray(shard(npy)[row]).tobytes())
+
+
+# The run: split, skip, sample, write, finish.
+
+@dataclass
+class RunSummary:
+    total: int
+    generated: int
+    skipped: int
+    nfe: int | None
+    seconds: float
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.generated / self.seconds if self.generated and self.seconds > 0 else None
+
+
+def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: torch.device, writers: list,
+               ranks: Ranks = Ranks(), provenance: dict | None = None,
+               on_batch: Callable[[Batch], None] | None = None, on_step: StepFn = None,
+               on_plan: Callable[[int], None] | None = None) -> RunSummary:
+    """Generate what the writers do not hold yet, this rank's share of it, and let rank 0 finish the files.
+
+    The writers must be prepared (rank 0) before this is called.
+    """
+    # Find what earlier runs finished, and split the rest across ranks.
+    ranks.barrier()
+    done = set(range(config.num_images))
+    for writer in writers:
+        done &= writer.done(config.labels)
+    ranks.barrier()
+    remaining = [i for i in range(config.num_images) if i not in done]
+    mine = remaining[ranks.rank::ranks.world]
+    if on_plan is not None:
+        on_plan(len(mine))
+
+    # Sample and write.
+    start, nfe = time.perf_counter(), None
+    for batch in generate_images(model, codec, config, mine, device, on_step):
+        for writer in writers:
+            writer.write(batch)
+        nfe = batch.nfe
+        if on_batch is not None:
+            on_batch(batch)
+    seconds = time.perf_counter() - start
+    summary = RunSummary(config.num_images, len(mine), len(done), nfe, seconds)
+
+    # Rank 0 merges and records what was made.
+    ranks.barrier()
+    if ranks.rank == 0:
+        record = {**(provenance or {}), "nfe": nfe, "world_size": ranks.world, "batch_size": config.batch_size,
+                  "rank0_seconds": round(seconds, 3), "rank0_images": len(mine), "skipped_images": len(done)}
+        for writer in writers:
+            summary.files += [str(p) for p in writer.finish(config.labels, record)]
+    ranks.barrier()
+    return summary
+
+
+def default_out_dir(model_name: str, config: GenerateConfig, run_key: str) -> Path:
+    """samples/<model>-<sampler><steps>-cfg<scale>-<key>: a new folder per setting, the same one to resume."""
+    name = re.sub(r"[^A-Za-z0-9.]+", "-", model_name).strip("-")
+    return Path("samples") / f"{name}-{config.sampler}{config.steps}-cfg{config.guidance.scale:g}-{run_key[:6]}"

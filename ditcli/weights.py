@@ -1,0 +1,195 @@
+"""Known checkpoints and where to find them: --ckpt, the weights directories, then a resumable download.
+
+Progress is reported through a `progress(done_bytes, total_bytes)` callback; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ditcli
+from ditcli.errors import UserError
+
+ProgressFn = Callable[[int, int | None], None] | None
+OFFLINE_ENV = ("DIT_OFFLINE", "HF_HUB_OFFLINE")
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class KnownWeights:
+    """A checkpoint the tool knows by name, with the sampling defaults that suit it.
+
+    size and sha256 are checked after a download where known (None where they have not been established).
+    """
+
+    model: str
+    image_size: int | None
+    filename: str
+    url: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    sampler: str = "ddpm"
+    steps: int = 250
+    cfg: float = 4.0
+    licence: str = ""
+
+
+DIT_RELEASE = "https://dl.fbaipublicfiles.com/DiT/models"
+REGISTRY: dict[tuple[str, int | None], KnownWeights] = {
+    ("DiT-XL/2", 256): KnownWeights("DiT-XL/2", 256, "DiT-XL-2-256x256.pt", f"{DIT_RELEASE}/DiT-XL-2-256x256.pt",
+                                    licence="CC-BY-NC 4.0"),
+    ("DiT-XL/2", 512): KnownWeights("DiT-XL/2", 512, "DiT-XL-2-512x512.pt", f"{DIT_RELEASE}/DiT-XL-2-512x512.pt",
+                                    licence="CC-BY-NC 4.0"),
+    # Shipped in the repository's weights/ folder; no URL. dpm++2m at 25 steps makes a 4x4 grid in seconds on a CPU.
+    ("fashion-mnist", None): KnownWeights("fashion-mnist", None, "fashion-mnist.safetensors", sampler="dpm++2m",
+                                          steps=25, cfg=2.0, licence="MIT"),
+}
+
+
+def registry_models() -> list[str]:
+    return list(dict.fromkeys(model for model, _ in REGISTRY))
+
+
+def known_weights(model: str, image_size: int | None = None) -> KnownWeights | None:
+    """The registry entry for `--model` and `--image-size` (256 by default for sized models); None if unknown."""
+    if (model, None) in REGISTRY:
+        return REGISTRY[(model, None)]
+    sizes = sorted(size for name, size in REGISTRY if name == model)
+    if not sizes:
+        return None
+    size = image_size or (256 if 256 in sizes else sizes[0])
+    if size not in sizes:
+        raise UserError(f"{model} was released at image sizes {', '.join(map(str, sizes))}, not {size}",
+                        f"pass --image-size {sizes[0]}")
+    return REGISTRY[(model, size)]
+
+
+def home_dir() -> Path:
+    """Where downloads go: $DIT_HOME, else the user cache directory."""
+    if os.environ.get("DIT_HOME"):
+        return Path(os.environ["DIT_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "ditcli"
+
+
+def weights_dirs() -> list[Path]:
+    """Directories searched for known weights, in order: the home directory, then a checkout's weights/ folder."""
+    dirs = [home_dir()]
+    checkout = Path(ditcli.__file__).resolve().parents[1] / "weights"
+    if checkout.is_dir():
+        dirs.append(checkout)
+    return dirs
+
+
+def is_offline(offline: bool = False) -> bool:
+    return offline or any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENV)
+
+
+def resolve_weights(entry: KnownWeights, offline: bool = False, progress: ProgressFn = None) -> Path:
+    """The local path of a known checkpoint: found in a weights directory, or downloaded to the home directory."""
+    for folder in weights_dirs():
+        if (folder / entry.filename).is_file():
+            return folder / entry.filename
+    target = home_dir() / entry.filename
+    if entry.url is None:
+        raise UserError(f"{entry.filename} was not found in {' or '.join(map(str, weights_dirs()))}",
+                        f"it ships in the repository's weights/ folder; copy it to {home_dir()} or pass --ckpt PATH")
+    if is_offline(offline):
+        raise UserError(f"{entry.filename} is not in {home_dir()} and downloads are off (offline)",
+                        f"download {entry.url} and put it in {home_dir()}, or pass --ckpt PATH")
+    try:
+        download(entry.url, target, entry.size, entry.sha256, progress)
+    except DownloadError as exc:
+        raise UserError(f"cannot download {entry.filename}: {exc}",
+                        f"download {entry.url} by hand and put it in {home_dir()}, or pass --ckpt PATH") from None
+    return target
+
+
+class DownloadError(Exception):
+    """A download that failed or did not check out; the message says why in a few words."""
+
+
+def download(url: str, dest: Path, size: int | None = None, sha256: str | None = None, progress: ProgressFn = None,
+             attempts: int = 3, timeout: float = 30.0) -> Path:
+    """Fetch `url` to `dest` through `dest.part`, resuming a partial file with an HTTP Range request.
+
+    An interrupted transfer is resumed up to `attempts` times while it makes progress; the part is kept on failure so a
+    later call resumes it. The size and sha256 are checked where known, then the part is renamed into place.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(attempts):
+        before = part.stat().st_size if part.exists() else 0
+        try:
+            _fetch(url, part, progress, timeout)
+            break
+        except (urllib.error.URLError, OSError, http.client.HTTPException, DownloadError) as exc:
+            grew = part.exists() and part.stat().st_size > before
+            if attempt == attempts - 1 or not grew:
+                raise DownloadError(_reason(exc)) from None
+    _verify(part, size, sha256)
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch(url: str, part: Path, progress: ProgressFn, timeout: float) -> None:
+    """One request: append to `part` from its current size (206), or start over (200)."""
+    start = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": f"ditcli/{ditcli.__version__}"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and start:  # the part already holds the whole file
+            return
+        raise
+    with response:
+        if start and response.status != 206:
+            start = 0
+        length = response.headers.get("Content-Length")
+        total = start + int(length) if length is not None else None
+        done = start
+        with open(part, "ab" if start else "wb") as f:
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+    if total is not None and done < total:
+        raise DownloadError(f"connection closed after {done} of {total} bytes")
+
+
+def _verify(part: Path, size: int | None, sha256: str | None) -> None:
+    actual = part.stat().st_size
+    if size is not None and actual != size:
+        if actual > size:
+            part.unlink()
+        raise DownloadError(f"got {actual} bytes, expected {size}")
+    if sha256 is not None and file_sha256(part) != sha256.lower():
+        part.unlink()
+        raise DownloadError("the sha256 checksum does not match (the partial file was removed; retry)")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return f"no connection ({exc.reason})"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
