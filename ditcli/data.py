@@ -1,0 +1,253 @@
+"""Training data: image folders, Fashion-MNIST idx files and .npz arrays, as uint8 images with labels.
+
+Every source becomes an `ImageSet`: uint8 images (N, H, W, C) already cropped to the training size, integer labels,
+and class names (None for an unconditional set). Latent models encode an ImageSet once into a `LatentCache`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ditcli.errors import UserError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class ImageSet:
+    """Images (N, H, W, C) uint8 with labels (N,) int64; `class_names` is None when unconditional."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str] | None
+    source: str
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.class_names is None else len(self.class_names)
+
+    def fingerprint(self) -> str:
+        """A short hash of the pixels and labels, to tell whether a latent cache still matches."""
+        digest = hashlib.sha256()
+        digest.update(str(self.images.shape).encode())
+        digest.update(np.ascontiguousarray(self.images[:: max(1, len(self) // 512)]).tobytes())
+        digest.update(self.labels.tobytes())
+        return digest.hexdigest()[:16]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format, optionally gzipped) as a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path} is not a uint8 IDX file")
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4: 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {data.size}")
+    return data.reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (root / name).exists():
+            return root / name
+    raise UserError(f"no {stem}[.gz] in {root}", "point --data at the folder holding the Fashion-MNIST idx files")
+
+
+def load_fashion_mnist(root: Path = FASHION_MNIST_DIR, split: str = "train") -> ImageSet:
+    """Fashion-MNIST (Xiao et al., 2017): 60k train / 10k test 28x28 grayscale images, 10 classes."""
+    if not root.exists():
+        raise UserError(f"Fashion-MNIST not found at {root}", "apt-get install dataset-fashion-mnist")
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    return ImageSet(images[..., None], labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist:{split}")
+
+
+def load_npz(path: Path, image_size: int | None, channels: int) -> ImageSet:
+    """An .npz of uint8 images (`images` or `arr_0`, NHWC or NHW) with optional `labels`/`arr_1`, `class_names`."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable .npz: {exc}") from None
+    key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
+    if key is None:
+        raise UserError(f"{path} has no 'images' or 'arr_0' array", f"it holds: {', '.join(data.files)}")
+    images = data[key]
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise UserError(f"{path}:{key} must be uint8 NHWC or NHW, got {images.dtype} {images.shape}")
+    images = images[..., None] if images.ndim == 3 else images
+    label_key = "labels" if "labels" in data else "arr_1" if "arr_1" in data else None
+    labels = data[label_key].astype(np.int64) if label_key else np.zeros(len(images), np.int64)
+    names = [str(n) for n in data["class_names"]] if "class_names" in data else (
+        [str(i) for i in range(int(labels.max()) + 1)] if label_key else None)
+    images = np.stack([_fit(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im), image_size, channels)
+                       for im in images]) if image_size and images.shape[1] != image_size else _channels(images, channels)
+    return ImageSet(images, labels, names, str(path))
+
+
+def _channels(images: np.ndarray, channels: int) -> np.ndarray:
+    if images.shape[-1] == channels:
+        return images
+    if channels == 1:
+        return np.round(images[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[
+            ..., None].astype(np.uint8)
+    return np.repeat(images[..., :1], channels, axis=-1)
+
+
+def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
+    """ADM's center crop: halve with BOX while at least twice too large, BICUBIC resize, then crop the middle."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _fit(image: Image.Image, size: int | None, channels: int) -> np.ndarray:
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size is not None:
+        image = center_crop_arr(image, size)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def load_folder(root: Path, image_size: int, channels: int) -> ImageSet:
+    """Class sub-folders (ids in sorted name order) or a flat folder (unconditional); unreadable files skipped."""
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    groups = [(d.name, _image_files(d)) for d in subdirs] if subdirs else [(None, _image_files(root))]
+    groups = [(name, files) for name, files in groups if files]
+    if not groups:
+        raise UserError(f"no images found in {root}", f"expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}")
+    images, labels, skipped, too_small = [], [], [], []
+    for label, (_, files) in enumerate(groups):
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    if min(image.size) < image_size:
+                        too_small.append(path)
+                        continue
+                    images.append(_fit(image, image_size, channels))
+                    labels.append(label)
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+                skipped.append(str(path))
+    if not images:
+        detail = f"{len(too_small)} smaller than {image_size}px" if too_small else f"{len(skipped)} unreadable"
+        raise UserError(f"no usable images in {root} ({detail})", "use a smaller --image-size or check the files")
+    skipped += [f"{p} (smaller than {image_size}px)" for p in too_small]
+    names = [name for name, _ in groups] if subdirs else None
+    return ImageSet(np.stack(images), np.array(labels, np.int64), names, str(root), skipped)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_images(data: str, image_size: int, channels: int) -> ImageSet:
+    """Any supported source: "fashion-mnist[:split]", a folder of idx files, an .npz, or an image folder."""
+    if data.startswith("fashion-mnist"):
+        split = data.partition(":")[2] or "train"
+        return load_fashion_mnist(FASHION_MNIST_DIR, split)
+    path = Path(data)
+    if not path.exists():
+        raise UserError(f"training data not found: {path}", "pass an image folder, an .npz or 'fashion-mnist'")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise UserError(f"{path} is not a folder or an .npz")
+        return load_npz(path, image_size, channels)
+    if any(path.glob("train-images-idx3-ubyte*")):
+        return load_fashion_mnist(path, "train")
+    return load_folder(path, image_size, channels)
+
+
+class LatentCache:
+    """Posterior (mean, std) of every image and its horizontal flip, in float16 shards memory-mapped at train time.
+
+    Layout: `meta.json` (VAE id, latent scale, size, source fingerprint) and `shard-XXXXX-{mean,std}.npy`, each
+    (n, 2, C, h, w) with index 0 the image and 1 its flip. Ranks encode disjoint shards; meta.json is written last, so
+    a cache without it is incomplete and is rebuilt.
+    """
+
+    SHARD = 4096
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.scale = float(self.meta["scale"])
+        shards = range(self.meta["num_shards"])
+        self.mean = [np.load(self.root / f"shard-{i:05d}-mean.npy", mmap_mode="r") for i in shards]
+        self.std = [np.load(self.root / f"shard-{i:05d}-std.npy", mmap_mode="r") for i in shards]
+
+    @staticmethod
+    def matches(root: Path, expected: dict) -> bool:
+        meta_path = Path(root) / "meta.json"
+        if not meta_path.exists():
+            return False
+        meta = json.loads(meta_path.read_text())
+        return all(meta.get(k) == v for k, v in expected.items())
+
+    @classmethod
+    def build(cls, root: Path, images: ImageSet, codec, expected: dict, rank: int = 0, world: int = 1,
+              batch_size: int = 32, barrier=None, on_progress=None) -> LatentCache:
+        """Encode the shards of this rank; rank 0 writes meta.json after everyone is done."""
+        root.mkdir(parents=True, exist_ok=True)
+        num_shards = (len(images) + cls.SHARD - 1) // cls.SHARD
+        for shard in range(rank, num_shards, world):
+            lo, hi = shard * cls.SHARD, min(len(images), (shard + 1) * cls.SHARD)
+            means, stds = [], []
+            for start in range(lo, hi, batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(images.images[start: min(hi, start + batch_size)]))
+                x = batch.permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, C, H, W)
+                mean, std = codec.encode(torch.cat([x, x.flip(3)]))  # (2n, c, h, w)
+                means.append(torch.stack(mean.chunk(2), dim=1).half().cpu().numpy())  # (n, 2, c, h, w)
+                stds.append(torch.stack(std.chunk(2), dim=1).half().cpu().numpy())
+                if on_progress is not None:
+                    on_progress(len(batch))
+            for kind, arrays in (("mean", means), ("std", stds)):
+                _atomic_npy(root / f"shard-{shard:05d}-{kind}.npy", np.concatenate(arrays))
+        if barrier is not None:
+            barrier()
+        if rank == 0:
+            meta = dict(expected, num_shards=num_shards, count=len(images))
+            tmp = root / "meta.json.tmp"
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, root / "meta.json")
+        if barrier is not None:
+            barrier()
+        return cls(root)
+
+    def gather(self, indices: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) float32 of the chosen images, each as itself or its flip."""
+        rows = [(self.mean[i // self.SHARD][i % self.SHARD, f], self.std[i // self.SHARD][i % self.SHARD, f])
+                for i, f in zip(indices.tolist(), flips.tolist())]
+        mean = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.float32))  # (n, c, h, w)
+        std = torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.float32))
+        return mean, std
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)

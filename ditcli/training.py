@@ -1,0 +1,508 @@
+"""DiT training: resumable, mixed precision, data parallel, with bit-exact resume on CPU.
+
+All randomness of a step (data order, timesteps, noise, label dropout, flips, posterior samples) is drawn for the
+whole global batch from a generator seeded by (seed, step); each rank takes its slice. A run therefore gives the same
+weights whatever the number of processes or the micro-batch, and a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ditcli.checkpoint import TRAIN_FORMAT, atomic_write, safe_torch_load
+from ditcli.codec import PixelCodec, VaeCodec
+from ditcli.data import ImageSet, LatentCache, load_images
+from ditcli.diffusion import Diffusion
+from ditcli.errors import UserError
+from ditcli.model import DiT, DiTConfig, count_parameters, preset, training_flops
+from ditcli.runtime import autocast, resolve_device, resolve_precision
+from ditcli.samplers import image_seed
+
+# Fields that may change when resuming; any other difference needs --force.
+RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "micro_batch", "compile",
+                     "grad_checkpointing", "device", "max_bad_steps", "precision"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; stored in every checkpoint as plain data."""
+
+    data: str
+    out: str = "runs/dit"
+    model: str = "DiT-S/2"
+    image_size: int = 256
+    channels: int = 3
+    vae: str | None = "stabilityai/sd-vae-ft-ema"
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    schedule: str = "linear"
+    steps: int = 400_000
+    global_batch: int = 256
+    micro_batch: int | None = None
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    grad_clip: float | None = None
+    precision: str = "fp32"
+    flip: bool = True
+    seed: int = 0
+    ckpt_every: int = 50_000
+    keep_last: int = 3
+    sample_every: int = 0
+    log_every: int = 100
+    max_bad_steps: int = 10
+    grad_checkpointing: bool = False
+    compile: bool = False
+    device: str = "auto"
+
+    def __post_init__(self):
+        positive = {"steps": self.steps, "global_batch": self.global_batch, "image_size": self.image_size,
+                    "keep_last": self.keep_last, "log_every": self.log_every, "ckpt_every": self.ckpt_every,
+                    "max_bad_steps": self.max_bad_steps}
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise UserError(f"--micro-batch must be >= 1, got {self.micro_batch}")
+        if self.lr <= 0 or not 0 <= self.ema_decay < 1:
+            raise UserError("--lr must be > 0 and --ema-decay in [0, 1)")
+        resolve_precision(self.precision)
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+    def model_config(self, num_classes: int) -> DiTConfig:
+        """The DiT this run trains: a preset, with any custom width/depth/heads, at the latent resolution."""
+        downsample = VaeCodec.downsample if self.latent else 1
+        patch = preset(self.model).patch_size
+        if self.image_size % (downsample * patch):
+            unit = f"8 x patch = {8 * patch}" if self.latent else f"the patch size {patch}"
+            raise UserError(f"--image-size {self.image_size} is not a multiple of {unit}",
+                            f"use e.g. {self.image_size // (downsample * patch) * downsample * patch or downsample * patch}")
+        overrides = {k: v for k, v in (("hidden_size", self.hidden_size), ("depth", self.depth),
+                                       ("num_heads", self.num_heads)) if v is not None}
+        return preset(self.model, input_size=self.image_size // downsample, num_classes=num_classes,
+                      in_channels=4 if self.latent else self.channels, learn_sigma=self.learn_sigma,
+                      class_dropout_prob=self.class_dropout_prob, **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TRAIN_PRESETS = {
+    # A small pixel-space DiT for the embedded Fashion-MNIST model: 28x28 at patch 4 is 49 tokens.
+    "fashion-mnist": dict(data="fashion-mnist", model="DiT-S/4", image_size=28, channels=1, vae=None,
+                          hidden_size=192, depth=6, num_heads=3, global_batch=128, lr=3e-4, ema_decay=0.999,
+                          ema_warmup=True, precision="fp32", flip=False, steps=40_000, ckpt_every=250,
+                          sample_every=2000, log_every=50, grad_clip=1.0),
+}
+
+
+def train_preset(name: str, **overrides) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise UserError(f"unknown training preset {name!r}", f"choose from {', '.join(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
+
+
+@dataclass
+class Dist:
+    """This process's place in a (possibly single-process) data-parallel run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries besides the tensors."""
+
+    step: int = 0
+    bad_steps: int = 0
+    consecutive_bad: int = 0
+    history: list = field(default_factory=list)
+
+
+class TrainingData:
+    """Samples x_0 for a global batch: pixels, or posterior draws from the latent cache, scaled by the codec."""
+
+    def __init__(self, images: ImageSet, cache: LatentCache | None, flip: bool):
+        self.images, self.cache, self.flip = images, cache, flip
+
+    def __len__(self):
+        return len(self.images)
+
+    def x_start(self, indices: np.ndarray, flips: np.ndarray, posterior_noise: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            mean, std = self.cache.gather(indices, flips)
+            return (mean + std * posterior_noise) * self.cache.scale  # (n, c, h, w)
+        x = torch.from_numpy(np.ascontiguousarray(self.images.images[indices])).permute(0, 3, 1, 2).float()
+        x = x / 127.5 - 1  # (n, C, H, W)
+        flipped = torch.from_numpy(flips.astype(bool))
+        return torch.where(flipped[:, None, None, None], x.flip(3), x)
+
+
+@dataclass
+class StepDraws:
+    """The random draws of one global batch."""
+
+    indices: np.ndarray
+    flips: np.ndarray
+    t: torch.Tensor
+    noise: torch.Tensor
+    drop: torch.Tensor
+    posterior_noise: torch.Tensor
+
+    def slice(self, lo: int, hi: int) -> StepDraws:
+        return StepDraws(self.indices[lo:hi], self.flips[lo:hi], self.t[lo:hi], self.noise[lo:hi],
+                         self.drop[lo:hi], self.posterior_noise[lo:hi])
+
+
+def draw_step(config: TrainConfig, step: int, num_images: int, shape: tuple, num_timesteps: int,
+              dropout: float) -> StepDraws:
+    """Everything random about global batch `step`; epochs are permutations seeded by (seed, epoch)."""
+    batch = config.global_batch
+    per_epoch = max(1, num_images // batch)
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(image_seed(config.seed, -1 - epoch)))
+    indices = order[offset * batch: offset * batch + batch].numpy()
+    if len(indices) < batch:  # fewer images than one batch: wrap around
+        indices = np.resize(order.numpy(), batch)
+    g = torch.Generator().manual_seed(image_seed(config.seed, step))
+    flips = (torch.rand(batch, generator=g) < 0.5).numpy() & config.flip
+    t = torch.randint(0, num_timesteps, (batch,), generator=g)
+    noise = torch.randn((batch, *shape), generator=g)
+    drop = torch.rand(batch, generator=g) < dropout
+    posterior_noise = torch.randn((batch, *shape), generator=g)
+    return StepDraws(indices, flips.astype(np.int64), t, noise, drop, posterior_noise)
+
+
+class Trainer:
+    """One training run; `run()` is the orchestrator, the rest are its named steps."""
+
+    def __init__(self, config: TrainConfig, on_event: Callable[[str, dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, resume: str | None = None, force: bool = False):
+        self.config = config
+        self.emit = on_event or (lambda kind, data: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.resume_arg, self.force = resume, force
+        self.device = resolve_device(config.device)
+        self.dist = Dist.from_env(self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if config.global_batch % self.dist.world:
+            raise UserError(f"--global-batch {config.global_batch} is not divisible by {self.dist.world} processes")
+        self.out = Path(config.out)
+        self.dtype = resolve_precision(config.precision)
+
+    def run(self) -> dict:
+        """Train to `config.steps`, checkpointing and logging; returns a summary."""
+        self.setup()
+        self.emit("start", self.summary())
+        started, images_seen = time.perf_counter(), 0
+        while self.state.step < self.config.steps and not self.should_stop():
+            metrics = self.train_step()
+            images_seen += self.config.global_batch
+            metrics["img_per_s"] = images_seen / (time.perf_counter() - started)
+            self.log_metrics(metrics)
+            self.maybe_sample()
+            if self.state.step % self.config.ckpt_every == 0:
+                self.save_checkpoint()
+        if not self.checkpoints() or self.checkpoints()[-1][0] != self.state.step:
+            self.save_checkpoint()
+        result = {"step": self.state.step, "bad_steps": self.state.bad_steps, "out": str(self.out),
+                  "interrupted": self.state.step < self.config.steps}
+        self.emit("done", result)
+        return result
+
+    # Set-up.
+
+    def setup(self):
+        config = self.config
+        resume_from = self.find_resume()
+        self.images = load_images(config.data, config.image_size, config.channels)
+        if self.images.skipped:
+            self.emit("warning", {"message": f"skipped {len(self.images.skipped)} unreadable or too-small files",
+                                  "files": self.images.skipped[:10]})
+        self.model_config = config.model_config(self.images.num_classes)
+        self.codec, cache = self.prepare_codec()
+        self.data = TrainingData(self.images, cache, config.flip)
+        self.diffusion = Diffusion.create("", config.schedule, self.model_config.learn_sigma)
+        torch.manual_seed(config.seed)
+        self.model = DiT(self.model_config).to(self.device)
+        self.model.grad_checkpointing = config.grad_checkpointing
+        self.ema = DiT(self.model_config).to(self.device).eval().requires_grad_(False)
+        self.ema.load_state_dict(self.model.state_dict())
+        fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                           **fused)
+        self.state = TrainState()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self.ddp = self.model
+        if self.dist.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.ddp) if config.compile else self.ddp
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def prepare_codec(self):
+        config = self.config
+        if not config.latent:
+            return PixelCodec(config.channels), None
+        codec = VaeCodec.load(config.vae, self.device)
+        expected = {"vae": codec.name, "scale": codec.scale, "image_size": config.image_size,
+                    "fingerprint": self.images.fingerprint()}
+        root = self.out / "latents"
+        if not LatentCache.matches(root, expected):
+            self.emit("cache", {"message": f"encoding {len(self.images)} images (and flips) into {root}"})
+            return codec, LatentCache.build(root, self.images, codec, expected, self.dist.rank, self.dist.world,
+                                            barrier=self.dist.barrier)
+        return codec, LatentCache(root)
+
+    def summary(self) -> dict:
+        c, m = self.config, self.model_config
+        return {"images": len(self.images), "classes": self.images.num_classes, "data": self.images.source,
+                "model": f"{c.model} depth {m.depth} width {m.hidden_size} heads {m.num_heads} input {m.input_size}",
+                "parameters": count_parameters(m), "train_gflops_per_image": training_flops(m) / 1e9,
+                "global_batch": c.global_batch, "micro_batch": self.micro_batch, "precision": c.precision,
+                "device": f"{self.device} x {self.dist.world}", "start_step": self.state.step, "steps": c.steps,
+                "codec": self.codec.to_dict()}
+
+    @property
+    def micro_batch(self) -> int:
+        per_rank = self.config.global_batch // self.dist.world
+        return min(per_rank, self.config.micro_batch or per_rank)
+
+    # One step.
+
+    def train_step(self) -> dict:
+        """Forward/backward over this rank's share of the global batch, then one guarded optimizer step."""
+        config, world, rank = self.config, self.dist.world, self.dist.rank
+        shape = (self.model_config.in_channels, self.model_config.input_size, self.model_config.input_size)
+        draws = draw_step(config, self.state.step, len(self.data), shape, self.diffusion.num_steps,
+                          self.model_config.class_dropout_prob)
+        per_rank = config.global_batch // world
+        mine = draws.slice(rank * per_rank, (rank + 1) * per_rank)
+        self.model.train()
+        totals = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        chunks = list(range(0, per_rank, self.micro_batch))
+        for i, lo in enumerate(chunks):
+            part = mine.slice(lo, lo + self.micro_batch)
+            sync = i == len(chunks) - 1 or world == 1
+            with (self.ddp.no_sync() if not sync else _nullcontext()):
+                terms = self.micro_step(part, per_rank)
+            for k in totals:
+                totals[k] += terms.get(k, 0.0)
+        grad_norm = self.clip_gradients()
+        ok = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
+        self.apply_update(ok)
+        totals = self.reduce_metrics(totals)
+        return {**totals, "grad_norm": grad_norm, "skipped": not ok}
+
+    def micro_step(self, part: StepDraws, per_rank: int) -> dict:
+        x_start = self.data.x_start(part.indices, part.flips, part.posterior_noise).to(self.device)
+        t, noise = part.t.to(self.device), part.noise.to(self.device)
+        labels = torch.from_numpy(self.images.labels[part.indices]).to(self.device)
+        x_t = self.diffusion.q_sample(x_start, t, noise)
+        with autocast(self.device, self.dtype):
+            out = self.forward(x_t, t, labels, part.drop.to(self.device))
+        terms = self.diffusion.training_losses(out.float(), x_start, x_t, t, noise)
+        (terms["loss"].sum() / per_rank).backward()
+        return {k: v.detach().sum().item() / per_rank for k, v in terms.items()}
+
+    def clip_gradients(self) -> float:
+        max_norm = self.config.grad_clip if self.config.grad_clip else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def apply_update(self, ok: bool):
+        """Optimizer and EMA step, or a counted skip when the loss or gradient is not finite."""
+        if ok:
+            self.optimizer.step()
+            self.update_ema()
+            self.state.consecutive_bad = 0
+        else:
+            self.state.bad_steps += 1
+            self.state.consecutive_bad += 1
+            self.emit("skip", {"step": self.state.step, "bad_steps": self.state.bad_steps})
+            if self.state.consecutive_bad >= self.config.max_bad_steps:
+                self.save_checkpoint()
+                raise UserError(f"training diverged: {self.state.consecutive_bad} consecutive steps with a non-finite "
+                                f"loss or gradient at step {self.state.step}",
+                                "lower --lr, set --grad-clip, or use --precision fp32; the last good weights are in "
+                                "the latest checkpoint")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+
+    @torch.no_grad()
+    def update_ema(self):
+        """EMA of the weights in fp32, with the optional warm-up decay min(d, (1 + n) / (10 + n))."""
+        decay = self.config.ema_decay
+        if self.config.ema_warmup:
+            decay = min(decay, (1 + self.state.step) / (10 + self.state.step))
+        ema = [p for p in self.ema.parameters() if p.dtype.is_floating_point]
+        params = [p for p in self.model.parameters() if p.dtype.is_floating_point]
+        torch._foreach_lerp_(ema, params, 1.0 - decay)
+
+    def reduce_metrics(self, totals: dict) -> dict:
+        if self.dist.world == 1:
+            return totals
+        values = torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return dict(zip(totals, (values / self.dist.world).tolist()))
+
+    # Observability.
+
+    def log_metrics(self, metrics: dict):
+        step = self.state.step
+        if step % self.config.log_every and step != self.config.steps:
+            return
+        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
+                  "lr": self.optimizer.param_groups[0]["lr"], "bad_steps": self.state.bad_steps,
+                  "peak_mem_mb": _peak_memory_mb(self.device)}
+        if self.dist.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.emit("step", record)
+
+    def maybe_sample(self):
+        every = self.config.sample_every
+        if not every or self.state.step % every or self.dist.rank != 0:
+            return
+        from ditcli.preview import ema_preview
+
+        path = self.out / "samples" / f"step-{self.state.step:07d}.png"
+        ema_preview(self.ema, self.codec, self.diffusion, path, self.config.seed, self.images.class_names)
+        self.emit("sample", {"path": str(path), "step": self.state.step})
+
+    # Checkpoints.
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        found = [(int(m.group(1)), p) for p in self.out.glob("ckpt-*.pt") if (m := re.match(r"ckpt-(\d+)\.pt", p.name))]
+        return sorted(found)
+
+    def find_resume(self) -> Path | None:
+        if self.resume_arg in (None, "", "none"):
+            return None
+        if self.resume_arg == "auto":
+            found = self.checkpoints()
+            return found[-1][1] if found else None
+        path = Path(self.resume_arg)
+        if not path.exists():
+            raise UserError(f"resume checkpoint not found: {path}", "pass --resume auto or an existing ckpt-*.pt")
+        return path
+
+    def save_checkpoint(self):
+        """Atomically write ckpt-<step>.pt on rank 0 and keep the last `keep_last`."""
+        rng = self.gather_rng_states()
+        if self.dist.rank != 0:
+            return
+        payload = {"format": TRAIN_FORMAT, "step": self.state.step,
+                   "epoch": self.state.step // max(1, len(self.data) // self.config.global_batch),
+                   "position": (self.state.step % max(1, len(self.data) // self.config.global_batch))
+                   * self.config.global_batch,
+                   "config": {"model": self.model_config.to_dict(), "train": self.config.to_dict()},
+                   "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                   "optimizer": self.optimizer.state_dict(), "rng": rng, "bad_steps": self.state.bad_steps,
+                   "class_names": self.images.class_names, "codec": self.codec.to_dict(),
+                   "versions": {"torch": torch.__version__, "ditcli": _version()}}
+        path = self.out / f"ckpt-{self.state.step:07d}.pt"
+        atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
+        for _, old in self.checkpoints()[: -self.config.keep_last]:
+            old.unlink(missing_ok=True)
+        self.emit("checkpoint", {"path": str(path), "step": self.state.step})
+
+    def gather_rng_states(self) -> list:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.dist.world == 1:
+            return [state]
+        gathered = [None] * self.dist.world
+        dist.all_gather_object(gathered, state)
+        return gathered
+
+    def load_checkpoint(self, path: Path):
+        data = safe_torch_load(path)
+        if not isinstance(data, dict) or data.get("format") != TRAIN_FORMAT:
+            raise UserError(f"{path} is not a ditcli training checkpoint", "resume needs a ckpt-*.pt from dit train")
+        self.check_compatible(data["config"], path)
+        self.model.load_state_dict(data["model"])
+        self.ema.load_state_dict(data["ema"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.state.step, self.state.bad_steps = int(data["step"]), int(data.get("bad_steps", 0))
+        rng = data.get("rng") or []
+        if len(rng) > self.dist.rank:
+            torch.set_rng_state(rng[self.dist.rank]["torch"])
+        self.emit("resume", {"path": str(path), "step": self.state.step})
+
+    def check_compatible(self, stored: dict, path: Path):
+        ours = self.config.to_dict()
+        differs = [f"{k}: {stored['train'].get(k)!r} -> {v!r}" for k, v in ours.items()
+                   if k not in RESUMABLE_CHANGES and k != "out" and stored["train"].get(k) != v]
+        if stored["model"] != self.model_config.to_dict():
+            differs.append("model architecture")
+        if differs and not self.force:
+            raise UserError(f"cannot resume from {path}: the configuration differs ({'; '.join(differs)})",
+                            "use the original settings, or pass --force to resume anyway")
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    except ImportError:
+        return 0.0
+
+
+def _version() -> str:
+    from ditcli import __version__
+
+    return __version__
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def with_overrides(config: TrainConfig, **overrides) -> TrainConfig:
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
