@@ -435,7 +435,7 @@ class Trainer:
                    "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                    "optimizer": self.optimizer.state_dict(), "rng": rng, "bad_steps": self.state.bad_steps,
                    "class_names": self.images.class_names, "codec": self.codec.to_dict(),
-                   "versions": {"torch": torch.__version__, "ditcli": _version()}}
+                   "versions": {"torch": str(torch.__version__), "ditcli": _version()}}
         path = self.out / f"ckpt-{self.state.step:07d}.pt"
         atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
         for _, old in self.checkpoints()[: -self.config.keep_last]:

@@ -119,15 +119,16 @@ class TrainProgress:
         self.task = None
 
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
+        if self.task is not None:
+            self.progress.stop()
 
     def on_event(self, kind: str, data: dict):
         if kind == "start":
             self.show_summary(data)
+            self.progress.start()
             self.task = self.progress.add_task("train", total=data["steps"], completed=data["start_step"], loss="-",
                                                rate="-")
         elif kind == "step" and self.task is not None:
