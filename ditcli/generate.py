@@ -28,6 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ditcli.codec import to_uint8
 from ditcli.errors import UserError
+from ditcli.model import DiTConfig
 from ditcli.runtime import autocast, resolve_precision
 from ditcli.samplers import (CountingModelFn, Guidance, ImageNoise, guided_model_fn, image_seed, plan_sampler,
                              unconditional_model_fn)
@@ -111,8 +112,9 @@ def make_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion, guida
     return CountingModelFn(model_fn)
 
 
-def check_guidance(model: torch.nn.Module, guidance: Guidance) -> None:
-    if model.config.num_classes > 0 and guidance.scale != 1.0 and model.config.class_dropout_prob == 0:
+def check_guidance(config: DiTConfig, guidance: Guidance) -> None:
+    """Guidance needs the null class, which exists only when labels were dropped in training."""
+    if config.num_classes > 0 and guidance.scale != 1.0 and config.class_dropout_prob == 0:
         raise UserError(f"--cfg {guidance.scale:g} needs a null class, but this model was trained without label "
                         "dropout", "use --cfg 1")
 
@@ -153,7 +155,7 @@ def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indic
     """
     if not indices:
         return
-    check_guidance(model, config.guidance)
+    check_guidance(model.config, config.guidance)
     plan = plan_sampler(config.sampler, config.steps, model.config.learn_sigma, config.eta)
     net = torch.compile(model) if config.compile else model
     width = batch_width(config)
@@ -177,6 +179,15 @@ class Ranks:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def zero_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (a download, say), then the others, which find its result."""
+        if self.rank != 0:
+            self.barrier()
+        yield
+        if self.rank == 0:
+            self.barrier()
 
 
 def rank_device(device: torch.device) -> torch.device:
@@ -361,12 +372,18 @@ class NpzWriter:
             found.append((json.loads(index_file.read_text()), index_file.with_suffix(".npy")))
         return found
 
+    def complete(self) -> bool:
+        """FILE holds this run already (prepare left no parts folder beside it)."""
+        return self.path.exists() and not self.parts.exists()
+
     def done(self, labels: Sequence[int]) -> set[int]:
-        if self.path.exists():
+        if self.complete():
             return set(range(len(labels)))
         return {i for indices, _ in self.shards() for i in indices}
 
     def write(self, batch: Batch) -> None:
+        if self.complete():
+            return
         name = f"shard-{batch.indices[0]:09d}-r{self.rank}"
         with replacing(self.parts / f"{name}.npy") as tmp:
             with open(tmp, "wb") as f:
@@ -375,7 +392,7 @@ class NpzWriter:
             tmp.write_text(json.dumps(batch.indices))
 
     def finish(self, labels: Sequence[int], provenance: dict) -> list[Path]:
-        if self.path.exists() and not self.parts.exists():
+        if self.complete():
             return [self.path, self.sidecar]
         where = {}
         for indices, npy in self.shards():
@@ -461,6 +478,8 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
     # Rank 0 merges and records what was made.
     ranks.barrier()
     if ranks.rank == 0:
+        nfe = nfe if nfe is not None else (provenance or {}).get("nfe")
+        summary.nfe = nfe
         record = {**(provenance or {}), "nfe": nfe, "world_size": ranks.world, "batch_size": config.batch_size,
                   "rank0_seconds": round(seconds, 3), "rank0_images": len(mine), "skipped_images": len(done)}
         for writer in writers:

@@ -89,7 +89,8 @@ def weights_dirs() -> list[Path]:
 
 
 def is_offline(offline: bool = False) -> bool:
-    return offline or any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENV)
+    flags = (os.environ.get(name, "").strip().lower() for name in OFFLINE_ENV)
+    return offline or any(flag in ("1", "true", "yes", "on") for flag in flags)
 
 
 def resolve_weights(entry: KnownWeights, offline: bool = False, progress: ProgressFn = None) -> Path:

@@ -51,6 +51,8 @@ def files(tmp_path_factory):
         "uncond": save_tiny(root / "uncond.safetensors", {"kind": "pixel", "channels": 1}, in_channels=1,
                             num_classes=0),
         "mismatch": save_tiny(root / "mismatch.safetensors", {"kind": "pixel", "channels": 1}),
+        "nodrop": save_tiny(root / "nodrop.safetensors", {"kind": "pixel", "channels": 1}, in_channels=1,
+                            class_dropout_prob=0.0),
         "vae": root / "vae",
     }
 
@@ -207,9 +209,9 @@ def free_port() -> int:
 
 
 def test_two_processes_under_torchrun_match_one(files, tmp_path):
-    # (torchrun would take --num for an abbreviation of its own --numa-binding, hence --class here)
-    common = ["sample", "--ckpt", files["pixel"], "--class", 1, "--class", 5, "--class", 7, "--num-per-class", 2,
-              "--steps", 3, "--batch-size", 2, "--sampler", "ddpm"]
+    # torchrun would take --num for an abbreviation of its own --numa-binding, hence --num-images.
+    common = ["sample", "--ckpt", files["pixel"], "--num-images", 6, "--steps", 3, "--batch-size", 2, "--sampler",
+              "ddpm"]
     ok(*common, "--npz", tmp_path / "one.npz")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
@@ -271,3 +273,10 @@ def test_classes_of_a_checkpoint_show_its_own_names(files):
     assert [c["names"][0] for c in names] == FASHION
     result = dit("classes", "--ckpt", files["pixel"], "--search", "retriever")
     assert result.exit_code == 2 and "no class matches 'retriever'" in result.output
+
+
+def test_guidance_needs_a_null_class(files, tmp_path):
+    result = dit("sample", "--ckpt", files["nodrop"], "--cfg", 4, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "trained without label dropout" in result.output and "--cfg 1" in result.output
+    assert not (tmp_path / "out").exists()
+    ok("sample", "--ckpt", files["nodrop"], "--cfg", 1, "--num", 1, "--steps", 2, "--out", tmp_path / "out")

@@ -105,7 +105,8 @@ def test_generated_images_do_not_depend_on_batch_size(tiny_model):
 
     def images(batch_size, indices=range(6)):
         sized = replace(config, batch_size=batch_size)
-        return torch.cat([b.images for b in generate_images(tiny_model, codec, sized, list(indices), torch.device("cpu"))])
+        batches = generate_images(tiny_model, codec, sized, list(indices), torch.device("cpu"))
+        return torch.cat([batch.images for batch in batches])
 
     one = images(1)
     assert one.shape == (6, 8, 8, 4) and one.dtype == torch.uint8

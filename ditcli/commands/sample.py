@@ -18,8 +18,8 @@ from ditcli.classes import ClassTable, class_table, slug
 from ditcli.codec import codec_from_dict
 from ditcli.commands.options import CheckpointOpt, CompileOpt, DeviceOpt, JsonOpt, PrecisionOpt, SeedOpt
 from ditcli.errors import UserError
-from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, class_labels, default_out_dir, distributed,
-                             random_labels, rank_device, sample_run)
+from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, check_guidance, class_labels, default_out_dir,
+                             distributed, random_labels, rank_device, sample_run)
 from ditcli.model import PRESET_SHAPES, preset_names
 from ditcli.progress import ProgressBar, byte_progress
 from ditcli.runtime import resolve_device, resolve_precision, set_backend_flags
@@ -37,16 +37,20 @@ ClassOpt = Annotated[list[str] | None, typer.Option(
     "--class", help="Class id, name or WordNet id, case-insensitive; repeat for several. See `dit classes`.")]
 NumPerClassOpt = Annotated[int | None, typer.Option("--num-per-class", help="Images per --class (default 4).")]
 NumOpt = Annotated[int | None, typer.Option(
-    "--num", help=f"Number of images, with uniform random classes (from --class if given). Default {DEFAULT_NUM}.")]
+    "--num", "--num-images",
+    help=f"Number of images, with uniform random classes (from --class if given). Default {DEFAULT_NUM}. Under "
+         "torchrun write --num-images: torchrun takes --num for its own --numa-binding.")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's; DiT-XL/2: 250).")]
 CfgOpt = Annotated[float | None, typer.Option(
     "--cfg", help="Classifier-free guidance scale: 1 off, 0 unconditional (DiT-XL/2 default 4; 1.5 for FID).")]
-GuidedOpt = Annotated[str, typer.Option("--guidance-channels", help="paper (first 3 latent channels) or all.")]
+GuidedOpt = Annotated[str, typer.Option(
+    "--guidance-channels", help=f"{' or '.join(GUIDED_CHANNELS)}: the first 3 latent channels, as published, or all.")]
 IntervalOpt = Annotated[str | None, typer.Option(
     "--guidance-interval", help="LOW,HIGH: guide only for training timesteps in [LOW, HIGH], e.g. 0,700.")]
 SamplerOpt = Annotated[str | None, typer.Option("--sampler", help=f"{', '.join(SAMPLERS)} (default: the model's).")]
 EtaOpt = Annotated[float, typer.Option("--eta", help="DDIM noise: 0 deterministic, 1 DDPM-like.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass (per process).")]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch-size", help="Images per forward pass and process, rounded up to a multiple of 4 (see docs/samplers.md).")]
 OutOpt = Annotated[Path | None, typer.Option(
     "--out", help="Folder for PNGs, grid.png and provenance.json (default: samples/<model>-<settings>).")]
 NpzOpt = Annotated[Path | None, typer.Option("--npz", help="Also write all images as an ADM evaluator .npz (arr_0).")]
@@ -74,36 +78,40 @@ def sample(
     dtype = resolve_precision(precision)
     torch_device = rank_device(resolve_device(device))
     set_backend_flags(deterministic=deterministic)
-
-    # Find and load the checkpoint, its codec and class names.
-    checkpoint_path, entry = find_checkpoint(model, image_size, ckpt, offline, quiet=json_output)
-    checkpoint = load_checkpoint(checkpoint_path, num_heads=preset_heads(model))
-    check_preset(model, checkpoint)
-    config_model = checkpoint.config
-    defaults = entry or KnownWeights(DEFAULT_MODEL, None, "")
-    guidance = make_guidance(cfg if cfg is not None else defaults.cfg, guidance_channels, guidance_interval,
-                             unconditional=config_model.num_classes == 0)
-    sampler, steps = sampler or defaults.sampler, steps or defaults.steps
-    plan_sampler(sampler, steps, config_model.learn_sigma, eta)  # unknown sampler or steps fail here, early
-    codec = codec_from_dict(checkpoint.codec, torch_device, config_model.in_channels, vae, is_offline(offline))
-    check_codec(checkpoint, codec, image_size if ckpt is not None else None)
-    names = class_table(config_model.num_classes, checkpoint.class_names)
-    labels, columns = plan_run(names, config_model.num_classes, class_, num_per_class, num, seed)
-    config = GenerateConfig(tuple(labels), seed, sampler, steps, eta, guidance, batch_size, precision, compile)
-
-    # Prepare the outputs, then sample this process's share.
-    net = checkpoint.build(torch_device)
-    sha256 = file_sha256(checkpoint_path)
-    run_key = config.run_key(sha256, codec.to_dict())
-    model_name = entry.model if entry else describe(config_model)
-    if out is None and npz is None:
-        out = default_out_dir(model_name, config, run_key)
-    provenance = make_provenance(model_name, checkpoint_path, sha256, checkpoint, config, codec, dtype, torch_device,
-                                 deterministic, run_key, cfg is not None)
     with distributed(torch_device) as ranks:
+        quiet = json_output or ranks.rank != 0
+
+        # Find and load the checkpoint (rank 0 downloads, the others wait), its codec and class names.
+        with ranks.zero_first():
+            checkpoint_path, entry = find_checkpoint(model, image_size, ckpt, offline, quiet)
+        checkpoint = load_checkpoint(checkpoint_path, num_heads=preset_heads(model))
+        check_preset(model, checkpoint)
+        model_config = checkpoint.config
+        defaults = entry or KnownWeights(DEFAULT_MODEL, None, "")
+        guidance = make_guidance(cfg if cfg is not None else defaults.cfg, guidance_channels, guidance_interval,
+                                 unconditional=model_config.num_classes == 0)
+        check_guidance(model_config, guidance)
+        sampler, steps = sampler or defaults.sampler, steps or defaults.steps
+        plan = plan_sampler(sampler, steps, model_config.learn_sigma, eta)  # bad sampler or steps fail here
+        with ranks.zero_first():
+            codec = codec_from_dict(checkpoint.codec, torch_device, model_config.in_channels, vae,
+                                    is_offline(offline))
+        check_codec(checkpoint, codec, image_size if ckpt is not None else None)
+        names = class_table(model_config.num_classes, checkpoint.class_names)
+        labels, columns = plan_run(names, model_config.num_classes, class_, num_per_class, num, seed)
+        config = GenerateConfig(tuple(labels), seed, sampler, steps, eta, guidance, batch_size, precision, compile)
+
+        # Prepare the outputs, then sample this process's share under a progress bar.
+        net = checkpoint.build(torch_device)
+        sha256 = file_sha256(checkpoint_path)
+        run_key = config.run_key(sha256, codec.to_dict())
+        if out is None and npz is None:
+            out = default_out_dir(entry.model if entry else checkpoint_path.stem, config, run_key)
+        provenance = make_provenance(entry.model if entry else describe(model_config), checkpoint_path, sha256,
+                                     checkpoint, config, plan.nfe, codec, dtype, torch_device, deterministic, run_key,
+                                     cfg is not None)
         writers = make_writers(out, npz, names, config, run_key, force, provenance, columns, ranks)
-        show = ranks.rank == 0 and not json_output
-        with ProgressBar(None, "sampling", unit="img", enabled=show) as bar:
+        with ProgressBar(None, "sampling", unit="img", enabled=not quiet) as bar:
             summary = sample_run(net, codec, config, torch_device, writers, ranks, provenance,
                                  on_batch=lambda batch: bar.advance(len(batch.indices), nfe=batch.nfe),
                                  on_step=bar.step, on_plan=lambda n: bar.update(0, total=n))
@@ -229,13 +237,13 @@ def png_text(provenance: dict) -> dict[str, str]:
             for key in keys}
 
 
-def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkpoint, config: GenerateConfig, codec,
-                    dtype: torch.dtype, device: torch.device, deterministic: bool, run_key: str,
+def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkpoint, config: GenerateConfig,
+                    nfe: int, codec, dtype: torch.dtype, device: torch.device, deterministic: bool, run_key: str,
                     cfg_given: bool) -> dict:
     unconditional = checkpoint.config.num_classes == 0
     return {
         "model": model_name, "model_config": checkpoint.config.to_dict(), "checkpoint": str(path),
-        "checkpoint_sha256": sha256, "sampler": config.sampler, "steps": config.steps, "eta": config.eta,
+        "checkpoint_sha256": sha256, "sampler": config.sampler, "steps": config.steps, "nfe": nfe, "eta": config.eta,
         "cfg": None if unconditional else config.guidance.scale,
         "cfg_ignored": unconditional and cfg_given,
         "guidance_channels": config.guidance.channels,
@@ -244,7 +252,8 @@ def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkp
         "codec": codec.to_dict(), "precision": str(dtype).removeprefix("torch."), "device": str(device),
         "deterministic": deterministic, "tf32": torch.backends.cuda.matmul.allow_tf32,
         "seed": config.seed, "num_images": config.num_images,
-        "image_seeds": "image i draws its noise from torch.Generator().manual_seed(ditcli.samplers.image_seed(seed, i))",
+        "image_seeds": "image i: noise from torch.Generator().manual_seed(ditcli.samplers.image_seed(seed, i)), "
+                       "random class from ditcli.generate.random_labels",
         "labels": list(config.labels), "run_key": run_key, "ditcli": __version__, "torch": torch.__version__,
     }
 
