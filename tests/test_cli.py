@@ -1,0 +1,42 @@
+"""The CLI shell: help, version, one-line errors and --debug."""
+
+import pytest
+from typer.testing import CliRunner
+
+from ditcli import __version__
+from ditcli.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "sample", "fid", "convert", "classes"):
+        assert command in result.output
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"dit {__version__}"
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path):
+    result = runner.invoke(app, ["convert", "--info", str(tmp_path / "missing.pt")])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "missing.pt" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_exception(tmp_path):
+    result = runner.invoke(app, ["--debug", "convert", "--info", str(tmp_path / "missing.pt")])
+    assert result.exit_code != 0 and result.exception is not None and not isinstance(result.exception, SystemExit)
+
+
+def test_python_dash_m(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ditcli", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and __version__ in out.stdout

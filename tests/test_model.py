@@ -1,0 +1,128 @@
+"""The DiT model: presets, init, shapes, parameter/FLOP counts, loading and its errors."""
+
+import pytest
+import torch
+
+from conftest import GOLDEN, perturbed, tiny_config
+from ditcli import load_model
+from ditcli.checkpoint import check_state_dict, load_checkpoint
+from ditcli.errors import UserError
+from ditcli.model import DiT, DiTConfig, count_parameters, forward_macs, preset, preset_names, timestep_embedding
+
+
+def test_fresh_model_outputs_exactly_zero():
+    model = DiT(tiny_config()).eval()
+    x = torch.randn(3, 4, 8, 8)
+    out = model(x, torch.tensor([0, 500, 999]), torch.tensor([0, 5, 10]))
+    assert out.shape == (3, 8, 8, 8)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_unpatchify_inverts_patchify():
+    config = tiny_config(patch_size=4, input_size=16, learn_sigma=False)
+    model = DiT(config)
+    x = torch.randn(2, 4, 16, 16)
+    p = config.patch_size
+    tokens = x.view(2, 4, 4, p, 4, p).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, p * p * 4)  # (N, T, p*p*C)
+    assert torch.equal(model.unpatchify(tokens), x)
+
+
+def test_xl2_parameter_and_flop_counts_without_allocating():
+    config = preset("DiT-XL/2")
+    assert count_parameters(config) == 675_129_632
+    assert round(forward_macs(config) / 1e9, 1) == 118.6
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_builds_on_meta(name):
+    config = preset(name)
+    with torch.device("meta"):
+        model = DiT(config)
+    assert len(model.blocks) == config.depth
+    assert model.final_layer.linear.out_features == config.patch_size ** 2 * 8
+
+
+def test_custom_configurations():
+    config = DiTConfig(input_size=12, patch_size=3, in_channels=1, hidden_size=48, depth=1, num_heads=3,
+                       num_classes=7, learn_sigma=False, class_dropout_prob=0.0)
+    model = perturbed(DiT(config))
+    out = model(torch.randn(2, 1, 12, 12), torch.tensor([1, 2]), torch.tensor([0, 6]))
+    assert out.shape == (2, 1, 12, 12)
+    assert model.y_embedder.embedding_table.num_embeddings == 7
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(input_size=10, patch_size=4), "not divisible by patch_size"),
+    (dict(hidden_size=30, num_heads=4), "not divisible by num_heads"),
+    (dict(class_dropout_prob=1.0), "class_dropout_prob"),
+])
+def test_invalid_configs_are_rejected(fields, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**fields)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match="DiT-XL/2"):
+        preset("DiT-XXL/2")
+
+
+def test_timestep_embedding_is_cos_then_sin():
+    emb = timestep_embedding(torch.tensor([0.0]), 8)
+    assert torch.equal(emb[0, :4], torch.ones(4)) and torch.equal(emb[0, 4:], torch.zeros(4))
+
+
+def test_label_dropout_only_in_training_mode():
+    model = perturbed(DiT(tiny_config(class_dropout_prob=0.5)))
+    x, t, y = torch.randn(64, 4, 8, 8), torch.full((64,), 10), torch.zeros(64, dtype=torch.long)
+    reference = model(x, t, y)
+    assert torch.equal(model(x, t, y), reference)  # eval: never dropped
+    model.train()
+    torch.manual_seed(0)
+    trained = model(x, t, y)
+    null = model.eval()(x, t, torch.full_like(y, 10))
+    dropped = [i for i in range(64) if torch.allclose(trained[i], null[i], atol=1e-6)]
+    assert 10 < len(dropped) < 54
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = perturbed(DiT(tiny_config())).train()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7]), torch.tensor([1, 2])
+    mask = torch.zeros(2, dtype=torch.bool)
+    model(x, t, y, mask).square().sum().backward()
+    plain = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    model.grad_checkpointing = True
+    model(x, t, y, mask).square().sum().backward()
+    checkpointed = [p.grad for p in model.parameters() if p.grad is not None]
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b)
+
+
+def test_golden_checkpoint_loads_strictly():
+    model = load_model(GOLDEN / "tiny-dit.official.pt", num_heads=4)
+    assert not model.training and model.config.depth == 2 and model.config.num_classes == 10
+    with pytest.raises(UserError, match="cannot infer the number of attention heads for hidden size 64"):
+        load_model(GOLDEN / "tiny-dit.official.pt")
+
+
+def test_extra_block_is_named_in_one_line():
+    state = torch.load(GOLDEN / "tiny-dit.official.pt", weights_only=True)
+    state.update({k.replace("blocks.1.", "blocks.2."): v for k, v in state.items() if k.startswith("blocks.1.")})
+    config = load_checkpoint(GOLDEN / "tiny-dit.official.pt", num_heads=4).config
+    with pytest.raises(UserError, match=r"unexpected keys blocks\.2\.\*.*3 blocks found, expected 2"):
+        check_state_dict(state, config)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    state = torch.load(GOLDEN / "tiny-dit.official.pt", weights_only=True)
+    config = load_checkpoint(GOLDEN / "tiny-dit.official.pt", num_heads=4).config
+    state["blocks.0.attn.proj.weight"] = torch.zeros(64, 32)
+    with pytest.raises(UserError, match=r"blocks\.0\.attn\.proj\.weight has shape \(64, 32\), expected \(64, 64\)"):
+        check_state_dict(state, config)
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pt"
+    torch.save({"hello": torch.zeros(1)}, path)
+    with pytest.raises(UserError, match="not a DiT checkpoint: missing x_embedder.proj.weight"):
+        load_model(path)
