@@ -1,8 +1,130 @@
-"""`dit fid` (filled in by the evaluation issue)."""
+"""`dit fid`: ADM's FID, sFID, Inception Score, precision and recall, or `--make-ref` to build a reference batch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from ditcli.commands.options import DeviceOpt, JsonOpt
+from ditcli.errors import UserError
+from ditcli.inception import WEIGHTS_NAME
+from ditcli.progress import ProgressBar
+
+InceptionWeightsOpt = Annotated[Path | None, typer.Option(
+    "--inception-weights", help=f"torch-fidelity's {WEIGHTS_NAME}; default: the cache ($DIT_HOME or ~/.cache/ditcli), "
+                                "downloading it once.")]
 
 
-def fid():
-    """Score samples against a reference: FID, sFID, IS, precision and recall."""
-    raise typer.Exit(1)
+class _StageBars:
+    """The core's progress(stage, done, total) callback as one bar per stage (reference, then samples)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.stage, self.bar = enabled, None, None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage, self.bar = stage, ProgressBar(total, f"{stage:<9}", unit="img", enabled=self.enabled)
+            self.bar.__enter__()
+        self.bar.update(done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def __enter__(self) -> _StageBars:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fid(
+    samples: Annotated[Path | None, typer.Argument(
+        help="Samples: an ADM .npz (arr_0 uint8 NHWC), a folder of images or a `dit sample` output folder.")] = None,
+    ref: Annotated[Path | None, typer.Option(
+        "--ref", help="Reference: an ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder of images.")] = None,
+    make_ref: Annotated[Path | None, typer.Option(
+        "--make-ref", help="Build an ADM-format reference .npz from this folder (write it with -o).")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where --make-ref writes the .npz.")] = None,
+    resize: Annotated[int | None, typer.Option(
+        "--resize", help="Center-crop folder images to N x N as ADM does (required for mixed sizes; "
+                         "--make-ref defaults to 256).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward; scores don't depend on it.")] = 64,
+    device: DeviceOpt = "auto",
+    inception_weights: InceptionWeightsOpt = None,
+    features: Annotated[str, typer.Option(
+        "--features", help="inception, a registered extractor name, a TorchScript .pt file or a tagged .safetensors "
+                           "file (see docs/evaluation.md).")] = "inception",
+    num_workers: Annotated[int, typer.Option("--num-workers", help="Threads decoding folder images.")] = min(
+        4, os.cpu_count() or 1),
+    json_output: JsonOpt = False,
+):
+    """Score samples against a reference: FID, sFID, IS, precision and recall, as ADM's evaluator."""
+    import torch
+
+    from ditcli import metrics
+    from ditcli.runtime import resolve_device
+
+    if inception_weights is not None and features != metrics.INCEPTION:
+        raise UserError("--inception-weights only applies to --features inception")
+    if make_ref is not None:
+        if samples is not None or ref is not None:
+            raise UserError("--make-ref builds a reference; it takes no SAMPLES or --ref",
+                            "run `dit fid --make-ref FOLDER -o ref.npz`, then score against ref.npz")
+        if output is None:
+            raise UserError("--make-ref needs -o PATH for the reference .npz")
+    elif samples is None or ref is None:
+        raise UserError("nothing to score" if samples is None else "--ref is required",
+                        "run `dit fid SAMPLES --ref REF.npz`, or `dit fid --make-ref FOLDER -o ref.npz`")
+    torch_device = resolve_device(device)
+    if torch_device.type == "cuda":  # TF32 convolutions would move FID in the third significant digit
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    with _StageBars(enabled=not json_output) as bars:
+        if make_ref is not None:
+            result = metrics.make_ref(make_ref, output, resize or 256, features, inception_weights, torch_device,
+                                      batch_size, num_workers, bars)
+        else:
+            config = metrics.FidConfig(samples, ref, batch_size, features, inception_weights, resize, num_workers)
+            result = metrics.evaluate(config, torch_device, bars)
+
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    out = Console(highlight=False)
+    if make_ref is not None:
+        out.print(_reference_table(result))
+    else:
+        out.print(_score_table(result))
+        out.print(f"{result.num_samples} samples, {result.features} features; reference: {result.ref_stats}")
+    for warning in result.warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _score_table(result) -> Table:
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value, digits in (("FID", result.fid, 4), ("sFID", result.sfid, 4), ("IS", result.inception_score, 2),
+                                ("precision", result.precision, 4), ("recall", result.recall, 4)):
+        table.add_row(name, "-" if value is None else f"{value:.{digits}f}")
+    return table
+
+
+def _reference_table(result) -> Table:
+    table = Table()
+    table.add_column("reference batch")
+    table.add_column("value")
+    for name, value in (("output", str(result.output)), ("images", str(result.num_images)),
+                        ("resolution", f"{result.resolution}x{result.resolution}"), ("features", result.features)):
+        table.add_row(name, value)
+    return table

@@ -1,0 +1,629 @@
+"""FID, sFID, Inception Score, precision and recall as ADM's evaluator computes them, in PyTorch.
+
+The reference semantics are guided-diffusion's `evaluations/evaluator.py`, the script behind DiT's published table:
+
+- FID on pool_3 and sFID on the first 7 channels of mixed_6/conv, each from the mean and covariance in float64;
+- the Inception Score from the softmax of pool_3 @ W, over consecutive splits of 5000 samples;
+- precision and recall (Kynkaanniemi et al., 2019) from k = 3 nearest-neighbour balls on pool_3, with distances
+  rounded to float16 as ADM's TensorFlow code does.
+
+Images stream from an ADM `.npz` (`arr_0`, uint8 (N, H, W, 3)) or a folder, a batch at a time; only features and
+running moments stay in memory. Problems worth a note come back in `FidResult.warnings`, never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zipfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ditcli.errors import UserError
+from ditcli.inception import load_inception
+
+IS_SPLIT_SIZE = 5000  # ADM's Evaluator.compute_inception_score(split_size=5000)
+NEAREST_K = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
+PR_BLOCK = 10000  # ADM's row and column batch; its float16 overflow fallback is decided per block
+FULL_RANK = 2048  # fewer samples than pool_3 dimensions leave the covariance rank-deficient
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SKIPPED_FILES = ("grid.png",)  # the contact sheet `dit sample` writes next to its images
+INCEPTION = "inception"
+
+Progress = Callable[[str, int, int], None]  # (stage, images done, images in total)
+Stats = tuple[torch.Tensor, torch.Tensor]  # (mu, sigma) in float64
+
+
+# Images.
+
+def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's center crop (guided-diffusion `image_datasets.py`): halve with a box filter while the short side is at
+    least 2 * size, resize the short side to `size` with bicubic, then cut the centre square."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+class NpzImages:
+    """`arr_0` of an ADM sample or reference batch, uint8 (N, H, W, 3), read a batch at a time from the zip."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with self._open() as f:
+            shape, dtype = _read_npy_header(f, path)
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+            raise UserError(f"{path}: arr_0 is {dtype} with shape {shape}, expected uint8 (N, H, W, 3)",
+                            "save samples as ADM does: np.savez(path, arr_0=uint8 images in NHWC order)")
+        if shape[0] == 0:
+            raise UserError(f"{path}: arr_0 holds no images", "pass a batch with at least 2 images")
+        self.num_images, self.resolution = shape[0], (shape[1], shape[2])
+
+    def _open(self):
+        try:
+            archive = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise UserError(f"cannot read {self.path} as an .npz: {exc}", "pass an ADM .npz written by np.savez")
+        if "arr_0.npy" not in archive.namelist():
+            keys = ", ".join(n.removesuffix(".npy") for n in archive.namelist()) or "nothing"
+            raise UserError(f"{self.path} has no arr_0 (it holds {keys})",
+                            "ADM sample batches store the images as arr_0: uint8 (N, H, W, 3)")
+        return archive.open("arr_0.npy")
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        height, width = self.resolution
+        image_bytes = height * width * 3
+        with self._open() as f:
+            _read_npy_header(f, self.path)
+            for start in range(0, self.num_images, batch_size):
+                count = min(batch_size, self.num_images - start)
+                data = f.read(count * image_bytes)
+                if len(data) != count * image_bytes:
+                    raise UserError(f"{self.path}: arr_0 ends after {start + len(data) // image_bytes} images",
+                                    "the file is truncated; write it again")
+                yield np.frombuffer(data, dtype=np.uint8).reshape(count, height, width, 3)  # (B, H, W, 3)
+
+
+def _read_npy_header(f, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+    except ValueError as exc:
+        raise UserError(f"{path}: arr_0 is not a valid .npy array ({exc})", "write it with np.savez") from None
+    if fortran_order:
+        raise UserError(f"{path}: arr_0 is in Fortran order", "save np.ascontiguousarray(images)")
+    return shape, dtype
+
+
+class FolderImages:
+    """Every image under a folder (recursively, sorted by path), decoded to RGB by a pool of threads.
+
+    `dit sample` output directories are such folders; their `grid.png` is skipped. With `resize`, each image goes
+    through ADM's center crop to resize x resize; without it all images must share one size.
+    """
+
+    def __init__(self, path: Path, resize: int | None = None, num_workers: int = 4):
+        self.path, self.resize, self.num_workers = path, resize, max(1, num_workers)
+        self.files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                            and p.name not in SKIPPED_FILES and p.is_file())
+        if not self.files:
+            raise UserError(f"no images in {path}", f"expected {', '.join(IMAGE_SUFFIXES)} files")
+        self.num_images = len(self.files)
+        self.resolution = (resize, resize) if resize else self._common_size()
+
+    def _common_size(self) -> tuple[int, int]:
+        with ThreadPoolExecutor(self.num_workers) as pool:
+            sizes = list(pool.map(_image_size, self.files))
+        first = sizes[0]
+        for file, size in zip(self.files, sizes):
+            if size != first:
+                raise UserError(f"mixed image sizes: {self.files[0].name} is {first[1]}x{first[0]} but {file.name} "
+                                f"is {size[1]}x{size[0]}", "pass --resize N to center-crop every image to N x N")
+        return first
+
+    def _load(self, file: Path) -> np.ndarray:
+        try:
+            with Image.open(file) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise UserError(f"cannot decode image {file}: {exc}", "remove or replace the file") from None
+        array = center_crop_arr(image, self.resize) if self.resize else np.asarray(image)
+        if array.shape[:2] != self.resolution:
+            raise UserError(f"{file} decodes to {array.shape[1]}x{array.shape[0]}, not "
+                            f"{self.resolution[1]}x{self.resolution[0]}", "pass --resize N")
+        return array
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """uint8 (B, H, W, 3) batches in path order; two batches decode ahead so memory stays bounded."""
+        with ThreadPoolExecutor(self.num_workers) as pool:
+            pending = deque()
+            for start in range(0, self.num_images, batch_size):
+                pending.append([pool.submit(self._load, f) for f in self.files[start:start + batch_size]])
+                if len(pending) > 2:
+                    yield np.stack([job.result() for job in pending.popleft()])
+            while pending:
+                yield np.stack([job.result() for job in pending.popleft()])
+
+
+def _image_size(file: Path) -> tuple[int, int]:
+    """(height, width) from the header alone."""
+    try:
+        with Image.open(file) as image:
+            return image.size[1], image.size[0]
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"cannot read image {file}: {exc}", "remove or replace the file") from None
+
+
+def open_images(path: Path, resize: int | None = None, num_workers: int = 4, role: str = "samples"):
+    """Samples or reference images: an ADM .npz (arr_0) or a folder of images."""
+    if not path.exists():
+        raise UserError(f"{role} not found: {path}", "pass an ADM .npz with arr_0 or a folder of images")
+    if path.is_dir():
+        return FolderImages(path, resize, num_workers)
+    if path.suffix.lower() == ".npz":
+        return NpzImages(path)
+    raise UserError(f"cannot read {role} from {path}", "pass an ADM .npz with arr_0 or a folder of images")
+
+
+# Feature extractors.
+
+FeatureFactory = Callable[[Path | None, torch.device], Callable]
+_EXTRACTORS: dict[str, FeatureFactory] = {}
+
+
+def register_feature_extractor(name: str, factory: FeatureFactory) -> None:
+    """Make `--features NAME` (and .safetensors files whose metadata says `feature_extractor: NAME`) available.
+
+    `factory(path, device)` returns a callable from uint8 images (N, 3, H, W) on `device` to a (N, D) tensor, or to a
+    mapping with "pool" (N, D) and optionally "spatial" (N, D_s) for sFID and "logits" (N, C) for the Inception Score.
+    `path` is the weight file to load (`--inception-weights`, or the .safetensors file), or None for the default.
+    """
+    _EXTRACTORS[name] = factory
+
+
+register_feature_extractor(INCEPTION, lambda path, device: load_inception(path, device))
+
+
+def load_feature_extractor(spec: str, device: torch.device, weights: Path | None = None) -> tuple[Callable, str]:
+    """(extractor, name) for a registered name, a TorchScript file (torch.jit.save) or a tagged .safetensors file."""
+    if spec in _EXTRACTORS:
+        return _EXTRACTORS[spec](weights, device), spec
+    path = Path(spec)
+    hint = f"use {', '.join(sorted(_EXTRACTORS))}, a TorchScript .pt file or a tagged .safetensors file"
+    if not path.is_file():
+        raise UserError(f"unknown feature extractor {spec!r}", hint)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            name = (f.metadata() or {}).get("feature_extractor")
+        if name not in _EXTRACTORS:
+            raise UserError(f"{path} names feature extractor {name!r}, which is not registered", hint)
+        return _EXTRACTORS[name](path, device), path.name
+    try:
+        module = torch.jit.load(str(path), map_location=device)
+    except Exception as exc:  # TorchScript raises RuntimeError or ValueError for foreign files
+        raise UserError(f"cannot load {path} as a TorchScript feature extractor: {str(exc).splitlines()[0]}",
+                        hint) from None
+    return module.eval(), path.name
+
+
+def _feature_dict(output) -> dict[str, torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return {"pool": output}
+    if hasattr(output, "_asdict"):
+        output = output._asdict()
+    if not isinstance(output, Mapping) or "pool" not in output:
+        raise UserError(f"the feature extractor returned {type(output).__name__}",
+                        "return a (N, D) tensor or a dict with 'pool' and optionally 'spatial' and 'logits'")
+    return {k: output[k].flatten(1) for k in ("pool", "spatial", "logits") if output.get(k) is not None}
+
+
+# Streaming statistics.
+
+class Moments:
+    """Running mean and covariance in float64 by Chan et al.'s pairwise update: any batching gives the same result up
+    to rounding."""
+
+    def __init__(self):
+        self.count, self.mean, self.scatter = 0, None, None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        batch_mean = x.mean(dim=0)
+        centered = x - batch_mean  # (B, D)
+        if self.mean is None:
+            self.mean = torch.zeros_like(batch_mean)
+            self.scatter = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        delta = batch_mean - self.mean
+        total = self.count + len(x)
+        self.scatter += centered.T @ centered + torch.outer(delta, delta) * (self.count * len(x) / total)
+        self.mean += delta * (len(x) / total)
+        self.count = total
+
+    def stats(self) -> Stats:
+        """(mu, sigma) with sigma normalised by N - 1, as np.cov."""
+        if self.count < 2:
+            raise UserError(f"a covariance needs at least 2 images, got {self.count}", "pass more images")
+        return self.mean.cpu(), (self.scatter / (self.count - 1)).cpu()
+
+
+class ScoreSplits:
+    """Sums behind the Inception Score over consecutive splits of `split_size` samples, filled batch by batch."""
+
+    def __init__(self, split_size: int = IS_SPLIT_SIZE):
+        self.split_size, self.count = split_size, 0
+        self.sum_p: list[torch.Tensor] = []
+        self.sum_p_log_p: list[float] = []
+        self.sizes: list[int] = []
+
+    def update(self, logits: torch.Tensor) -> None:
+        log_p = torch.log_softmax(logits.double(), dim=1).cpu()
+        p = log_p.exp()
+        start = 0
+        while start < len(p):
+            take = min(len(p) - start, self.split_size - self.count % self.split_size)
+            if self.count % self.split_size == 0:
+                self.sum_p.append(torch.zeros(p.shape[1], dtype=torch.float64))
+                self.sum_p_log_p.append(0.0)
+                self.sizes.append(0)
+            rows = slice(start, start + take)
+            self.sum_p[-1] += p[rows].sum(dim=0)
+            self.sum_p_log_p[-1] += float((p[rows] * log_p[rows]).sum())
+            self.sizes[-1] += take
+            self.count += take
+            start += take
+
+    def score(self) -> float:
+        """Mean over splits of exp(E_x KL(p(y|x) || p(y))) (Salimans et al., 2016), as ADM."""
+        scores = []
+        for sum_p, sum_p_log_p, size in zip(self.sum_p, self.sum_p_log_p, self.sizes):
+            marginal = sum_p / size
+            kl = sum_p_log_p / size - float(torch.special.xlogy(marginal, marginal).sum())
+            scores.append(math.exp(kl))
+        return float(np.mean(scores))
+
+
+@dataclass
+class Activations:
+    """What one pass over a set of images keeps: moments per feature, pool features for precision/recall, IS sums."""
+
+    count: int
+    pool: Moments
+    spatial: Moments | None
+    scores: ScoreSplits | None
+    pool_features: torch.Tensor | None  # (N, D) float32
+    constant_images: int
+    nonfinite_rows: int
+
+
+@torch.inference_mode()
+def extract(batches: Iterable[np.ndarray], extractor: Callable, device: torch.device, keep_pool: bool = True,
+            progress: Callable[[int], None] | None = None) -> Activations:
+    """Run the extractor over uint8 (B, H, W, 3) batches and accumulate its features."""
+    pool, spatial, scores = Moments(), Moments(), ScoreSplits()
+    kept, count, constant, nonfinite = [], 0, 0, 0
+    for batch in batches:
+        images = torch.tensor(batch, device=device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        flat = images.flatten(1)
+        constant += int((flat.amax(dim=1) == flat.amin(dim=1)).sum())
+        features = _feature_dict(extractor(images))
+        nonfinite += int((~torch.isfinite(features["pool"]).all(dim=1)).sum())
+        pool.update(features["pool"])
+        if "spatial" in features:
+            spatial.update(features["spatial"])
+        if "logits" in features:
+            scores.update(features["logits"])
+        if keep_pool:
+            kept.append(features["pool"].float())
+        count += len(batch)
+        if progress is not None:
+            progress(count)
+    return Activations(count, pool, spatial if spatial.count else None, scores if scores.count else None,
+                       torch.cat(kept) if kept else None, constant, nonfinite)
+
+
+# Metrics.
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Frechet distance of two Gaussians (Dowson & Landau, 1982).
+
+    With S1 = U diag(l) U^T and W = U diag(sqrt(l)), tr (S1 S2)^(1/2) is the sum of square roots of the eigenvalues of
+    the symmetric positive semi-definite W^T S2 W, so two float64 eigh calls replace ADM's complex sqrtm and its eps
+    retry; they agree wherever sqrtm converges. Directions with l below S1's numerical-rank tolerance (d * eps *
+    max l, as numpy's matrix_rank) hold only rounding noise and are dropped.
+    """
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a).double() for a in (mu1, sigma1, mu2, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise UserError(f"the statistics have different sizes ({mu1.numel()} vs {mu2.numel()} features)",
+                        "score samples and reference with the same feature extractor")
+    if not all(torch.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        return math.nan  # non-finite features, reported as a warning
+    eigenvalues, eigenvectors = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
+    keep = eigenvalues > len(eigenvalues) * torch.finfo(torch.float64).eps * eigenvalues.abs().max()
+    w = eigenvectors[:, keep] * eigenvalues[keep].sqrt()  # (D, rank)
+    inner = w.T @ sigma2 @ w  # (rank, rank)
+    root_eigenvalues = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt()
+    diff = mu1 - mu2
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * root_eigenvalues.sum())
+
+
+def _to_half(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()
+
+
+def adm_sq_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Squared distances max(|u|^2 - 2 u.v + |v|^2, 0) between rows, as ADM's DistanceBlock: inputs and every step
+    rounded to float16 (so radius ties break as in ADM), in float32 only if float16 overflows anywhere."""
+    u16, v16 = _to_half(u), _to_half(v)
+    norm_u = _to_half(_to_half(u16.square()).sum(dim=1, keepdim=True))  # (M, 1)
+    norm_v = _to_half(_to_half(v16.square()).sum(dim=1))[None]  # (1, N)
+    distances = _to_half(_to_half(norm_u - _to_half(2 * (u16 @ v16.T))) + norm_v).clamp_min(0)
+    if torch.isfinite(distances).all():
+        return distances
+    u, v = u.float(), v.float()
+    return (u.square().sum(1, keepdim=True) - 2 * (u @ v.T) + v.square().sum(1)[None]).clamp_min(0)
+
+
+def manifold_radii(features: torch.Tensor, k: int = NEAREST_K) -> torch.Tensor:
+    """Squared distance from each row to its k-th nearest neighbour in the set, itself counted as the 0-th."""
+    radii = []
+    for rows in features.split(PR_BLOCK):
+        candidates = [adm_sq_distances(rows, cols).topk(k + 1, dim=1, largest=False).values
+                      for cols in features.split(PR_BLOCK)]
+        radii.append(torch.cat(candidates, dim=1).topk(k + 1, dim=1, largest=False).values[:, k])
+    return torch.cat(radii)
+
+
+def precision_recall(ref: torch.Tensor, samples: torch.Tensor, k: int = NEAREST_K) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al., 2019) as ADM's ManifoldEstimator.evaluate_pr: precision is
+    the share of samples inside some reference ball, recall the share of references inside some sample ball."""
+    ref_radii, sample_radii = manifold_radii(ref, k), manifold_radii(samples, k)
+    ref_covered = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
+    sample_covered = torch.zeros(len(samples), dtype=torch.bool, device=samples.device)
+    for i, ref_rows in enumerate(ref.split(PR_BLOCK)):
+        ref_slice = slice(i * PR_BLOCK, i * PR_BLOCK + len(ref_rows))
+        for j, sample_rows in enumerate(samples.split(PR_BLOCK)):
+            sample_slice = slice(j * PR_BLOCK, j * PR_BLOCK + len(sample_rows))
+            distances = adm_sq_distances(ref_rows, sample_rows)  # (R, S)
+            ref_covered[ref_slice] |= (distances <= sample_radii[sample_slice][None]).any(dim=1)
+            sample_covered[sample_slice] |= (distances <= ref_radii[ref_slice][:, None]).any(dim=0)
+    return float(sample_covered.double().mean()), float(ref_covered.double().mean())
+
+
+# References.
+
+@dataclass
+class Reference:
+    """A reference batch: its images (for precision/recall or missing statistics) and any stored statistics."""
+
+    path: Path
+    images: NpzImages | FolderImages | None
+    pool: Stats | None = None
+    spatial: Stats | None = None
+    features: str = INCEPTION  # the extractor that made the stored statistics
+
+
+def open_reference(path: Path, resize: int | None = None, num_workers: int = 4) -> Reference:
+    """An ADM reference .npz (arr_0 and/or mu, sigma, mu_s, sigma_s) or a folder of images."""
+    if not path.exists():
+        raise UserError(f"reference not found: {path}",
+                        "pass an ADM reference .npz such as VIRTUAL_imagenet256_labeled.npz, or a folder of images")
+    if path.is_dir() or path.suffix.lower() != ".npz":
+        return Reference(path, open_images(path, resize, num_workers, role="reference"))
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise UserError(f"cannot read {path} as an .npz: {exc}", "pass an ADM reference .npz") from None
+    with data:
+        keys = set(data.files)
+        if "arr_0" not in keys and "mu" not in keys:
+            raise UserError(f"{path} has neither arr_0 nor mu/sigma",
+                            "an ADM reference batch stores images as arr_0 and statistics as mu, sigma, mu_s, sigma_s")
+        images = NpzImages(path) if "arr_0" in keys else None
+        pool = _stored_stats(data, path, "mu", "sigma")
+        spatial = _stored_stats(data, path, "mu_s", "sigma_s")
+        features = str(data["feature_extractor"]) if "feature_extractor" in keys else INCEPTION
+    return Reference(path, images, pool, spatial, features)
+
+
+def _stored_stats(data, path: Path, mu_key: str, sigma_key: str) -> Stats | None:
+    if mu_key not in data.files or sigma_key not in data.files:
+        return None
+    mu, sigma = torch.from_numpy(data[mu_key]).double(), torch.from_numpy(data[sigma_key]).double()
+    if mu.dim() != 1 or sigma.shape != (len(mu), len(mu)):
+        raise UserError(f"{path}: {mu_key} {tuple(mu.shape)} and {sigma_key} {tuple(sigma.shape)} do not match",
+                        "expected mu (D,) and sigma (D, D)")
+    return mu, sigma
+
+
+# Scoring.
+
+@dataclass(frozen=True)
+class FidConfig:
+    """What `dit fid SAMPLES --ref REF` computes."""
+
+    samples: Path
+    ref: Path
+    batch_size: int = 64
+    features: str = INCEPTION
+    inception_weights: Path | None = None
+    resize: int | None = None
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class FidResult:
+    fid: float
+    sfid: float | None
+    inception_score: float | None
+    precision: float | None
+    recall: float | None
+    num_samples: int
+    num_ref: int | None  # reference images read; None when only stored statistics were used
+    ref_stats: str  # which reference statistics FID and sFID used
+    features: str
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "warnings": list(self.warnings)}
+
+
+def evaluate(config: FidConfig, device: torch.device, progress: Progress | None = None) -> FidResult:
+    """Score samples against a reference with ADM's metrics; inputs are checked before any network loads."""
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
+    samples = open_images(config.samples, config.resize, config.num_workers)
+    ref = open_reference(config.ref, config.resize, config.num_workers)
+    extractor, features = load_feature_extractor(config.features, device, config.inception_weights)
+    use_stored = ref.pool is not None and ref.features == features
+    if ref.images is None and not use_stored:
+        raise UserError(f"{ref.path} has statistics from {ref.features!r} but no images to recompute them",
+                        f"score with --features {ref.features}, or give a reference with arr_0")
+
+    # Extract reference then sample features, as ADM does.
+    ref_acts = None
+    if ref.images is not None:
+        ref_acts = extract(ref.images.batches(config.batch_size), extractor, device,
+                           progress=_stage(progress, "reference", ref.images.num_images))
+    sample_acts = extract(samples.batches(config.batch_size), extractor, device,
+                          progress=_stage(progress, "samples", samples.num_images))
+
+    # Pick the reference statistics: stored ones when they come from this extractor, else computed.
+    if use_stored:
+        ref_pool, ref_spatial = ref.pool, ref.spatial
+        ref_stats = f"stored mu/sigma{'/mu_s/sigma_s' if ref.spatial else ''} of {ref.path.name}"
+    else:
+        ref_pool = ref_acts.pool.stats()
+        ref_spatial = ref_acts.spatial.stats() if ref_acts.spatial else None
+        ref_stats = f"computed from the {ref_acts.count} reference images"
+
+    fid = frechet_distance(*sample_acts.pool.stats(), *ref_pool)
+    sfid = None
+    if sample_acts.spatial is not None and ref_spatial is not None:
+        sfid = frechet_distance(*sample_acts.spatial.stats(), *ref_spatial)
+    precision = recall = None
+    if ref_acts is not None and min(ref_acts.count, sample_acts.count) > NEAREST_K:
+        precision, recall = precision_recall(ref_acts.pool_features, sample_acts.pool_features)
+    return FidResult(fid, sfid, sample_acts.scores.score() if sample_acts.scores else None, precision, recall,
+                     sample_acts.count, ref_acts.count if ref_acts else None, ref_stats, features,
+                     tuple(_warnings(samples, ref, sample_acts, ref_acts, use_stored)))
+
+
+def _stage(progress: Progress | None, stage: str, total: int) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    progress(stage, 0, total)
+    return lambda done: progress(stage, done, total)
+
+
+def _warnings(samples, ref: Reference, sample_acts: Activations, ref_acts: Activations | None,
+              use_stored: bool) -> Iterator[str]:
+    if sample_acts.count < FULL_RANK:
+        yield (f"only {sample_acts.count} samples: below {FULL_RANK} the covariance is rank-deficient, so FID is "
+               f"biased upward and not comparable with 50,000-sample figures")
+    if ref_acts is not None and not use_stored and ref_acts.count < FULL_RANK:
+        yield f"only {ref_acts.count} reference images: below {FULL_RANK} the reference covariance is rank-deficient"
+    if ref.images is not None and samples.resolution != ref.images.resolution:
+        (sh, sw), (rh, rw) = samples.resolution, ref.images.resolution
+        yield (f"samples are {sw}x{sh} but the reference is {rw}x{rh}: scores are not comparable with published "
+               f"figures at the reference resolution")
+    for name, acts in (("sample", sample_acts), ("reference", ref_acts)):
+        if acts is not None and acts.constant_images:
+            yield (f"{acts.constant_images} of {acts.count} {name} images are a single flat colour (NaN latents and "
+                   f"diverged sampling decode to these)")
+        if acts is not None and acts.nonfinite_rows:
+            yield f"{acts.nonfinite_rows} {name} images gave NaN or infinite features"
+    provenance = samples.path / "provenance.json" if isinstance(samples, FolderImages) else None
+    if provenance is not None and provenance.is_file() and not _json_field(provenance, "complete", True):
+        yield f"{provenance} says the `dit sample` run has not finished: some images are missing"
+    if ref.images is None:
+        yield f"{ref.path.name} has no arr_0, so precision and recall were skipped"
+    elif min(sample_acts.count, ref_acts.count) <= NEAREST_K:
+        yield f"precision and recall need more than {NEAREST_K} images on each side and were skipped"
+
+
+def _json_field(path: Path, key: str, default):
+    try:
+        return json.loads(path.read_text()).get(key, default)
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
+# Building references.
+
+@dataclass(frozen=True)
+class MakeRefResult:
+    output: Path
+    num_images: int
+    resolution: int
+    features: str
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "output": str(self.output), "warnings": list(self.warnings)}
+
+
+def make_ref(folder: Path, output: Path, resolution: int = 256, features: str = INCEPTION,
+             inception_weights: Path | None = None, device: torch.device | str = "cpu", batch_size: int = 64,
+             num_workers: int = 4, progress: Progress | None = None) -> MakeRefResult:
+    """Write an ADM reference batch: arr_0 (ADM's center crop to `resolution`), mu, sigma, mu_s, sigma_s.
+
+    arr_0 streams into the zip as the images are scored, so memory holds one batch of images at a time. A
+    `feature_extractor` entry records which extractor made the statistics; ADM's evaluator ignores it.
+    """
+    if not folder.is_dir():
+        raise UserError(f"--make-ref needs a folder of images, got {folder}", "pass a folder")
+    images = FolderImages(folder, resolution, num_workers)
+    extractor, name = load_feature_extractor(features, torch.device(device), inception_weights)
+    partial = output.with_name(output.name + ".partial")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        acts = _write_reference(partial, images, extractor, name, torch.device(device), batch_size, progress)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, output)
+    warnings = [f"only {acts.count} images: below {FULL_RANK} the covariance is rank-deficient"] \
+        if acts.count < FULL_RANK else []
+    if acts.constant_images:
+        warnings.append(f"{acts.constant_images} of {acts.count} images are a single flat colour")
+    return MakeRefResult(output, acts.count, resolution, name, tuple(warnings))
+
+
+def _write_reference(path: Path, images: FolderImages, extractor: Callable, name: str, device: torch.device,
+                     batch_size: int, progress: Progress | None) -> Activations:
+    with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (images.num_images, *images.resolution, 3)}
+            np.lib.format.write_array_header_1_0(f, header)
+            acts = extract(_written(images.batches(batch_size), f), extractor, device, keep_pool=False,
+                           progress=_stage(progress, "reference", images.num_images))
+        arrays = dict(zip(("mu", "sigma"), acts.pool.stats()))
+        if acts.spatial is not None:
+            arrays.update(zip(("mu_s", "sigma_s"), acts.spatial.stats()))
+        for key, value in {**{k: v.numpy() for k, v in arrays.items()}, "feature_extractor": np.array(name)}.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, value, allow_pickle=False)
+    return acts
+
+
+def _written(batches: Iterable[np.ndarray], f) -> Iterator[np.ndarray]:
+    """Pass batches through, appending each one's bytes to `f`."""
+    for batch in batches:
+        f.write(np.ascontiguousarray(batch).tobytes())
+        yield batch
