@@ -189,6 +189,12 @@ def _reason(exc: BaseException) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file; of a folder (a diffusers checkpoint), the sha256 of its files' relative paths and hashes."""
+    path = Path(path)
+    if path.is_dir():
+        listing = "".join(f"{p.relative_to(path).as_posix()} {file_sha256(p)}\n"
+                          for p in sorted(path.rglob("*")) if p.is_file())
+        return hashlib.sha256(listing.encode()).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
