@@ -29,11 +29,11 @@ from PIL import Image
 
 from ditcli.errors import UserError
 from ditcli.inception import load_inception
+from ditcli.judge import JUDGE_NAME, judge_extractor
 
 IS_SPLIT_SIZE = 5000  # ADM's Evaluator.compute_inception_score(split_size=5000)
 NEAREST_K = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
 PR_BLOCK = 10000  # ADM's row and column batch; its float16 overflow fallback is decided per block
-FULL_RANK = 2048  # fewer samples than pool_3 dimensions leave the covariance rank-deficient
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SKIPPED_FILES = ("grid.png",)  # the contact sheet `dit sample` writes next to its images
 INCEPTION = "inception"
@@ -195,6 +195,7 @@ def register_feature_extractor(name: str, factory: FeatureFactory) -> None:
 
 
 register_feature_extractor(INCEPTION, lambda path, device: load_inception(path, device))
+register_feature_extractor(JUDGE_NAME, judge_extractor)  # the Fashion-MNIST judge: pool (128) and logits (10)
 
 
 def load_feature_extractor(spec: str, device: torch.device, weights: Path | None = None) -> tuple[Callable, str]:
@@ -532,11 +533,12 @@ def _stage(progress: Progress | None, stage: str, total: int) -> Callable[[int],
 
 def _warnings(samples, ref: Reference, sample_acts: Activations, ref_acts: Activations | None,
               use_stored: bool) -> Iterator[str]:
-    if sample_acts.count < FULL_RANK:
-        yield (f"only {sample_acts.count} samples: below {FULL_RANK} the covariance is rank-deficient, so FID is "
-               f"biased upward and not comparable with 50,000-sample figures")
-    if ref_acts is not None and not use_stored and ref_acts.count < FULL_RANK:
-        yield f"only {ref_acts.count} reference images: below {FULL_RANK} the reference covariance is rank-deficient"
+    if _rank_deficient(sample_acts):
+        yield (f"only {sample_acts.count} samples for {sample_acts.pool.mean.numel()} features: the covariance is "
+               f"rank-deficient, so FID is biased upward and not comparable with 50,000-sample figures")
+    if ref_acts is not None and not use_stored and _rank_deficient(ref_acts):
+        yield (f"only {ref_acts.count} reference images for {ref_acts.pool.mean.numel()} features: the reference "
+               f"covariance is rank-deficient")
     if ref.images is not None and samples.resolution != ref.images.resolution:
         (sh, sw), (rh, rw) = samples.resolution, ref.images.resolution
         yield (f"samples are {sw}x{sh} but the reference is {rw}x{rh}: scores are not comparable with published "
@@ -554,6 +556,11 @@ def _warnings(samples, ref: Reference, sample_acts: Activations, ref_acts: Activ
         yield f"{ref.path.name} has no arr_0, so precision and recall were skipped"
     elif min(sample_acts.count, ref_acts.count) <= NEAREST_K:
         yield f"precision and recall need more than {NEAREST_K} images on each side and were skipped"
+
+
+def _rank_deficient(acts: Activations) -> bool:
+    """N images give a covariance of rank at most N - 1, so it needs more images than features to be full rank."""
+    return acts.count <= acts.pool.mean.numel()
 
 
 def _json_field(path: Path, key: str, default):
@@ -597,8 +604,8 @@ def make_ref(folder: Path, output: Path, resolution: int = 256, features: str = 
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, output)
-    warnings = [f"only {acts.count} images: below {FULL_RANK} the covariance is rank-deficient"] \
-        if acts.count < FULL_RANK else []
+    warnings = [f"only {acts.count} images for {acts.pool.mean.numel()} features: the covariance is rank-deficient"] \
+        if _rank_deficient(acts) else []
     if acts.constant_images:
         warnings.append(f"{acts.constant_images} of {acts.count} images are a single flat colour")
     return MakeRefResult(output, acts.count, resolution, name, tuple(warnings))

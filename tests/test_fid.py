@@ -382,7 +382,7 @@ def test_make_ref_then_score_through_the_cli(tmp_path, tiny_file):
     assert abs(scores["fid"]) < 1e-9 * np.trace(sigma) and abs(scores["sfid"]) < 1e-9 * np.trace(sigma_s)
     assert scores["precision"] == scores["recall"] == 1.0
     assert scores["ref_stats"].startswith("stored mu/sigma/mu_s/sigma_s")
-    assert any("only 4 samples" in w for w in scores["warnings"])
+    assert any("only 4 samples for 128 features: the covariance is rank-deficient" in w for w in scores["warnings"])
 
 
 def test_self_fid_with_inception_round_trip(tmp_path, weights_file, sets, monkeypatch):
@@ -439,6 +439,20 @@ def test_registered_and_safetensors_extractors(tmp_path):
     result = run(samples, "--ref", ref, "--features", tagged, "--json")
     assert result.exit_code == 0, result.output
     assert seen == [None, tagged] and json.loads(result.stdout)["fid"] == pytest.approx(scores["fid"])
+
+
+def test_fashion_judge_file_selects_its_extractor(tmp_path):
+    from ditcli.judge import FashionJudge, save_judge
+
+    torch.manual_seed(0)
+    save_judge(FashionJudge(), tmp_path / "judge.safetensors", accuracy=0.0)
+    samples = save_npz(tmp_path / "s.npz", arr_0=image_set(6, 0, 200, seed=15, size=28))
+    ref = save_npz(tmp_path / "r.npz", arr_0=image_set(6, 50, 256, seed=16, size=28))
+    result = run(samples, "--ref", ref, "--features", tmp_path / "judge.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert scores["features"] == "judge.safetensors" and scores["fid"] > 0 and scores["sfid"] is None
+    assert 1.0 <= scores["inception_score"] <= 10.0  # 10 classes bound the score
 
 
 # Weights download.

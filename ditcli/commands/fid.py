@@ -19,6 +19,8 @@ from ditcli.progress import ProgressBar
 InceptionWeightsOpt = Annotated[Path | None, typer.Option(
     "--inception-weights", help=f"torch-fidelity's {WEIGHTS_NAME}; default: the cache ($DIT_HOME or ~/.cache/ditcli), "
                                 "downloading it once.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward; the scores don't depend on it.")]
+WorkersOpt = Annotated[int, typer.Option("--num-workers", help="Threads decoding folder images.")]
 
 
 class _StageBars:
@@ -57,14 +59,13 @@ def fid(
     resize: Annotated[int | None, typer.Option(
         "--resize", help="Center-crop folder images to N x N as ADM does (required for mixed sizes; "
                          "--make-ref defaults to 256).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward; scores don't depend on it.")] = 64,
+    batch_size: BatchSizeOpt = 64,
     device: DeviceOpt = "auto",
     inception_weights: InceptionWeightsOpt = None,
     features: Annotated[str, typer.Option(
         "--features", help="inception, a registered extractor name, a TorchScript .pt file or a tagged .safetensors "
                            "file (see docs/evaluation.md).")] = "inception",
-    num_workers: Annotated[int, typer.Option("--num-workers", help="Threads decoding folder images.")] = min(
-        4, os.cpu_count() or 1),
+    num_workers: WorkersOpt = min(4, os.cpu_count() or 1),
     json_output: JsonOpt = False,
 ):
     """Score samples against a reference: FID, sFID, IS, precision and recall, as ADM's evaluator."""
@@ -85,7 +86,7 @@ def fid(
         raise UserError("nothing to score" if samples is None else "--ref is required",
                         "run `dit fid SAMPLES --ref REF.npz`, or `dit fid --make-ref FOLDER -o ref.npz`")
     torch_device = resolve_device(device)
-    if torch_device.type == "cuda":  # TF32 convolutions would move FID in the third significant digit
+    if torch_device.type == "cuda":  # TF32 would round the features more coarsely than the float32 graph does
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
