@@ -210,8 +210,10 @@ class Trainer:
     """One training run; `run()` is the orchestrator, the rest are its named steps."""
 
     def __init__(self, config: TrainConfig, on_event: Callable[[str, dict], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, resume: str | None = None, force: bool = False):
+                 should_stop: Callable[[], bool] | None = None, resume: str | None = None, force: bool = False,
+                 images: ImageSet | None = None):
         self.config = config
+        self.preloaded = images
         self.emit = on_event or (lambda kind, data: None)
         self.should_stop = should_stop or (lambda: False)
         self.resume_arg, self.force = resume, force
@@ -250,7 +252,7 @@ class Trainer:
     def setup(self):
         config = self.config
         resume_from = self.find_resume()
-        self.images = load_images(config.data, config.image_size, config.channels)
+        self.images = self.preloaded or load_images(config.data, config.image_size, config.channels)
         if self.images.skipped:
             self.emit("warning", {"message": f"skipped {len(self.images.skipped)} unreadable or too-small files",
                                   "files": self.images.skipped[:10]})
