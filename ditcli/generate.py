@@ -309,7 +309,8 @@ def _pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)  # (H, W) or (H, W, 3)
 
 
-def make_grid(images: list[np.ndarray], captions: list[str], columns: int, min_cell: int = 96) -> Image.Image:
+def make_grid(images: list[np.ndarray], captions: list[str], columns: int, min_cell: int = 96,
+              gap: int = 2) -> Image.Image:
     """Images (H, W, C) uint8 in rows of `columns`, upscaled to at least `min_cell` px, each with a caption below."""
     height, width = images[0].shape[:2]
     scale = max(1, math.ceil(min_cell / width))
@@ -317,10 +318,10 @@ def make_grid(images: list[np.ndarray], captions: list[str], columns: int, min_c
     font = ImageFont.load_default()
     line = font.getbbox("Ag")[3] + 4
     rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + line)), "white")
+    grid = Image.new("RGB", (columns * (cell_w + gap) - gap, rows * (cell_h + line)), "white")
     draw = ImageDraw.Draw(grid)
     for k, (image, caption) in enumerate(zip(images, captions)):
-        x, y = (k % columns) * cell_w, (k // columns) * (cell_h + line)
+        x, y = (k % columns) * (cell_w + gap), (k // columns) * (cell_h + line)
         grid.paste(_pil(image).convert("RGB").resize((cell_w, cell_h), Image.NEAREST), (x, y))
         draw.text((x + 2, y + cell_h + 1), _fit(caption, font, cell_w - 4), fill="black", font=font)
     return grid

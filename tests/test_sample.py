@@ -26,6 +26,15 @@ FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine the threads wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def save_tiny(path: Path, codec: dict | None, class_names=None, seed=0, **overrides) -> Path:
     torch.manual_seed(seed)
     config = tiny_config(**overrides)
@@ -89,7 +98,7 @@ def test_pixel_model_writes_pngs_grid_provenance_and_npz(files, tmp_path):
     assert png.size == (8, 8) and png.mode == "L"
     assert png.text["class"] == "8" and png.text["sampler"] == "ddim" and png.text["cfg"] == "3.0"
     grid = Image.open(out / "grid.png")
-    assert grid.size[0] == 2 * 96 and grid.size[1] > 2 * 96  # two columns (per class), rows with captions
+    assert grid.size[0] == 2 * 96 + 2 and grid.size[1] > 2 * 96  # two columns (per class), rows with captions
 
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["checkpoint_sha256"] == hashlib.sha256(files["pixel"].read_bytes()).hexdigest()
