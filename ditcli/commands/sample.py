@@ -136,7 +136,8 @@ def find_checkpoint(model: str | None, image_size: int | None, ckpt: Path | None
     if entry is None:
         if model in preset_names():
             raise UserError(f"there are no released weights for {model}", "pass --ckpt with your checkpoint")
-        raise UserError(f"unknown --model {model!r}", f"choose from {', '.join(registry_models() + preset_names())}")
+        choices = dict.fromkeys(registry_models() + preset_names())
+        raise UserError(f"unknown --model {model!r}", f"choose from {', '.join(choices)}")
     with byte_progress(f"downloading {entry.filename}", enabled=not quiet) as progress:
         return resolve_weights(entry, offline, progress), entry
 
