@@ -101,13 +101,14 @@ def bench_forward(name: str, batch: int, device: torch.device, repeats: int, com
         fp32_out = model(x, t, y)
         variants = [("diffusers", "fp32", lambda: twin(x, timestep=t, class_labels=y)),
                     ("ours", "fp32", lambda: model(x, t, y))]
-        if peaks["bf16"] > peaks["fp32"] / 2:  # bf16 only where the hardware has it (see docs/benchmarks.md)
+        if bf16_viable(peaks):
             variants += [("diffusers", "bf16", lambda: _autocast(device, lambda: twin(x, timestep=t, class_labels=y))),
                          ("ours", "bf16", lambda: _autocast(device, lambda: model(x, t, y)))]
         if compile_model:
             compiled = torch.compile(model)
-            variants.append(("ours+compile", "bf16" if peaks["bf16"] > peaks["fp32"] / 2 else "fp32",
-                             lambda: _autocast(device, lambda: compiled(x, t, y))))
+            variants.append(("ours+compile", "fp32", lambda: compiled(x, t, y)))
+            if bf16_viable(peaks):
+                variants.append(("ours+compile", "bf16", lambda: _autocast(device, lambda: compiled(x, t, y))))
         for impl, precision, fn in variants:
             seconds = median_seconds(fn, device, repeats, warmup=2 if "compile" in impl else 1)
             row = {"bench": "forward", "model": name, "batch": batch, "impl": impl, "precision": precision,
@@ -128,19 +129,31 @@ def bench_forward(name: str, batch: int, device: torch.device, repeats: int, com
     return rows
 
 
+def bf16_viable(peaks: dict) -> bool:
+    """bf16 is timed only where the hardware has it: on CPUs without AVX-512 BF16/AMX it is far slower than fp32."""
+    return peaks["bf16"] > peaks["fp32"] / 2
+
+
 def _autocast(device: torch.device, fn):
     with torch.autocast(device.type, dtype=torch.bfloat16):
         return fn()
 
 
-def bench_sampling(name: str, batch: int, steps: int, device: torch.device, repeats: int, peaks: dict) -> list[dict]:
+def bench_sampling(name: str, batch: int, steps: int, device: torch.device, repeats: int, compile_model: bool,
+                   peaks: dict) -> list[dict]:
     """(b) A whole DDIM loop with CFG 4 (doubled batch), and the same at cfg 1 (one pass per step)."""
     model = random_dit(name, device)
+    net = torch.compile(model) if compile_model else model
+    precision = "bf16" if bf16_viable(peaks) else "fp32"
     labels = torch.arange(batch, device=device) % model.config.num_classes
     rows = []
     for cfg in (4.0, 1.0):
         plan = plan_sampler("ddim", steps, model.config.learn_sigma)
-        model_fn = guided_model_fn(model, labels, plan.diffusion, Guidance(cfg), model.config.num_classes)
+        guided = guided_model_fn(net, labels, plan.diffusion, Guidance(cfg), model.config.num_classes)
+
+        def model_fn(x, index):
+            return _autocast(device, lambda: guided(x, index)).float() if precision == "bf16" else guided(x, index)
+
         noise = ImageNoise(0, range(batch))
         x = noise(torch.empty(batch, 4, 32, 32, device=device))
 
@@ -148,12 +161,12 @@ def bench_sampling(name: str, batch: int, steps: int, device: torch.device, repe
             with torch.inference_mode():
                 plan.sample(model_fn, x, plan.diffusion, noise)
 
-        seconds = median_seconds(run, device, repeats, warmup=0)
+        seconds = median_seconds(run, device, repeats, warmup=1 if compile_model else 0)
         passes = 2 if cfg != 1.0 else 1
         flops = 2 * forward_macs(model.config) * batch * passes * steps
         rows.append({"bench": "sampling", "model": name, "batch": batch, "steps": steps, "cfg": cfg,
-                     "precision": "fp32", "seconds": seconds, "img_per_s": batch / seconds,
-                     "mfu": flops / seconds / 1e9 / peaks["fp32"]})
+                     "impl": "ours+compile" if compile_model else "ours", "precision": precision,
+                     "seconds": seconds, "img_per_s": batch / seconds, "mfu": flops / seconds / 1e9 / peaks[precision]})
     return rows
 
 
@@ -169,7 +182,8 @@ def reference_style_step(model: DiT, diffusion: Diffusion, batch_data, optimizer
     optimizer.step()
 
 
-def bench_training(name: str, batch: int, device: torch.device, repeats: int, peaks: dict) -> list[dict]:
+def bench_training(name: str, batch: int, device: torch.device, repeats: int, compile_model: bool,
+                   peaks: dict) -> list[dict]:
     """(c) A training step: reference-style fp32 against ours (the Trainer's step) in fp32 and bf16."""
     rows = []
     diffusion = Diffusion.create("")
@@ -181,11 +195,13 @@ def bench_training(name: str, batch: int, device: torch.device, repeats: int, pe
     seconds = median_seconds(lambda: reference_style_step(model, diffusion, (x_start, y), plain), device, repeats)
     rows.append({"bench": "train_step", "model": name, "batch": batch, "impl": "reference-style", "precision": "fp32",
                  "seconds": seconds})
-    precisions = ["fp32"] + (["bf16"] if peaks["bf16"] > peaks["fp32"] / 2 else [])
-    for precision in precisions:
-        trainer = _synthetic_trainer(name, batch, device, precision)
-        seconds = median_seconds(trainer.train_step, device, repeats)
-        rows.append({"bench": "train_step", "model": name, "batch": batch, "impl": "ours", "precision": precision,
+    variants = [("ours", "fp32", False)] + ([("ours", "bf16", False)] if bf16_viable(peaks) else [])
+    if compile_model:
+        variants.append(("ours+compile", "bf16" if bf16_viable(peaks) else "fp32", True))
+    for impl, precision, compiled in variants:
+        trainer = _synthetic_trainer(name, batch, device, precision, compiled)
+        seconds = median_seconds(trainer.train_step, device, repeats, warmup=2 if compiled else 1)
+        rows.append({"bench": "train_step", "model": name, "batch": batch, "impl": impl, "precision": precision,
                      "seconds": seconds})
     base = rows[0]["seconds"]
     for row in rows:
@@ -195,7 +211,7 @@ def bench_training(name: str, batch: int, device: torch.device, repeats: int, pe
     return rows
 
 
-def _synthetic_trainer(name: str, batch: int, device: torch.device, precision: str):
+def _synthetic_trainer(name: str, batch: int, device: torch.device, precision: str, compiled: bool):
     """Our Trainer over random 4-channel 32x32 arrays in memory, so the step is timed without data loading."""
     import numpy as np
 
@@ -205,7 +221,8 @@ def _synthetic_trainer(name: str, batch: int, device: torch.device, precision: s
     images = ImageSet(np.random.default_rng(0).integers(0, 256, (4 * batch, 32, 32, 4), dtype=np.uint8),
                       np.arange(4 * batch) % 1000, [str(i) for i in range(1000)], "synthetic")
     config = TrainConfig(data="synthetic", out=str(RESULTS / "scratch"), model=name, image_size=32, channels=4,
-                         vae=None, global_batch=batch, precision=precision, device=str(device), steps=10**9)
+                         vae=None, global_batch=batch, precision=precision, device=str(device), steps=10**9,
+                         compile=compiled)
     trainer = Trainer(config, images=images)
     trainer.setup()
     return trainer
@@ -233,8 +250,9 @@ def main():
     for name in args.models:
         rows += bench_forward(name, args.batch, device, args.repeats, args.compile, peaks)
         print(json.dumps(rows[-1]), flush=True)
-    rows += bench_sampling(args.sample_model, args.sample_batch, args.sample_steps, device, args.repeats, peaks)
-    rows += bench_training(args.train_model, args.train_batch, device, args.repeats, peaks)
+    rows += bench_sampling(args.sample_model, args.sample_batch, args.sample_steps, device, args.repeats,
+                           args.compile and device.type == "cuda", peaks)
+    rows += bench_training(args.train_model, args.train_batch, device, args.repeats, args.compile, peaks)
     result = {"device": _describe(device), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
               "matmul_peak_gflops": peaks, "parameters": {n: count_parameters(preset(n)) for n in args.models},
               "rows": rows}

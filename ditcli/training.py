@@ -7,12 +7,13 @@ weights whatever the number of processes or the micro-batch, and a resumed run c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -81,7 +82,9 @@ class TrainConfig:
             raise UserError(f"--micro-batch must be >= 1, got {self.micro_batch}")
         if self.lr <= 0 or not 0 <= self.ema_decay < 1:
             raise UserError("--lr must be > 0 and --ema-decay in [0, 1)")
-        resolve_precision(self.precision)
+        if self.precision not in ("fp32", "bf16"):
+            raise UserError(f"unknown training precision {self.precision!r}",
+                            "choose fp32 or bf16; fp16 would need loss scaling")
 
     @property
     def latent(self) -> bool:
@@ -322,7 +325,7 @@ class Trainer:
         for i, lo in enumerate(chunks):
             part = mine.slice(lo, lo + self.micro_batch)
             sync = i == len(chunks) - 1 or world == 1
-            with (self.ddp.no_sync() if not sync else _nullcontext()):
+            with (self.ddp.no_sync() if not sync else contextlib.nullcontext()):
                 terms = self.micro_step(part, per_rank)
             for k in totals:
                 totals[k] += terms.get(k, 0.0)
@@ -479,12 +482,6 @@ class Trainer:
                             "use the original settings, or pass --force to resume anyway")
 
 
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -500,11 +497,3 @@ def _version() -> str:
     from ditcli import __version__
 
     return __version__
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
-
-
-def with_overrides(config: TrainConfig, **overrides) -> TrainConfig:
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,6 +1,5 @@
 """The CLI shell: help, version, one-line errors and --debug."""
 
-import pytest
 from typer.testing import CliRunner
 
 from ditcli import __version__

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ditcli.commands.options import CompileOpt, DeviceOpt, JsonOpt, PrecisionOpt, SeedOpt
+from ditcli.commands.options import CompileOpt, DeviceOpt, JsonOpt, SeedOpt
 from ditcli.errors import UserError
 from ditcli.model import preset_names
 from ditcli.training import TRAIN_PRESETS, Trainer, TrainConfig, train_preset
@@ -55,7 +55,7 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="Resume even if the configuration differs.")] = False,
     precision: Annotated[str | None, typer.Option("--precision", help="fp32 or bf16 (autocast, fp32 master "
                                                                       "weights).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     compile: CompileOpt = False,
     json_out: JsonOpt = False,
