@@ -112,9 +112,13 @@ class Diffusion:
 
     @property
     def posterior_log_variance_clipped(self) -> np.ndarray:
-        """log of the posterior variance, with the t=0 entry (which is 0) replaced by the t=1 entry."""
+        """log of the posterior variance, with the t=0 entry (which is 0) replaced by the t=1 entry.
+
+        A one-step process has no t=1 entry (ADM leaves the table empty); its only step adds no noise, so log(beta)
+        stands in to keep the table defined.
+        """
         variance = self.posterior_variance
-        return np.log(np.append(variance[1], variance[1:])) if len(variance) > 1 else np.array([])
+        return np.log(np.append(variance[1], variance[1:])) if len(variance) > 1 else np.log(self.betas)
 
     def model_timesteps(self, index: torch.Tensor) -> torch.Tensor:
         """Respaced indices to the training-process timesteps the model was trained on.

@@ -26,6 +26,15 @@ def perturbed(model: DiT, seed: int = 0, std: float = 0.05) -> DiT:
     return model.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads stall each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def golden():
     if not GOLDEN.exists():

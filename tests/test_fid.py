@@ -42,15 +42,6 @@ def inception_shapes() -> dict[str, torch.Size]:
         return {k: v.shape for k, v in InceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on two shared cores stall each other: eigh of 2048 x 2048 drops from about 10 s to 5 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """He-initialised convolutions, with BatchNorm statistics calibrated on random images (one small forward in
     train mode): every channel is centred and scaled, so features keep varying between images through all 94 layers

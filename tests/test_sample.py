@@ -20,19 +20,11 @@ import ditcli.weights
 from conftest import perturbed, tiny_config
 from ditcli.checkpoint import Checkpoint, save_safetensors
 from ditcli.cli import app
+from ditcli.data import FASHION_MNIST_CLASSES
 from ditcli.model import DiT
 
-FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION = FASHION_MNIST_CLASSES
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine the threads wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_tiny(path: Path, codec: dict | None, class_names=None, seed=0, **overrides) -> Path:
