@@ -143,5 +143,6 @@ class TrainProgress:
             return
         table = Table(title="dit train", show_header=False)
         for key, value in data.items():
-            table.add_row(key.replace("_", " "), f"{value:,.3f}" if isinstance(value, float) else str(value))
+            text = f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+            table.add_row(key.replace("_", " "), text)
         self.progress.console.print(table)
