@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from ditcli.checkpoint import load_checkpoint
@@ -42,7 +43,9 @@ def test_readme_command_works_offline(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["sample", "--model", "fashion-mnist", "--class", "sneaker",
                                       "--num-per-class", "4", "--steps", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert (out / "grid.png").exists() and len(list(out.glob("0000*_7-*.png"))) == 4
+    assert len(list(out.glob("0000*_7-*.png"))) == 4
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] == 2 * 4 * 28 + 2  # one class: a square 2 x 2 grid of 4x-upscaled cells, not a row of 4
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs the dataset-fashion-mnist package")

@@ -189,7 +189,7 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
 
 def plan_run(names: ClassTable, num_classes: int, classes: list[str] | None, num_per_class: int | None,
              num: int | None, seed: int) -> tuple[list[int], int | None]:
-    """Each image's class, and the grid width: one row per class with --class, else a square grid."""
+    """Each image's class, and the grid width: one row per class for several --class, else a square grid."""
     if num_classes == 0:
         if classes:
             raise UserError("this model is unconditional (trained without labels)", "drop --class")
@@ -200,7 +200,7 @@ def plan_run(names: ClassTable, num_classes: int, classes: list[str] | None, num
                         "--num draws random classes, --num-per-class repeats each --class")
     if ids and num is None:
         per_class = num_per_class or 4
-        return class_labels(ids, per_class), per_class
+        return class_labels(ids, per_class), per_class if len(ids) > 1 else None
     if num_per_class is not None:
         raise UserError("--num-per-class needs --class", "name the classes, or use --num for random classes")
     return random_labels(num or DEFAULT_NUM, seed, ids or list(range(num_classes))), None
