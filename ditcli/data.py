@@ -115,21 +115,21 @@ def _channels(images: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(images[..., :1], channels, axis=-1)
 
 
-def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
-    """ADM's center crop: halve with BOX while at least twice too large, BICUBIC resize, then crop the middle."""
+def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's center crop (guided-diffusion `image_datasets.py`): halve with a box filter while the short side is at
+    least 2 * size, resize the short side to `size` with bicubic, then cut the centre square."""
     while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
 
 
 def _fit(image: Image.Image, size: int | None, channels: int) -> np.ndarray:
     image = image.convert("L" if channels == 1 else "RGB")
-    if size is not None:
-        image = center_crop_arr(image, size)
-    array = np.asarray(image, dtype=np.uint8)
+    array = center_crop_arr(image, size) if size is not None else np.asarray(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 
 

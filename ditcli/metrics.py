@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ditcli.data import center_crop_arr
 from ditcli.errors import UserError
 from ditcli.inception import load_inception
 from ditcli.judge import JUDGE_NAME, judge_extractor
@@ -43,18 +44,6 @@ Stats = tuple[torch.Tensor, torch.Tensor]  # (mu, sigma) in float64
 
 
 # Images.
-
-def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
-    """ADM's center crop (guided-diffusion `image_datasets.py`): halve with a box filter while the short side is at
-    least 2 * size, resize the short side to `size` with bicubic, then cut the centre square."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    array = np.asarray(image)
-    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-    return array[top:top + size, left:left + size]
-
 
 class NpzImages:
     """`arr_0` of an ADM sample or reference batch, uint8 (N, H, W, 3), read a batch at a time from the zip."""
