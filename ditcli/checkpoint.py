@@ -165,7 +165,8 @@ def _from_reference_train(data: dict, weights: str, num_heads: int | None, confi
         raise UserError(f"{name} has no {weights!r} weights", f"it holds: {', '.join(sorted(data))}")
     if config is None and args.get("model"):
         latent = int(args.get("image_size", 256)) // 8
-        config = preset(args["model"], input_size=latent, num_classes=int(args.get("num_classes", 1000)))
+        num_classes = int(args.get("num_classes", DiTConfig.num_classes))
+        config = preset(args["model"], input_size=latent, num_classes=num_classes)
     checkpoint = _from_bare_state(data[weights], "reference train.py checkpoint", num_heads, config, name)
     checkpoint.weights = weights
     checkpoint.codec = {"kind": "vae", "vae": f"stabilityai/sd-vae-ft-{args.get('vae', 'ema')}"}

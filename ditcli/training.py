@@ -8,6 +8,7 @@ weights whatever the number of processes or the micro-batch, and a resumed run c
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -190,13 +191,19 @@ class StepDraws:
                          self.drop[lo:hi], self.posterior_noise[lo:hi])
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, num_images: int) -> torch.Tensor:
+    """The data order of one epoch, drawn once per epoch rather than once per step."""
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(image_seed(seed, -1 - epoch)))
+
+
 def draw_step(config: TrainConfig, step: int, num_images: int, shape: tuple, num_timesteps: int,
               dropout: float) -> StepDraws:
     """Everything random about global batch `step`; epochs are permutations seeded by (seed, epoch)."""
     batch = config.global_batch
     per_epoch = max(1, num_images // batch)
     epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(image_seed(config.seed, -1 - epoch)))
+    order = epoch_order(config.seed, epoch, num_images)
     indices = order[offset * batch: offset * batch + batch].numpy()
     if len(indices) < batch:  # fewer images than one batch: wrap around
         indices = np.resize(order.numpy(), batch)
