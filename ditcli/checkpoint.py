@@ -219,7 +219,8 @@ def check_state_dict(state: dict[str, torch.Tensor], config: DiTConfig, name: st
     missing = sorted(set(expected) - set(state), key=_natural)
     unexpected = sorted(set(state) - set(expected), key=_natural)
     if missing or unexpected:
-        raise UserError(f"{name} does not match {describe(config)}: " + _key_problem(missing, unexpected, state, config))
+        problem = _key_problem(missing, unexpected, state, config)
+        raise UserError(f"{name} does not match {describe(config)}: {problem}")
     for key, shape in expected.items():
         if tuple(state[key].shape) != tuple(shape):
             raise UserError(f"{name} does not match {describe(config)}: {key} has shape {tuple(state[key].shape)}, "

@@ -101,8 +101,11 @@ def load_npz(path: Path, image_size: int | None, channels: int) -> ImageSet:
     labels = data[label_key].astype(np.int64) if label_key else np.zeros(len(images), np.int64)
     names = [str(n) for n in data["class_names"]] if "class_names" in data else (
         [str(i) for i in range(int(labels.max()) + 1)] if label_key else None)
-    images = np.stack([_fit(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im), image_size, channels)
-                       for im in images]) if image_size and images.shape[1] != image_size else _channels(images, channels)
+    if image_size and images.shape[1] != image_size:  # crop and resize each image like a folder's
+        images = np.stack([_fit(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im), image_size, channels)
+                           for im in images])
+    else:
+        images = _channels(images, channels)
     return ImageSet(images, labels, names, str(path))
 
 

@@ -67,7 +67,8 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
 
 def _parse_count(text: str, spec: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
-        raise ValueError(f"unknown respacing spec {spec!r} (use a step count like '250', 'ddim50', or sections '10,10,5')")
+        raise ValueError(f"unknown respacing spec {spec!r} "
+                         "(use a step count like '250', 'ddim50', or sections '10,10,5')")
     return int(text)
 
 

@@ -95,10 +95,11 @@ class TrainConfig:
         """The DiT this run trains: a preset, with any custom width/depth/heads, at the latent resolution."""
         downsample = VaeCodec.downsample if self.latent else 1
         patch = preset(self.model).patch_size
-        if self.image_size % (downsample * patch):
-            unit = f"8 x patch = {8 * patch}" if self.latent else f"the patch size {patch}"
-            raise UserError(f"--image-size {self.image_size} is not a multiple of {unit}",
-                            f"use e.g. {self.image_size // (downsample * patch) * downsample * patch or downsample * patch}")
+        unit = downsample * patch
+        if self.image_size % unit:
+            what = f"8 x patch = {unit}" if self.latent else f"the patch size {patch}"
+            suggestion = max(unit, self.image_size // unit * unit)
+            raise UserError(f"--image-size {self.image_size} is not a multiple of {what}", f"use e.g. {suggestion}")
         overrides = {k: v for k, v in (("hidden_size", self.hidden_size), ("depth", self.depth),
                                        ("num_heads", self.num_heads)) if v is not None}
         return preset(self.model, input_size=self.image_size // downsample, num_classes=num_classes,

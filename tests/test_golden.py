@@ -35,8 +35,9 @@ def test_cfg_all_channels_differs_only_in_fourth_eps_channel(golden, golden_mode
     _, v = golden
     n = v["cfg.x"].shape[0] // 2
     diffusion = Diffusion.create("")
-    paper = guided_model_fn(golden_model, v["cfg.y"][:n], diffusion, Guidance(4.0, "paper"), 10)(v["cfg.x"][:n], v["cfg.t"][:n])
-    every = guided_model_fn(golden_model, v["cfg.y"][:n], diffusion, Guidance(4.0, "all"), 10)(v["cfg.x"][:n], v["cfg.t"][:n])
+    x, t, y = v["cfg.x"][:n], v["cfg.t"][:n], v["cfg.y"][:n]
+    paper = guided_model_fn(golden_model, y, diffusion, Guidance(4.0, "paper"), 10)(x, t)
+    every = guided_model_fn(golden_model, y, diffusion, Guidance(4.0, "all"), 10)(x, t)
     assert torch.equal(paper[:, :3], every[:, :3])
     assert torch.equal(paper[:, 4:], every[:, 4:])
     assert not torch.allclose(paper[:, 3], every[:, 3])

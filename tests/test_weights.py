@@ -157,7 +157,8 @@ def test_weights_found_in_a_checkout_folder_need_no_download(monkeypatch, tmp_pa
 def test_sha256_of_a_file_and_of_a_folder_checkpoint(tmp_path):
     (tmp_path / "ckpt" / "transformer").mkdir(parents=True)
     (tmp_path / "ckpt" / "transformer" / "w.safetensors").write_bytes(PAYLOAD)
-    assert weights.file_sha256(tmp_path / "ckpt" / "transformer" / "w.safetensors") == hashlib.sha256(PAYLOAD).hexdigest()
+    expected = hashlib.sha256(PAYLOAD).hexdigest()
+    assert weights.file_sha256(tmp_path / "ckpt" / "transformer" / "w.safetensors") == expected
     before = weights.file_sha256(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model_index.json").write_text("{}")
     assert weights.file_sha256(tmp_path / "ckpt") != before

@@ -29,7 +29,7 @@ def train(
     preset: Annotated[str | None, typer.Option("--preset", help=f"A ready recipe: {', '.join(TRAIN_PRESETS)}.")] = None,
     model: Annotated[str | None, typer.Option("--model", help=f"Architecture: {', '.join(preset_names())}.")] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", help="Training resolution in pixels.")] = None,
-    channels: Annotated[int | None, typer.Option("--channels", help="Image channels for pixel models (1 or 3).")] = None,
+    channels: Annotated[int | None, typer.Option("--channels", help="Pixel-model channels (1 or 3).")] = None,
     vae: Annotated[str | None, typer.Option("--vae", help="ema, mse, a hub id or a local AutoencoderKL directory; "
                                                           "'none' trains in pixel space.")] = None,
     hidden_size: Annotated[int | None, typer.Option("--hidden-size", help="Custom width.")] = None,
@@ -74,7 +74,8 @@ def train(
     if preset is not None:
         config = train_preset(preset, **chosen)
     elif data is None:
-        raise UserError("no training data given", "pass --data FOLDER|FILE.npz|fashion-mnist, or --preset fashion-mnist")
+        raise UserError("no training data given",
+                        "pass --data FOLDER|FILE.npz|fashion-mnist, or --preset fashion-mnist")
     else:
         config = TrainConfig(**chosen)
     stop = threading.Event()
@@ -113,7 +114,8 @@ class TrainProgress:
 
     def __init__(self, config: TrainConfig, quiet: bool):
         self.config, self.quiet = config, quiet
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(),
+                                 TextColumn("step {task.completed}/{task.total}"),
                                  TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet)
         self.task = None
@@ -143,6 +145,9 @@ class TrainProgress:
             return
         table = Table(title="dit train", show_header=False)
         for key, value in data.items():
-            text = f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+            if isinstance(value, float):
+                text = f"{value:,.3f}"
+            else:
+                text = f"{value:,}" if isinstance(value, int) else str(value)
             table.add_row(key.replace("_", " "), text)
         self.progress.console.print(table)
