@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -123,7 +124,8 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
 def safe_torch_load(path: str | os.PathLike):
     """torch.load with weights_only=True and only argparse.Namespace allowed; one-line errors otherwise."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol")  # garbage bytes read as a protocol number
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
@@ -138,6 +140,9 @@ def safe_torch_load(path: str | os.PathLike):
         first = first.split(". ")[0]  # torch's zip errors go on for several sentences of advice
         raise UserError(f"{path} is not a readable checkpoint: {first}",
                         "the file is truncated or corrupt; fetch it again") from None
+    except (IndexError, KeyError, ValueError) as exc:  # the unpickler tripping over random bytes
+        raise UserError(f"{path} is not a readable checkpoint: the unpickler failed with {type(exc).__name__}",
+                        "the file is corrupt or not a PyTorch weight file; fetch it again") from None
 
 
 def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, weights: str) -> Checkpoint:

@@ -2,8 +2,8 @@
 
 import argparse
 import json
-import os
 import pickle
+import random
 import shutil
 
 import pytest
@@ -234,8 +234,8 @@ def _damaged(kind, tmp_path):
         save_safetensors(good, tmp_path / "full.safetensors")
         data = (tmp_path / "full.safetensors").read_bytes()
         (tmp_path / kind).write_bytes(data[: len(data) // 2])
-    elif kind == "corrupt.pt":
-        (tmp_path / kind).write_bytes(os.urandom(4096))
+    elif kind == "corrupt.pt":  # seed 2 makes the weights-only unpickler raise IndexError, not UnpicklingError
+        (tmp_path / kind).write_bytes(random.Random(2).randbytes(4096))
     elif kind == "corrupt.safetensors":
         (tmp_path / kind).write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00{not json at all, really!!!!!}" + b"\0" * 64)
     return tmp_path / kind
@@ -249,6 +249,15 @@ def test_damaged_files_give_one_line_errors(tmp_path, kind):
     assert code == 2, output
     assert output.startswith("error:") and output.count("\n") == 1 and "Traceback" not in output
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_random_bytes_never_escape_as_a_raw_exception(tmp_path):
+    """Garbage read as a legacy pickle trips the unpickler in many ways (IndexError, KeyError, UnicodeDecodeError)."""
+    path = tmp_path / "random.pt"
+    for seed in range(300):
+        path.write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(UserError, match="is not a readable"):
+            load_checkpoint(path)
 
 
 @pytest.mark.parametrize("to", ["safetensors", "diffusers"])
