@@ -35,6 +35,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test draws the same numbers whatever ran before it, so a failure always reproduces."""
+    torch.manual_seed(0)
+    yield
+
+
 @pytest.fixture(scope="session")
 def golden():
     if not GOLDEN.exists():
