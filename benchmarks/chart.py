@@ -30,13 +30,19 @@ def chart(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     forward = [r for r in result["rows"] if r["bench"] == "forward" and "seconds" in r]
+    sampling = [r for r in result["rows"] if r["bench"] == "sampling"]
     train = [r for r in result["rows"] if r["bench"] == "train_step"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
     labels = [f"{r['model']}\n{r['impl']} {r['precision']}" for r in forward]
     left.barh(labels, [r["speedup_vs_diffusers_fp32"] for r in forward], color="tab:blue")
     left.axvline(1.0, color="gray", lw=1)
     left.set_xlabel("forward speed-up vs diffusers fp32 (higher is better)")
     left.tick_params(axis="y", labelsize=7)
+    middle.barh([f"cfg {r['cfg']:g}\n{r['impl']} {r['precision']}" for r in sampling],
+                [r["speedup_vs_dit_pipeline"] for r in sampling], color="tab:orange")
+    middle.axvline(1.0, color="gray", lw=1)
+    middle.set_xlabel(f"{sampling[0]['model']} DDIM-{sampling[0]['steps']} loop speed-up vs DiTPipeline")
+    middle.tick_params(axis="y", labelsize=7)
     right.barh([f"{r['impl']} {r['precision']}" for r in train], [r["speedup_vs_reference_fp32"] for r in train],
                color="tab:green")
     right.axvline(1.0, color="gray", lw=1)
@@ -51,7 +57,7 @@ def main():
     source = Path(sys.argv[1])
     result = json.loads(source.read_text())
     rows = result["rows"]
-    print(f"Device: {result['device']}, torch {result['torch']}, {result['threads']} threads; matmul peak "
+    print(f"Device: {result['device']}, torch {result['torch']}; matmul peak "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in result["matmul_peak_gflops"].items()) + "\n")
     print(table([r for r in rows if r["bench"] == "forward" and "seconds" in r],
                 [("model", "model"), ("batch", "batch"), ("impl", "impl"), ("precision", "precision"),
@@ -59,7 +65,8 @@ def main():
                  ("MFU", "mfu"), ("drift vs fp32", "max_abs_drift_vs_fp32")]) + "\n")
     print(table([r for r in rows if r["bench"] == "sampling"],
                 [("model", "model"), ("batch", "batch"), ("steps", "steps"), ("cfg", "cfg"), ("impl", "impl"),
-                 ("precision", "precision"), ("s/loop", "seconds"), ("img/s", "img_per_s"), ("MFU", "mfu")]) + "\n")
+                 ("precision", "precision"), ("s/loop", "seconds"), ("img/s", "img_per_s"),
+                 ("vs DiTPipeline", "speedup_vs_dit_pipeline"), ("MFU", "mfu")]) + "\n")
     print(table([r for r in rows if r["bench"] == "train_step"],
                 [("model", "model"), ("batch", "batch"), ("impl", "impl"), ("precision", "precision"),
                  ("s/step", "seconds"), ("img/s", "img_per_s"), ("vs reference fp32", "speedup_vs_reference_fp32"),
