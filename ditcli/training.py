@@ -477,6 +477,8 @@ class Trainer:
         rng = data.get("rng") or []
         if len(rng) > self.dist.rank:
             torch.set_rng_state(rng[self.dist.rank]["torch"])
+        if self.dist.rank == 0:
+            trim_metrics(self.out / "metrics.jsonl", self.state.step)
         self.emit("resume", {"path": str(path), "step": self.state.step})
 
     def check_compatible(self, stored: dict, path: Path):
@@ -488,6 +490,20 @@ class Trainer:
         if differs and not self.force:
             raise UserError(f"cannot resume from {path}: the configuration differs ({'; '.join(differs)})",
                             "use the original settings, or pass --force to resume anyway")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows an interrupted run logged after the checkpoint it resumes from, and any torn last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)), force=True)
 
 
 def _peak_memory_mb(device: torch.device) -> float:

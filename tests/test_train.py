@@ -49,6 +49,16 @@ def test_resume_is_bit_exact(tmp_path, npz_data):
     assert (tmp_path / "b" / "ckpt-0000003.pt").exists() and (tmp_path / "b" / "ckpt-0000006.pt").exists()
 
 
+def test_resume_drops_the_metrics_logged_after_the_checkpoint(tmp_path, npz_data):
+    run(tmp_path, npz_data, steps=5, ckpt_every=2)  # checkpoints at 2 and 4 (and 5, removed below)
+    (tmp_path / "ckpt-0000005.pt").unlink()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 0.')  # a write torn by the interruption
+    run(tmp_path, npz_data, steps=6, ckpt_every=2, resume="auto")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_micro_batches_accumulate_to_the_same_weights(tmp_path, npz_data):
     whole = run(tmp_path / "a", npz_data, steps=2)
     split = run(tmp_path / "b", npz_data, steps=2, micro_batch=3)
