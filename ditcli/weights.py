@@ -47,9 +47,10 @@ REGISTRY: dict[tuple[str, int | None], KnownWeights] = {
                                     licence="CC-BY-NC 4.0"),
     ("DiT-XL/2", 512): KnownWeights("DiT-XL/2", 512, "DiT-XL-2-512x512.pt", f"{DIT_RELEASE}/DiT-XL-2-512x512.pt",
                                     licence="CC-BY-NC 4.0"),
-    # Shipped in the repository's weights/ folder; no URL. dpm++2m at 25 steps makes a 4x4 grid in seconds on a CPU.
+    # Shipped in the repository's weights/ folder; no URL. dpm++2m at 25 steps makes a 4x4 grid in seconds on a CPU;
+    # cfg 4 gave the lowest Fréchet distance of cfg 1, 2 and 4 (docs/fashion-mnist.md).
     ("fashion-mnist", None): KnownWeights("fashion-mnist", None, "fashion-mnist.safetensors", sampler="dpm++2m",
-                                          steps=25, cfg=2.0, licence="MIT"),
+                                          steps=25, cfg=4.0, licence="MIT"),
 }
 
 

@@ -191,7 +191,8 @@ def test_known_model_is_found_in_a_weights_folder_with_its_defaults(files, tmp_p
     ok("sample", "--model", "fashion-mnist", "--class", "sneaker", "--num-per-class", 1, "--steps", 2,
        "--out", tmp_path / "out")
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
-    assert (provenance["model"], provenance["sampler"], provenance["cfg"]) == ("fashion-mnist", "dpm++2m", 2.0)
+    # dpm++2m is the registry's default for this model (the generic default is ddpm).
+    assert (provenance["model"], provenance["sampler"], provenance["cfg"]) == ("fashion-mnist", "dpm++2m", 4.0)
     result = ok("classes", "--model", "fashion-mnist")
     assert "Sneaker" in result.stdout and "Ankle boot" in result.stdout
 
