@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ditcli.diffusion import Diffusion
+from ditcli.diffusion import Diffusion, named_betas
 from ditcli.model import DiT, count_parameters, forward_macs, preset, training_flops
 from ditcli.samplers import Guidance, ImageNoise, guided_model_fn, plan_sampler
 
@@ -175,11 +175,12 @@ class LatentPassThrough(torch.nn.Module):
 
 
 def dit_pipeline(model: DiT, device: torch.device):
-    """diffusers' DiTPipeline around the twin transformer, with a DDIM scheduler on the same linear betas."""
+    """diffusers' DiTPipeline around the twin transformer, with a DDIM scheduler on our linear betas."""
     from diffusers import DDIMScheduler, DiTPipeline
 
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                              clip_sample=False, set_alpha_to_one=False)
+    betas = named_betas("linear")
+    scheduler = DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas, clip_sample=False,
+                              set_alpha_to_one=False)
     pipe = DiTPipeline(transformer=diffusers_twin(model, device), vae=LatentPassThrough(device), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
