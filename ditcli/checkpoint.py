@@ -89,11 +89,12 @@ def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, con
 
 
 def _is_safetensors(path: Path) -> bool:
+    """By name, or by content: a little-endian header length that fits in the file, then the JSON header's '{'."""
     if path.suffix == ".safetensors":
         return True
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | None) -> Checkpoint:

@@ -256,7 +256,7 @@ def test_random_bytes_never_escape_as_a_raw_exception(tmp_path):
     path = tmp_path / "random.pt"
     for seed in range(300):
         path.write_bytes(random.Random(seed).randbytes(4096))
-        with pytest.raises(UserError, match="is not a readable"):
+        with pytest.raises(UserError, match="is not a readable checkpoint"):  # the torch path, not safetensors
             load_checkpoint(path)
 
 
