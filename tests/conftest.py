@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from ditcli.model import DiT, DiTConfig
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 def tiny_config(**overrides) -> DiTConfig:

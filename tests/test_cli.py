@@ -1,5 +1,7 @@
 """The CLI shell: help, version, one-line errors and --debug."""
 
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from ditcli import __version__
@@ -39,3 +41,16 @@ def test_python_dash_m(tmp_path):
 
     out = subprocess.run([sys.executable, "-m", "ditcli", "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_nothing_reads_outside_the_repository():
+    """A user's clone has no shared folder beside it: the package and the tests must carry all they read."""
+    root = Path(__file__).resolve().parents[1]
+    outside = ("..", "/shared"), ("/ ", '"shared"')
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("ditcli", "tests", "benchmarks")
+        for path in (root / folder).rglob("*.py")
+        if any("".join(pattern) in path.read_text() for pattern in outside)
+    ]
+    assert offenders == []

@@ -1,4 +1,4 @@
-"""Our model, diffusion and samplers against outputs of the original DiT code (../shared/golden)."""
+"""Our model, diffusion and samplers against outputs of the original DiT code (tests/golden)."""
 
 import numpy as np
 import pytest
