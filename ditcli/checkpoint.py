@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ditcli.errors import UserError
+from ditcli.hub import resolve_source
 from ditcli.model import HEADS_BY_WIDTH, PRESET_SHAPES, DiT, DiTConfig, preset
 
 SAFETENSORS_FORMAT = "ditcli"
@@ -71,10 +72,10 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", nu
 
 def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, config: DiTConfig | None = None,
                     weights: str = "ema") -> Checkpoint:
-    """Read any supported weight file; `config` (if given) is checked against the weights."""
-    path = Path(source)
+    """Read any supported weight file, or a hub id (`org/name[@rev]`); `config` (if given) is checked against it."""
     if weights not in WEIGHT_CHOICES:
         raise UserError(f"unknown --weights {weights!r}", f"choose from {', '.join(WEIGHT_CHOICES)}")
+    path = resolve_source(source)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}", "check the path, or pass --model to use a known checkpoint")
     if path.is_dir():
@@ -112,13 +113,15 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
             return read_diffusers(path, config=config)
         return from_diffusers_state(state, config=config, num_heads=num_heads)
     if metadata.get("format") == SAFETENSORS_FORMAT:
-        stored = DiTConfig.from_dict(json.loads(metadata["config"]))
+        fields = json.loads(metadata["config"])
+        stored = DiTConfig.from_dict(fields)
         if config is not None and config != stored:
             raise UserError(f"{path} holds {describe(stored)}, not {describe(config)}", "drop --model or fix it")
         check_state_dict(state, stored, str(path))
         return Checkpoint(state, stored, "safetensors", metadata.get("weights", "ema"),
                           json.loads(metadata["class_names"]) if "class_names" in metadata else None,
-                          json.loads(metadata["codec"]) if "codec" in metadata else None)
+                          json.loads(metadata["codec"]) if "codec" in metadata else None,
+                          {"convention_source": convention_source(fields)})
     return _from_bare_state(state, "safetensors (no ditcli metadata)", num_heads, config, str(path))
 
 
@@ -156,7 +159,8 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
         check_state_dict(state, stored, str(path))
         return Checkpoint(state, stored, "ditcli training checkpoint", weights, data.get("class_names"),
                           data.get("codec"), {"step": data.get("step"),
-                                              "schedule": data["config"].get("train", {}).get("schedule", "linear")})
+                                              "schedule": data["config"].get("train", {}).get("schedule", "linear"),
+                                              "convention_source": convention_source(data["config"]["model"])})
     if "model" in data and "args" in data:
         return _from_reference_train(data, weights, num_heads, config, str(path))
     return _from_bare_state(data, "official DiT state dict", num_heads, config, str(path))
@@ -187,7 +191,15 @@ def _from_bare_state(state: dict, fmt: str, num_heads: int | None, config: DiTCo
         config = infer_config(state, num_heads, name)
     check_state_dict(state, config, name)
     codec = {"kind": "vae", "vae": "stabilityai/sd-vae-ft-ema"} if config.in_channels == 4 else None
-    return Checkpoint(state, config, fmt, "ema", codec=codec)
+    return Checkpoint(state, config, fmt, "ema", codec=codec,
+                      extra={"convention_source": "the reference layout, so the reference's forward"})
+
+
+def convention_source(fields: dict) -> str:
+    """How a stored config tells its timestep convention: recorded, or from before the field (all reference)."""
+    if "timestep_convention" in fields:
+        return "recorded in the file"
+    return "not recorded (written before the field existed, when every model was a reference model)"
 
 
 def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, name: str = "checkpoint") -> DiTConfig:

@@ -25,7 +25,8 @@ from ditcli.checkpoint import (Checkpoint, apply_umask, check_state_dict, descri
 from ditcli.codec import VAE_ALIASES
 from ditcli.diffusion import TRAIN_TIMESTEPS, named_betas
 from ditcli.errors import UserError
-from ditcli.model import DiT, DiTConfig, sincos_2d
+from ditcli.hub import repo_of
+from ditcli.model import REFERENCE_NORM_EPS, DiT, DiTConfig, sincos_2d
 from ditcli.runtime import PRECISIONS
 
 OUTPUT_FORMATS = ("safetensors", "diffusers")
@@ -34,6 +35,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLED_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
 DITCLI_KEY = "_ditcli"  # model_index.json entry diffusers ignores (leading underscore); keeps codec and weights
 DIFFUSERS_NORM_EPS = 1e-5  # DiTTransformer2DModel's default norm_eps, which the hub's DiT folders leave in place
+CONVENTION_KEY = "timestep_convention"  # in the `_ditcli` entry: the forward the weights were trained with
 PIPELINE_NULL_CLASS = 1000  # the label DiTPipeline hard-codes as the null class for guidance
 # Formats whose files record whether they hold EMA weights; the others (bare state dicts) do not say.
 RECORDS_WEIGHTS = ("safetensors", "ditcli training checkpoint", "reference train.py checkpoint")
@@ -182,8 +184,12 @@ def from_diffusers_weights(state: dict[str, torch.Tensor], config: DiTConfig) ->
 
 # Reading diffusers folders and files.
 
-def config_from_diffusers(data: dict, name: str = "config.json") -> DiTConfig:
-    """Our DiTConfig from a DiTTransformer2DModel config.json; refuses the transformer variants DiT is not."""
+def config_from_diffusers(data: dict, name: str = "config.json", convention: str = "diffusers") -> DiTConfig:
+    """Our DiTConfig from a DiTTransformer2DModel config.json; refuses the transformer variants DiT is not.
+
+    `convention` is the timestep convention the weights were trained with; the pre-MLP LayerNorm eps is the
+    config's `norm_eps` (diffusers' default 1e-5 when absent).
+    """
     if data.get("_class_name") not in TRANSFORMER_CLASSES:
         raise UserError(f"{name} describes a {data.get('_class_name')}, not a DiT transformer",
                         f"expected one of {', '.join(TRANSFORMER_CLASSES)}")
@@ -199,7 +205,8 @@ def config_from_diffusers(data: dict, name: str = "config.json") -> DiTConfig:
                          in_channels=in_channels, hidden_size=heads * int(data["attention_head_dim"]),
                          depth=int(data["num_layers"]), num_heads=heads, mlp_ratio=4.0,
                          num_classes=int(data["num_embeds_ada_norm"]), learn_sigma=out_channels == 2 * in_channels,
-                         class_dropout_prob=0.1)
+                         class_dropout_prob=0.1, timestep_convention=convention,
+                         norm_eps=float(data.get("norm_eps", DIFFUSERS_NORM_EPS)))
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{name} is not a usable DiT config: {exc}") from None
 
@@ -229,16 +236,39 @@ def read_diffusers(path: str | Path, config: DiTConfig | None = None) -> Checkpo
         raise UserError(f"{path} is not a diffusers DiT folder (no model_index.json or config.json)",
                         "pass a DiTPipeline folder, its transformer/ folder, or a weight file")
     transformer = _read_json(folder / "config.json")
-    stored = config_from_diffusers(transformer, str(folder / "config.json"))
+    pipeline = folder.parent / "model_index.json"
+    index = _read_json(pipeline) if pipeline.is_file() else {}
+    convention, why = source_convention(folder, index)
+    stored = config_from_diffusers(transformer, str(folder / "config.json"), convention)
+    if not isinstance(index.get(DITCLI_KEY), dict) and convention == "reference":  # the hub's conversions keep diffusers' default eps
+        stored = stored.with_(norm_eps=REFERENCE_NORM_EPS)
     if config is not None and config != stored:
         raise UserError(f"{folder} holds {describe(stored)}, not {describe(config)}", "drop --model or fix it")
     state = _read_weights(path if path.is_file() else _weights_file(folder))
     checkpoint = from_diffusers_state(state, stored)
     checkpoint.extra["norm_eps"] = float(transformer.get("norm_eps", DIFFUSERS_NORM_EPS))
-    pipeline = folder.parent / "model_index.json"
-    if pipeline.is_file():
-        _apply_pipeline_index(checkpoint, _read_json(pipeline), folder.parent)
+    checkpoint.extra["convention_source"] = why
+    if index:
+        _apply_pipeline_index(checkpoint, index, folder.parent)
     return checkpoint
+
+
+def source_convention(folder: Path, index: dict) -> tuple[str, str]:
+    """The timestep convention a diffusers folder's weights were trained with, and why we think so.
+
+    Our export records it (exports made before the record existed were all reference models); the hub's
+    conversions of the released .pt (the registry's hub repos, such as facebook/DiT-XL-2-256) are reference
+    weights; any other folder was trained with diffusers' forward.
+    """
+    from ditcli.weights import reference_repos
+
+    ours = index.get(DITCLI_KEY)
+    if isinstance(ours, dict):
+        return ours.get(CONVENTION_KEY, "reference"), "recorded by the ditcli export"
+    repo = repo_of(folder)
+    if repo in reference_repos():
+        return "reference", f"{repo} is a conversion of the released reference weights"
+    return "diffusers", "a diffusers folder without a ditcli record, so diffusers' own forward"
 
 
 def _weights_file(folder: Path) -> Path:
@@ -306,7 +336,7 @@ def _default_codec(config: DiTConfig) -> dict | None:
 # Writing a DiTPipeline folder.
 
 def transformer_config(config: DiTConfig) -> dict:
-    """DiTTransformer2DModel's config.json for `config`; norm_eps is the reference's LayerNorm eps, not diffusers'."""
+    """DiTTransformer2DModel's config.json for `config`; norm_eps is the model's own (the reference's 1e-6)."""
     check_exportable(config)
     with torch.device("meta"):
         eps = DiT(config).blocks[0].norm2.eps
@@ -362,7 +392,8 @@ def _pipeline_index(checkpoint: Checkpoint, has_vae: bool) -> dict:
              "transformer": ["diffusers", TRANSFORMER_CLASSES[0]], "scheduler": ["diffusers", "DDIMScheduler"],
              "vae": ["diffusers", "AutoencoderKL"] if has_vae else [None, None],
              DITCLI_KEY: {"weights": checkpoint.weights, "codec": checkpoint.codec,
-                          "schedule": checkpoint.extra.get("schedule", "linear")}}
+                          "schedule": checkpoint.extra.get("schedule", "linear"),
+                          CONVENTION_KEY: checkpoint.config.timestep_convention}}
     if checkpoint.class_names is not None:
         index["id2label"] = {str(i): name for i, name in enumerate(checkpoint.class_names)}
     return index
@@ -446,13 +477,15 @@ def max_abs_diff(source, result, config: DiTConfig) -> dict:
 
 
 def diffusers_parity(source: DiT, transformer_dir: Path) -> dict:
-    """The source against diffusers' own DiTTransformer2DModel loaded from `transformer_dir`; drift is expected."""
+    """The source against diffusers' own DiTTransformer2DModel from `transformer_dir`; reference models drift."""
     from diffusers import DiTTransformer2DModel
 
     model = DiTTransformer2DModel.from_pretrained(str(transformer_dir), local_files_only=True, low_cpu_mem_usage=False,
                                                   torch_dtype=torch.float32).eval()
     report = max_abs_diff(source, model, source.config)
-    return {**report, "expected": True, "norm_eps": model.config.norm_eps, "causes": list(DRIFT_CAUSES)}
+    reference = source.config.timestep_convention == "reference"
+    return {**report, "expected": reference, "norm_eps": model.config.norm_eps,
+            "causes": list(DRIFT_CAUSES) if reference else []}
 
 
 @dataclass
@@ -538,4 +571,6 @@ def info(path: str | Path, num_heads: int | None = None, weights: str = "ema") -
             "weights": checkpoint.weights if recorded else "unknown",
             "ema": checkpoint.weights == "ema" if recorded else None,
             "class_names": len(checkpoint.class_names) if checkpoint.class_names is not None else None,
-            "codec": checkpoint.codec, "warnings": list(checkpoint.extra.get("warnings", []))}
+            "codec": checkpoint.codec, "timestep_convention": checkpoint.config.timestep_convention,
+            "convention_source": checkpoint.extra.get("convention_source"),
+            "warnings": list(checkpoint.extra.get("warnings", []))}

@@ -19,6 +19,10 @@ PRESET_SHAPES = {
 }
 PATCH_SIZES = (2, 4, 8)
 HEADS_BY_WIDTH = {shape["hidden_size"]: shape["num_heads"] for shape in PRESET_SHAPES.values()}
+# How timestep frequencies are spaced: the reference divides by `half` (ADM), diffusers by `half - 1`
+# (`get_timestep_embedding(downscale_freq_shift=1)`). The value is the shift subtracted from `half`.
+TIMESTEP_CONVENTIONS = {"reference": 0, "diffusers": 1}
+REFERENCE_NORM_EPS = 1e-6  # the reference's LayerNorm eps; diffusers' pre-MLP LayerNorm takes config.norm_eps
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class DiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
+    # Kept for models trained with diffusers' DiTTransformer2DModel, whose forward differs in these two places.
+    timestep_convention: str = "reference"
+    norm_eps: float = REFERENCE_NORM_EPS  # eps of the pre-MLP LayerNorm (diffusers' `norm3`)
 
     def __post_init__(self):
         checks = [
@@ -48,6 +55,9 @@ class DiTConfig:
             (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
             (0.0 <= self.class_dropout_prob < 1.0,
              f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}"),
+            (self.timestep_convention in TIMESTEP_CONVENTIONS,
+             f"timestep_convention must be one of {', '.join(TIMESTEP_CONVENTIONS)}, got {self.timestep_convention!r}"),
+            (self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,10 +110,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal timestep features, cos before sin, as in ADM's `timestep_embedding`."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: int = 0) -> torch.Tensor:
+    """Sinusoidal timestep features, cos before sin, as in ADM's `timestep_embedding`.
+
+    `shift` 1 spaces the frequencies as diffusers' `get_timestep_embedding(downscale_freq_shift=1)` does.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * steps / (half - shift))
     args = t[:, None].float() * freqs[None]  # (N, half)
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
     if dim % 2:
@@ -140,13 +154,15 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps to vectors through sinusoidal features and a 2-layer MLP."""
 
-    def __init__(self, hidden_size: int, frequency_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_size: int = 256, frequency_shift: int = 0):
         super().__init__()
         self.frequency_size = frequency_size
+        self.frequency_shift = frequency_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        features = timestep_embedding(t, self.frequency_size).to(self.mlp[0].weight.dtype)
+        features = timestep_embedding(t, self.frequency_size, shift=self.frequency_shift)
+        features = features.to(self.mlp[0].weight.dtype)
         return self.mlp(features)  # (N, D)
 
 
@@ -199,11 +215,11 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (Fig. 3 of DiT)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float = REFERENCE_NORM_EPS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=REFERENCE_NORM_EPS)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -219,7 +235,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=REFERENCE_NORM_EPS)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -237,10 +253,11 @@ class DiT(nn.Module):
         self.grad_checkpointing = False
         d = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, frequency_shift=TIMESTEP_CONVENTIONS[config.timestep_convention])
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, d), requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio, config.norm_eps)
+                                    for _ in range(config.depth))
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
         self.initialize_weights()
 

@@ -26,7 +26,9 @@ CHUNK = 1 << 20
 class KnownWeights:
     """A checkpoint the tool knows by name, with the sampling defaults that suit it.
 
-    size and sha256 are checked after a download where known (None where they have not been established).
+    size and sha256 are checked after a download where known (None where they have not been established). `hub`
+    names a diffusers copy on the Hugging Face hub, the second source when the direct download fails; the registry's
+    hub repos are conversions of the released weights, so they keep the reference's timestep convention.
     """
 
     model: str
@@ -39,19 +41,25 @@ class KnownWeights:
     steps: int = 250
     cfg: float = 4.0
     licence: str = ""
+    hub: str | None = None
 
 
 DIT_RELEASE = "https://dl.fbaipublicfiles.com/DiT/models"
 REGISTRY: dict[tuple[str, int | None], KnownWeights] = {
     ("DiT-XL/2", 256): KnownWeights("DiT-XL/2", 256, "DiT-XL-2-256x256.pt", f"{DIT_RELEASE}/DiT-XL-2-256x256.pt",
-                                    licence="CC-BY-NC 4.0"),
+                                    licence="CC-BY-NC 4.0", hub="facebook/DiT-XL-2-256"),
     ("DiT-XL/2", 512): KnownWeights("DiT-XL/2", 512, "DiT-XL-2-512x512.pt", f"{DIT_RELEASE}/DiT-XL-2-512x512.pt",
-                                    licence="CC-BY-NC 4.0"),
+                                    licence="CC-BY-NC 4.0", hub="facebook/DiT-XL-2-512"),
     # Shipped in the repository's weights/ folder; no URL. dpm++2m at 25 steps makes a 4x4 grid in seconds on a CPU;
     # cfg 4 gave the lowest Fréchet distance of cfg 1, 2 and 4 (docs/fashion-mnist.md).
     ("fashion-mnist", None): KnownWeights("fashion-mnist", None, "fashion-mnist.safetensors", sampler="dpm++2m",
                                           steps=25, cfg=4.0, licence="MIT"),
 }
+
+
+def reference_repos() -> set[str]:
+    """Hub repos known to hold conversions of the released reference weights."""
+    return {entry.hub for entry in REGISTRY.values() if entry.hub}
 
 
 def registry_models() -> list[str]:
@@ -95,7 +103,8 @@ def is_offline(offline: bool = False) -> bool:
 
 
 def resolve_weights(entry: KnownWeights, offline: bool = False, progress: ProgressFn = None) -> Path:
-    """The local path of a known checkpoint: found in a weights directory, or downloaded to the home directory."""
+    """The local path of a known checkpoint: found in a weights directory, downloaded to the home directory, or
+    (when that fails) its hub copy, fetched or found in the Hugging Face cache."""
     for folder in weights_dirs():
         if (folder / entry.filename).is_file():
             return folder / entry.filename
@@ -104,14 +113,27 @@ def resolve_weights(entry: KnownWeights, offline: bool = False, progress: Progre
         raise UserError(f"{entry.filename} was not found in {' or '.join(map(str, weights_dirs()))}",
                         f"it ships in the repository's weights/ folder; copy it to {home_dir()} or pass --ckpt PATH")
     if is_offline(offline):
-        raise UserError(f"{entry.filename} is not in {home_dir()} and downloads are off (offline)",
-                        f"download {entry.url} and put it in {home_dir()}, or pass --ckpt PATH")
+        return _from_hub(entry, "downloads are off (offline)", True,
+                         f"download {entry.url} and put it in {home_dir()}, or pass --ckpt PATH")
     try:
         download(entry.url, target, entry.size, entry.sha256, progress)
     except DownloadError as exc:
-        raise UserError(f"cannot download {entry.filename}: {exc}",
-                        f"download {entry.url} by hand and put it in {home_dir()}, or pass --ckpt PATH") from None
+        return _from_hub(entry, f"cannot download {entry.filename}: {exc}", False,
+                         f"download {entry.url} by hand and put it in {home_dir()}, or pass --ckpt PATH")
     return target
+
+
+def _from_hub(entry: KnownWeights, failure: str, offline: bool, hint: str) -> Path:
+    """The second source: the entry's hub repo; the error names both failures when it fails too."""
+    what = failure if failure.startswith("cannot") else f"{entry.filename} is not in {home_dir()} and {failure}"
+    if entry.hub is None:
+        raise UserError(what, hint)
+    from ditcli.hub import HubId, fetch_dit
+
+    try:
+        return fetch_dit(HubId(entry.hub), offline)
+    except UserError as exc:
+        raise UserError(f"{what}; the hub copy {entry.hub} failed too: {exc.what}", hint) from None
 
 
 class DownloadError(Exception):

@@ -18,7 +18,7 @@ from ditcli.conversion import (convert, from_diffusers_weights, info, parity_inp
                                to_diffusers_state)
 from ditcli.diffusion import named_betas
 from ditcli.errors import UserError
-from ditcli.model import DiT, count_parameters
+from ditcli.model import DiT, DiTConfig, count_parameters
 
 GOLDEN_PT = "tiny-dit.official.pt"
 CLASS_NAMES = [f"class {i}, alias {i}" for i in range(10)]
@@ -288,7 +288,8 @@ def test_output_format_is_required_when_the_name_does_not_say(tmp_path):
 def test_info_describes_files(tmp_path, golden):
     data = info(GOLDEN / GOLDEN_PT, num_heads=4)
     meta, _ = golden
-    assert data["format"] == "official DiT state dict" and data["config"] == {**meta["config"]}
+    assert data["format"] == "official DiT state dict" and data["config"] == DiTConfig(**meta["config"]).to_dict()
+    assert data["timestep_convention"] == "reference"
     assert data["parameters"] == count_parameters(load_checkpoint(GOLDEN / GOLDEN_PT, 4).config)
     assert data["dtype"] == ["float32"] and data["ema"] is None  # a bare state dict does not say
 
@@ -313,8 +314,8 @@ def test_reads_transformer_folders_diffusers_itself_wrote(exported, tmp_path):
     model = DiTTransformer2DModel.from_pretrained(pipe / "transformer", local_files_only=True, low_cpu_mem_usage=False)
     for safe in (True, False):  # diffusion_pytorch_model.safetensors, then .bin through the weights-only loader
         model.save_pretrained(tmp_path / f"safe-{safe}", safe_serialization=safe)
-        back = load_checkpoint(tmp_path / f"safe-{safe}")
-        assert back.format == "diffusers" and back.config == source.config
+        back = load_checkpoint(tmp_path / f"safe-{safe}")  # no ditcli record: diffusers' forward
+        assert back.format == "diffusers" and back.config == source.config.with_(timestep_convention="diffusers")
         assert all(torch.equal(back.state_dict[k], v) for k, v in source.state_dict.items())
 
 
@@ -326,7 +327,7 @@ def test_reads_the_hub_layout_with_the_old_class_name_and_default_eps(exported, 
     config.update(_class_name="Transformer2DModel", cross_attention_dim=None, num_vector_embeds=None)
     (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
     back = read_diffusers(tmp_path / "transformer")
-    assert back.config == source.config and back.extra["norm_eps"] == 1e-5
+    assert back.config == source.config.with_(timestep_convention="diffusers", norm_eps=1e-5)
     config["norm_type"] = "ada_norm"
     (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="norm_type='ada_norm'"):

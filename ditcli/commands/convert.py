@@ -76,6 +76,7 @@ def _render_info(data: dict, json_out: bool) -> None:
             ("classes", str(data["config"]["num_classes"])),
             ("class names", str(data["class_names"]) if data["class_names"] is not None else "none"),
             ("codec", json.dumps(data["codec"]) if data["codec"] else "none"),
+            ("timestep convention", f"{data['timestep_convention']} ({data['convention_source']})"),
             ("config", json.dumps(data["config"]))]
     for key, value in rows:
         table.add_row(key, value)
@@ -97,7 +98,8 @@ def _render_report(report: ConversionReport, json_out: bool) -> None:
                   f"= {trip['max_abs_diff']:.3g} (outputs up to {trip['max_abs_output']:.3g}{rounding})")
     if "diffusers" in report.parity:
         drift = report.parity["diffusers"]
-        console.print(f"diffusers' own model: max |source - diffusers| = {drift['max_abs_diff']:.3g}, expected "
-                      "(its timestep frequencies differ from the reference; see docs/formats.md)")
+        why = ("expected (its timestep frequencies differ from the reference; see docs/formats.md)"
+               if drift["expected"] else "(the model keeps diffusers' timestep convention)")
+        console.print(f"diffusers' own model: max |source - diffusers| = {drift['max_abs_diff']:.3g}, {why}")
     for warning in report.warnings:
         console.print(f"warning: {warning}", style="yellow")
