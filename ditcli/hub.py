@@ -87,7 +87,7 @@ def _download(hub_id: HubId, filename: str, offline: bool, required: bool = True
     """One file through hf_hub_download; None for an absent optional file, one-line errors otherwise."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
         return Path(hf_hub_download(hub_id.repo, filename, revision=hub_id.revision, cache_dir=cache_dir(),
@@ -98,12 +98,16 @@ def _download(hub_id: HubId, filename: str, offline: bool, required: bool = True
     except RevisionNotFoundError:
         raise UserError(f"hub repo {hub_id.repo} has no revision {hub_id.revision!r}",
                         "pass a branch, tag or commit of that repo, or drop @REVISION") from None
+    except LocalEntryNotFoundError:  # offline, or the hub unreachable, and not cached
+        if not required:
+            return None
+        _check_cached(hub_id)
+        why = "downloads are off (offline)" if offline else "the hub cannot be reached"
+        raise UserError(f"{filename} of {hub_id} is not in the Hugging Face cache at {cache_dir()} and {why}",
+                        "connect, and unset HF_HUB_OFFLINE / DIT_OFFLINE, once to fetch it") from None
     except EntryNotFoundError:
         if not required:
             return None
-        if offline:
-            raise UserError(f"{filename} of {hub_id} is not in the Hugging Face cache at {cache_dir()} and downloads "
-                            "are off (offline)", "connect and unset HF_HUB_OFFLINE / DIT_OFFLINE once") from None
         raise UserError(f"hub repo {hub_id} has no {filename}, so it is not a diffusers DiT",
                         "pass a DiTPipeline repo or a DiTTransformer2DModel repo") from None
     except HFValidationError as exc:
@@ -115,16 +119,17 @@ def _download(hub_id: HubId, filename: str, offline: bool, required: bool = True
 
 
 def _check_cached(hub_id: HubId) -> None:
-    """Offline, name what is missing: the repo, or the revision (with the cached ones)."""
+    """Without the hub, name what is missing from the cache: the repo, or the revision (with the cached ones)."""
     root = cache_dir() / f"models--{hub_id.repo.replace('/', '--')}"
     if not root.is_dir():
-        raise UserError(f"no local path {hub_id}, and hub repo {hub_id.repo} is not in the Hugging Face cache at "
-                        f"{cache_dir()} while downloads are off (offline)",
+        raise UserError(f"hub repo {hub_id.repo} is not in the Hugging Face cache at {cache_dir()}, and the hub is "
+                        "off or out of reach",
                         "check the spelling, or connect and unset HF_HUB_OFFLINE / DIT_OFFLINE once to download it")
     revision = hub_id.revision or "main"
     if not ((root / "refs" / revision).is_file() or (root / "snapshots" / revision).is_dir()):
-        cached = sorted({p.name for p in (root / "refs").glob("*") if p.is_file()}
-                        | {p.name[:12] for p in (root / "snapshots").glob("*") if p.is_dir()})
+        refs = {p.name: p.read_text().strip() for p in sorted((root / "refs").glob("*")) if p.is_file()}
+        unnamed = [p.name[:12] for p in sorted((root / "snapshots").glob("*")) if p.name not in refs.values()]
+        cached = list(refs) + unnamed
         raise UserError(f"revision {revision!r} of hub repo {hub_id.repo} is not in the Hugging Face cache "
                         f"(cached: {', '.join(cached) or 'none'})",
                         "pass a cached revision, or connect and unset HF_HUB_OFFLINE / DIT_OFFLINE to fetch it")

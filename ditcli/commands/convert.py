@@ -19,7 +19,8 @@ from ditcli.errors import UserError
 from ditcli.runtime import PRECISIONS
 
 SourceArg = Annotated[Path | None, typer.Argument(help="A released .pt, a train.py or ditcli checkpoint, our "
-                                                       ".safetensors, or a diffusers folder or file.",
+                                                       ".safetensors, a diffusers folder or file, or a hub id "
+                                                       "org/name[@revision].",
                                                   show_default=False)]
 DestArg = Annotated[Path | None, typer.Argument(help="The .safetensors file or diffusers folder to write.",
                                                 show_default=False)]
@@ -34,7 +35,8 @@ NumHeadsOpt = Annotated[int | None, typer.Option("--num-heads", help="Attention 
 VaeOpt = Annotated[str, typer.Option("--vae", help="With --to diffusers: the VAE to include (a local AutoencoderKL "
                                                    "folder, a hub id, ema or mse), 'auto' for the checkpoint's own, "
                                                    "or 'none'.")]
-InfoOpt = Annotated[Path | None, typer.Option("--info", metavar="FILE", help="Describe FILE instead of converting.",
+InfoOpt = Annotated[Path | None, typer.Option("--info", metavar="FILE", help="Describe FILE or a hub id instead of "
+                                                                          "converting.",
                                               show_default=False)]
 
 console = Console(highlight=False, soft_wrap=True)

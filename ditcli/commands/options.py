@@ -8,7 +8,8 @@ import typer
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[int, typer.Option(
     "--seed", help="Global seed; each image (sampling) or step (training) draws from a generator derived from it.")]
-CheckpointOpt = Annotated[Path | None, typer.Option("--ckpt", help="A .pt or .safetensors DiT checkpoint.")]
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    "--ckpt", help="A .pt or .safetensors DiT checkpoint, a diffusers folder, or a hub id org/name[@revision].")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable results.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]

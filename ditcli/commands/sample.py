@@ -20,6 +20,7 @@ from ditcli.commands.options import CheckpointOpt, CompileOpt, DeviceOpt, JsonOp
 from ditcli.errors import UserError
 from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, check_guidance, class_labels, default_out_dir,
                              distributed, random_labels, rank_device, sample_run)
+from ditcli.hub import resolve_source
 from ditcli.model import PRESET_SHAPES, preset_names
 from ditcli.progress import ProgressBar, byte_progress
 from ditcli.runtime import resolve_device, resolve_precision, set_backend_flags
@@ -128,9 +129,11 @@ def check_counts(num: int | None, num_per_class: int | None, batch_size: int, st
 
 def find_checkpoint(model: str | None, image_size: int | None, ckpt: Path | None, offline: bool,
                     quiet: bool) -> tuple[Path, KnownWeights | None]:
-    """--ckpt wins; otherwise a known model is found in the weights folders or downloaded."""
+    """--ckpt (a path, or a hub id fetched into the Hugging Face cache) wins; otherwise a known model is found in the
+    weights folders or downloaded."""
     if ckpt is not None:
-        return ckpt, known_weights(model, image_size) if model in registry_models() else None
+        entry = known_weights(model, image_size) if model in registry_models() else None
+        return resolve_source(ckpt, is_offline(offline)), entry
     model = model or DEFAULT_MODEL
     entry = known_weights(model, image_size) if model in registry_models() else None
     if entry is None:
