@@ -283,6 +283,13 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def set_forward(self, timestep_convention: str, norm_eps: float) -> None:
+        """Adopt another forward convention; the parameters are the same, only the computation changes."""
+        self.config = self.config.with_(timestep_convention=timestep_convention, norm_eps=norm_eps)
+        self.t_embedder.frequency_shift = TIMESTEP_CONVENTIONS[timestep_convention]
+        for block in self.blocks:
+            block.norm2.eps = norm_eps
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (N, T, p*p*C) back to images (N, C, H, W)."""
         p, c = self.config.patch_size, self.config.out_channels

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ditcli.checkpoint import TRAIN_FORMAT, atomic_write, safe_torch_load
+from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES, atomic_write, safe_torch_load
 from ditcli.codec import PixelCodec, VaeCodec
 from ditcli.data import ImageSet, LatentCache, load_images
 from ditcli.diffusion import Diffusion
@@ -33,7 +33,7 @@ from ditcli.samplers import image_seed
 
 # Fields that may change when resuming; any other difference needs --force.
 RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "micro_batch", "compile",
-                     "grad_checkpointing", "device", "max_bad_steps", "precision"}
+                     "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     device: str = "auto"
+    init_from: str | None = None  # start from these weights (ditcli.finetune) instead of a fresh model
+    init_weights: str = "ema"
 
     def __post_init__(self):
         positive = {"steps": self.steps, "global_batch": self.global_batch, "image_size": self.image_size,
@@ -86,6 +88,8 @@ class TrainConfig:
         if self.precision not in ("fp32", "bf16"):
             raise UserError(f"unknown training precision {self.precision!r}",
                             "choose fp32 or bf16; fp16 would need loss scaling")
+        if self.init_weights not in WEIGHT_CHOICES:
+            raise UserError(f"unknown --init-weights {self.init_weights!r}", f"choose {' or '.join(WEIGHT_CHOICES)}")
 
     @property
     def latent(self) -> bool:
@@ -228,6 +232,9 @@ class Trainer:
         self.emit = on_event or (lambda kind, data: None)
         self.should_stop = should_stop or (lambda: False)
         self.resume_arg, self.force = resume, force
+        if config.init_from and resume not in (None, "", "none"):
+            raise UserError("--init-from and --resume exclude each other",
+                            "--init-from starts a run; to continue it, drop --init-from and keep --resume")
         self.device = resolve_device(config.device)
         self.dist = Dist.from_env(self.device)
         if self.device.type == "cuda":
@@ -273,6 +280,7 @@ class Trainer:
         self.diffusion = Diffusion.create("", config.schedule, self.model_config.learn_sigma)
         torch.manual_seed(config.seed)
         self.model = DiT(self.model_config).to(self.device)
+        self.init = self.initialize_from()
         self.model.grad_checkpointing = config.grad_checkpointing
         self.ema = DiT(self.model_config).to(self.device).eval().requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
@@ -288,6 +296,18 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
         self.out.mkdir(parents=True, exist_ok=True)
+
+    def initialize_from(self):
+        """--init-from: the source's weights replace the fresh ones (once, before training); EMA copies them."""
+        if not self.config.init_from:
+            return None
+        from ditcli import finetune
+
+        init = finetune.init_from(self.config.init_from, self.model_config, self.model.state_dict(),
+                                  self.images.class_names, self.config.init_weights)
+        finetune.apply(self.model, init)
+        self.model_config = init.config
+        return init
 
     def prepare_codec(self):
         config = self.config
@@ -310,7 +330,7 @@ class Trainer:
                 "parameters": count_parameters(m), "train_gflops_per_image": training_flops(m) / 1e9,
                 "global_batch": c.global_batch, "micro_batch": self.micro_batch, "precision": c.precision,
                 "device": f"{self.device} x {self.dist.world}", "start_step": self.state.step, "steps": c.steps,
-                "codec": self.codec.to_dict()}
+                "codec": self.codec.to_dict(), **(self.init.summary() if self.init else {})}
 
     @property
     def micro_batch(self) -> int:
@@ -469,6 +489,10 @@ class Trainer:
         data = safe_torch_load(path)
         if not isinstance(data, dict) or data.get("format") != TRAIN_FORMAT:
             raise UserError(f"{path} is not a ditcli training checkpoint", "resume needs a ckpt-*.pt from dit train")
+        stored = DiTConfig.from_dict(data["config"]["model"])  # a fine-tuned run keeps its source's forward
+        for model in (self.model, self.ema):
+            model.set_forward(stored.timestep_convention, stored.norm_eps)
+        self.model_config = self.model.config
         self.check_compatible(data["config"], path)
         self.model.load_state_dict(data["model"])
         self.ema.load_state_dict(data["ema"])
@@ -485,7 +509,7 @@ class Trainer:
         ours = self.config.to_dict()
         differs = [f"{k}: {stored['train'].get(k)!r} -> {v!r}" for k, v in ours.items()
                    if k not in RESUMABLE_CHANGES and k != "out" and stored["train"].get(k) != v]
-        if stored["model"] != self.model_config.to_dict():
+        if DiTConfig.from_dict(stored["model"]) != self.model_config:
             differs.append("model architecture")
         if differs and not self.force:
             raise UserError(f"cannot resume from {path}: the configuration differs ({'; '.join(differs)})",

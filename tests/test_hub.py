@@ -178,3 +178,21 @@ def test_the_cli_resolves_through_huggingface_hubs_own_environment(tiny_repo, hu
     out = subprocess.run([sys.executable, "-m", "ditcli", "convert", "--info", "org/tiny-dit"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert out.returncode == 2 and "is not in the Hugging Face cache" in out.stderr, out.stderr
+
+
+def test_init_from_takes_a_hub_id(tiny_repo, tmp_path):
+    import numpy as np
+
+    from ditcli.training import TrainConfig, Trainer
+
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "abc.npz", images=images, labels=np.arange(6) % 3, class_names=np.array(["c", "b", "a"]))
+    trainer = Trainer(TrainConfig(data=str(tmp_path / "abc.npz"), out=str(tmp_path / "run"), model="DiT-S/2",
+                                  hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,
+                                  steps=1, init_from="org/tiny-dit@v1"))
+    trainer.setup()
+    source = tiny_repo["other"].state_dict
+    table = trainer.model.state_dict()["y_embedder.embedding_table.weight"]
+    assert torch.equal(table, source["y_embedder.embedding_table.weight"][[2, 1, 0, 3]])  # by name, then null
+    assert torch.equal(trainer.ema.state_dict()["blocks.1.mlp.fc2.weight"], source["blocks.1.mlp.fc2.weight"])
+    assert trainer.summary()["init_from"] == "org/tiny-dit@v1 (diffusers, ema weights)"

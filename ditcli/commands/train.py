@@ -52,6 +52,11 @@ def train(
     max_bad_steps: Annotated[int | None, typer.Option("--max-bad-steps")] = None,
     grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = None,
     resume: Annotated[str | None, typer.Option("--resume", help="auto (latest in --out) or a ckpt-*.pt.")] = None,
+    init_from: Annotated[str | None, typer.Option(
+        "--init-from", help="Fine-tune: start from these weights (a .pt, .safetensors, training checkpoint, diffusers "
+                            "folder or hub id org/name[@rev]); same architecture, any image size and classes.")] = None,
+    init_weights: Annotated[str | None, typer.Option("--init-weights",
+                                                     help="From training checkpoints: ema (default) or model.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even if the configuration differs.")] = False,
     precision: Annotated[str | None, typer.Option("--precision", help="fp32 or bf16 (autocast, fp32 master "
                                                                       "weights).")] = None,
@@ -67,7 +72,7 @@ def train(
                  ema_decay=ema_decay, ema_warmup=ema_warmup, grad_clip=grad_clip, flip=flip, ckpt_every=ckpt_every,
                  keep_last=keep_last, sample_every=sample_every, log_every=log_every, max_bad_steps=max_bad_steps,
                  grad_checkpointing=grad_checkpointing, precision=precision, seed=seed, device=device,
-                 compile=compile)
+                 compile=compile, init_from=init_from, init_weights=init_weights)
     chosen = {k: v for k, v in given.items() if v is not None}
     if vae is not None and _vae(vae) is None:
         chosen["vae"] = None

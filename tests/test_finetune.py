@@ -1,0 +1,177 @@
+"""dit train --init-from: loss continuity, label rows by name or id, image size, architecture checks, resume rules."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturbed
+from typer.testing import CliRunner
+
+from ditcli.checkpoint import Checkpoint, load_checkpoint, save_safetensors
+from ditcli.cli import app
+from ditcli.conversion import to_diffusers
+from ditcli.errors import UserError
+from ditcli.model import DiT, DiTConfig, sincos_2d
+from ditcli.training import TrainConfig, Trainer
+
+TINY = dict(model="DiT-S/2", hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,
+            global_batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=1000, seed=3)
+TABLE = "y_embedder.embedding_table.weight"
+NAMES = [f"class-{i}" for i in range(10)]
+
+
+def npz(path, names, num=24, size=8, seed=0):
+    """Images with one pattern per class (learnable), labels cycling over the classes, and `names` if given."""
+    rng = np.random.default_rng(seed)
+    count = len(names) if names is not None else 3
+    labels = np.arange(num) % count
+    patterns = rng.integers(0, 256, size=(count, size, size, 1))
+    images = np.clip(patterns[labels] + rng.normal(0, 20, size=(num, size, size, 1)), 0, 255).astype(np.uint8)
+    arrays = dict(images=images, labels=labels)
+    if names is not None:
+        arrays["class_names"] = np.array(names)
+    np.savez(path, **arrays)
+    return path
+
+
+def trainer(tmp_path, data, name, **overrides) -> Trainer:
+    trainer = Trainer(TrainConfig(data=str(data), out=str(tmp_path / name), **{**TINY, "steps": 1, **overrides}))
+    trainer.setup()
+    return trainer
+
+
+def source_file(path, names=NAMES, **overrides) -> Checkpoint:
+    """A tiny 10-class pixel DiT (weights off the zero init) saved as our .safetensors."""
+    config = DiTConfig(**{**dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                                 num_classes=len(names)), **overrides})
+    model = perturbed(DiT(config), seed=1)
+    checkpoint = Checkpoint(model.state_dict(), config, "safetensors", class_names=names,
+                            codec={"kind": "pixel", "channels": 1})
+    save_safetensors(checkpoint, path)
+    return checkpoint
+
+
+@torch.no_grad()
+def fixed_loss(trainer: Trainer, model: DiT) -> float:
+    """The training loss of `model` on one fixed batch, timesteps and noise (no label dropout)."""
+    generator = torch.Generator().manual_seed(0)
+    indices = np.arange(16) % len(trainer.data)
+    x_start = trainer.data.x_start(indices, np.zeros(16, np.int64), torch.zeros(16, 1, 8, 8))
+    t = torch.randint(0, trainer.diffusion.num_steps, (16,), generator=generator)
+    noise = torch.randn(x_start.shape, generator=generator)
+    x_t = trainer.diffusion.q_sample(x_start, t, noise)
+    out = model.eval()(x_t, t, torch.from_numpy(trainer.images.labels[indices]), torch.zeros(16, dtype=torch.bool))
+    return trainer.diffusion.training_losses(out, x_start, x_t, t, noise)["loss"].mean().item()
+
+
+def test_fine_tuning_starts_at_the_trained_loss_far_below_scratch(tmp_path):
+    data = npz(tmp_path / "x.npz", ["a", "b", "c"])
+    trained = Trainer(TrainConfig(data=str(data), out=str(tmp_path / "run"), **{**TINY, "steps": 40, "lr": 3e-3}))
+    trained.run()
+    tuned = trainer(tmp_path, data, "tuned", init_from=str(tmp_path / "run" / "ckpt-0000040.pt"))
+    scratch = trainer(tmp_path, data, "scratch")
+    trained_loss, tuned_loss = fixed_loss(trained, trained.ema), fixed_loss(tuned, tuned.model)
+    assert tuned_loss == pytest.approx(trained_loss, rel=1e-5)  # the EMA weights, by default
+    assert tuned_loss < 0.5 * fixed_loss(scratch, scratch.model), (tuned_loss, fixed_loss(scratch, scratch.model))
+    # EMA starts from the loaded weights, the optimizer from nothing.
+    assert all(torch.equal(a, b) for a, b in zip(tuned.ema.state_dict().values(), tuned.model.state_dict().values()))
+    assert not tuned.optimizer.state
+    raw = trainer(tmp_path, data, "raw", init_from=str(tmp_path / "run" / "ckpt-0000040.pt"), init_weights="model")
+    assert fixed_loss(raw, raw.model) == pytest.approx(fixed_loss(trained, trained.model), rel=1e-5)
+
+
+def test_a_subset_of_named_classes_keeps_exactly_those_rows(tmp_path):
+    source = source_file(tmp_path / "ten.safetensors")
+    picked = ["class-7", "class-2", "class-9", "class-4"]
+    tuned = trainer(tmp_path, npz(tmp_path / "four.npz", picked), "four", init_from=str(tmp_path / "ten.safetensors"))
+    table, rows = tuned.model.state_dict()[TABLE], source.state_dict[TABLE]
+    assert table.shape == (5, 32)
+    assert torch.equal(table[:4], rows[[7, 2, 9, 4]]) and torch.equal(table[4], rows[10])  # the null row too
+    assert tuned.summary()["label_rows"] == "4 copied by name, 0 fresh, null row copied"
+    # Everything else is the source's.
+    for key, value in source.state_dict.items():
+        if key != TABLE:
+            assert torch.equal(tuned.model.state_dict()[key], value), key
+
+
+def test_unknown_names_start_fresh_and_unnamed_data_maps_by_id(tmp_path):
+    source = source_file(tmp_path / "ten.safetensors")
+    names = ["class-3", "Zebra", "CLASS_5", "yak"]  # names match case- and separator-insensitively
+    data = npz(tmp_path / "mixed.npz", names)
+    tuned = trainer(tmp_path, data, "mixed", init_from=str(tmp_path / "ten.safetensors"))
+    fresh = trainer(tmp_path, data, "fresh").model.state_dict()[TABLE]
+    table, rows = tuned.model.state_dict()[TABLE], source.state_dict[TABLE]
+    assert torch.equal(table[0], rows[3]) and torch.equal(table[2], rows[5]) and torch.equal(table[4], rows[10])
+    assert torch.equal(table[1], fresh[1]) and torch.equal(table[3], fresh[3])  # as a fresh model's
+    assert tuned.summary()["label_rows"] == "2 copied by name, 2 fresh, null row copied"
+
+    ids = trainer(tmp_path, npz(tmp_path / "ids.npz", None), "ids", init_from=str(tmp_path / "ten.safetensors"))
+    assert torch.equal(ids.model.state_dict()[TABLE][:3], rows[:3])
+    assert ids.summary()["label_rows"] == "3 copied by id, 0 fresh, null row copied"
+
+
+def test_another_image_size_rebuilds_the_position_table(tmp_path):
+    source = source_file(tmp_path / "ten.safetensors")
+    data = npz(tmp_path / "big.npz", NAMES, size=16)
+    tuned = trainer(tmp_path, data, "big", init_from=str(tmp_path / "ten.safetensors"), image_size=16)
+    state = tuned.model.state_dict()
+    assert torch.equal(state["pos_embed"], sincos_2d(32, 8)[None])
+    assert torch.equal(state["blocks.1.attn.qkv.weight"], source.state_dict["blocks.1.attn.qkv.weight"])
+    assert tuned.summary()["pos_embed"] == "rebuilt for 8x8 (source 4x4)"
+
+
+def test_an_architecture_mismatch_is_one_line_naming_each_difference(tmp_path):
+    source_file(tmp_path / "ten.safetensors")
+    data = npz(tmp_path / "x.npz", NAMES)
+    with pytest.raises(UserError, match=r"match the model to train: width 32 \(source\) vs 64 \(train") as raised:
+        trainer(tmp_path, data, "wide", init_from=str(tmp_path / "ten.safetensors"), hidden_size=64)
+    assert "train the source's shape: --model DiT-S/2 --hidden-size 32 --depth 2 --num-heads 2" in str(raised.value)
+    with pytest.raises(UserError, match=r"width 32 \(source\) vs 64; depth 2 \(source\) vs 3; channels 1 "):
+        trainer(tmp_path, data, "many", init_from=str(tmp_path / "ten.safetensors"), hidden_size=64, depth=3,
+                channels=3)
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "cli"), "--model", "DiT-S/2", "--hidden-size",
+            "64", "--depth", "2", "--num-heads", "2", "--image-size", "8", "--vae", "none", "--channels", "1",
+            "--steps", "1", "--init-from", str(tmp_path / "ten.safetensors")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.output.startswith("error: --init-from ") \
+        and result.output.count("\n") == 1, result.output
+    assert not (tmp_path / "cli").exists()  # refused before anything is written
+
+
+def test_init_from_and_resume_exclude_each_other(tmp_path):
+    source_file(tmp_path / "ten.safetensors")
+    with pytest.raises(UserError, match="--init-from and --resume exclude each other"):
+        Trainer(TrainConfig(data="x", init_from=str(tmp_path / "ten.safetensors")), resume="auto")
+    with pytest.raises(UserError, match="unknown --init-weights"):
+        TrainConfig(data="x", init_weights="best")
+
+
+def test_a_diffusers_source_keeps_its_forward_through_training_and_resume(tmp_path):
+    source = source_file(tmp_path / "ten.safetensors", timestep_convention="diffusers", norm_eps=1e-5)
+    to_diffusers(source, tmp_path / "pipe", vae=None)
+    data = npz(tmp_path / "x.npz", NAMES)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), init_from=str(tmp_path / "pipe"),
+                         **{**TINY, "steps": 2})
+    Trainer(config).run()
+    checkpoint = load_checkpoint(tmp_path / "run" / "ckpt-0000002.pt")
+    assert (checkpoint.config.timestep_convention, checkpoint.config.norm_eps) == ("diffusers", 1e-5)
+    resumed = Trainer(TrainConfig(**{**config.to_dict(), "init_from": None, "steps": 3}), resume="auto")
+    resumed.run()
+    assert resumed.state.step == 3 and resumed.model.config.timestep_convention == "diffusers"
+    assert resumed.model.t_embedder.frequency_shift == 1 and resumed.ema.blocks[0].norm2.eps == 1e-5
+
+
+def test_cli_start_up_table_reports_the_mapping(tmp_path):
+    source_file(tmp_path / "ten.safetensors")
+    data = npz(tmp_path / "four.npz", ["class-1", "class-0", "new-a", "new-b"])
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "cli"), "--model", "DiT-S/2", "--hidden-size",
+            "32", "--depth", "2", "--num-heads", "2", "--image-size", "8", "--vae", "none", "--channels", "1",
+            "--global-batch", "4", "--steps", "2", "--log-every", "1", "--init-from", str(tmp_path / "ten.safetensors")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 copied by name, 2 fresh, null row copied" in result.output
+    records = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    result = CliRunner().invoke(app, args + ["--resume", "auto"])
+    assert result.exit_code == 2 and "exclude each other" in result.output
