@@ -31,6 +31,7 @@ from ditcli.data import center_crop_arr
 from ditcli.errors import UserError
 from ditcli.inception import load_inception
 from ditcli.judge import JUDGE_NAME, judge_extractor
+from ditcli.protocol import check_samples
 
 IS_SPLIT_SIZE = 5000  # ADM's Evaluator.compute_inception_score(split_size=5000)
 NEAREST_K = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
@@ -467,6 +468,7 @@ class FidResult:
     ref_stats: str  # which reference statistics FID and sFID used
     features: str
     warnings: tuple[str, ...] = ()
+    protocol: dict | None = None  # how the samples were drawn, from their `dit sample` provenance (ditcli.protocol)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "warnings": list(self.warnings)}
@@ -508,9 +510,12 @@ def evaluate(config: FidConfig, device: torch.device, progress: Progress | None 
     precision = recall = None
     if ref_acts is not None and min(ref_acts.count, sample_acts.count) > NEAREST_K:
         precision, recall = precision_recall(ref_acts.pool_features, sample_acts.pool_features)
+    height, width = samples.resolution
+    protocol, off_protocol = check_samples(config.samples, config.ref, sample_acts.count,
+                                           height if height == width else None)
     return FidResult(fid, sfid, sample_acts.scores.score() if sample_acts.scores else None, precision, recall,
                      sample_acts.count, ref_acts.count if ref_acts else None, ref_stats, features,
-                     tuple(_warnings(samples, ref, sample_acts, ref_acts, use_stored)))
+                     (*_warnings(samples, ref, sample_acts, ref_acts, use_stored), *off_protocol), protocol)
 
 
 def _stage(progress: Progress | None, stage: str, total: int) -> Callable[[int], None] | None:

@@ -101,14 +101,33 @@ def fid(
     if json_output:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    out = Console(highlight=False)
+    out = Console(highlight=False, soft_wrap=True)  # each warning stays one line
     if make_ref is not None:
         out.print(_reference_table(result))
     else:
         out.print(_score_table(result))
         out.print(f"{result.num_samples} samples, {result.features} features; reference: {result.ref_stats}")
+        out.print(_protocol_line(result), markup=False)
     for warning in result.warnings:
         out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _protocol_line(result) -> str:
+    """How the samples were drawn (from their provenance) and, where one applies, the published protocol."""
+    settings = result.protocol
+    if settings is None:
+        return "protocol: unknown (no `dit sample` provenance beside the samples)"
+    cfg = "no guidance" if settings["cfg"] is None else f"cfg {settings['cfg']:g} on {settings['guidance_channels']} " \
+                                                         "channels"
+    line = (f"protocol: {settings['steps']} {settings['sampler']} steps, {cfg}, VAE {settings['vae']}, "
+            f"{settings['precision']}, {result.num_samples:,} images")
+    if settings["preset"]:
+        line += f" (--preset {settings['preset']})"
+    if settings["paper"]:
+        count = len(settings["deviations"])
+        agrees = "matches" if not count else f"differs in {count} setting{'s' if count > 1 else ''} from"
+        line += f"; {agrees} the paper's ({settings['paper_protocol']}; {settings['paper']})"
+    return line
 
 
 def _score_table(result) -> Table:

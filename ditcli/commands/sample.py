@@ -23,12 +23,15 @@ from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, check_gu
 from ditcli.hub import resolve_source
 from ditcli.model import PRESET_SHAPES, preset_names
 from ditcli.progress import ProgressBar, byte_progress
+from ditcli.protocol import PAPER_FID, SAMPLE_PRESETS, expand_preset
 from ditcli.runtime import resolve_device, resolve_precision, set_backend_flags
 from ditcli.samplers import GUIDED_CHANNELS, SAMPLERS, Guidance, plan_sampler
 from ditcli.weights import KnownWeights, file_sha256, is_offline, known_weights, registry_models, resolve_weights
 
 DEFAULT_MODEL = "DiT-XL/2"
 DEFAULT_NUM = 16
+DEFAULT_CHANNELS = "paper"
+DEFAULT_PRECISION = "fp32"
 
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", help=f"A known checkpoint ({', '.join(registry_models())}) or, with --ckpt, a preset "
@@ -61,20 +64,29 @@ DeterministicOpt = Annotated[bool, typer.Option(
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download (also DIT_OFFLINE=1 or HF_HUB_OFFLINE=1).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs of a different run instead of refusing.")]
 SearchOpt = Annotated[str | None, typer.Option("--search", help="Show only classes whose id or names contain TEXT.")]
+PresetOpt = Annotated[str | None, typer.Option(
+    "--preset", help=f"A named protocol ({', '.join(SAMPLE_PRESETS)}: {PAPER_FID.describe()}, into an .npz); options "
+                     "given explicitly override it.")]
 
 
 def sample(
     model: ModelOpt = None, image_size: ImageSizeOpt = None, ckpt: CheckpointOpt = None,
     class_: ClassOpt = None, num_per_class: NumPerClassOpt = None, num: NumOpt = None,
-    steps: StepsOpt = None, cfg: CfgOpt = None, guidance_channels: GuidedOpt = "paper",
+    steps: StepsOpt = None, cfg: CfgOpt = None, guidance_channels: GuidedOpt = DEFAULT_CHANNELS,
     guidance_interval: IntervalOpt = None, sampler: SamplerOpt = None, eta: EtaOpt = 0.0, seed: SeedOpt = 0,
     batch_size: BatchOpt = 32, out: OutOpt = None, npz: NpzOpt = None, vae: VaeOpt = None,
-    device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32", compile: CompileOpt = False,
+    device: DeviceOpt = "auto", precision: PrecisionOpt = DEFAULT_PRECISION, compile: CompileOpt = False,
     json_output: JsonOpt = False, deterministic: DeterministicOpt = False, offline: OfflineOpt = False,
-    force: ForceOpt = False,
+    force: ForceOpt = False, preset: PresetOpt = None,
 ):
     """Generate class-conditional images from a DiT checkpoint."""
-    # Check the numbers before any file is read or written.
+    # Expand --preset (explicit options win), then check the numbers before any file is read or written.
+    settings, notes = expand_sample_preset(preset, sampler=sampler, steps=steps, cfg=cfg,
+                                           guidance_channels=guidance_channels, vae=vae, precision=precision,
+                                           num=num, num_per_class=num_per_class)
+    sampler, steps, cfg, guidance_channels = settings["sampler"], settings["steps"], settings["cfg"], \
+        settings["guidance_channels"]
+    precision, num, vae_from_preset = settings["precision"], settings["num"], vae is None and settings["vae"]
     check_counts(num, num_per_class, batch_size, steps)
     dtype = resolve_precision(precision)
     torch_device = rank_device(resolve_device(device))
@@ -94,6 +106,7 @@ def sample(
         check_guidance(model_config, guidance)
         sampler, steps = sampler or defaults.sampler, steps or defaults.steps
         plan = plan_sampler(sampler, steps, model_config.learn_sigma, eta)  # bad sampler or steps fail here
+        vae = vae_choice(checkpoint, settings["vae"], bool(vae_from_preset), notes)
         with ranks.zero_first():
             codec = codec_from_dict(checkpoint.codec, torch_device, model_config.in_channels, vae,
                                     is_offline(offline))
@@ -106,11 +119,17 @@ def sample(
         net = checkpoint.build(torch_device)
         sha256 = file_sha256(checkpoint_path)
         run_key = config.run_key(sha256, codec.to_dict())
+        default = default_out_dir(entry.model if entry else checkpoint_path.stem, config, run_key)
+        if preset is not None and npz is None:
+            npz = default.with_name(f"{default.name}-{preset}.npz")
         if out is None and npz is None:
-            out = default_out_dir(entry.model if entry else checkpoint_path.stem, config, run_key)
+            out = default
         provenance = make_provenance(entry.model if entry else describe(model_config), checkpoint_path, sha256,
                                      checkpoint, config, plan.nfe, codec, dtype, torch_device, deterministic, run_key,
                                      cfg is not None)
+        provenance["preset"] = preset
+        if preset is not None and not quiet:
+            show_preset(preset, config, codec, npz, out, notes)
         writers = make_writers(out, npz, names, config, run_key, force, provenance, columns, ranks)
         with ProgressBar(None, "sampling", unit="img", enabled=not quiet) as bar:
             summary = sample_run(net, codec, config, torch_device, writers, ranks, provenance,
@@ -118,6 +137,38 @@ def sample(
                                  on_step=bar.step, on_plan=lambda n: bar.update(0, total=n))
         if ranks.rank == 0:
             report(summary, out, npz, run_key, json_output)
+
+
+def expand_sample_preset(preset: str | None, **options) -> tuple[dict, list[str]]:
+    """The options with --preset filled in under them; options left at their defaults count as not given."""
+    if preset is None:
+        return options, []
+    given = {**options, "guidance_channels": None if options["guidance_channels"] == DEFAULT_CHANNELS
+             else options["guidance_channels"],
+             "precision": None if options["precision"] == DEFAULT_PRECISION else options["precision"]}
+    return expand_preset(preset, given)
+
+
+def vae_choice(checkpoint: Checkpoint, vae: str | None, from_preset: bool, notes: list[str]) -> str | None:
+    """The --vae to use; a preset's VAE is dropped, with a note, for a pixel-space model, which has none."""
+    if from_preset and (checkpoint.codec or {}).get("kind") == "pixel":
+        notes.append(f"the model is pixel-space, so the preset's {vae} VAE does not apply")
+        return None
+    return vae
+
+
+def show_preset(preset: str, config: GenerateConfig, codec, npz: Path | None, out: Path | None,
+                notes: list[str]) -> None:
+    """The preset as the options it stands for, then one note per explicit override."""
+    codec_name = codec.to_dict().get("vae", "none (pixel model)")
+    where = " ".join(f"{flag} {path}" for flag, path in (("--npz", npz), ("--out", out)) if path is not None)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"--preset {preset}: --sampler {config.sampler} --steps {config.steps} --cfg "
+                  f"{config.guidance.scale:g} --guidance-channels {config.guidance.channels} --vae {codec_name} "
+                  f"--precision {config.precision} --num-images {config.num_images} (uniformly random classes) "
+                  f"{where}", markup=False)
+    for note in notes:
+        console.print(f"note: {note}", markup=False)
 
 
 def check_counts(num: int | None, num_per_class: int | None, batch_size: int, steps: int | None) -> None:
