@@ -11,12 +11,14 @@ Nothing here prints; `InitFrom.summary()` says what happened, for the start-up t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ditcli.checkpoint import Checkpoint, describe, load_checkpoint
 from ditcli.classes import ClassTable, class_table, normalize
 from ditcli.errors import UserError
+from ditcli.hub import parse_hub_id
 from ditcli.model import PRESET_SHAPES, DiT, DiTConfig
 
 LABEL_TABLE = "y_embedder.embedding_table.weight"
@@ -65,6 +67,9 @@ class InitFrom:
 def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], class_names: list[str] | None,
               weights: str = "ema") -> InitFrom:
     """Load `source` and map it onto `target`, whose fresh initialisation `fresh` fills whatever is not carried."""
+    if not Path(source).exists() and parse_hub_id(str(source)) is None:
+        raise UserError(f"--init-from {source} not found",
+                        "pass a checkpoint file, a diffusers folder or a hub id org/name[@revision]")
     checkpoint = load_checkpoint(source, weights=weights)
     check_architecture(checkpoint.config, target, source)
     config = target.with_(timestep_convention=checkpoint.config.timestep_convention,

@@ -275,12 +275,12 @@ class Trainer:
             self.emit("warning", {"message": f"skipped {len(self.images.skipped)} unreadable or too-small files",
                                   "files": self.images.skipped[:10]})
         self.model_config = config.model_config(self.images.num_classes)
+        torch.manual_seed(config.seed)
+        self.model = DiT(self.model_config).to(self.device)
+        self.init = self.initialize_from()  # before the codec, so a bad source fails before any latent is encoded
         self.codec, cache = self.prepare_codec()
         self.data = TrainingData(self.images, cache, config.flip)
         self.diffusion = Diffusion.create("", config.schedule, self.model_config.learn_sigma)
-        torch.manual_seed(config.seed)
-        self.model = DiT(self.model_config).to(self.device)
-        self.init = self.initialize_from()
         self.model.grad_checkpointing = config.grad_checkpointing
         self.ema = DiT(self.model_config).to(self.device).eval().requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())

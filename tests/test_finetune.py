@@ -175,3 +175,16 @@ def test_cli_start_up_table_reports_the_mapping(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     result = CliRunner().invoke(app, args + ["--resume", "auto"])
     assert result.exit_code == 2 and "exclude each other" in result.output
+
+
+def test_a_bad_source_fails_before_the_vae_or_any_latent(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source_file(tmp_path / "ten.safetensors")
+    data = npz(tmp_path / "x.npz", NAMES, size=16)
+    latent = {**TINY, "vae": "stabilityai/sd-vae-ft-ema", "image_size": 16, "channels": 3}
+    with pytest.raises(UserError, match=r"channels 1 \(source\) vs 4"):  # not the VAE's absence from the cache
+        Trainer(TrainConfig(data=str(data), out=str(tmp_path / "run"), init_from=str(tmp_path / "ten.safetensors"),
+                            **latent)).setup()
+    with pytest.raises(UserError, match=r"^--init-from missing.pt not found \(pass a checkpoint file"):
+        trainer(tmp_path, npz(tmp_path / "y.npz", NAMES), "missing", init_from="missing.pt")
+    assert not (tmp_path / "run" / "latents").exists()
