@@ -240,8 +240,8 @@ def read_diffusers(path: str | Path, config: DiTConfig | None = None) -> Checkpo
     index = _read_json(pipeline) if pipeline.is_file() else {}
     convention, why = source_convention(folder, index)
     stored = config_from_diffusers(transformer, str(folder / "config.json"), convention)
-    if not isinstance(index.get(DITCLI_KEY), dict) and convention == "reference":  # the hub's conversions keep diffusers' default eps
-        stored = stored.with_(norm_eps=REFERENCE_NORM_EPS)
+    if not isinstance(index.get(DITCLI_KEY), dict) and convention == "reference":
+        stored = stored.with_(norm_eps=REFERENCE_NORM_EPS)  # the hub's conversions leave diffusers' default eps
     if config is not None and config != stored:
         raise UserError(f"{folder} holds {describe(stored)}, not {describe(config)}", "drop --model or fix it")
     state = _read_weights(path if path.is_file() else _weights_file(folder))

@@ -1,4 +1,4 @@
-"""The timestep convention: a diffusers-trained DiT keeps diffusers' forward on import, reference weights keep theirs."""
+"""The timestep convention: a diffusers-trained DiT keeps its forward on import; reference weights keep theirs."""
 
 import json
 import re
