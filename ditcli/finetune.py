@@ -19,7 +19,7 @@ from ditcli.checkpoint import Checkpoint, describe, load_checkpoint
 from ditcli.classes import ClassTable, class_table, normalize
 from ditcli.errors import UserError
 from ditcli.hub import parse_hub_id
-from ditcli.model import PRESET_SHAPES, DiT, DiTConfig
+from ditcli.model import HEADS_BY_WIDTH, PRESET_SHAPES, DiT, DiTConfig
 
 LABEL_TABLE = "y_embedder.embedding_table.weight"
 # (DiTConfig field, what the error calls it): what must agree between the source and the model being trained.
@@ -70,7 +70,9 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
     if not Path(source).exists() and parse_hub_id(str(source)) is None:
         raise UserError(f"--init-from {source} not found",
                         "pass a checkpoint file, a diffusers folder or a hub id org/name[@revision]")
-    checkpoint = load_checkpoint(source, weights=weights)
+    # Heads cannot be read from a bare state dict: a preset width gives them, else the model to train does.
+    heads = None if target.hidden_size in HEADS_BY_WIDTH else target.num_heads
+    checkpoint = load_checkpoint(source, num_heads=heads, weights=weights)
     check_architecture(checkpoint.config, target, source)
     config = target.with_(timestep_convention=checkpoint.config.timestep_convention,
                           norm_eps=checkpoint.config.norm_eps)

@@ -74,13 +74,12 @@ def fetch_dit(hub_id: HubId, offline: bool | None = None) -> Path:
     if offline:
         _check_cached(hub_id)
     index = _download(hub_id, PIPELINE_INDEX, offline, required=False)
-    prefix = "transformer/" if index is not None else ""
+    prefix = "transformer/" if index is not None else ""  # a DiTPipeline repo, or a bare DiTTransformer2DModel repo
     config = _download(hub_id, f"{prefix}config.json", offline)
-    for name in WEIGHT_FILES:
-        if _download(hub_id, prefix + name, offline, required=name == WEIGHT_FILES[-1]) is not None:
-            break
-    snapshot = config.parent.parent if prefix else config.parent
-    return snapshot
+    safetensors, pickled = (prefix + name for name in WEIGHT_FILES)
+    if _download(hub_id, safetensors, offline, required=False) is None:  # the .bin only where there is no other
+        _download(hub_id, pickled, offline)
+    return config.parent.parent if prefix else config.parent
 
 
 def _download(hub_id: HubId, filename: str, offline: bool, required: bool = True) -> Path | None:

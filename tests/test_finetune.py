@@ -44,7 +44,7 @@ def trainer(tmp_path, data, name, **overrides) -> Trainer:
 def source_file(path, names=NAMES, **overrides) -> Checkpoint:
     """A tiny 10-class pixel DiT (weights off the zero init) saved as our .safetensors."""
     config = DiTConfig(**{**dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                                 num_classes=len(names)), **overrides})
+                                 num_classes=len(names or NAMES)), **overrides})
     model = perturbed(DiT(config), seed=1)
     checkpoint = Checkpoint(model.state_dict(), config, "safetensors", class_names=names,
                             codec={"kind": "pixel", "channels": 1})
@@ -188,3 +188,25 @@ def test_a_bad_source_fails_before_the_vae_or_any_latent(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"^--init-from missing.pt not found \(pass a checkpoint file"):
         trainer(tmp_path, npz(tmp_path / "y.npz", NAMES), "missing", init_from="missing.pt")
     assert not (tmp_path / "run" / "latents").exists()
+
+
+def test_every_source_format_gives_the_same_start(tmp_path):
+    """A released-style .pt, a reference train.py checkpoint, our .safetensors and a diffusers folder of one model."""
+    import argparse
+
+    from ditcli import finetune
+
+    source = source_file(tmp_path / "ours.safetensors", names=None, num_classes=10)
+    state = source.state_dict
+    torch.save(state, tmp_path / "released.pt")
+    torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(image_size=64, num_classes=10)},
+               tmp_path / "train.pt")
+    to_diffusers(source, tmp_path / "pipe", vae=None)
+    target = source.config.with_(num_classes=4)
+    fresh = DiT(target).state_dict()
+    for name in ("ours.safetensors", "released.pt", "train.pt", "pipe"):
+        init = finetune.init_from(str(tmp_path / name), target, fresh, None)
+        assert init.labels.matched_by == "id" and init.labels.copied == 4, name
+        assert torch.equal(init.state_dict[TABLE][:4], state[TABLE][:4]) and torch.equal(init.state_dict[TABLE][4],
+                                                                                           state[TABLE][10])
+        assert all(torch.equal(init.state_dict[k], v) for k, v in state.items() if k != TABLE), name
