@@ -78,9 +78,10 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
                           norm_eps=checkpoint.config.norm_eps)
     plan = plan_labels(checkpoint, target, class_names)
     state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
-    state["pos_embed"] = fresh["pos_embed"].clone()  # the fixed table of the new grid
-    state[LABEL_TABLE] = map_label_rows(state[LABEL_TABLE], fresh[LABEL_TABLE], plan, checkpoint.config, target)
     source_grid = int(checkpoint.config.num_patches ** 0.5)
+    if checkpoint.config.input_size != target.input_size:
+        state["pos_embed"] = fresh["pos_embed"].clone()  # the fixed sin-cos table of the new grid
+    state[LABEL_TABLE] = map_label_rows(state[LABEL_TABLE], fresh[LABEL_TABLE], plan, checkpoint.config, target)
     return InitFrom(str(source), checkpoint.format, checkpoint.weights, config, state, plan, source_grid)
 
 

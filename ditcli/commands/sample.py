@@ -84,9 +84,9 @@ def sample(
     settings, notes = expand_sample_preset(preset, sampler=sampler, steps=steps, cfg=cfg,
                                            guidance_channels=guidance_channels, vae=vae, precision=precision,
                                            num=num, num_per_class=num_per_class)
-    sampler, steps, cfg, guidance_channels = settings["sampler"], settings["steps"], settings["cfg"], \
-        settings["guidance_channels"]
-    precision, num, vae_from_preset = settings["precision"], settings["num"], vae is None and settings["vae"]
+    sampler, steps, cfg, guidance_channels, precision, num = (
+        settings[key] for key in ("sampler", "steps", "cfg", "guidance_channels", "precision", "num"))
+    vae_from_preset = vae is None and settings["vae"] is not None
     check_counts(num, num_per_class, batch_size, steps)
     dtype = resolve_precision(precision)
     torch_device = rank_device(resolve_device(device))
@@ -106,7 +106,7 @@ def sample(
         check_guidance(model_config, guidance)
         sampler, steps = sampler or defaults.sampler, steps or defaults.steps
         plan = plan_sampler(sampler, steps, model_config.learn_sigma, eta)  # bad sampler or steps fail here
-        vae = vae_choice(checkpoint, settings["vae"], bool(vae_from_preset), notes)
+        vae = vae_choice(checkpoint, settings["vae"], vae_from_preset, notes)
         with ranks.zero_first():
             codec = codec_from_dict(checkpoint.codec, torch_device, model_config.in_channels, vae,
                                     is_offline(offline))
