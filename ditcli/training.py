@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ditcli import finetune
 from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES, atomic_write, safe_torch_load
 from ditcli.codec import PixelCodec, VaeCodec
 from ditcli.data import ImageSet, LatentCache, load_images
@@ -297,12 +298,10 @@ class Trainer:
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
         self.out.mkdir(parents=True, exist_ok=True)
 
-    def initialize_from(self):
+    def initialize_from(self) -> finetune.InitFrom | None:
         """--init-from: the source's weights replace the fresh ones (once, before training); EMA copies them."""
         if not self.config.init_from:
             return None
-        from ditcli import finetune
-
         init = finetune.init_from(self.config.init_from, self.model_config, self.model.state_dict(),
                                   self.images.class_names, self.config.init_weights)
         finetune.apply(self.model, init)
