@@ -327,6 +327,13 @@ def _apply_pipeline_index(checkpoint: Checkpoint, index: dict, root: Path) -> No
         checkpoint.codec = {"kind": "vae", "vae": str((root / "vae").resolve())}
         if scale is not None:
             checkpoint.codec["scale"] = float(scale)
+    elif (index.get("vae") or [None])[0] and checkpoint.codec is not None:
+        from ditcli.weights import reference_repos
+
+        if repo_of(root) not in reference_repos():  # those were converted with the SD VAE ema
+            checkpoint.extra["warnings"].append(
+                f"the pipeline names its own VAE but {root / 'vae'} is absent (a hub id fetches only the DiT); the SD "
+                "VAE ema is assumed: pass --vae with the pipeline's VAE if it differs")
 
 
 def _default_codec(config: DiTConfig) -> dict | None:

@@ -196,3 +196,20 @@ def test_init_from_takes_a_hub_id(tiny_repo, tmp_path):
     assert torch.equal(table, source["y_embedder.embedding_table.weight"][[2, 1, 0, 3]])  # by name, then null
     assert torch.equal(trainer.ema.state_dict()["blocks.1.mlp.fc2.weight"], source["blocks.1.mlp.fc2.weight"])
     assert trainer.summary()["init_from"] == "org/tiny-dit@v1 (diffusers, ema weights)"
+
+
+def test_a_pipeline_whose_own_vae_was_not_fetched_says_which_vae_is_assumed(tmp_path, hub_cache):
+    torch.manual_seed(5)
+    config = tiny_config()  # a latent model
+    checkpoint = Checkpoint(perturbed(DiT(config)).state_dict(), config, "test")
+    to_diffusers(checkpoint, tmp_path / "pipe", vae=None)
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    del index["_ditcli"]
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
+    cache_repo(hub_cache, "someone/custom-dit", tmp_path / "pipe")
+    cache_repo(hub_cache, "facebook/DiT-XL-2-512", tmp_path / "pipe")
+    custom = load_checkpoint("someone/custom-dit")
+    assert custom.codec == {"kind": "vae", "vae": "stabilityai/sd-vae-ft-ema"}
+    assert any("the SD VAE ema is assumed: pass --vae" in w for w in custom.extra["warnings"])
+    assert not load_checkpoint("facebook/DiT-XL-2-512").extra["warnings"]
