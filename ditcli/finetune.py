@@ -10,6 +10,7 @@ Nothing here prints; `InitFrom.summary()` says what happened, for the start-up t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +55,8 @@ class InitFrom:
 
     def summary(self) -> dict[str, str]:
         """Rows of the training start-up table."""
-        grid = int(self.config.num_patches ** 0.5)
-        pos = "kept" if grid == self.source_grid else f"rebuilt for {grid}x{grid} (source {self.source_grid}x" \
-                                                      f"{self.source_grid})"
+        grid, old = math.isqrt(self.config.num_patches), self.source_grid
+        pos = "kept" if grid == old else f"rebuilt for {grid}x{grid} (source {old}x{old})"
         fresh = len(self.labels.rows) - self.labels.copied
         by = f" by {self.labels.matched_by}" if self.labels.copied else ""
         return {"init_from": f"{self.source} ({self.format}, {self.weights} weights)",
@@ -78,7 +78,7 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
                           norm_eps=checkpoint.config.norm_eps)
     plan = plan_labels(checkpoint, target, class_names)
     state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
-    source_grid = int(checkpoint.config.num_patches ** 0.5)
+    source_grid = math.isqrt(checkpoint.config.num_patches)
     if checkpoint.config.input_size != target.input_size:
         state["pos_embed"] = fresh["pos_embed"].clone()  # the fixed sin-cos table of the new grid
     state[LABEL_TABLE] = map_label_rows(state[LABEL_TABLE], fresh[LABEL_TABLE], plan, checkpoint.config, target)
