@@ -89,7 +89,8 @@ def main():
 
     def config(per_class, sampler=defaults.sampler, steps=defaults.steps, cfg=defaults.cfg):
         return GenerateConfig(labels=tuple(class_labels(range(10), per_class)), seed=args.seed, sampler=sampler,
-                              steps=steps, guidance=Guidance(cfg, "all"), batch_size=200)
+                              steps=steps, guidance=Guidance(cfg, "all"), batch_size=200,
+                              schedule=checkpoint.schedule)
 
     if args.only in (None, "accuracy"):
         run = config(args.num_per_class)

@@ -23,9 +23,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from ditcli.diffusion import BETA_SCHEDULES
+from ditcli.ema import EmaRecord
 from ditcli.errors import UserError
 from ditcli.hub import resolve_source
 from ditcli.model import HEADS_BY_WIDTH, PRESET_SHAPES, DiT, DiTConfig, preset
+from ditcli.samplers import SamplingDefaults
 
 SAFETENSORS_FORMAT = "ditcli"
 TRAIN_FORMAT = "ditcli-train"
@@ -43,6 +46,9 @@ class Checkpoint:
     class_names: list[str] | None = None
     codec: dict | None = None
     extra: dict = field(default_factory=dict)
+    schedule: str = "linear"  # the beta schedule it was trained with; every sampler must use the same
+    sampling: SamplingDefaults | None = None  # its own recommended sampler, steps and cfg
+    ema: EmaRecord | None = None  # how its EMA was made, when known
 
     def build(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> DiT:
         with torch.device("meta"):
@@ -61,6 +67,11 @@ class Checkpoint:
             data["class_names"] = json.dumps(self.class_names)
         if self.codec is not None:
             data["codec"] = json.dumps(self.codec)
+        data["schedule"] = self.schedule
+        if self.sampling is not None:
+            data["sampling"] = json.dumps(self.sampling.to_dict())
+        if self.ema is not None:
+            data["ema"] = json.dumps(self.ema.to_dict())
         return data
 
 
@@ -121,7 +132,10 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
         return Checkpoint(state, stored, "safetensors", metadata.get("weights", "ema"),
                           json.loads(metadata["class_names"]) if "class_names" in metadata else None,
                           json.loads(metadata["codec"]) if "codec" in metadata else None,
-                          {"convention_source": convention_source(fields)})
+                          {"convention_source": convention_source(fields)},
+                          schedule=read_schedule(metadata.get("schedule"), path),
+                          sampling=read_record(metadata.get("sampling"), SamplingDefaults, path, "sampling"),
+                          ema=read_record(metadata.get("ema"), EmaRecord, path, "ema"))
     return _from_bare_state(state, "safetensors (no ditcli metadata)", num_heads, config, str(path))
 
 
@@ -157,13 +171,35 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
         stored = DiTConfig.from_dict(data["config"]["model"])
         state = data[weights]
         check_state_dict(state, stored, str(path))
+        train = data["config"].get("train", {})
+        ema = EmaRecord(float(train["ema_decay"]), bool(train.get("ema_warmup")), int(data.get("step") or 0)) \
+            if "ema_decay" in train else None
         return Checkpoint(state, stored, "ditcli training checkpoint", weights, data.get("class_names"),
                           data.get("codec"), {"step": data.get("step"),
-                                              "schedule": data["config"].get("train", {}).get("schedule", "linear"),
-                                              "convention_source": convention_source(data["config"]["model"])})
+                                              "convention_source": convention_source(data["config"]["model"])},
+                          schedule=read_schedule(train.get("schedule"), path),
+                          sampling=read_record(data.get("sampling"), SamplingDefaults, path, "sampling"), ema=ema)
     if "model" in data and "args" in data:
         return _from_reference_train(data, weights, num_heads, config, str(path))
     return _from_bare_state(data, "official DiT state dict", num_heads, config, str(path))
+
+
+def read_schedule(name: str | None, path) -> str:
+    """The recorded beta schedule (files from before it was recorded were all trained with linear betas)."""
+    if name is None:
+        return "linear"
+    if name not in BETA_SCHEDULES:
+        raise UserError(f"{path} records an unknown beta schedule {name!r}", f"expected {', '.join(BETA_SCHEDULES)}")
+    return name
+
+
+def read_record(value: str | dict | None, kind, path, key: str):
+    """A recorded SamplingDefaults or EmaRecord (JSON text in safetensors metadata, a dict in a .pt), or None."""
+    try:
+        return kind.from_dict(json.loads(value) if isinstance(value, str) else value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path} has an unreadable {key!r} record: {value!r} ({type(exc).__name__}: {exc})",
+                        f"fix or drop the {key!r} metadata, or convert the source checkpoint again") from None
 
 
 def _from_reference_train(data: dict, weights: str, num_heads: int | None, config: DiTConfig | None,

@@ -6,13 +6,19 @@ dict (`Codec.to_dict()`), so sampling picks the right one by itself.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from ditcli.errors import UserError
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass
@@ -56,20 +62,22 @@ class VaeCodec:
 
     @classmethod
     def load(cls, name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-             offline: bool = False) -> VaeCodec:
+             offline: bool = False, alternative: str | None = None) -> VaeCodec:
         """An AutoencoderKL from an alias (ema, mse), a hub id or a local directory, through the HF cache.
 
-        `offline` (or HF_HUB_OFFLINE=1) uses the cache only.
+        `offline` (or HF_HUB_OFFLINE=1) uses the cache only; a VAE already in the cache is read without asking the
+        hub. `alternative` names another way out (such as `--vae none`) in the error.
         """
+        repo, local_only = locate_vae(name, offline, alternative)
         from diffusers import AutoencoderKL
 
-        repo = VAE_ALIASES.get(name, name)
         try:
-            vae = AutoencoderKL.from_pretrained(repo, torch_dtype=dtype, local_files_only=offline)
+            # diffusers' low-memory loading needs `accelerate`; asking for it without warns on every load.
+            vae = AutoencoderKL.from_pretrained(repo, torch_dtype=dtype, local_files_only=local_only,
+                                                low_cpu_mem_usage=find_spec("accelerate") is not None)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the VAE {repo!r}: {str(exc).splitlines()[0]}",
-                            "connect to the internet once so the Hugging Face cache holds it, or pass --vae with a "
-                            "local diffusers AutoencoderKL directory") from None
+                            _vae_hint(alternative)) from None
         return cls(vae.to(device), repo)
 
     @torch.no_grad()
@@ -89,6 +97,69 @@ class VaeCodec:
 
     def to_dict(self) -> dict:
         return {"kind": "vae", "vae": self.name, "scale": self.scale}
+
+
+def _vae_hint(alternative: str | None) -> str:
+    hint = ("connect to the internet once so the Hugging Face cache holds it, or pass --vae with a local diffusers "
+            "AutoencoderKL directory")
+    return f"{hint}, or {alternative}" if alternative else hint
+
+
+def locate_vae(name: str, offline: bool = False, alternative: str | None = None) -> tuple[str, bool]:
+    """(repo or folder, whether the local files suffice), or a one-line error when the VAE cannot be had offline.
+
+    Cheap: it reads the file system only, so commands call it before anything slow.
+    """
+    repo = VAE_ALIASES.get(name, name)
+    folder = Path(repo).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UserError(f"--vae {repo} is not a diffusers AutoencoderKL folder (no config.json)",
+                            _vae_hint(alternative))
+        return str(folder), True
+    if looks_like_path(repo):
+        raise UserError(f"VAE folder not found: {repo}",
+                        "check the path" + (f", or {alternative}" if alternative else ""))
+    if _in_hf_cache(repo):
+        return repo, True
+    if offline:
+        raise UserError(f"cannot load the VAE {repo!r}: it is not in the Hugging Face cache and downloads are off",
+                        _vae_hint(alternative))
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise UserError(f"cannot load the VAE {repo!r}: it is not in the Hugging Face cache and the hub cannot be "
+                        f"reached ({unreachable})", _vae_hint(alternative))
+    return repo, False
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, from one TCP connection; None when it answers or a proxy is set.
+
+    huggingface_hub retries a dead network for about 30 s before giving up; this fails in a moment instead.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"{endpoint.hostname}: {exc.strerror or exc}"
+    return None
+
+
+def looks_like_path(text: str) -> bool:
+    """Hub ids are `owner/name`; anything else with a separator, a dot start or a home tilde is meant as a folder."""
+    return text.startswith((".", "/", "~")) or text.count("/") != 1
+
+
+def _in_hf_cache(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = [try_to_load_from_cache(repo, name) for name in ("config.json", VAE_WEIGHTS)]
+    except ValueError:  # not a valid repo id
+        return False
+    return all(isinstance(path, str) for path in found)
 
 
 def codec_from_dict(spec: dict | None, device: torch.device | str = "cpu", in_channels: int = 4,

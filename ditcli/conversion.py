@@ -20,14 +20,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ditcli.checkpoint import (Checkpoint, apply_umask, check_state_dict, describe, load_checkpoint,
-                               safe_torch_load, save_safetensors)
+from ditcli.checkpoint import (Checkpoint, apply_umask, check_state_dict, describe, load_checkpoint, read_record,
+                               read_schedule, safe_torch_load, save_safetensors)
 from ditcli.codec import VAE_ALIASES
-from ditcli.diffusion import TRAIN_TIMESTEPS, named_betas
+from ditcli.diffusion import BETA_SCHEDULES, TRAIN_TIMESTEPS, named_betas
+from ditcli.ema import EmaRecord
 from ditcli.errors import UserError
 from ditcli.hub import repo_of
 from ditcli.model import REFERENCE_NORM_EPS, DiT, DiTConfig, sincos_2d
 from ditcli.runtime import PRECISIONS
+from ditcli.samplers import SamplingDefaults
 
 OUTPUT_FORMATS = ("safetensors", "diffusers")
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub's DiT folders use the older name
@@ -134,6 +136,11 @@ def check_exportable(config: DiTConfig) -> None:
                         "convert to safetensors instead")
 
 
+def is_rounded_table(pos_embed: torch.Tensor, config: DiTConfig) -> bool:
+    """Whether `pos_embed` is the fixed sin-cos table, rounded to its own dtype (as an fp16 file stores it)."""
+    return torch.equal(pos_embed, pos_table(config).to(pos_embed.dtype))
+
+
 def to_diffusers_state(state: dict[str, torch.Tensor], config: DiTConfig) -> tuple[dict, list[str]]:
     """Our state dict to DiTTransformer2DModel keys: qkv split, embedders copied into every block, pos_embed dropped."""
     check_exportable(config)
@@ -141,7 +148,7 @@ def to_diffusers_state(state: dict[str, torch.Tensor], config: DiTConfig) -> tup
     warnings = []
     table = pos_table(config)
     drift = (state["pos_embed"].float() - table).abs().max().item()
-    if drift > 0:
+    if drift > 0 and not is_rounded_table(state["pos_embed"], config):
         warnings.append(f"pos_embed differs from the fixed sin-cos table by up to {drift:.3g}; diffusers recomputes "
                         "it, so the diffusers model will not match the source")
     out = {theirs: state[ours].clone() for ours, theirs in one_to_one_pairs(config.depth)}
@@ -318,8 +325,13 @@ def _apply_pipeline_index(checkpoint: Checkpoint, index: dict, root: Path) -> No
     ours = index.get(DITCLI_KEY) or {}
     checkpoint.weights = ours.get("weights", checkpoint.weights)
     checkpoint.extra["weights_recorded"] = "weights" in ours
+    index_path = root / "model_index.json"
     if "schedule" in ours:
-        checkpoint.extra["schedule"] = ours["schedule"]
+        checkpoint.schedule = read_schedule(ours["schedule"], index_path)
+    elif (root / "scheduler" / "scheduler_config.json").is_file():  # a folder another tool wrote
+        checkpoint.schedule = _scheduler_schedule(root / "scheduler" / "scheduler_config.json", checkpoint)
+    checkpoint.sampling = read_record(ours.get("sampling"), SamplingDefaults, index_path, "sampling")
+    checkpoint.ema = read_record(ours.get("ema"), EmaRecord, index_path, "ema")
     if ours.get("codec"):
         checkpoint.codec = ours["codec"]
     elif (root / "vae" / "config.json").is_file():
@@ -334,6 +346,26 @@ def _apply_pipeline_index(checkpoint: Checkpoint, index: dict, root: Path) -> No
             checkpoint.extra["warnings"].append(
                 f"the pipeline names its own VAE but {root / 'vae'} is absent (a hub id fetches only the DiT); the SD "
                 "VAE ema is assumed: pass --vae with the pipeline's VAE if it differs")
+
+
+def _scheduler_schedule(path: Path, checkpoint: Checkpoint) -> str:
+    """Our name for the betas a diffusers scheduler config describes; linear, with a warning, when they are no schedule
+    of ours (DiT was trained with linear betas, as the hub's DiT folders say)."""
+    config = _read_json(path)
+    if config.get("trained_betas"):
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+        for name in BETA_SCHEDULES:
+            if betas.shape == (TRAIN_TIMESTEPS,) and torch.allclose(betas, torch.from_numpy(named_betas(name))):
+                return name
+    elif (config.get("num_train_timesteps", TRAIN_TIMESTEPS) == TRAIN_TIMESTEPS
+          and config.get("beta_schedule") == "linear"
+          and (config.get("beta_start"), config.get("beta_end")) == tuple(named_betas("linear")[[0, -1]].tolist())):
+        return "linear"
+    elif config.get("beta_schedule") == "squaredcos_cap_v2":
+        return "cosine"
+    checkpoint.extra["warnings"].append(f"{path} describes betas that are neither the linear nor the cosine schedule; "
+                                        "sampling assumes linear (DiT's)")
+    return "linear"
 
 
 def _default_codec(config: DiTConfig) -> dict | None:
@@ -376,7 +408,7 @@ def to_diffusers(checkpoint: Checkpoint, out_dir: str | Path, dtype: torch.dtype
         warnings.append(f"DiTPipeline uses class {PIPELINE_NULL_CLASS} as the null class, so its guidance_scale > 1 "
                         f"needs a {PIPELINE_NULL_CLASS}-class model; this one has {checkpoint.config.num_classes} "
                         "(use guidance_scale=1)")
-    if vae_dir is None:
+    if vae_dir is None and (checkpoint.codec or {}).get("kind") != "pixel":
         warnings.append("no VAE included: load with DiTPipeline.from_pretrained(OUT_DIR, vae=AutoencoderKL...)")
 
     def write(tmp: Path) -> None:
@@ -385,7 +417,7 @@ def to_diffusers(checkpoint: Checkpoint, out_dir: str | Path, dtype: torch.dtype
         _write_json(tmp / "transformer" / "config.json", transformer_config(checkpoint.config))
         (tmp / "scheduler").mkdir()
         _write_json(tmp / "scheduler" / "scheduler_config.json",
-                    scheduler_config(checkpoint.extra.get("schedule", "linear")))
+                    scheduler_config(checkpoint.schedule))
         if vae_dir is not None:
             _copy_vae(vae_dir, tmp / "vae")
         _write_json(tmp / "model_index.json", _pipeline_index(checkpoint, vae_dir is not None))
@@ -398,8 +430,9 @@ def _pipeline_index(checkpoint: Checkpoint, has_vae: bool) -> dict:
     index = {"_class_name": "DiTPipeline", "_diffusers_version": version("diffusers"),
              "transformer": ["diffusers", TRANSFORMER_CLASSES[0]], "scheduler": ["diffusers", "DDIMScheduler"],
              "vae": ["diffusers", "AutoencoderKL"] if has_vae else [None, None],
-             DITCLI_KEY: {"weights": checkpoint.weights, "codec": checkpoint.codec,
-                          "schedule": checkpoint.extra.get("schedule", "linear"),
+             DITCLI_KEY: {"weights": checkpoint.weights, "codec": checkpoint.codec, "schedule": checkpoint.schedule,
+                          "sampling": checkpoint.sampling.to_dict() if checkpoint.sampling else None,
+                          "ema": checkpoint.ema.to_dict() if checkpoint.ema else None,
                           CONVENTION_KEY: checkpoint.config.timestep_convention}}
     if checkpoint.class_names is not None:
         index["id2label"] = {str(i): name for i, name in enumerate(checkpoint.class_names)}
@@ -552,11 +585,19 @@ def convert(source: str | Path, destination: str | Path, to: str | None = None, 
 
 
 def _roundtrip(source: Checkpoint, result: Checkpoint, dtype: torch.dtype, source_model: DiT) -> dict:
-    """Whether the written weights read back equal to the source's (cast to `dtype`), and the forward difference."""
-    identical = set(source.state_dict) == set(result.state_dict) and all(
-        torch.equal(v.to(dtype) if v.is_floating_point() else v, result.state_dict[k])
-        for k, v in source.state_dict.items())
-    return {"identical_weights": identical, **max_abs_diff(source_model, result.build(), source.config)}
+    """Whether the written weights read back equal to the source's (cast to `dtype`), and the forward difference.
+
+    `expected_differences` lists tensors that differ only as they must: a pos_embed the source stored rounded (an fp16
+    file) and the result recomputes from the sin-cos formula (diffusers stores none).
+    """
+    differing = sorted(k for k, v in source.state_dict.items() if k not in result.state_dict or not torch.equal(
+        v.to(dtype) if v.is_floating_point() else v, result.state_dict[k]))
+    identical = set(source.state_dict) == set(result.state_dict) and not differing
+    config = source.config
+    expected = [k for k in differing if k == "pos_embed" and k in result.state_dict
+                and is_rounded_table(source.state_dict[k], config) and is_rounded_table(result.state_dict[k], config)]
+    return {"identical_weights": identical, "differing": differing, "expected_differences": expected,
+            **max_abs_diff(source_model, result.build(), config)}
 
 
 def _format_from_name(path: Path) -> str:
@@ -579,5 +620,7 @@ def info(path: str | Path, num_heads: int | None = None, weights: str = "ema") -
             "ema": checkpoint.weights == "ema" if recorded else None,
             "class_names": len(checkpoint.class_names) if checkpoint.class_names is not None else None,
             "codec": checkpoint.codec, "timestep_convention": checkpoint.config.timestep_convention,
-            "convention_source": checkpoint.extra.get("convention_source"),
+            "convention_source": checkpoint.extra.get("convention_source"), "schedule": checkpoint.schedule,
+            "sampling": checkpoint.sampling.to_dict() if checkpoint.sampling else None,
+            "ema_record": checkpoint.ema.to_dict() if checkpoint.ema else None,
             "warnings": list(checkpoint.extra.get("warnings", []))}

@@ -74,17 +74,22 @@ def _find_idx(root: Path, stem: str) -> Path:
     raise UserError(f"no {stem}[.gz] in {root}", "point --data at the folder holding the Fashion-MNIST idx files")
 
 
+IDX_SPLITS = {"train": "train", "test": "t10k"}  # split -> file prefix
+
+
 def load_fashion_mnist(root: Path = FASHION_MNIST_DIR, split: str = "train") -> ImageSet:
     """Fashion-MNIST (Xiao et al., 2017): 60k train / 10k test 28x28 grayscale images, 10 classes."""
+    if split not in IDX_SPLITS:
+        raise UserError(f"unknown split {split!r}", f"choose {' or '.join(IDX_SPLITS)}")
     if not root.exists():
         raise UserError(f"Fashion-MNIST not found at {root}", "apt-get install dataset-fashion-mnist")
-    prefix = {"train": "train", "test": "t10k"}[split]
+    prefix = IDX_SPLITS[split]
     images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
     return ImageSet(images[..., None], labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist:{split}")
 
 
-def load_npz(path: Path, image_size: int | None, channels: int) -> ImageSet:
+def load_npz(path: Path, image_size: int | None, channels: int | None) -> ImageSet:
     """An .npz of uint8 images (`images` or `arr_0`, NHWC or NHW) with optional `labels`/`arr_1`, `class_names`."""
     try:
         data = np.load(path, allow_pickle=False)
@@ -97,6 +102,7 @@ def load_npz(path: Path, image_size: int | None, channels: int) -> ImageSet:
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise UserError(f"{path}:{key} must be uint8 NHWC or NHW, got {images.dtype} {images.shape}")
     images = images[..., None] if images.ndim == 3 else images
+    channels = channels or images.shape[-1]
     label_key = "labels" if "labels" in data else "arr_1" if "arr_1" in data else None
     labels = data[label_key].astype(np.int64) if label_key else np.zeros(len(images), np.int64)
     names = [str(n) for n in data["class_names"]] if "class_names" in data else (
@@ -168,21 +174,36 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def load_images(data: str, image_size: int, channels: int) -> ImageSet:
-    """Any supported source: "fashion-mnist[:split]", a folder of idx files, an .npz, or an image folder."""
+def is_idx_source(data: str) -> bool:
+    """'fashion-mnist[:split]' or a folder holding MNIST-style idx files."""
+    path = Path(data)
+    return data.startswith("fashion-mnist") or (path.is_dir() and any(path.glob("*-images-idx3-ubyte*")))
+
+
+def load_images(data: str, image_size: int | None, channels: int | None, split: str | None = None) -> ImageSet:
+    """Any supported source: "fashion-mnist[:split]", a folder of idx files, an .npz, or an image folder.
+
+    `split` (train or test, default train) picks the split of idx data; `channels` None keeps an .npz's own.
+    """
     if data.startswith("fashion-mnist"):
-        split = data.partition(":")[2] or "train"
-        return load_fashion_mnist(FASHION_MNIST_DIR, split)
+        named = data.partition(":")[2] or None
+        if named and split and named != split:
+            raise UserError(f"{data!r} names the {named} split but --split says {split}", "give the split once")
+        return load_fashion_mnist(FASHION_MNIST_DIR, named or split or "train")
     path = Path(data)
     if not path.exists():
-        raise UserError(f"training data not found: {path}", "pass an image folder, an .npz or 'fashion-mnist'")
+        raise UserError(f"data not found: {path}", "pass an image folder, an .npz, a folder of idx files or "
+                                                   "'fashion-mnist'")
+    if is_idx_source(data):
+        return load_fashion_mnist(path, split or "train")
+    if split is not None:
+        raise UserError(f"--split applies to idx data (fashion-mnist or a folder of idx files), not {path}",
+                        "drop --split")
     if path.is_file():
         if path.suffix != ".npz":
             raise UserError(f"{path} is not a folder or an .npz")
         return load_npz(path, image_size, channels)
-    if any(path.glob("train-images-idx3-ubyte*")):
-        return load_fashion_mnist(path, "train")
-    return load_folder(path, image_size, channels)
+    return load_folder(path, image_size, channels or 3)
 
 
 class LatentCache:

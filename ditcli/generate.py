@@ -51,6 +51,7 @@ class GenerateConfig:
     batch_size: int = 16
     precision: str = "fp32"
     compile: bool = False
+    schedule: str = "linear"  # the checkpoint's training betas
 
     def __post_init__(self):
         if not self.labels:
@@ -156,7 +157,7 @@ def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indic
     if not indices:
         return
     check_guidance(model.config, config.guidance)
-    plan = plan_sampler(config.sampler, config.steps, model.config.learn_sigma, config.eta)
+    plan = plan_sampler(config.sampler, config.steps, model.config.learn_sigma, config.eta, schedule=config.schedule)
     net = torch.compile(model) if config.compile else model
     width = batch_width(config)
     for start in range(0, len(indices), width):
@@ -240,6 +241,29 @@ def check_writable(folder: Path, flag: str) -> None:
     except OSError as exc:
         raise UserError(f"{flag} {folder} is not writable: {exc.strerror or exc}",
                         f"choose another {flag} or fix its permissions") from None
+
+
+def check_outputs(out: Path | None, npz: Path | None) -> None:
+    """--out must be a folder and --npz a file, each where it can be written; nothing is created yet."""
+    for flag, path, folder in (("--out", out, True), ("--npz", npz, False)):
+        if path is None:
+            continue
+        if path.exists() and path.is_dir() != folder:
+            kind = "a file" if folder else "a folder"
+            raise UserError(f"{flag} {path} is {kind}", f"pass a {'folder' if folder else 'file'} path for {flag}")
+        check_creatable(path if folder else path.parent, flag, path)
+
+
+def check_creatable(folder: Path, flag: str, given: Path) -> None:
+    """`folder` exists or can be made: its nearest existing ancestor is a folder we may write in."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {given} is not writable: {existing} is a file", f"choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {given} is not writable ({existing} is read-only)",
+                        f"choose another {flag} or fix its permissions")
 
 
 def _previous_key(path: Path) -> str | None:

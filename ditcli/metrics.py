@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditcli.data import center_crop_arr
+from ditcli.data import center_crop_arr, is_idx_source, load_images
 from ditcli.errors import UserError
 from ditcli.inception import load_inception
 from ditcli.judge import JUDGE_NAME, judge_extractor
@@ -37,6 +37,7 @@ IS_SPLIT_SIZE = 5000  # ADM's Evaluator.compute_inception_score(split_size=5000)
 NEAREST_K = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
 PR_BLOCK = 10000  # ADM's row and column batch; its float16 overflow fallback is decided per block
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FOLDER_REF_SIZE = 256  # ADM's ImageNet 256 reference batches; `--resize` picks another
 SKIPPED_FILES = ("grid.png",)  # the contact sheet `dit sample` writes next to its images
 INCEPTION = "inception"
 
@@ -46,19 +47,31 @@ Stats = tuple[torch.Tensor, torch.Tensor]  # (mu, sigma) in float64
 
 # Images.
 
+def as_rgb(batch: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W, C) with C = 1 or 3 as (B, H, W, 3): grayscale is copied to every channel, as PIL's RGB
+    conversion of a gray PNG does, so an .npz and the PNGs of one `dit sample` run score the same."""
+    return np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
+
+
 class NpzImages:
-    """`arr_0` of an ADM sample or reference batch, uint8 (N, H, W, 3), read a batch at a time from the zip."""
+    """`arr_0` of an ADM sample or reference batch, uint8 (N, H, W, 3), read a batch at a time from the zip.
+
+    Grayscale arrays, (N, H, W, 1) as `dit sample --npz` writes for 1-channel models or (N, H, W), are read too and
+    come out as 3 equal channels.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         with self._open() as f:
             shape, dtype = _read_npy_header(f, path)
-        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-            raise UserError(f"{path}: arr_0 is {dtype} with shape {shape}, expected uint8 (N, H, W, 3)",
+        if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+            raise UserError(f"{path}: arr_0 is {dtype} with shape {shape}, expected uint8 (N, H, W, 3), "
+                            "(N, H, W, 1) or (N, H, W)",
                             "save samples as ADM does: np.savez(path, arr_0=uint8 images in NHWC order)")
         if shape[0] == 0:
             raise UserError(f"{path}: arr_0 holds no images", "pass a batch with at least 2 images")
         self.num_images, self.resolution = shape[0], (shape[1], shape[2])
+        self.channels = shape[3] if len(shape) == 4 else 1
 
     def _open(self):
         try:
@@ -73,7 +86,7 @@ class NpzImages:
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         height, width = self.resolution
-        image_bytes = height * width * 3
+        image_bytes = height * width * self.channels
         with self._open() as f:
             _read_npy_header(f, self.path)
             for start in range(0, self.num_images, batch_size):
@@ -82,7 +95,31 @@ class NpzImages:
                 if len(data) != count * image_bytes:
                     raise UserError(f"{self.path}: arr_0 ends after {start + len(data) // image_bytes} images",
                                     "the file is truncated; write it again")
-                yield np.frombuffer(data, dtype=np.uint8).reshape(count, height, width, 3)  # (B, H, W, 3)
+                batch = np.frombuffer(data, dtype=np.uint8).reshape(count, height, width, self.channels)
+                yield as_rgb(batch)  # (B, H, W, 3)
+
+
+class ArrayImages:
+    """Images already in memory, uint8 (N, H, W, C) from a `dit train --data` source, as (B, H, W, 3) batches.
+
+    With `resize`, each image goes through ADM's center crop to resize x resize, as folder images do.
+    """
+
+    def __init__(self, images: np.ndarray, source: str, resize: int | None = None):
+        if resize is not None and images.shape[1:3] != (resize, resize):
+            images = np.stack([_crop(image, resize) for image in images])
+        self.images, self.path = images, Path(source)
+        self.num_images, self.resolution = len(images), tuple(images.shape[1:3])
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        for start in range(0, self.num_images, batch_size):
+            yield as_rgb(self.images[start:start + batch_size])  # (B, H, W, 3)
+
+
+def _crop(image: np.ndarray, size: int) -> np.ndarray:
+    gray = image.shape[-1] == 1
+    array = center_crop_arr(Image.fromarray(image[..., 0] if gray else image), size)
+    return array[..., None] if gray else array
 
 
 def _read_npy_header(f, path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -578,17 +615,29 @@ class MakeRefResult:
         return {**asdict(self), "output": str(self.output), "warnings": list(self.warnings)}
 
 
-def make_ref(folder: Path, output: Path, resolution: int = 256, features: str = INCEPTION,
-             inception_weights: Path | None = None, device: torch.device | str = "cpu", batch_size: int = 64,
-             num_workers: int = 4, progress: Progress | None = None) -> MakeRefResult:
-    """Write an ADM reference batch: arr_0 (ADM's center crop to `resolution`), mu, sigma, mu_s, sigma_s.
+def reference_images(source: str, resize: int | None = None, split: str | None = None, num_workers: int = 4):
+    """What `dit train --data` reads, as reference images: an image folder streams from disk with ADM's center crop
+    (to `resize`, default FOLDER_REF_SIZE); 'fashion-mnist[:split]', a folder of idx files or an .npz load whole at
+    their own size unless `resize` is given."""
+    path = Path(source)
+    if path.is_dir() and not is_idx_source(source):
+        if split is not None:
+            raise UserError("--split applies to idx data (fashion-mnist or a folder of idx files), not an image "
+                            "folder", "drop --split")
+        return FolderImages(path, resize or FOLDER_REF_SIZE, num_workers)
+    data = load_images(source, None, None, split=split)
+    return ArrayImages(data.images, data.source, resize)
 
-    arr_0 streams into the zip as the images are scored, so memory holds one batch of images at a time. A
-    `feature_extractor` entry records which extractor made the statistics; ADM's evaluator ignores it.
+
+def make_ref(source: str | Path, output: Path, resolution: int | None = None, features: str = INCEPTION,
+             inception_weights: Path | None = None, device: torch.device | str = "cpu", batch_size: int = 64,
+             num_workers: int = 4, progress: Progress | None = None, split: str | None = None) -> MakeRefResult:
+    """Write an ADM reference batch from any `dit train --data` source: arr_0, mu, sigma, mu_s, sigma_s.
+
+    arr_0 streams into the zip as the images are scored. A `feature_extractor` entry records which extractor made
+    the statistics; ADM's evaluator ignores it.
     """
-    if not folder.is_dir():
-        raise UserError(f"--make-ref needs a folder of images, got {folder}", "pass a folder")
-    images = FolderImages(folder, resolution, num_workers)
+    images = reference_images(str(source), resolution, split, num_workers)
     extractor, name = load_feature_extractor(features, torch.device(device), inception_weights)
     partial = output.with_name(output.name + ".partial")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -602,11 +651,11 @@ def make_ref(folder: Path, output: Path, resolution: int = 256, features: str = 
         if _rank_deficient(acts) else []
     if acts.constant_images:
         warnings.append(f"{acts.constant_images} of {acts.count} images are a single flat colour")
-    return MakeRefResult(output, acts.count, resolution, name, tuple(warnings))
+    return MakeRefResult(output, acts.count, images.resolution[0], name, tuple(warnings))
 
 
-def _write_reference(path: Path, images: FolderImages, extractor: Callable, name: str, device: torch.device,
-                     batch_size: int, progress: Progress | None) -> Activations:
+def _write_reference(path: Path, images: FolderImages | ArrayImages, extractor: Callable, name: str,
+                     device: torch.device, batch_size: int, progress: Progress | None) -> Activations:
     with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
         with archive.open("arr_0.npy", "w", force_zip64=True) as f:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,

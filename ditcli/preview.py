@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from ditcli.codec import to_uint8
-from ditcli.diffusion import Diffusion
 from ditcli.samplers import Guidance, ImageNoise, guided_model_fn, plan_sampler, unconditional_model_fn
 
 
@@ -26,12 +25,12 @@ def image_grid(images: np.ndarray, columns: int) -> Image.Image:
 
 
 @torch.no_grad()
-def ema_preview(model, codec, diffusion: Diffusion, path: Path, seed: int, class_names: list[str] | None,
+def ema_preview(model, codec, schedule: str, path: Path, seed: int, class_names: list[str] | None,
                 per_class: int = 2, steps: int = 25, cfg: float = 2.0) -> Path:
     """Write a grid with `per_class` images of up to 10 classes (or 16 unconditional ones) to `path`."""
     config = model.config
     device = next(model.parameters()).device
-    plan = plan_sampler("ddim", steps, config.learn_sigma)
+    plan = plan_sampler("ddim", steps, config.learn_sigma, schedule=schedule)  # the betas the model was trained on
     if config.num_classes:
         classes = np.linspace(0, config.num_classes - 1, min(10, config.num_classes)).round().astype(int)
         labels = torch.tensor(np.repeat(classes, per_class), device=device)

@@ -24,14 +24,17 @@ import torch.distributed as dist
 
 from ditcli import finetune
 from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES, atomic_write, safe_torch_load
-from ditcli.codec import PixelCodec, VaeCodec
+from ditcli.codec import PixelCodec, VaeCodec, locate_vae
 from ditcli.data import ImageSet, LatentCache, load_images
-from ditcli.diffusion import Diffusion
+from ditcli.diffusion import BETA_SCHEDULES, Diffusion
+from ditcli.ema import EmaRecord, ema_decay_at
 from ditcli.errors import UserError
 from ditcli.model import DiT, DiTConfig, count_parameters, preset, training_flops
 from ditcli.runtime import autocast, resolve_device, resolve_precision
-from ditcli.samplers import image_seed
+from ditcli.samplers import TRAINED_SAMPLING, SamplingDefaults, image_seed
+from ditcli.weights import is_offline
 
+NO_VAE = "pass --vae none to train in pixel space"  # the offline way out when a VAE cannot be had
 # Fields that may change when resuming; any other difference needs --force.
 RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "micro_batch", "compile",
                      "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights"}
@@ -86,18 +89,24 @@ class TrainConfig:
             raise UserError(f"--micro-batch must be >= 1, got {self.micro_batch}")
         if self.lr <= 0 or not 0 <= self.ema_decay < 1:
             raise UserError("--lr must be > 0 and --ema-decay in [0, 1)")
+        if self.schedule not in BETA_SCHEDULES:
+            raise UserError(f"unknown --schedule {self.schedule!r}", f"choose from {', '.join(BETA_SCHEDULES)}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise UserError(f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}",
+                            "0.1 as DiT; 0 trains without a null class, so no classifier-free guidance")
         if self.precision not in ("fp32", "bf16"):
             raise UserError(f"unknown training precision {self.precision!r}",
                             "choose fp32 or bf16; fp16 would need loss scaling")
         if self.init_weights not in WEIGHT_CHOICES:
             raise UserError(f"unknown --init-weights {self.init_weights!r}", f"choose {' or '.join(WEIGHT_CHOICES)}")
+        self.check_image_size()
 
     @property
     def latent(self) -> bool:
         return self.vae is not None
 
-    def model_config(self, num_classes: int) -> DiTConfig:
-        """The DiT this run trains: a preset, with any custom width/depth/heads, at the latent resolution."""
+    def check_image_size(self) -> None:
+        """The image must split into whole patches of whole latent pixels."""
         downsample = VaeCodec.downsample if self.latent else 1
         patch = preset(self.model).patch_size
         unit = downsample * patch
@@ -105,6 +114,11 @@ class TrainConfig:
             what = f"8 x patch = {unit}" if self.latent else f"the patch size {patch}"
             suggestion = max(unit, self.image_size // unit * unit)
             raise UserError(f"--image-size {self.image_size} is not a multiple of {what}", f"use e.g. {suggestion}")
+
+    def model_config(self, num_classes: int) -> DiTConfig:
+        """The DiT this run trains: a preset, with any custom width/depth/heads, at the latent resolution."""
+        self.check_image_size()
+        downsample = VaeCodec.downsample if self.latent else 1
         overrides = {k: v for k, v in (("hidden_size", self.hidden_size), ("depth", self.depth),
                                        ("num_heads", self.num_heads)) if v is not None}
         return preset(self.model, input_size=self.image_size // downsample, num_classes=num_classes,
@@ -261,6 +275,9 @@ class Trainer:
                 self.save_checkpoint()
         if not self.checkpoints() or self.checkpoints()[-1][0] != self.state.step:
             self.save_checkpoint()
+        stale = self.ema_record().staleness()
+        if stale is not None:
+            self.emit("warning", {"message": f"warning: {stale}"})
         result = {"step": self.state.step, "bad_steps": self.state.bad_steps, "out": str(self.out),
                   "interrupted": self.state.step < self.config.steps}
         self.emit("done", result)
@@ -271,6 +288,7 @@ class Trainer:
     def setup(self):
         config = self.config
         resume_from = self.find_resume()
+        self.locate_codec()  # before the data: a VAE that cannot be had fails in seconds, not after reading it all
         self.images = self.preloaded or load_images(config.data, config.image_size, config.channels)
         if self.images.skipped:
             self.emit("warning", {"message": f"skipped {len(self.images.skipped)} unreadable or too-small files",
@@ -279,7 +297,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = DiT(self.model_config).to(self.device)
         self.init = self.initialize_from()  # before the codec, so a bad source fails before any latent is encoded
-        self.codec, cache = self.prepare_codec()
+        self.codec = self.load_codec()
+        cache = self.prepare_cache()
         self.data = TrainingData(self.images, cache, config.flip)
         self.diffusion = Diffusion.create("", config.schedule, self.model_config.learn_sigma)
         self.model.grad_checkpointing = config.grad_checkpointing
@@ -308,19 +327,29 @@ class Trainer:
         self.model_config = init.config
         return init
 
-    def prepare_codec(self):
+    def locate_codec(self) -> None:
+        if self.config.latent:
+            locate_vae(self.config.vae, is_offline(), alternative=NO_VAE)
+
+    def load_codec(self):
         config = self.config
         if not config.latent:
-            return PixelCodec(config.channels), None
-        codec = VaeCodec.load(config.vae, self.device)
+            return PixelCodec(config.channels)
+        return VaeCodec.load(config.vae, self.device, offline=is_offline(), alternative=NO_VAE)
+
+    def prepare_cache(self) -> LatentCache | None:
+        """Latent models encode the data once into `out/latents`, reused while the VAE and data match."""
+        codec, config = self.codec, self.config
+        if not config.latent:
+            return None
         expected = {"vae": codec.name, "scale": codec.scale, "image_size": config.image_size,
                     "fingerprint": self.images.fingerprint()}
         root = self.out / "latents"
         if not LatentCache.matches(root, expected):
             self.emit("cache", {"message": f"encoding {len(self.images)} images (and flips) into {root}"})
-            return codec, LatentCache.build(root, self.images, codec, expected, self.dist.rank, self.dist.world,
-                                            barrier=self.dist.barrier)
-        return codec, LatentCache(root)
+            return LatentCache.build(root, self.images, codec, expected, self.dist.rank, self.dist.world,
+                                     barrier=self.dist.barrier)
+        return LatentCache(root)
 
     def summary(self) -> dict:
         c, m = self.config, self.model_config
@@ -399,9 +428,7 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self):
         """EMA of the weights in fp32, with the optional warm-up decay min(d, (1 + n) / (10 + n))."""
-        decay = self.config.ema_decay
-        if self.config.ema_warmup:
-            decay = min(decay, (1 + self.state.step) / (10 + self.state.step))
+        decay = ema_decay_at(self.config.ema_decay, self.config.ema_warmup, self.state.step)
         ema = [p for p in self.ema.parameters() if p.dtype.is_floating_point]
         params = [p for p in self.model.parameters() if p.dtype.is_floating_point]
         torch._foreach_lerp_(ema, params, 1.0 - decay)
@@ -434,7 +461,7 @@ class Trainer:
         from ditcli.preview import ema_preview
 
         path = self.out / "samples" / f"step-{self.state.step:07d}.png"
-        ema_preview(self.ema, self.codec, self.diffusion, path, self.config.seed, self.images.class_names)
+        ema_preview(self.ema, self.codec, self.config.schedule, path, self.config.seed, self.images.class_names)
         self.emit("sample", {"path": str(path), "step": self.state.step})
 
     # Checkpoints.
@@ -467,12 +494,21 @@ class Trainer:
                    "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                    "optimizer": self.optimizer.state_dict(), "rng": rng, "bad_steps": self.state.bad_steps,
                    "class_names": self.images.class_names, "codec": self.codec.to_dict(),
+                   "sampling": self.sampling_defaults().to_dict(), "data_fingerprint": self.images.fingerprint(),
                    "versions": {"torch": str(torch.__version__), "ditcli": _version()}}
         path = self.out / f"ckpt-{self.state.step:07d}.pt"
         atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
         for _, old in self.checkpoints()[: -self.config.keep_last]:
             old.unlink(missing_ok=True)
         self.emit("checkpoint", {"path": str(path), "step": self.state.step})
+
+    def ema_record(self) -> EmaRecord:
+        return EmaRecord(self.config.ema_decay, self.config.ema_warmup, self.state.step)
+
+    def sampling_defaults(self) -> SamplingDefaults:
+        """What `dit sample` uses for this checkpoint unless told otherwise; no guidance without a null class."""
+        guided = self.model_config.num_classes > 0 and self.model_config.class_dropout_prob > 0
+        return TRAINED_SAMPLING if guided else SamplingDefaults(TRAINED_SAMPLING.sampler, TRAINED_SAMPLING.steps, 1.0)
 
     def gather_rng_states(self) -> list:
         state = {"torch": torch.get_rng_state()}
@@ -492,7 +528,7 @@ class Trainer:
         for model in (self.model, self.ema):
             model.set_forward(stored.timestep_convention, stored.norm_eps)
         self.model_config = self.model.config
-        self.check_compatible(data["config"], path)
+        self.check_compatible(data["config"], path, data.get("data_fingerprint"))
         self.model.load_state_dict(data["model"])
         self.ema.load_state_dict(data["ema"])
         self.optimizer.load_state_dict(data["optimizer"])
@@ -504,15 +540,28 @@ class Trainer:
             trim_metrics(self.out / "metrics.jsonl", self.state.step)
         self.emit("resume", {"path": str(path), "step": self.state.step})
 
-    def check_compatible(self, stored: dict, path: Path):
+    def check_compatible(self, stored: dict, path: Path, fingerprint: str | None = None):
         ours = self.config.to_dict()
         differs = [f"{k}: {stored['train'].get(k)!r} -> {v!r}" for k, v in ours.items()
-                   if k not in RESUMABLE_CHANGES and k != "out" and stored["train"].get(k) != v]
+                   if k not in RESUMABLE_CHANGES and k not in ("out", "data") and stored["train"].get(k) != v]
+        if not self.same_data(stored["train"].get("data"), fingerprint):
+            differs.append(f"data: {stored['train'].get('data')!r} -> {self.config.data!r}")
         if DiTConfig.from_dict(stored["model"]) != self.model_config:
             differs.append("model architecture")
         if differs and not self.force:
             raise UserError(f"cannot resume from {path}: the configuration differs ({'; '.join(differs)})",
                             "use the original settings, or pass --force to resume anyway")
+
+
+    def same_data(self, stored: str | None, fingerprint: str | None) -> bool:
+        """The data's fingerprint decides (`pngs` and `./pngs/` are one folder); older checkpoints compare paths."""
+        if fingerprint is not None:
+            return fingerprint == self.images.fingerprint()
+        return stored is not None and _data_path(stored) == _data_path(self.config.data)
+
+
+def _data_path(data: str) -> str:
+    return data if data.startswith("fashion-mnist") else str(Path(data).expanduser().resolve())
 
 
 def trim_metrics(path: Path, step: int) -> None:

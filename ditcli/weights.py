@@ -16,6 +16,7 @@ from typing import Callable
 
 import ditcli
 from ditcli.errors import UserError
+from ditcli.samplers import SamplingDefaults
 
 ProgressFn = Callable[[int, int | None], None] | None
 OFFLINE_ENV = ("DIT_OFFLINE", "HF_HUB_OFFLINE")
@@ -42,6 +43,11 @@ class KnownWeights:
     cfg: float = 4.0
     licence: str = ""
     hub: str | None = None
+
+    @property
+    def sampling(self) -> SamplingDefaults:
+        """The registry's defaults; a file's own metadata, where it has some, takes precedence."""
+        return SamplingDefaults(self.sampler, self.steps, self.cfg)
 
 
 DIT_RELEASE = "https://dl.fbaipublicfiles.com/DiT/models"

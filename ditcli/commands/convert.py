@@ -79,12 +79,24 @@ def _render_info(data: dict, json_out: bool) -> None:
             ("class names", str(data["class_names"]) if data["class_names"] is not None else "none"),
             ("codec", json.dumps(data["codec"]) if data["codec"] else "none"),
             ("timestep convention", f"{data['timestep_convention']} ({data['convention_source']})"),
+            ("schedule", data["schedule"]),
+            ("sampling", json.dumps(data["sampling"]) if data["sampling"] else "not recorded"),
+            ("EMA record", json.dumps(data["ema_record"]) if data["ema_record"] else "not recorded"),
             ("config", json.dumps(data["config"]))]
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
     for warning in data["warnings"]:
         console.print(f"warning: {warning}", style="yellow")
+
+
+def _weights_parity(trip: dict) -> str:
+    if trip["identical_weights"]:
+        return "bit-exact"
+    if trip["differing"] and trip["differing"] == trip["expected_differences"]:
+        return ("equal to the source but for its rounded pos_embed table, which diffusers recomputes exactly "
+                "(expected)")
+    return f"NOT equal to the source ({', '.join(trip['differing'][:3]) or 'different keys'} differ)"
 
 
 def _render_report(report: ConversionReport, json_out: bool) -> None:
@@ -94,7 +106,7 @@ def _render_report(report: ConversionReport, json_out: bool) -> None:
     console.print(f"wrote {report.destination} ({report.to}, {report.dtype}, {report.weights} weights) from "
                   f"{report.source_format}: {report.model}")
     trip = report.parity["roundtrip"]
-    weights = "bit-exact" if trip["identical_weights"] else "NOT equal to the source"
+    weights = _weights_parity(trip)
     rounding = f", {report.dtype} rounding" if report.dtype != "fp32" else ""
     console.print(f"parity: weights read back {weights} (as {report.dtype}); fixed-seed forward max |source - result| "
                   f"= {trip['max_abs_diff']:.3g} (outputs up to {trip['max_abs_output']:.3g}{rounding})")

@@ -53,12 +53,17 @@ def fid(
         help="Samples: an ADM .npz (arr_0 uint8 NHWC), a folder of images or a `dit sample` output folder.")] = None,
     ref: Annotated[Path | None, typer.Option(
         "--ref", help="Reference: an ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder of images.")] = None,
-    make_ref: Annotated[Path | None, typer.Option(
-        "--make-ref", help="Build an ADM-format reference .npz from this folder (write it with -o).")] = None,
+    make_ref: Annotated[str | None, typer.Option(
+        "--make-ref", metavar="DATA",
+        help="Build an ADM-format reference .npz (write it with -o) from any `dit train --data` source: an image "
+             "folder, an .npz, a folder of idx files or 'fashion-mnist'.")] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", help="With --make-ref on idx data (fashion-mnist, a folder of idx files): train (default) or "
+                        "test.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Where --make-ref writes the .npz.")] = None,
     resize: Annotated[int | None, typer.Option(
-        "--resize", help="Center-crop folder images to N x N as ADM does (required for mixed sizes; "
-                         "--make-ref defaults to 256).")] = None,
+        "--resize", help="Center-crop images to N x N as ADM does (required for mixed sizes; --make-ref defaults "
+                         "to 256 for an image folder and keeps the size of other data).")] = None,
     batch_size: BatchSizeOpt = 64,
     device: DeviceOpt = "auto",
     inception_weights: InceptionWeightsOpt = None,
@@ -76,15 +81,7 @@ def fid(
 
     if inception_weights is not None and features != metrics.INCEPTION:
         raise UserError("--inception-weights only applies to --features inception")
-    if make_ref is not None:
-        if samples is not None or ref is not None:
-            raise UserError("--make-ref builds a reference; it takes no SAMPLES or --ref",
-                            "run `dit fid --make-ref FOLDER -o ref.npz`, then score against ref.npz")
-        if output is None:
-            raise UserError("--make-ref needs -o PATH for the reference .npz")
-    elif samples is None or ref is None:
-        raise UserError("nothing to score" if samples is None else "--ref is required",
-                        "run `dit fid SAMPLES --ref REF.npz`, or `dit fid --make-ref FOLDER -o ref.npz`")
+    _check_mode(samples, ref, make_ref, output, split)
     torch_device = resolve_device(device)
     if torch_device.type == "cuda":  # TF32 would round the features more coarsely than the float32 graph does
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -92,8 +89,8 @@ def fid(
 
     with _StageBars(enabled=not json_output) as bars:
         if make_ref is not None:
-            result = metrics.make_ref(make_ref, output, resize or 256, features, inception_weights, torch_device,
-                                      batch_size, num_workers, bars)
+            result = metrics.make_ref(make_ref, output, resize, features, inception_weights, torch_device,
+                                      batch_size, num_workers, bars, split)
         else:
             config = metrics.FidConfig(samples, ref, batch_size, features, inception_weights, resize, num_workers)
             result = metrics.evaluate(config, torch_device, bars)
@@ -128,6 +125,22 @@ def _protocol_line(result) -> str:
         agrees = "matches" if not count else f"differs in {count} setting{'s' if count > 1 else ''} from"
         line += f"; {agrees} the paper's ({settings['paper_protocol']}; {settings['paper']})"
     return line
+
+
+def _check_mode(samples: Path | None, ref: Path | None, make_ref: str | None, output: Path | None,
+                split: str | None) -> None:
+    """Either score SAMPLES against --ref, or build a reference with --make-ref DATA -o PATH."""
+    if make_ref is not None:
+        if samples is not None or ref is not None:
+            raise UserError("--make-ref builds a reference; it takes no SAMPLES or --ref",
+                            "run `dit fid --make-ref FOLDER -o ref.npz`, then score against ref.npz")
+        if output is None:
+            raise UserError("--make-ref needs -o PATH for the reference .npz")
+    elif split is not None:
+        raise UserError("--split only applies to --make-ref", "drop --split")
+    elif samples is None or ref is None:
+        raise UserError("nothing to score" if samples is None else "--ref is required",
+                        "run `dit fid SAMPLES --ref REF.npz`, or `dit fid --make-ref FOLDER -o ref.npz`")
 
 
 def _score_table(result) -> Table:

@@ -15,17 +15,17 @@ from rich.table import Table
 from ditcli import __version__
 from ditcli.checkpoint import Checkpoint, describe, load_checkpoint
 from ditcli.classes import ClassTable, class_table, slug
-from ditcli.codec import codec_from_dict
+from ditcli.codec import VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict
 from ditcli.commands.options import CheckpointOpt, CompileOpt, DeviceOpt, JsonOpt, PrecisionOpt, SeedOpt
 from ditcli.errors import UserError
-from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, check_guidance, class_labels, default_out_dir,
-                             distributed, random_labels, rank_device, sample_run)
+from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, check_guidance, check_outputs, class_labels,
+                             default_out_dir, distributed, random_labels, rank_device, sample_run)
 from ditcli.hub import resolve_source
 from ditcli.model import PRESET_SHAPES, preset_names
 from ditcli.progress import ProgressBar, byte_progress
 from ditcli.protocol import PAPER_FID, SAMPLE_PRESETS, expand_preset
 from ditcli.runtime import resolve_device, resolve_precision, set_backend_flags
-from ditcli.samplers import GUIDED_CHANNELS, SAMPLERS, Guidance, plan_sampler
+from ditcli.samplers import DIT_SAMPLING, GUIDED_CHANNELS, SAMPLERS, Guidance, plan_sampler
 from ditcli.weights import KnownWeights, file_sha256, is_offline, known_weights, registry_models, resolve_weights
 
 DEFAULT_MODEL = "DiT-XL/2"
@@ -57,12 +57,16 @@ BatchOpt = Annotated[int, typer.Option(
     "--batch-size", help="Images per forward pass and process, rounded up to a multiple of 4 (see docs/samplers.md).")]
 OutOpt = Annotated[Path | None, typer.Option(
     "--out", help="Folder for PNGs, grid.png and provenance.json (default: samples/<model>-<settings>).")]
-NpzOpt = Annotated[Path | None, typer.Option("--npz", help="Also write all images as an ADM evaluator .npz (arr_0).")]
+NpzOpt = Annotated[Path | None, typer.Option(
+    "--npz", help="Write all images as an ADM evaluator .npz (arr_0) plus a .provenance.json; PNGs and grid.png are "
+                  "written only if --out is given too.")]
 VaeOpt = Annotated[str | None, typer.Option("--vae", help="ema, mse, a Hugging Face id or a local folder.")]
 DeterministicOpt = Annotated[bool, typer.Option(
     "--deterministic", help="No TF32, deterministic algorithms, no cuDNN autotuning.")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download (also DIT_OFFLINE=1 or HF_HUB_OFFLINE=1).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs of a different run instead of refusing.")]
+SampleWeightsOpt = Annotated[str | None, typer.Option(
+    "--weights", help="ema or model: which weights of a training checkpoint to sample (default ema).")]
 SearchOpt = Annotated[str | None, typer.Option("--search", help="Show only classes whose id or names contain TEXT.")]
 PresetOpt = Annotated[str | None, typer.Option(
     "--preset", help=f"A named protocol ({', '.join(SAMPLE_PRESETS)}: {PAPER_FID.describe()}, into an .npz); options "
@@ -77,7 +81,7 @@ def sample(
     batch_size: BatchOpt = 32, out: OutOpt = None, npz: NpzOpt = None, vae: VaeOpt = None,
     device: DeviceOpt = "auto", precision: PrecisionOpt = DEFAULT_PRECISION, compile: CompileOpt = False,
     json_output: JsonOpt = False, deterministic: DeterministicOpt = False, offline: OfflineOpt = False,
-    force: ForceOpt = False, preset: PresetOpt = None,
+    force: ForceOpt = False, preset: PresetOpt = None, weights: SampleWeightsOpt = None,
 ):
     """Generate class-conditional images from a DiT checkpoint."""
     # Expand --preset (explicit options win), then check the numbers before any file is read or written.
@@ -94,26 +98,31 @@ def sample(
     with distributed(torch_device) as ranks:
         quiet = json_output or ranks.rank != 0
 
-        # Find and load the checkpoint (rank 0 downloads, the others wait), its codec and class names.
+        # Find and read the checkpoint (rank 0 downloads, the others wait).
         with ranks.zero_first():
             checkpoint_path, entry = find_checkpoint(model, image_size, ckpt, offline, quiet)
-        checkpoint = load_checkpoint(checkpoint_path, num_heads=preset_heads(model))
-        check_preset(model, checkpoint)
+        checkpoint = read_checkpoint(checkpoint_path, model, weights)
         model_config = checkpoint.config
-        defaults = entry or KnownWeights(DEFAULT_MODEL, None, "")
+
+        # Check everything cheap (sampler, guidance, classes, sizes, outputs) before the codec loads.
+        defaults = checkpoint.sampling or (entry.sampling if entry else DIT_SAMPLING)
         guidance = make_guidance(cfg if cfg is not None else defaults.cfg, guidance_channels, guidance_interval,
-                                 unconditional=model_config.num_classes == 0)
-        check_guidance(model_config, guidance)
+                                 model_config)
         sampler, steps = sampler or defaults.sampler, steps or defaults.steps
-        plan = plan_sampler(sampler, steps, model_config.learn_sigma, eta)  # bad sampler or steps fail here
+        plan = plan_sampler(sampler, steps, model_config.learn_sigma, eta, schedule=checkpoint.schedule)
         vae = vae_choice(checkpoint, settings["vae"], vae_from_preset, notes)
-        with ranks.zero_first():
-            codec = codec_from_dict(checkpoint.codec, torch_device, model_config.in_channels, vae,
-                                    is_offline(offline))
-        check_codec(checkpoint, codec, image_size if ckpt is not None else None)
         names = class_table(model_config.num_classes, checkpoint.class_names)
         labels, columns = plan_run(names, model_config.num_classes, class_, num_per_class, num, seed)
-        config = GenerateConfig(tuple(labels), seed, sampler, steps, eta, guidance, batch_size, precision, compile)
+        config = GenerateConfig(tuple(labels), seed, sampler, steps, eta, guidance, batch_size, precision, compile,
+                                checkpoint.schedule)
+        check_image_size(checkpoint, image_size if ckpt is not None else None, vae)
+        check_outputs(out, npz)
+        warnings = weight_warnings(checkpoint, show=not quiet)
+
+        # Load the codec (rank 0 first: it may download) and check it fits the model.
+        with ranks.zero_first():
+            codec = codec_from_dict(checkpoint.codec, torch_device, model_config.in_channels, vae, is_offline(offline))
+        check_codec(checkpoint, codec, image_size if ckpt is not None else None)
 
         # Prepare the outputs, then sample this process's share under a progress bar.
         net = checkpoint.build(torch_device)
@@ -136,7 +145,7 @@ def sample(
                                  on_batch=lambda batch: bar.advance(len(batch.indices), nfe=batch.nfe),
                                  on_step=bar.step, on_plan=lambda n: bar.update(0, total=n))
         if ranks.rank == 0:
-            report(summary, out, npz, run_key, json_output)
+            report(summary, out, npz, run_key, json_output, checkpoint.weights, warnings)
 
 
 def expand_sample_preset(preset: str | None, **options) -> tuple[dict, list[str]]:
@@ -178,6 +187,24 @@ def check_counts(num: int | None, num_per_class: int | None, batch_size: int, st
             raise UserError(f"{flag} must be >= 1, got {value}")
 
 
+def read_checkpoint(path: Path, model: str | None, weights: str | None) -> Checkpoint:
+    """The checkpoint, checked against a --model preset and the --weights asked for."""
+    checkpoint = load_checkpoint(path, num_heads=preset_heads(model), weights=weights or "ema")
+    check_preset(model, checkpoint)
+    if weights is not None and checkpoint.weights != weights:
+        raise UserError(f"--weights {weights}: {path} holds only its {checkpoint.weights} weights",
+                        "drop --weights, or pass the training checkpoint (ckpt-*.pt) that holds both")
+    return checkpoint
+
+
+def weight_warnings(checkpoint: Checkpoint, show: bool) -> list[str]:
+    """An EMA that has not yet moved from its start samples noise; say so (on stderr) before sampling."""
+    stale = checkpoint.ema.staleness() if checkpoint.ema is not None and checkpoint.weights == "ema" else None
+    if stale and show:
+        Console(stderr=True, highlight=False).print(f"warning: {stale}", markup=False)
+    return [stale] if stale else []
+
+
 def find_checkpoint(model: str | None, image_size: int | None, ckpt: Path | None, offline: bool,
                     quiet: bool) -> tuple[Path, KnownWeights | None]:
     """--ckpt (a path, or a hub id fetched into the Hugging Face cache) wins; otherwise a known model is found in the
@@ -210,6 +237,22 @@ def check_preset(model: str | None, checkpoint: Checkpoint) -> None:
                         "drop --model or pass the matching preset")
 
 
+def check_image_size(checkpoint: Checkpoint, image_size: int | None, vae: str | None) -> None:
+    """--image-size against what the model makes, before the codec loads: pixels, or the SD VAEs' 8x; any other VAE
+    is checked against its own config once loaded (`check_codec`)."""
+    spec = checkpoint.codec or {"kind": "vae", "vae": VAE_ALIASES["ema"]}
+    if spec["kind"] == "pixel":
+        factor = PixelCodec.downsample
+    elif VAE_ALIASES.get(vae or spec.get("vae"), vae or spec.get("vae")) in VAE_ALIASES.values():
+        factor = VaeCodec.downsample
+    else:
+        return
+    pixels = checkpoint.config.input_size * factor
+    if image_size is not None and image_size != pixels:
+        raise UserError(f"--image-size {image_size} does not match the checkpoint, which makes {pixels}x{pixels} "
+                        "images", f"drop --image-size or pass {pixels}")
+
+
 def check_codec(checkpoint: Checkpoint, codec, image_size: int | None) -> None:
     config = checkpoint.config
     if codec.latent_channels != config.in_channels:
@@ -222,12 +265,15 @@ def check_codec(checkpoint: Checkpoint, codec, image_size: int | None) -> None:
                         "images", f"drop --image-size or pass {pixels}")
 
 
-def make_guidance(scale: float, channels: str, interval: str | None, unconditional: bool) -> Guidance:
+def make_guidance(scale: float, channels: str, interval: str | None, model_config) -> Guidance:
+    """The guidance settings, checked against what the model can do (a null class for any scale but 1)."""
     if scale < 0:
         raise UserError(f"--cfg must be >= 0, got {scale:g}", "1 disables guidance, 0 is unconditional")
-    if unconditional:
+    if model_config.num_classes == 0:
         return Guidance(1.0, channels)  # a model trained without labels has nothing to guide
-    return Guidance(scale, channels, parse_interval(interval))
+    guidance = Guidance(scale, channels, parse_interval(interval))
+    check_guidance(model_config, guidance)
+    return guidance
 
 
 def parse_interval(text: str | None) -> tuple[float, float] | None:
@@ -286,8 +332,8 @@ def make_writers(out: Path | None, npz: Path | None, names: ClassTable, config: 
 
 
 def png_text(provenance: dict) -> dict[str, str]:
-    keys = ("model", "checkpoint_sha256", "sampler", "steps", "cfg", "guidance_channels", "guidance_interval",
-            "codec", "precision", "run_key")
+    keys = ("model", "checkpoint_sha256", "weights", "schedule", "sampler", "steps", "cfg", "guidance_channels",
+            "guidance_interval", "codec", "precision", "run_key")
     return {key: json.dumps(provenance[key]) if not isinstance(provenance[key], str) else provenance[key]
             for key in keys}
 
@@ -304,6 +350,7 @@ def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkp
         "guidance_channels": config.guidance.channels,
         "guidance_interval": list(config.guidance.interval) if config.guidance.interval else None,
         "nfe_convention": "model evaluations per image; one evaluation of a doubled CFG batch counts as one",
+        "weights": checkpoint.weights, "schedule": checkpoint.schedule,
         "codec": codec.to_dict(), "precision": str(dtype).removeprefix("torch."), "device": str(device),
         "deterministic": deterministic, "tf32": torch.backends.cuda.matmul.allow_tf32,
         "seed": config.seed, "num_images": config.num_images,
@@ -313,11 +360,12 @@ def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkp
     }
 
 
-def report(summary, out: Path | None, npz: Path | None, run_key: str, json_output: bool) -> None:
+def report(summary, out: Path | None, npz: Path | None, run_key: str, json_output: bool, weights: str,
+           warnings: list[str]) -> None:
     result = {"out": str(out) if out else None, "npz": str(npz) if npz else None, "images": summary.total,
               "generated": summary.generated, "skipped": summary.skipped, "nfe": summary.nfe,
               "seconds": round(summary.seconds, 3), "images_per_second": summary.images_per_second,
-              "files": summary.files, "run_key": run_key}
+              "files": summary.files, "run_key": run_key, "weights": weights, "warnings": warnings}
     if json_output:
         typer.echo(json.dumps(result))
         return
@@ -325,7 +373,8 @@ def report(summary, out: Path | None, npz: Path | None, run_key: str, json_outpu
     rate = f", {summary.images_per_second:.3g} img/s" if summary.images_per_second else ""
     skipped = f" ({summary.skipped} already done)" if summary.skipped else ""
     nfe = f", NFE {summary.nfe} per image" if summary.nfe else ""
-    Console(highlight=False).print(f"wrote {summary.total} images to {where}{skipped}{nfe}{rate}", markup=False)
+    Console(highlight=False).print(f"wrote {summary.total} images to {where}{skipped}{nfe}{rate}, from the "
+                                   f"{'EMA' if weights == 'ema' else 'raw (non-EMA)'} weights", markup=False)
 
 
 def classes(

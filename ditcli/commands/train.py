@@ -43,6 +43,15 @@ def train(
     weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
     ema_decay: Annotated[float | None, typer.Option("--ema-decay")] = None,
     ema_warmup: Annotated[bool | None, typer.Option("--ema-warmup/--no-ema-warmup")] = None,
+    schedule: Annotated[str | None, typer.Option(
+        "--schedule", help="Beta schedule: linear (DiT, the default) or cosine (IDDPM); recorded in every "
+                           "checkpoint.")] = None,
+    learn_sigma: Annotated[bool | None, typer.Option("--learn-sigma/--no-learn-sigma",
+                                                     help="Learn the variance too (DiT, IDDPM's hybrid loss; "
+                                                          "the default).")] = None,
+    class_dropout_prob: Annotated[float | None, typer.Option(
+        "--class-dropout-prob", help="Share of labels dropped to the null class, for guidance (default 0.1); 0 "
+                                 "disables guidance.")] = None,
     grad_clip: Annotated[float | None, typer.Option("--grad-clip", help="Clip the gradient norm to this.")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = None,
     ckpt_every: Annotated[int | None, typer.Option("--ckpt-every")] = None,
@@ -69,7 +78,8 @@ def train(
     given = dict(data=data, out=str(out), model=model, image_size=image_size, channels=channels,
                  vae=_vae(vae), hidden_size=hidden_size, depth=depth, num_heads=num_heads, steps=steps,
                  global_batch=global_batch, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
-                 ema_decay=ema_decay, ema_warmup=ema_warmup, grad_clip=grad_clip, flip=flip, ckpt_every=ckpt_every,
+                 ema_decay=ema_decay, ema_warmup=ema_warmup, schedule=schedule, learn_sigma=learn_sigma,
+                 class_dropout_prob=class_dropout_prob, grad_clip=grad_clip, flip=flip, ckpt_every=ckpt_every,
                  keep_last=keep_last, sample_every=sample_every, log_every=log_every, max_bad_steps=max_bad_steps,
                  grad_checkpointing=grad_checkpointing, precision=precision, seed=seed, device=device,
                  compile=compile, init_from=init_from, init_weights=init_weights)
