@@ -179,6 +179,8 @@ def test_cli_start_up_table_reports_the_mapping(tmp_path):
 
 def test_a_bad_source_fails_before_the_vae_or_any_latent(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The VAE counts as found (training locates it before reading the data); it must still never load.
+    monkeypatch.setattr("ditcli.training.locate_vae", lambda *args, **kwargs: None)
     source_file(tmp_path / "ten.safetensors")
     data = npz(tmp_path / "x.npz", NAMES, size=16)
     latent = {**TINY, "vae": "stabilityai/sd-vae-ft-ema", "image_size": 16, "channels": 3}
