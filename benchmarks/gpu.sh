@@ -1,16 +1,48 @@
 #!/usr/bin/env bash
-# The same benchmarks on one CUDA GPU, with compile, at the sizes a GPU needs.
-# Run from the repository root on a machine with torch (CUDA build) and this package installed:
-#   bash benchmarks/gpu.sh            # writes benchmarks/results/model-cuda.json and fid-cuda.json
-# MFU is reported against the bf16 (and fp32/TF32) matmul peak measured in the same run; the nominal dense bf16 peaks
-# are about 989 TFLOP/s (H100 SXM) and the same for H200.
-set -euo pipefail
+# The GPU suite in one unattended call: tests/gpu (bf16 step, compile, SDPA kernel, bf16 sampling drift, one-process
+# NCCL train + resume, Inception CUDA vs CPU), then the DiT-XL/2 timings of bench_model.py against diffusers with
+# MFU. About 6 minutes on one H100/H200; every step has its own time limit, so one hang cannot eat the budget.
+#
+#   bash benchmarks/gpu.sh [OUT_DIR]     # default: $OUT, else benchmarks/results/gpu
+#
+# Writes to OUT_DIR (7 files at most): steps.jsonl (one line per step: rc, seconds, timed_out), tests.log,
+# gpu-tests.json (each test's figures), bench.log, model.json (bench_model.py's rows), summary.json (MFU of the
+# XL/2 training step and sampling, ratios against diffusers, test outcomes). Without CUDA it runs the same steps on
+# the CPU at toy sizes, to check the plumbing: the CUDA-only tests are skipped with their reason.
+# Needs torch, this package's dependencies (diffusers included) and pytest; the tree is imported from PYTHONPATH.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-python benchmarks/bench_model.py --device cuda --compile --repeats 10 \
-    --models DiT-S/2 DiT-B/2 DiT-XL/2 --batch 64 \
-    --sample-model DiT-XL/2 --sample-batch 64 --sample-steps 25 \
-    --train-model DiT-XL/2 --train-batch 32 \
-    --out benchmarks/results/model-cuda.json
-python benchmarks/bench_fid.py --device cuda --num-images 512 --batch-size 128 --repeats 3 || true
+out="${1:-${OUT:-benchmarks/results/gpu}}"
+mkdir -p "$out"
+: > "$out/steps.jsonl"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DIT_GPU_REPORT="$out"
+cuda=$(python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+
+step() {  # step NAME LIMIT_S LOG COMMAND...: run under a time limit, append its outcome to steps.jsonl
+    local name=$1 limit=$2 log=$3 start rc
+    shift 3
+    start=$(date +%s)
+    timeout --kill-after=15 "$limit" "$@" >>"$out/$log" 2>&1
+    rc=$?
+    printf '{"step": "%s", "rc": %d, "seconds": %d, "timed_out": %s}\n' "$name" "$rc" "$(($(date +%s) - start))" \
+        "$([ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo true || echo false)" >>"$out/steps.jsonl"
+}
+
+python -c "import diffusers" >/dev/null 2>&1 ||
+    echo '{"step": "check", "note": "diffusers is not importable: bench_model.py needs it (carry its wheel)"}' \
+        >>"$out/steps.jsonl"
+
+if [ "$cuda" = 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$out/tests.log" 2>&1 || true
+    step tests 180 tests.log python -m pytest -q -rs -p no:cacheprovider tests/gpu
+    step bench 300 bench.log python benchmarks/bench_model.py --device cuda --compile --repeats 5 \
+        --models DiT-XL/2 --batch 64 --sample-model DiT-XL/2 --sample-batch 64 --sample-steps 25 \
+        --train-model DiT-XL/2 --train-batch 32 --out "$out/model.json"
+else
+    step tests 300 tests.log python -m pytest -q -rs -p no:cacheprovider tests/gpu
+    step bench 300 bench.log python benchmarks/bench_model.py --device cpu --repeats 1 --models DiT-S/8 --batch 2 \
+        --sample-model DiT-S/8 --sample-batch 2 --sample-steps 2 --train-model DiT-S/8 --train-batch 2 \
+        --out "$out/model.json"
+fi
+step summary 60 bench.log python benchmarks/gpu_summary.py "$out"
+cat "$out/steps.jsonl"

@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from ditcli import __version__
 from ditcli.errors import UserError
+from ditcli.ranks import AgreedError, env_rank
 
 # Errors the shell reports as one line; anything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
@@ -25,6 +26,8 @@ class _ErrorsAsOneLine(TyperGroup):
         except USER_ERRORS as exc:
             if ctx.params.get("debug"):
                 raise
+            if isinstance(exc, AgreedError) and env_rank() != 0:  # every rank raised it; rank 0 reports it
+                raise typer.Exit(2) from None
             Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {_one_line(exc)}", markup=False)
             raise typer.Exit(2) from None
 

@@ -233,9 +233,19 @@ class LatentCache:
         return all(meta.get(k) == v for k, v in expected.items())
 
     @classmethod
+    def open(cls, root: Path, expected: dict) -> LatentCache:
+        """The cache at `root`, which must be whole and match `expected` (as `matches` checked on rank 0)."""
+        cache = cls(root)
+        stale = [k for k, v in expected.items() if cache.meta.get(k) != v]
+        if stale:
+            raise UserError(f"the latent cache {root} holds other data ({', '.join(stale)} differ)")
+        return cache
+
+    @classmethod
     def build(cls, root: Path, images: ImageSet, codec, expected: dict, rank: int = 0, world: int = 1,
-              batch_size: int = 32, barrier=None, on_progress=None) -> LatentCache:
-        """Encode the shards of this rank; rank 0 writes meta.json after everyone is done."""
+              batch_size: int = 32, barrier=None, on_progress=None) -> None:
+        """Encode the shards of this rank; rank 0 writes meta.json after everyone is done. Each rank then opens
+        the cache with `open`, which proves it sees what the others wrote."""
         root.mkdir(parents=True, exist_ok=True)
         num_shards = (len(images) + cls.SHARD - 1) // cls.SHARD
         for shard in range(rank, num_shards, world):
@@ -260,7 +270,6 @@ class LatentCache:
             os.replace(tmp, root / "meta.json")
         if barrier is not None:
             barrier()
-        return cls(root)
 
     def gather(self, indices: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) float32 of the chosen images, each as itself or its flip."""

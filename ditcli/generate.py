@@ -29,6 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 from ditcli.codec import to_uint8
 from ditcli.errors import UserError
 from ditcli.model import DiTConfig
+from ditcli.ranks import DEFAULT_TIMEOUT_S, check_timeout, from_rank0, init_group, on_every_rank
 from ditcli.runtime import autocast, resolve_precision
 from ditcli.samplers import (CountingModelFn, Guidance, ImageNoise, guided_model_fn, image_seed, plan_sampler,
                              unconditional_model_fn)
@@ -183,12 +184,23 @@ class Ranks:
 
     @contextlib.contextmanager
     def zero_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (a download, say), then the others, which find its result."""
+        """Rank 0 runs the block first (a download, say), then the others, which find its result. If it fails on
+        rank 0, every rank raises its error."""
         if self.rank != 0:
-            self.barrier()
-        yield
-        if self.rank == 0:
-            self.barrier()
+            on_every_rank(lambda: None)
+            yield
+            return
+        failure = None
+        try:
+            yield
+        except (UserError, ValueError, OSError) as exc:
+            failure = exc
+
+        def outcome():
+            if failure is not None:
+                raise failure
+
+        on_every_rank(outcome)
 
 
 def rank_device(device: torch.device) -> torch.device:
@@ -200,12 +212,13 @@ def rank_device(device: torch.device) -> torch.device:
 
 
 @contextlib.contextmanager
-def distributed(device: torch.device) -> Iterator[Ranks]:
-    """Join the torchrun group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise)."""
+def distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Ranks]:
+    """Join the torchrun group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise); collectives wait `timeout_s`."""
+    check_timeout(timeout_s)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield Ranks()
         return
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    init_group(device, timeout_s)
     try:
         yield Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size())
     finally:
@@ -476,14 +489,16 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
                on_plan: Callable[[int], None] | None = None) -> RunSummary:
     """Generate what the writers do not hold yet, this rank's share of it, and let rank 0 finish the files.
 
-    The writers must be prepared (rank 0) before this is called.
+    The writers must be prepared (rank 0) before this is called. Rank 0 decides what is left and finishes the files;
+    the other ranks follow its decisions, so all ranks reach the same collectives and exit together.
     """
-    # Find what earlier runs finished, and split the rest across ranks.
-    ranks.barrier()
-    done = set(range(config.num_images))
-    for writer in writers:
-        done &= writer.done(config.labels)
-    ranks.barrier()
+    # Rank 0 finds what earlier runs finished; every rank splits the rest the same way.
+    def finished() -> set[int] | None:
+        if ranks.rank != 0:
+            return None
+        return set.intersection(set(range(config.num_images)), *(writer.done(config.labels) for writer in writers))
+
+    done = from_rank0(on_every_rank(finished))
     remaining = [i for i in range(config.num_images) if i not in done]
     mine = remaining[ranks.rank::ranks.world]
     if on_plan is not None:
@@ -500,16 +515,17 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
     seconds = time.perf_counter() - start
     summary = RunSummary(config.num_images, len(mine), len(done), nfe, seconds)
 
-    # Rank 0 merges and records what was made.
-    ranks.barrier()
-    if ranks.rank == 0:
-        nfe = nfe if nfe is not None else (provenance or {}).get("nfe")
-        summary.nfe = nfe
-        record = {**(provenance or {}), "nfe": nfe, "world_size": ranks.world, "batch_size": config.batch_size,
+    # Rank 0 merges and records what was made; a rank that could not write its shards shows up as missing images.
+    def finish() -> list[str]:
+        if ranks.rank != 0:
+            return []
+        summary.nfe = nfe if nfe is not None else (provenance or {}).get("nfe")
+        record = {**(provenance or {}), "nfe": summary.nfe, "world_size": ranks.world, "batch_size": config.batch_size,
                   "rank0_seconds": round(seconds, 3), "rank0_images": len(mine), "skipped_images": len(done)}
-        for writer in writers:
-            summary.files += [str(p) for p in writer.finish(config.labels, record)]
+        return [str(p) for writer in writers for p in writer.finish(config.labels, record)]
+
     ranks.barrier()
+    summary.files = on_every_rank(finish)
     return summary
 
 

@@ -30,6 +30,8 @@ from ditcli.diffusion import BETA_SCHEDULES, Diffusion
 from ditcli.ema import EmaRecord, ema_decay_at
 from ditcli.errors import UserError
 from ditcli.model import DiT, DiTConfig, count_parameters, preset, training_flops
+from ditcli.ranks import (DEFAULT_TIMEOUT_S, SHARED_DISK_HINT, AgreedError, check_timeout, collectives, from_rank0,
+                          init_group, on_every_rank)
 from ditcli.runtime import autocast, resolve_device, resolve_precision
 from ditcli.samplers import TRAINED_SAMPLING, SamplingDefaults, image_seed
 from ditcli.weights import is_offline
@@ -152,17 +154,20 @@ class Dist:
     world: int = 1
     local_rank: int = 0
 
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    grouped: bool = False  # in a process group: always under torchrun, even with one process (DDP, nccl/gloo)
+
     @classmethod
-    def from_env(cls, device: torch.device) -> Dist:
+    def from_env(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+        check_timeout(timeout_s)
+        if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            return cls(timeout_s=timeout_s)
+        init_group(device, timeout_s)
+        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), timeout_s, True)
 
     def barrier(self):
-        if self.world > 1:
+        if self.grouped:
             dist.barrier()
 
 
@@ -241,7 +246,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, on_event: Callable[[str, dict], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, resume: str | None = None, force: bool = False,
-                 images: ImageSet | None = None):
+                 images: ImageSet | None = None, dist_timeout: float = DEFAULT_TIMEOUT_S):
         self.config = config
         self.preloaded = images
         self.emit = on_event or (lambda kind, data: None)
@@ -251,30 +256,37 @@ class Trainer:
             raise UserError("--init-from and --resume exclude each other",
                             "--init-from starts a run; to continue it, drop --init-from and keep --resume")
         self.device = resolve_device(config.device)
-        self.dist = Dist.from_env(self.device)
+        self.dist = Dist.from_env(self.device, dist_timeout)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         if config.global_batch % self.dist.world:
-            raise UserError(f"--global-batch {config.global_batch} is not divisible by {self.dist.world} processes")
+            raise AgreedError(f"--global-batch {config.global_batch} is not divisible by {self.dist.world} processes")
         self.out = Path(config.out)
         self.dtype = resolve_precision(config.precision)
 
     def run(self) -> dict:
-        """Train to `config.steps`, checkpointing and logging; returns a summary."""
-        self.setup()
-        self.emit("start", self.summary())
-        started, images_seen = time.perf_counter(), 0
-        while self.state.step < self.config.steps and not self.should_stop():
-            metrics = self.train_step()
-            images_seen += self.config.global_batch
-            metrics["img_per_s"] = images_seen / (time.perf_counter() - started)
-            self.log_metrics(metrics)
-            self.maybe_sample()
-            if self.state.step % self.config.ckpt_every == 0:
+        """Train to `config.steps`, checkpointing and logging; returns a summary.
+
+        Every branch below reads agreed state (the step counter, flags all-reduced in `train_step`), so all ranks
+        enter the same collectives, save the same steps and stop together.
+        """
+        with collectives(self.dist.rank, self.dist.world, self.dist.timeout_s, self.doing):
+            self.setup()
+            self.emit("start", self.summary())
+            started, images_seen = time.perf_counter(), 0
+            while self.state.step < self.config.steps and not self.stopping:
+                metrics = self.train_step()
+                images_seen += self.config.global_batch
+                metrics["img_per_s"] = images_seen / (time.perf_counter() - started)
+                self.log_metrics(metrics)
+                self.maybe_sample()
+                if self.state.step % self.config.ckpt_every == 0:
+                    self.save_checkpoint()
+            if self.stopping:
+                self.emit("stop", {"step": self.state.step})
+            if self.saved_step != self.state.step:
                 self.save_checkpoint()
-        if not self.checkpoints() or self.checkpoints()[-1][0] != self.state.step:
-            self.save_checkpoint()
         stale = self.ema_record().staleness()
         if stale is not None:
             self.emit("warning", {"message": f"warning: {stale}"})
@@ -283,13 +295,20 @@ class Trainer:
         self.emit("done", result)
         return result
 
+    def doing(self) -> str:
+        """What the ranks were doing together, for the error when a peer stops answering."""
+        state = getattr(self, "state", None)
+        return "setting up" if state is None else f"training step {state.step + 1}"
+
     # Set-up.
 
     def setup(self):
         config = self.config
-        resume_from = self.find_resume()
+        self.stopping, self.saved_step = False, -1
+        resume_from = self.agreed_resume()
         self.locate_codec()  # before the data: a VAE that cannot be had fails in seconds, not after reading it all
-        self.images = self.preloaded or load_images(config.data, config.image_size, config.channels)
+        self.images = self.preloaded or on_every_rank(
+            lambda: load_images(config.data, config.image_size, config.channels), "cannot read --data")
         if self.images.skipped:
             self.emit("warning", {"message": f"skipped {len(self.images.skipped)} unreadable or too-small files",
                                   "files": self.images.skipped[:10]})
@@ -309,9 +328,9 @@ class Trainer:
                                            **fused)
         self.state = TrainState()
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
+            self.load_checkpoint(*resume_from)
         self.ddp = self.model
-        if self.dist.world > 1:
+        if self.dist.grouped:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
@@ -345,11 +364,13 @@ class Trainer:
         expected = {"vae": codec.name, "scale": codec.scale, "image_size": config.image_size,
                     "fingerprint": self.images.fingerprint()}
         root = self.out / "latents"
-        if not LatentCache.matches(root, expected):
+        matches = on_every_rank(lambda: LatentCache.matches(root, expected) if self.dist.rank == 0 else None)
+        if not from_rank0(matches):
             self.emit("cache", {"message": f"encoding {len(self.images)} images (and flips) into {root}"})
-            return LatentCache.build(root, self.images, codec, expected, self.dist.rank, self.dist.world,
-                                     barrier=self.dist.barrier)
-        return LatentCache(root)
+            LatentCache.build(root, self.images, codec, expected, self.dist.rank, self.dist.world,
+                              barrier=self.dist.barrier)
+        return on_every_rank(lambda: LatentCache.open(root, expected),
+                             f"cannot read the latent cache {root} that rank 0 wrote", SHARED_DISK_HINT)
 
     def summary(self) -> dict:
         c, m = self.config, self.model_config
@@ -380,15 +401,15 @@ class Trainer:
         chunks = list(range(0, per_rank, self.micro_batch))
         for i, lo in enumerate(chunks):
             part = mine.slice(lo, lo + self.micro_batch)
-            sync = i == len(chunks) - 1 or world == 1
+            sync = i == len(chunks) - 1 or not self.dist.grouped
             with (self.ddp.no_sync() if not sync else contextlib.nullcontext()):
                 terms = self.micro_step(part, per_rank)
             for k in totals:
                 totals[k] += terms.get(k, 0.0)
         grad_norm = self.clip_gradients()
-        ok = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
+        finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
+        totals, ok, self.stopping = self.agree(totals, finite, self.should_stop())
         self.apply_update(ok)
-        totals = self.reduce_metrics(totals)
         return {**totals, "grad_norm": grad_norm, "skipped": not ok}
 
     def micro_step(self, part: StepDraws, per_rank: int) -> dict:
@@ -418,10 +439,10 @@ class Trainer:
             self.emit("skip", {"step": self.state.step, "bad_steps": self.state.bad_steps})
             if self.state.consecutive_bad >= self.config.max_bad_steps:
                 self.save_checkpoint()
-                raise UserError(f"training diverged: {self.state.consecutive_bad} consecutive steps with a non-finite "
-                                f"loss or gradient at step {self.state.step}",
-                                "lower --lr, set --grad-clip, or use --precision fp32; the last good weights are in "
-                                "the latest checkpoint")
+                raise AgreedError(f"training diverged: {self.state.consecutive_bad} consecutive steps with a "
+                                  f"non-finite loss or gradient at step {self.state.step}",
+                                  "lower --lr, set --grad-clip, or use --precision fp32; the last good weights are in "
+                                  "the latest checkpoint")
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
 
@@ -433,12 +454,16 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.dtype.is_floating_point]
         torch._foreach_lerp_(ema, params, 1.0 - decay)
 
-    def reduce_metrics(self, totals: dict) -> dict:
-        if self.dist.world == 1:
-            return totals
-        values = torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)
+    def agree(self, totals: dict, finite: bool, stop: bool) -> tuple[dict, bool, bool]:
+        """One all-reduce per step: the mean metrics, whether every rank's step was finite, whether any rank was
+        asked to stop (a signal reaches one rank, or torchrun's reaches all at different steps)."""
+        if not self.dist.grouped:
+            return totals, finite, stop
+        values = torch.tensor([*totals.values(), float(not finite), float(stop)], dtype=torch.float64,
+                              device=self.device)
         dist.all_reduce(values)
-        return dict(zip(totals, (values / self.dist.world).tolist()))
+        *means, bad, stops = (values / self.dist.world).tolist()
+        return dict(zip(totals, means)), bad == 0, stops > 0
 
     # Observability.
 
@@ -470,6 +495,18 @@ class Trainer:
         found = [(int(m.group(1)), p) for p in self.out.glob("ckpt-*.pt") if (m := re.match(r"ckpt-(\d+)\.pt", p.name))]
         return sorted(found)
 
+    def agreed_resume(self) -> tuple[Path, int] | None:
+        """Rank 0 picks the checkpoint and its step from its run folder; every rank then loads that one."""
+        def choose() -> int | None:
+            path = self.find_resume() if self.dist.rank == 0 else None
+            return None if path is None else _checkpoint_step(path)
+
+        step = from_rank0(on_every_rank(choose))
+        if step is None:
+            return None
+        path = self.out / f"ckpt-{step:07d}.pt" if self.resume_arg == "auto" else Path(self.resume_arg)
+        return path, step
+
     def find_resume(self) -> Path | None:
         if self.resume_arg in (None, "", "none"):
             return None
@@ -484,6 +521,7 @@ class Trainer:
     def save_checkpoint(self):
         """Atomically write ckpt-<step>.pt on rank 0 and keep the last `keep_last`."""
         rng = self.gather_rng_states()
+        self.saved_step = self.state.step
         if self.dist.rank != 0:
             return
         payload = {"format": TRAIN_FORMAT, "step": self.state.step,
@@ -514,25 +552,26 @@ class Trainer:
         state = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.dist.world == 1:
+        if not self.dist.grouped:
             return [state]
         gathered = [None] * self.dist.world
         dist.all_gather_object(gathered, state)
         return gathered
 
-    def load_checkpoint(self, path: Path):
-        data = safe_torch_load(path)
-        if not isinstance(data, dict) or data.get("format") != TRAIN_FORMAT:
-            raise UserError(f"{path} is not a ditcli training checkpoint", "resume needs a ckpt-*.pt from dit train")
+    def load_checkpoint(self, path: Path, step: int | None = None):
+        """Load `path` (at `step`, as rank 0 saw it) on every rank; a rank that cannot stops them all."""
+        data = on_every_rank(lambda: read_train_checkpoint(path, step),
+                             f"cannot read the checkpoint {path} that rank 0 resumes from", SHARED_DISK_HINT)
         stored = DiTConfig.from_dict(data["config"]["model"])  # a fine-tuned run keeps its source's forward
         for model in (self.model, self.ema):
             model.set_forward(stored.timestep_convention, stored.norm_eps)
         self.model_config = self.model.config
-        self.check_compatible(data["config"], path, data.get("data_fingerprint"))
+        on_every_rank(lambda: self.check_compatible(data["config"], path, data.get("data_fingerprint")))
         self.model.load_state_dict(data["model"])
         self.ema.load_state_dict(data["ema"])
         self.optimizer.load_state_dict(data["optimizer"])
         self.state.step, self.state.bad_steps = int(data["step"]), int(data.get("bad_steps", 0))
+        self.saved_step = self.state.step
         rng = data.get("rng") or []
         if len(rng) > self.dist.rank:
             torch.set_rng_state(rng[self.dist.rank]["torch"])
@@ -562,6 +601,22 @@ class Trainer:
 
 def _data_path(data: str) -> str:
     return data if data.startswith("fashion-mnist") else str(Path(data).expanduser().resolve())
+
+
+def read_train_checkpoint(path: Path, step: int | None = None) -> dict:
+    """A training checkpoint's payload; `step`, if given, must be the one it holds."""
+    data = safe_torch_load(path)
+    if not isinstance(data, dict) or data.get("format") != TRAIN_FORMAT:
+        raise UserError(f"{path} is not a ditcli training checkpoint", "resume needs a ckpt-*.pt from dit train")
+    if step is not None and int(data["step"]) != step:
+        raise UserError(f"{path} holds step {data['step']}, not step {step} as on rank 0")
+    return data
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The step a checkpoint holds: from its ckpt-<step>.pt name, else from its payload."""
+    match = re.fullmatch(r"ckpt-(\d+)\.pt", Path(path).name)
+    return int(match.group(1)) if match else int(read_train_checkpoint(path)["step"])
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -13,3 +13,6 @@ CheckpointOpt = Annotated[Path | None, typer.Option(
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable results.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+DistTimeoutOpt = Annotated[float, typer.Option(
+    "--dist-timeout", help="Under torchrun: seconds a rank waits for the others in one collective before it stops "
+                           "with an error naming the rank.")]

@@ -16,7 +16,8 @@ from ditcli import __version__
 from ditcli.checkpoint import Checkpoint, describe, load_checkpoint
 from ditcli.classes import ClassTable, class_table, slug
 from ditcli.codec import VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict
-from ditcli.commands.options import CheckpointOpt, CompileOpt, DeviceOpt, JsonOpt, PrecisionOpt, SeedOpt
+from ditcli.commands.options import (CheckpointOpt, CompileOpt, DeviceOpt, DistTimeoutOpt, JsonOpt, PrecisionOpt,
+                                     SeedOpt)
 from ditcli.errors import UserError
 from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, check_guidance, check_outputs, class_labels,
                              default_out_dir, distributed, random_labels, rank_device, sample_run)
@@ -24,6 +25,7 @@ from ditcli.hub import resolve_source
 from ditcli.model import PRESET_SHAPES, preset_names
 from ditcli.progress import ProgressBar, byte_progress
 from ditcli.protocol import PAPER_FID, SAMPLE_PRESETS, expand_preset
+from ditcli.ranks import DEFAULT_TIMEOUT_S, collectives, on_every_rank
 from ditcli.runtime import resolve_device, resolve_precision, set_backend_flags
 from ditcli.samplers import DIT_SAMPLING, GUIDED_CHANNELS, SAMPLERS, Guidance, plan_sampler
 from ditcli.weights import KnownWeights, file_sha256, is_offline, known_weights, registry_models, resolve_weights
@@ -82,6 +84,7 @@ def sample(
     device: DeviceOpt = "auto", precision: PrecisionOpt = DEFAULT_PRECISION, compile: CompileOpt = False,
     json_output: JsonOpt = False, deterministic: DeterministicOpt = False, offline: OfflineOpt = False,
     force: ForceOpt = False, preset: PresetOpt = None, weights: SampleWeightsOpt = None,
+    dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT_S,
 ):
     """Generate class-conditional images from a DiT checkpoint."""
     # Expand --preset (explicit options win), then check the numbers before any file is read or written.
@@ -95,7 +98,8 @@ def sample(
     dtype = resolve_precision(precision)
     torch_device = rank_device(resolve_device(device))
     set_backend_flags(deterministic=deterministic)
-    with distributed(torch_device) as ranks:
+    with distributed(torch_device, dist_timeout) as ranks, \
+            collectives(ranks.rank, ranks.world, dist_timeout, "sampling"):
         quiet = json_output or ranks.rank != 0
 
         # Find and read the checkpoint (rank 0 downloads, the others wait).
@@ -116,7 +120,8 @@ def sample(
         config = GenerateConfig(tuple(labels), seed, sampler, steps, eta, guidance, batch_size, precision, compile,
                                 checkpoint.schedule)
         check_image_size(checkpoint, image_size if ckpt is not None else None, vae)
-        check_outputs(out, npz)
+        on_every_rank(lambda: check_outputs(out, npz), "cannot write the outputs",
+                      "--out and --npz must be on a disk that all nodes share")
         warnings = weight_warnings(checkpoint, show=not quiet)
 
         # Load the codec (rank 0 first: it may download) and check it fits the model.
@@ -318,16 +323,16 @@ def make_writers(out: Path | None, npz: Path | None, names: ClassTable, config: 
             grid_columns=columns or math.ceil(math.sqrt(min(config.num_images, 100)))))
     if npz is not None:
         writers.append(NpzWriter(npz, ranks.rank))
-    if ranks.rank == 0:
-        for writer in writers:
-            if isinstance(writer, ImageDirWriter):
-                writer.prepare(run_key, force, png_text(provenance))
-            else:
-                writer.prepare(run_key, force)
-    else:
+    def prepare():  # rank 0 checks and clears the outputs; an error there stops every rank
         for writer in writers:
             if isinstance(writer, ImageDirWriter):
                 writer.text = png_text(provenance)
+                if ranks.rank == 0:
+                    writer.prepare(run_key, force, writer.text)
+            elif ranks.rank == 0:
+                writer.prepare(run_key, force)
+
+    on_every_rank(prepare)
     return writers
 
 

@@ -8,14 +8,16 @@ import threading
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ditcli.commands.options import CompileOpt, DeviceOpt, JsonOpt, SeedOpt
+from ditcli.commands.options import CompileOpt, DeviceOpt, DistTimeoutOpt, JsonOpt, SeedOpt
 from ditcli.errors import UserError
 from ditcli.model import preset_names
+from ditcli.ranks import env_rank, world_size
 from ditcli.training import TRAIN_PRESETS, Trainer, TrainConfig, train_preset
 
 console = Console(stderr=True)
@@ -73,6 +75,7 @@ def train(
     device: DeviceOpt = "auto",
     compile: CompileOpt = False,
     json_out: JsonOpt = False,
+    dist_timeout: DistTimeoutOpt = 600.0,
 ):
     """Train a DiT on an image folder, Fashion-MNIST or an .npz; resumable, mixed precision, torchrun-ready."""
     given = dict(data=data, out=str(out), model=model, image_size=image_size, channels=channels,
@@ -93,10 +96,14 @@ def train(
                         "pass --data FOLDER|FILE.npz|fashion-mnist, or --preset fashion-mnist")
     else:
         config = TrainConfig(**chosen)
+    # Under torchrun all ranks compute and rank 0 renders; the others stay silent unless --debug.
+    speaks = env_rank() == 0 or _debug()
     stop = threading.Event()
-    _on_signals(stop)
-    with TrainProgress(config, quiet=json_out) as progress:
-        result = Trainer(config, progress.on_event, stop.is_set, resume, force).run()
+    _on_signals(stop, speaks)
+    with TrainProgress(config, quiet=json_out or not speaks) as progress:
+        result = Trainer(config, progress.on_event, stop.is_set, resume, force, dist_timeout=dist_timeout).run()
+    if env_rank() != 0:
+        return
     if json_out:
         typer.echo(json.dumps(result))
     elif result["interrupted"]:
@@ -111,13 +118,27 @@ def _vae(value: str | None) -> str | None:
     return VAE_ALIASES.get(value, value)
 
 
-def _on_signals(stop: threading.Event):
-    """SIGINT/SIGTERM finish the current step, save a checkpoint and exit cleanly."""
+def _debug() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("debug"))
+
+
+def _on_signals(stop: threading.Event, speaks: bool):
+    """SIGINT/SIGTERM finish the current step, save a checkpoint and exit cleanly.
+
+    The trainer all-reduces the request, so a signal that reaches one rank stops every rank at the same step. Alone,
+    a second signal aborts at once; under torchrun it is ignored, since torchrun forwards the Ctrl-C that the workers
+    already got, and kills them itself when they take too long.
+    """
     def handler(signum, frame):
         if stop.is_set():
-            raise KeyboardInterrupt
+            if world_size() == 1:
+                raise KeyboardInterrupt
+            return
         stop.set()
-        console.print(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping")
+        if speaks:
+            console.print(f"rank {env_rank()} received {signal.Signals(signum).name}: saving a checkpoint at the end "
+                          "of this step and stopping")
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
@@ -151,6 +172,8 @@ class TrainProgress:
         elif kind == "step" and self.task is not None:
             self.progress.update(self.task, completed=data["step"], loss=f"{data['loss']:.4f}",
                                  rate=f"{data['img_per_s']:.1f}")
+        elif kind == "stop" and not self.quiet:
+            self.progress.console.print(f"stop requested: every rank stops after step {data['step']}")
         elif kind in ("checkpoint", "sample", "resume", "cache", "warning", "skip") and not self.quiet:
             message = data.get("message") or f"{kind}: {data.get('path', '')} (step {data.get('step')})"
             self.progress.console.print(message)

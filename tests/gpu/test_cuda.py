@@ -1,0 +1,197 @@
+"""The GPU suite: what only a CUDA device can show. `benchmarks/gpu.sh` runs it with the DiT-XL/2 timings.
+
+Each test runs on CUDA when there is one and otherwise, where it means something, on the CPU at a tiny size; what
+needs CUDA is skipped with the reason. With DIT_GPU_REPORT=DIR each test adds its figures to DIR/gpu-tests.json.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import perturbed
+from ditcli.diffusion import Diffusion
+from ditcli.generate import GenerateConfig, sample_latents
+from ditcli.model import DiT, preset
+from ditcli.samplers import plan_sampler
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def report(request):
+    """report(key=value, ...) records this test's figures in $DIT_GPU_REPORT/gpu-tests.json."""
+    figures = {}
+    yield figures.update
+    folder = os.environ.get("DIT_GPU_REPORT")
+    if folder and figures:
+        path = Path(folder) / "gpu-tests.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[request.node.name] = {"device": str(DEVICE), **figures}
+        path.write_text(json.dumps(data, indent=1))
+
+
+def model_for_device(seed: int = 0) -> DiT:
+    """DiT-B/2 at 32x32 latents (256 px) on CUDA; a 2-block, 64-wide DiT at 8x8 on the CPU."""
+    if CUDA:
+        config = preset("DiT-B/2", input_size=32)
+    else:
+        config = preset("DiT-S/2", input_size=8, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+    torch.manual_seed(seed)
+    return perturbed(DiT(config), seed=seed, std=0.02).to(DEVICE)
+
+
+def batch_for(model: DiT, n: int):
+    c = model.config
+    g = torch.Generator().manual_seed(1)
+    x_start = torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    noise = torch.randn(x_start.shape, generator=g)
+    y = torch.randint(0, c.num_classes, (n,), generator=g)
+    return [v.to(DEVICE) for v in (x_start, t, noise, y)]
+
+
+def loss_and_grad(model: DiT, diffusion: Diffusion, batch, dtype: torch.dtype):
+    x_start, t, noise, y = batch
+    model.zero_grad(set_to_none=True)
+    x_t = diffusion.q_sample(x_start, t, noise)
+    with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = model(x_t, t, y)
+    loss = diffusion.training_losses(out.float(), x_start, x_t, t, noise)["loss"].mean()
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return loss.item(), grad
+
+
+def test_bf16_training_step_is_finite_and_close_to_fp32(report):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = model_for_device().train()
+    diffusion = Diffusion.create("")
+    batch = batch_for(model, 16)
+    loss32, grad32 = loss_and_grad(model, diffusion, batch, torch.float32)
+    loss16, grad16 = loss_and_grad(model, diffusion, batch, torch.bfloat16)
+    cosine = torch.nn.functional.cosine_similarity(grad32, grad16, dim=0).item()
+    report(loss_fp32=loss32, loss_bf16=loss16, grad_cosine=cosine)
+    assert torch.isfinite(torch.tensor(loss16)) and torch.isfinite(grad16).all()
+    assert abs(loss16 - loss32) <= 0.02 * abs(loss32)
+    assert cosine > 0.99
+
+
+@needs_cuda
+def test_compiled_model_matches_eager(report):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = model_for_device().eval()
+    x, t, _, y = batch_for(model, 8)
+    with torch.no_grad():
+        eager = model(x, t, y)
+        compiled = torch.compile(model)(x, t, y)
+    scale = eager.abs().max().item()
+    drift = (compiled - eager).abs().max().item()
+    report(max_abs_drift=drift, scale=scale)
+    assert drift <= 1e-3 * scale
+
+
+@needs_cuda
+def test_sdpa_runs_a_fused_kernel_not_math(report):
+    """With the math backend ruled out the forward must still run, and the profiler must see a fused kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    model = model_for_device().eval()
+    x, t, _, y = batch_for(model, 8)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            model(x, t, y)  # raises "No available kernel" if only the math path would do
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(x, t, y)
+            torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages()}
+    fused = sorted(n for n in names if any(k in n.lower() for k in ("flash", "fmha", "efficient_attention")))
+    report(attention_kernels=fused[:4])
+    assert fused, f"no flash/efficient attention kernel among {sorted(names)[:20]}"
+
+
+def test_bf16_sampling_drift_against_fp32(report):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = model_for_device().eval()
+    steps = 25 if CUDA else 5
+    plan = plan_sampler("ddim", steps, model.config.learn_sigma)
+    latents = {}
+    for precision in ("fp32", "bf16"):
+        config = GenerateConfig(labels=tuple(range(8)), seed=0, sampler="ddim", steps=steps, precision=precision)
+        latents[precision], _ = sample_latents(model, plan, config, list(range(8)), 8, DEVICE)
+    rms = latents["fp32"].pow(2).mean().sqrt().item()
+    drift = (latents["bf16"] - latents["fp32"]).pow(2).mean().sqrt().item()
+    report(steps=steps, rms_fp32=rms, rms_drift=drift, relative_drift=drift / rms)
+    assert torch.isfinite(latents["bf16"]).all()
+    assert drift <= 0.1 * rms
+
+
+@pytest.mark.slow
+def test_one_process_torchrun_train_then_resume(report, tmp_path):
+    """`torchrun --nproc-per-node 1`: a process group of one (nccl on CUDA, gloo on the CPU) and DDP, then a resume
+    that continues to the same weights as a straight run."""
+    import numpy as np
+
+    from ditcli.checkpoint import safe_torch_load
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "D.npz", images=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8),
+             labels=np.arange(32) % 4)
+    common = ["--data", str(tmp_path / "D.npz"), "--vae", "none", "--image-size", "16", "--model", "DiT-S/4",
+              "--hidden-size", "48", "--depth", "2", "--num-heads", "3", "--global-batch", "8", "--lr", "1e-3",
+              "--device", DEVICE.type, "--ckpt-every", "3", "--json"]
+
+    def train(out: str, steps: int, *extra: str):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                   "-m", "ditcli", "train", *common, "--out", str(tmp_path / out), "--steps", str(steps), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    train("straight", 6)
+    train("resumed", 3)
+    train("resumed", 6, "--resume", "auto")
+    a = safe_torch_load(tmp_path / "straight" / "ckpt-0000006.pt")
+    b = safe_torch_load(tmp_path / "resumed" / "ckpt-0000006.pt")
+    drift = max((a["ema"][k] - b["ema"][k]).abs().max().item() for k in a["ema"])
+    report(backend="nccl" if CUDA else "gloo", max_abs_ema_drift=drift)
+    assert drift <= (1e-4 if CUDA else 0.0)
+
+
+@needs_cuda
+def test_inception_features_on_cuda_equal_the_cpu(report):
+    """The FID network on CUDA (TF32 off) against the CPU, to 1e-4 of the features' scale; torch-fidelity's weights
+    when they are in the cache, else seeded random ones (the kernels are what is compared; the device machines have no
+    network to fetch the weights)."""
+    from ditcli.inception import InceptionV3, WEIGHTS_NAME, load_inception
+    from ditcli.weights import home_dir
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    weights = home_dir() / WEIGHTS_NAME
+    if weights.is_file():
+        cpu = load_inception(weights)
+    else:  # Kaiming-normal convolutions keep the features O(1) through the network (default init: ~1e-7)
+        torch.manual_seed(0)
+        cpu = InceptionV3()
+        for module in cpu.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight)
+    cpu = cpu.eval()
+    images = torch.randint(0, 256, (8, 3, 256, 256), generator=torch.Generator().manual_seed(0)).float()
+    with torch.no_grad():
+        ref = cpu(images)
+        got = cpu.to("cuda")(images.cuda())
+    report(weights="torch-fidelity" if weights.is_file() else "random")
+    for name, a, b in zip(ref._fields, ref, got):
+        scale = a.abs().max().item()
+        drift = (b.cpu() - a).abs().max().item()
+        report(**{f"{name}_relative_drift": drift / scale})
+        assert drift <= 1e-4 * scale, name
