@@ -106,7 +106,7 @@ def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, con
     else:
         checkpoint = _read_torch(path, num_heads, config, weights or "ema")
     if weights is not None and checkpoint.weights != weights:
-        raise UserError(f"--weights {weights} was asked for, but {path} holds only {checkpoint.weights} weights",
+        raise UserError(f"--weights {weights}: {path} holds only its {checkpoint.weights} weights",
                         "drop --weights; only training checkpoints hold both ema and model weights")
     return checkpoint
 

@@ -90,9 +90,9 @@ class TrainConfig:
             if value is not None and not low <= value <= high:
                 raise UserError(f"{flag} must be between {low:,} and {high:,}, got {value:,}",
                                 f"pass {flag} {min(max(value, low), high)}")
-        for flag, value, ok, hint in self.float_checks():
+        for flag, value, ok, rule, hint in self.float_checks():
             if value is not None and not (math.isfinite(value) and ok(value)):
-                raise UserError(f"{flag} {value:g} is out of range", hint)
+                raise UserError(f"{flag} must be {rule}, got {value:g}", hint)
         if not self.data:
             raise UserError("--data is empty", "pass an image folder, an .npz or 'fashion-mnist'")
         if self.precision not in ("fp32", "bf16"):
@@ -120,14 +120,14 @@ class TrainConfig:
                 ("--sample-every", self.sample_every, 0, 10**12), ("--max-bad-steps", self.max_bad_steps, 1, 10**6),
                 ("--seed", self.seed, 0, 2**63 - 1)]
 
-    def float_checks(self) -> list[tuple[str, float | None, Callable[[float], bool], str]]:
-        """(option, value, test of a finite value, how to fix)."""
-        return [("--lr", self.lr, lambda v: v > 0, "the learning rate must be a finite number > 0, e.g. 1e-4"),
-                ("--weight-decay", self.weight_decay, lambda v: v >= 0, "pass a finite number >= 0, e.g. 0"),
-                ("--ema-decay", self.ema_decay, lambda v: 0 <= v < 1, "pass a number in [0, 1), e.g. 0.9999"),
-                ("--grad-clip", self.grad_clip, lambda v: v >= 0,
-                 "pass a finite norm > 0 to clip at, or 0 to not clip"),
-                ("--class-dropout-prob", self.class_dropout_prob, lambda v: 0 <= v < 1,
+    def float_checks(self) -> list[tuple[str, float | None, Callable[[float], bool], str, str]]:
+        """(option, value, test of a finite value, the rule, how to fix)."""
+        return [("--lr", self.lr, lambda v: v > 0, "a finite number > 0", "e.g. --lr 1e-4"),
+                ("--weight-decay", self.weight_decay, lambda v: v >= 0, "a finite number >= 0", "e.g. 0"),
+                ("--ema-decay", self.ema_decay, lambda v: 0 <= v < 1, "in [0, 1)", "e.g. 0.9999"),
+                ("--grad-clip", self.grad_clip, lambda v: v >= 0, "a finite norm >= 0",
+                 "pass the norm to clip at, or 0 to not clip"),
+                ("--class-dropout-prob", self.class_dropout_prob, lambda v: 0 <= v < 1, "in [0, 1)",
                  "0.1 as DiT; 0 trains without a null class, so no classifier-free guidance")]
 
     def check_architecture(self) -> None:
