@@ -76,28 +76,39 @@ class Checkpoint:
 
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", num_heads: int | None = None,
-               config: DiTConfig | None = None, weights: str = "ema") -> DiT:
+               config: DiTConfig | None = None, weights: str | None = None) -> DiT:
     """A DiT in eval mode from a released .pt, a training checkpoint or our .safetensors."""
     return load_checkpoint(source, num_heads=num_heads, config=config, weights=weights).build(device)
 
 
 def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, config: DiTConfig | None = None,
-                    weights: str = "ema") -> Checkpoint:
-    """Read any supported weight file, or a hub id (`org/name[@rev]`); `config` (if given) is checked against it."""
-    if weights not in WEIGHT_CHOICES:
+                    weights: str | None = None) -> Checkpoint:
+    """Read any supported weight file, or a hub id (`org/name[@rev]`); `config` (if given) is checked against it.
+
+    `weights` picks the EMA or the raw model weights of a training checkpoint (None: its EMA). A file holding one set
+    of weights must hold the set asked for: it is refused rather than silently given in its place.
+    """
+    if weights is not None and weights not in WEIGHT_CHOICES:
         raise UserError(f"unknown --weights {weights!r}", f"choose from {', '.join(WEIGHT_CHOICES)}")
+    if num_heads is not None and num_heads < 1:
+        raise UserError(f"--num-heads must be >= 1, got {num_heads}", "drop it to take the heads from the file")
     path = resolve_source(source)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}", "check the path, or pass --model to use a known checkpoint")
     if path.is_dir():
         from ditcli.conversion import read_diffusers
 
-        return read_diffusers(path, config=config)
-    if path.stat().st_size == 0:
+        checkpoint = read_diffusers(path, config=config)
+    elif path.stat().st_size == 0:
         raise UserError(f"{path} is empty", "the download or copy was interrupted; fetch the file again")
-    if _is_safetensors(path):
-        return _read_safetensors(path, num_heads, config)
-    return _read_torch(path, num_heads, config, weights)
+    elif _is_safetensors(path):
+        checkpoint = _read_safetensors(path, num_heads, config)
+    else:
+        checkpoint = _read_torch(path, num_heads, config, weights or "ema")
+    if weights is not None and checkpoint.weights != weights:
+        raise UserError(f"--weights {weights}: {path} holds only its {checkpoint.weights} weights",
+                        "drop --weights; only training checkpoints hold both ema and model weights")
+    return checkpoint
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -169,6 +180,11 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
         raise UserError(f"{path} holds a {type(data).__name__}, not a DiT state dict or checkpoint")
     if data.get("format") == TRAIN_FORMAT:
         stored = DiTConfig.from_dict(data["config"]["model"])
+        if not isinstance(data.get(weights), dict):
+            held = " and ".join(k for k in WEIGHT_CHOICES if isinstance(data.get(k), dict)) or "no"
+            raise UserError(f"{path} has no {weights} weights (it holds {held} weights)",
+                            f"pass --weights {'model' if weights == 'ema' else 'ema'}" if held != "no" else
+                            "the checkpoint is incomplete; use another one")
         state = data[weights]
         check_state_dict(state, stored, str(path))
         train = data["config"].get("train", {})
@@ -249,6 +265,9 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, n
     out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     heads = num_heads or HEADS_BY_WIDTH.get(hidden)
+    if num_heads is not None and hidden % num_heads:
+        raise UserError(f"--num-heads {num_heads} does not divide the width {hidden} of {name}",
+                        "pass a number of heads that divides it")
     if heads is None:
         raise UserError(f"cannot infer the number of attention heads for hidden size {hidden}",
                         "pass num_heads (presets: " + ", ".join(f"{w}->{h}" for w, h in HEADS_BY_WIDTH.items()) + ")")
@@ -298,20 +317,41 @@ def _natural(key: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
+def check_creatable(path: Path, flag: str, kind: str = "folder") -> None:
+    """Refuse, before any work, a `kind` ("folder" or "file") at `path` that could not be written; creates nothing."""
+    path = Path(path).absolute()
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        raise UserError(f"{flag} {path} is a device, pipe or socket, not a {kind}", f"choose another {flag}")
+    if path.exists() and path.is_dir() != (kind == "folder"):
+        raise UserError(f"{flag} {path} is a {'file' if kind == 'folder' else 'folder'}, not a {kind}",
+                        f"choose another {flag}")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if existing != path and not existing.is_dir():
+        raise UserError(f"{flag} {path} is not writable: {existing} is a file", f"choose another {flag}")
+    folder = existing if existing.is_dir() else existing.parent  # where the entries get created
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} is not writable: {folder} does not allow it",
+                        f"choose another {flag} or fix its permissions")
+
+
 def atomic_write(path: Path, write, force: bool = False) -> None:
     """Call write(tmp_path), then rename over `path`; an existing file needs `force`."""
     path = Path(path)
     if path.exists() and not force:
         raise UserError(f"{path} already exists", "pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
         apply_umask(Path(tmp), 0o666)
         os.replace(tmp, path)
+    except OSError as exc:  # name the user's path, not our temporary file beside it
+        raise UserError(f"cannot write {path}: {exc.strerror or type(exc).__name__}",
+                        "check the free space and the permissions of its folder") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

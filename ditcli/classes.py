@@ -79,6 +79,8 @@ class ClassTable:
     def resolve(self, text: str) -> int:
         """The class id for an id, a WordNet id or a name (case-insensitive); one-line errors otherwise."""
         text = str(text).strip()
+        if not text:
+            raise UserError("--class is empty", "pass a class id or name; `dit classes` lists them")
         if re.fullmatch(r"[+-]?\d+", text):
             return self._check_range(int(text))
         if WNID.match(text.lower()) and self.by_wnid:

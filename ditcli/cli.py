@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated
 
 import typer
@@ -15,27 +16,78 @@ from ditcli.ranks import AgreedError, env_rank
 # Errors the shell reports as one line; anything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                NotADirectoryError)
+# Typer's usage errors (unknown option or command, malformed value, missing argument): the base class of its public
+# BadParameter, whichever click (its own copy or the click package) this Typer is built on.
+USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 class _ErrorsAsOneLine(TyperGroup):
-    """Turns a user error raised anywhere under a command into `error: ...` and exit code 2."""
+    """Turns a user error raised anywhere under a command, and Typer's own usage errors, into one line
+    `error: <what> (<how to fix>)` and exit code 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except USAGE_ERROR as exc:  # an unknown or malformed option of `dit` itself
+            raise _report(_usage_line(exc, "see `dit --help`")) from None
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except USAGE_ERROR as exc:  # a subcommand's options failed to parse
+            raise _report(_usage_line(exc, _help_hint(ctx))) from None
         except USER_ERRORS as exc:
             if ctx.params.get("debug"):
                 raise
             if isinstance(exc, AgreedError) and env_rank() != 0:  # every rank raised it; rank 0 reports it
                 raise typer.Exit(2) from None
-            Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {_one_line(exc)}", markup=False)
-            raise typer.Exit(2) from None
+            raise _report(_one_line(exc, _help_hint(ctx))) from None
+        except EOFError as exc:  # Typer would turn this into a bare "Aborted."
+            if ctx.params.get("debug"):
+                raise RuntimeError("a file ended before the data it announced") from exc
+            raise _report(f"a file ended before the data it announced ({_help_hint(ctx)})") from None
 
 
-def _one_line(exc: BaseException) -> str:
+def _report(line: str) -> typer.Exit:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {line}", markup=False)
+    return typer.Exit(2)
+
+
+def _help_hint(ctx) -> str:
+    command = " ".join(filter(None, [ctx.command_path, ctx.invoked_subcommand]))
+    return f"see `{command} --help`"
+
+
+def _usage_line(exc, fallback_hint: str) -> str:
+    """Typer's usage error as `<what> (<how to fix>)`, without the usage box."""
+    what = " ".join(exc.message.split()).rstrip(".")
+    if getattr(exc, "param", None) is not None or getattr(exc, "param_hint", None) is not None:
+        what = " ".join(exc.format_message().split()).rstrip(".")  # "Invalid value for '--steps': ..."
+    what, _, suggestion = what.partition(". Did you mean ")  # Typer's suggestion for a mistyped command
+    hint = f"see `{exc.ctx.command_path} --help`" if exc.ctx is not None else fallback_hint
+    options = sorted(getattr(exc, "possibilities", None) or _close_options(exc))
+    if suggestion or options:
+        hint = f"did you mean {suggestion.rstrip('?') or ' or '.join(options)}? {hint}"
+    return f"{what[:1].lower()}{what[1:]} ({hint})"
+
+
+def _close_options(exc) -> list[str]:
+    """For an unknown option, the command's options that look like it."""
+    name = getattr(exc, "option_name", None)
+    if name is None or exc.ctx is None:
+        return []
+    known = [opt for param in exc.ctx.command.params for opt in param.opts if opt.startswith("--")]
+    return difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+
+
+def _one_line(exc: BaseException, fallback_hint: str) -> str:
+    """`<what> (<how to fix>)`: a UserError's own hint, else one that fits the kind of error."""
+    if isinstance(exc, UserError):
+        return f"{' '.join(exc.what.split())} ({exc.hint or fallback_hint})"
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}"
-    return " ".join(str(exc).split()) or type(exc).__name__
+        return f"{exc.strerror}: {exc.filename} (check the path and its permissions)"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if text.endswith(")") else f"{text} ({fallback_hint})"
 
 
 app = typer.Typer(cls=_ErrorsAsOneLine, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

@@ -548,7 +548,7 @@ class ConversionReport:
 
 
 def convert(source: str | Path, destination: str | Path, to: str | None = None, dtype: str = "fp32",
-            weights: str = "ema", num_heads: int | None = None, vae: str | None = "auto",
+            weights: str | None = None, num_heads: int | None = None, vae: str | None = "auto",
             force: bool = False, diffusers_check: bool = True) -> ConversionReport:
     """Read any supported weights, write safetensors or a DiTPipeline folder, and measure parity.
 
@@ -607,7 +607,7 @@ def _format_from_name(path: Path) -> str:
                     "name it *.safetensors, or pass --to safetensors or --to diffusers")
 
 
-def info(path: str | Path, num_heads: int | None = None, weights: str = "ema") -> dict:
+def info(path: str | Path, num_heads: int | None = None, weights: str | None = None) -> dict:
     """What a weight file or folder is: format, config, parameter count, dtype, EMA or not, classes, codec."""
     checkpoint = load_checkpoint(path, num_heads=num_heads, weights=weights)
     state = checkpoint.state_dict

@@ -6,11 +6,15 @@ and class names (None for an unconditional set). Latent models encode an ImageSe
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
+import re
 import struct
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,28 +95,65 @@ def load_fashion_mnist(root: Path = FASHION_MNIST_DIR, split: str = "train") -> 
 
 def load_npz(path: Path, image_size: int | None, channels: int | None) -> ImageSet:
     """An .npz of uint8 images (`images` or `arr_0`, NHWC or NHW) with optional `labels`/`arr_1`, `class_names`."""
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable .npz: {exc}") from None
-    key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
-    if key is None:
-        raise UserError(f"{path} has no 'images' or 'arr_0' array", f"it holds: {', '.join(data.files)}")
-    images = data[key]
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise UserError(f"{path}:{key} must be uint8 NHWC or NHW, got {images.dtype} {images.shape}")
-    images = images[..., None] if images.ndim == 3 else images
+    images, labels, names = _read_npz_arrays(path)
     channels = channels or images.shape[-1]
-    label_key = "labels" if "labels" in data else "arr_1" if "arr_1" in data else None
-    labels = data[label_key].astype(np.int64) if label_key else np.zeros(len(images), np.int64)
-    names = [str(n) for n in data["class_names"]] if "class_names" in data else (
-        [str(i) for i in range(int(labels.max()) + 1)] if label_key else None)
     if image_size and images.shape[1] != image_size:  # crop and resize each image like a folder's
         images = np.stack([_fit(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im), image_size, channels)
                            for im in images])
     else:
         images = _channels(images, channels)
     return ImageSet(images, labels, names, str(path))
+
+
+def _read_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """The images (N, H, W, C), labels (N,) and class names of an .npz, each checked against the others."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
+            if key is None:
+                held = ", ".join(data.files) or "nothing"
+                raise UserError(f"{path} has no 'images' or 'arr_0' array (it holds: {held})",
+                                "save the images with np.savez(path, images=uint8 NHWC array, labels=ints)")
+            label_key = "labels" if "labels" in data else "arr_1" if "arr_1" in data else None
+            images = data[key]
+            labels = data[label_key] if label_key else None
+            names = data["class_names"] if "class_names" in data else None
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise UserError(f"{path} is not a readable .npz ({' '.join(str(exc).split()) or type(exc).__name__})",
+                        "the file is truncated or not written by np.savez; write it again") from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise UserError(f"{path}:{key} must be uint8 NHWC or NHW, got {images.dtype} {images.shape}",
+                        "convert it, e.g. np.savez(path, images=array.astype(np.uint8))")
+    images = images[..., None] if images.ndim == 3 else images
+    if len(images) == 0 or min(images.shape[1:3]) == 0:
+        raise UserError(f"{path}:{key} holds no images (shape {images.shape})", "pass an .npz with at least one image")
+    if images.shape[-1] not in (1, 3):
+        raise UserError(f"{path}:{key} has {images.shape[-1]} channels", "store grayscale (1) or RGB (3) images")
+    if labels is None:
+        return images, np.zeros(len(images), np.int64), None
+    labels = _checked_labels(labels, len(images), f"{path}:{label_key}")
+    if names is None:
+        return images, labels, [str(i) for i in range(int(labels.max()) + 1)]
+    names = [str(n) for n in np.asarray(names).reshape(-1)]
+    if int(labels.max()) >= len(names):
+        raise UserError(f"{path}: label {int(labels.max())} has no entry in class_names ({len(names)} names)",
+                        "store one class name per label id")
+    return images, labels, names
+
+
+def _checked_labels(labels: np.ndarray, count: int, name: str) -> np.ndarray:
+    """Integer class ids (N,) >= 0, one per image."""
+    if labels.ndim != 1 or len(labels) != count:
+        raise UserError(f"{name} has shape {labels.shape}, but there are {count} images",
+                        "store one integer label per image")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{name} holds {labels.dtype} values, not integer class ids", "store labels as integers")
+    if count and labels.min() < 0:
+        raise UserError(f"{name} holds negative class ids (lowest {int(labels.min())})",
+                        "class ids count from 0")
+    return labels.astype(np.int64)
 
 
 def _channels(images: np.ndarray, channels: int) -> np.ndarray:
@@ -153,13 +194,15 @@ def load_folder(root: Path, image_size: int, channels: int) -> ImageSet:
     for label, (_, files) in enumerate(groups):
         for path in files:
             try:
-                with Image.open(path) as image:
+                with _bombs_as_errors(), Image.open(path) as image:
                     image.load()
                     if min(image.size) < image_size:
                         too_small.append(path)
                         continue
                     images.append(_fit(image, image_size, channels))
                     labels.append(label)
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+                skipped.append(f"{path} ({_pixels(exc)} pixels: too large to decode safely)")
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
                 skipped.append(str(path))
     if not images:
@@ -170,6 +213,19 @@ def load_folder(root: Path, image_size: int, channels: int) -> ImageSet:
     return ImageSet(np.stack(images), np.array(labels, np.int64), names, str(root), skipped)
 
 
+@contextlib.contextmanager
+def _bombs_as_errors():
+    """PIL's DecompressionBombWarning for a huge image raised as an error, so the caller reports it in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def _pixels(exc: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(found.group(1)):,}" if found else "too many"
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
@@ -177,7 +233,7 @@ def _image_files(folder: Path) -> list[Path]:
 def is_idx_source(data: str) -> bool:
     """'fashion-mnist[:split]' or a folder holding MNIST-style idx files."""
     path = Path(data)
-    return data.startswith("fashion-mnist") or (path.is_dir() and any(path.glob("*-images-idx3-ubyte*")))
+    return data.partition(":")[0] == "fashion-mnist" or (path.is_dir() and any(path.glob("*-images-idx3-ubyte*")))
 
 
 def load_images(data: str, image_size: int | None, channels: int | None, split: str | None = None) -> ImageSet:
@@ -185,8 +241,8 @@ def load_images(data: str, image_size: int | None, channels: int | None, split: 
 
     `split` (train or test, default train) picks the split of idx data; `channels` None keeps an .npz's own.
     """
-    if data.startswith("fashion-mnist"):
-        named = data.partition(":")[2] or None
+    name, _, named = data.partition(":")
+    if name == "fashion-mnist":
         if named and split and named != split:
             raise UserError(f"{data!r} names the {named} split but --split says {split}", "give the split once")
         return load_fashion_mnist(FASHION_MNIST_DIR, named or split or "train")
@@ -201,7 +257,8 @@ def load_images(data: str, image_size: int | None, channels: int | None, split: 
                         "drop --split")
     if path.is_file():
         if path.suffix != ".npz":
-            raise UserError(f"{path} is not a folder or an .npz")
+            raise UserError(f"{path} is not a folder or an .npz", "pass an image folder, an .npz or "
+                                                                    "'fashion-mnist'")
         return load_npz(path, image_size, channels)
     return load_folder(path, image_size, channels or 3)
 

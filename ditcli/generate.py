@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from ditcli.checkpoint import check_creatable
 from ditcli.codec import to_uint8
 from ditcli.errors import UserError
 from ditcli.model import DiTConfig
@@ -234,6 +235,9 @@ def replacing(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:  # name the user's path, not our temporary file beside it
+        raise UserError(f"cannot write {path}: {exc.strerror or type(exc).__name__}",
+                        "check the free space and the permissions of its folder") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -258,25 +262,9 @@ def check_writable(folder: Path, flag: str) -> None:
 
 def check_outputs(out: Path | None, npz: Path | None) -> None:
     """--out must be a folder and --npz a file, each where it can be written; nothing is created yet."""
-    for flag, path, folder in (("--out", out, True), ("--npz", npz, False)):
-        if path is None:
-            continue
-        if path.exists() and path.is_dir() != folder:
-            kind = "a file" if folder else "a folder"
-            raise UserError(f"{flag} {path} is {kind}", f"pass a {'folder' if folder else 'file'} path for {flag}")
-        check_creatable(path if folder else path.parent, flag, path)
-
-
-def check_creatable(folder: Path, flag: str, given: Path) -> None:
-    """`folder` exists or can be made: its nearest existing ancestor is a folder we may write in."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{flag} {given} is not writable: {existing} is a file", f"choose another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {given} is not writable ({existing} is read-only)",
-                        f"choose another {flag} or fix its permissions")
+    for flag, path, kind in (("--out", out, "folder"), ("--npz", npz, "file")):
+        if path is not None:
+            check_creatable(path, flag, kind)
 
 
 def _previous_key(path: Path) -> str | None:
@@ -304,15 +292,20 @@ class ImageDirWriter:
     def filename(self, index: int, label: int) -> str:
         return f"{index:06d}_{self.file_label(label)}_seed{self.seed}.png"
 
+    def check(self, run_key: str, force: bool) -> None:
+        """Refuse, changing nothing, a folder holding another run (unless `force`)."""
+        previous = _previous_key(self.root / "provenance.json")
+        if previous is not None and previous != run_key and not force:
+            raise UserError(f"--out {self.root} holds samples of a different run",
+                            "choose another --out, or pass --force to replace them")
+
     def prepare(self, run_key: str, force: bool, text: dict[str, str]) -> None:
         """Check the folder; a folder holding another run is refused unless `force`, which clears its images."""
+        self.check(run_key, force)
         check_writable(self.root, "--out")
         provenance = self.root / "provenance.json"
         previous = _previous_key(provenance)
         if previous is not None and previous != run_key:
-            if not force:
-                raise UserError(f"--out {self.root} holds samples of a different run",
-                                "choose another --out, or pass --force to replace them")
             for name in os.listdir(self.root):
                 if PNG_NAME.match(name) or name == "grid.png":
                     (self.root / name).unlink()
@@ -385,18 +378,25 @@ class NpzWriter:
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.sidecar = self.path.with_name(self.path.stem + ".provenance.json")
 
-    def prepare(self, run_key: str, force: bool) -> bool:
-        """Check the target; True when FILE already holds this very run. Parts of another run need `force`."""
-        check_writable(self.path.parent, "--npz")
-        if self.path.exists() and not force:
-            if _previous_key(self.sidecar) == run_key:
-                return True
+    def check(self, run_key: str, force: bool) -> None:
+        """Refuse, changing nothing, a folder in FILE's place, or a FILE or parts of another run (unless `force`)."""
+        if self.path.is_dir():
+            raise UserError(f"--npz {self.path} is a folder", "name the .npz file to write, e.g. --npz samples.npz")
+        if self.path.exists() and not force and _previous_key(self.sidecar) != run_key:
             raise UserError(f"{self.path} already exists", "choose another --npz, or pass --force to replace it")
         previous = _previous_key(self.parts / "run.json")
+        if self.parts.exists() and previous != run_key and not force:
+            raise UserError(f"{self.parts} holds the unfinished parts of a different run",
+                            "pass --force to discard them, or use the same settings to resume")
+
+    def prepare(self, run_key: str, force: bool) -> bool:
+        """Check the target; True when FILE already holds this very run. Parts of another run need `force`."""
+        self.check(run_key, force)
+        check_writable(self.path.parent, "--npz")
+        if self.path.exists() and not force:
+            return True
+        previous = _previous_key(self.parts / "run.json")
         if self.parts.exists() and (force or previous != run_key):
-            if previous != run_key and not force:
-                raise UserError(f"{self.parts} holds the unfinished parts of a different run",
-                                "pass --force to discard them, or use the same settings to resume")
             shutil.rmtree(self.parts)
         self.parts.mkdir(parents=True, exist_ok=True)
         write_json(self.parts / "run.json", {"run_key": run_key})

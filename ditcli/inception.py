@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditcli.checkpoint import safe_torch_load
 from ditcli.errors import UserError
 from ditcli.weights import DownloadError, ProgressFn, download, home_dir, is_offline
 
@@ -273,9 +274,9 @@ def load_inception(weights: Path | str | None = None, device: torch.device | str
     if not path.is_file():
         raise UserError(f"Inception weights not found: {path}", f"download {WEIGHTS_URL}")
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file raises many kinds of errors
-        raise UserError(f"cannot read the Inception weights {path}: {str(exc).splitlines()[0]}",
+        state_dict = safe_torch_load(path)  # torch's own message would suggest weights_only=False: not for us
+    except UserError as exc:
+        raise UserError(f"cannot read the Inception weights: {exc.what}",
                         f"download {WEIGHTS_NAME} again from {WEIGHTS_URL}") from None
     if not isinstance(state_dict, dict):
         raise UserError(f"{path} holds a {type(state_dict).__name__}, not a state dict", f"use {WEIGHTS_NAME}")

@@ -165,8 +165,8 @@ class FolderImages:
         try:
             with Image.open(file) as image:
                 image = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise UserError(f"cannot decode image {file}: {exc}", "remove or replace the file") from None
+        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise UserError(f"cannot decode image {file}: {exc}", "remove, shrink or replace the file") from None
         array = center_crop_arr(image, self.resize) if self.resize else np.asarray(image)
         if array.shape[:2] != self.resolution:
             raise UserError(f"{file} decodes to {array.shape[1]}x{array.shape[0]}, not "
@@ -190,8 +190,8 @@ def _image_size(file: Path) -> tuple[int, int]:
     try:
         with Image.open(file) as image:
             return image.size[1], image.size[0]
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {file}: {exc}", "remove or replace the file") from None
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UserError(f"cannot read image {file}: {exc}", "remove, shrink or replace the file") from None
 
 
 def open_images(path: Path, resize: int | None = None, num_workers: int = 4, role: str = "samples"):
@@ -454,8 +454,9 @@ def open_reference(path: Path, resize: int | None = None, num_workers: int = 4) 
         return Reference(path, open_images(path, resize, num_workers, role="reference"))
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read {path} as an .npz: {exc}", "pass an ADM reference .npz") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"cannot read {path} as an .npz: {exc or 'the file is empty'}",
+                        "pass an ADM reference .npz") from None
     with data:
         keys = set(data.files)
         if "arr_0" not in keys and "mu" not in keys:
@@ -475,6 +476,9 @@ def _stored_stats(data, path: Path, mu_key: str, sigma_key: str) -> Stats | None
     if mu.dim() != 1 or sigma.shape != (len(mu), len(mu)):
         raise UserError(f"{path}: {mu_key} {tuple(mu.shape)} and {sigma_key} {tuple(sigma.shape)} do not match",
                         "expected mu (D,) and sigma (D, D)")
+    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+        raise UserError(f"{path}: {mu_key}/{sigma_key} hold NaN or infinite values, so every score would be NaN",
+                        "rebuild the reference with `dit fid --make-ref`, or use one with arr_0 images")
     return mu, sigma
 
 

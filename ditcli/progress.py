@@ -65,9 +65,17 @@ class ProgressBar:
             self.task = self.progress.add_task(self.description, total=self.total, status="")
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:  # an error ends the command: its one line is all that should remain
+            self.discard()
+        elif self.progress is not None:
             self.progress.stop()
+
+    def discard(self) -> None:
+        """Remove the bar from the screen (or never print it, off a terminal) and draw nothing more."""
+        if self.progress is not None:
+            discard_live(self.progress)
+            self.progress = None
 
     def advance(self, n: float = 1, **fields) -> None:
         """Count `n` more units done; extra fields (loss=..., nfe=...) are shown as the sub-status."""
@@ -96,6 +104,17 @@ class ProgressBar:
         if not fields:
             return {}
         return {"status": " ".join(f"{k}={_short(v)}" for k, v in fields.items())}
+
+
+def discard_live(progress: Progress) -> None:
+    """Stop a rich Progress leaving nothing behind: erased on a terminal, never printed elsewhere."""
+    progress.live.transient = True
+    console, quiet = progress.console, progress.console.quiet
+    console.quiet = quiet or not console.is_terminal  # off a terminal nothing was shown yet: keep it so
+    try:
+        progress.stop()
+    finally:
+        console.quiet = quiet
 
 
 def _short(value) -> str:

@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 
 from ditcli import finetune
-from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES, atomic_write, safe_torch_load
+from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES, atomic_write, check_creatable, safe_torch_load
 from ditcli.codec import PixelCodec, VaeCodec, locate_vae
 from ditcli.data import ImageSet, LatentCache, load_images
 from ditcli.diffusion import BETA_SCHEDULES, Diffusion
 from ditcli.ema import EmaRecord, ema_decay_at
 from ditcli.errors import UserError
-from ditcli.model import DiT, DiTConfig, count_parameters, preset, training_flops
+from ditcli.model import DiT, DiTConfig, count_parameters, preset, preset_names, training_flops
 from ditcli.ranks import (DEFAULT_TIMEOUT_S, SHARED_DISK_HINT, AgreedError, check_timeout, collectives, from_rank0,
                           init_group, on_every_rank)
 from ditcli.runtime import autocast, resolve_device, resolve_precision
@@ -38,6 +38,12 @@ from ditcli.weights import is_offline
 
 NO_VAE = "pass --vae none to train in pixel space"  # the offline way out when a VAE cannot be had
 # Fields that may change when resuming; any other difference needs --force.
+# Upper bounds of the size options: far above any real run, low enough that a typo cannot allocate the machine away.
+MAX_GLOBAL_BATCH = 1 << 20
+MAX_IMAGE_SIZE = 4096
+MAX_HIDDEN_SIZE = 16384
+MAX_DEPTH = 512
+
 RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "micro_batch", "compile",
                      "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights"}
 
@@ -81,27 +87,64 @@ class TrainConfig:
     init_weights: str = "ema"
 
     def __post_init__(self):
-        positive = {"steps": self.steps, "global_batch": self.global_batch, "image_size": self.image_size,
-                    "keep_last": self.keep_last, "log_every": self.log_every, "ckpt_every": self.ckpt_every,
-                    "max_bad_steps": self.max_bad_steps}
-        for name, value in positive.items():
-            if value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise UserError(f"--micro-batch must be >= 1, got {self.micro_batch}")
-        if self.lr <= 0 or not 0 <= self.ema_decay < 1:
-            raise UserError("--lr must be > 0 and --ema-decay in [0, 1)")
-        if self.schedule not in BETA_SCHEDULES:
-            raise UserError(f"unknown --schedule {self.schedule!r}", f"choose from {', '.join(BETA_SCHEDULES)}")
-        if not 0 <= self.class_dropout_prob < 1:
-            raise UserError(f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}",
-                            "0.1 as DiT; 0 trains without a null class, so no classifier-free guidance")
+        """Every option checked on its own, naming it, before any data is read or file written."""
+        for flag, value, low, high in self.integer_ranges():
+            if value is not None and not low <= value <= high:
+                raise UserError(f"{flag} must be between {low:,} and {high:,}, got {value:,}",
+                                f"pass {flag} {min(max(value, low), high)}")
+        for flag, value, ok, rule, hint in self.float_checks():
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise UserError(f"{flag} must be {rule}, got {value:g}", hint)
+        if not self.data:
+            raise UserError("--data is empty", "pass an image folder, an .npz or 'fashion-mnist'")
         if self.precision not in ("fp32", "bf16"):
             raise UserError(f"unknown training precision {self.precision!r}",
                             "choose fp32 or bf16; fp16 would need loss scaling")
+        if self.schedule not in BETA_SCHEDULES:
+            raise UserError(f"unknown --schedule {self.schedule!r}", f"choose from {', '.join(BETA_SCHEDULES)}")
         if self.init_weights not in WEIGHT_CHOICES:
             raise UserError(f"unknown --init-weights {self.init_weights!r}", f"choose {' or '.join(WEIGHT_CHOICES)}")
-        self.check_image_size()
+        if self.channels not in (1, 3):
+            raise UserError(f"--channels {self.channels} is not supported", "pass 1 (grayscale) or 3 (RGB)")
+        if self.latent and self.channels != 3:
+            raise UserError(f"--channels {self.channels} needs a pixel-space model: the VAE encodes RGB images",
+                            "add --vae none, or drop --channels")
+        self.check_architecture()
+
+    def integer_ranges(self) -> list[tuple[str, int | None, int, int]]:
+        """(option, value, lowest, highest): the highest keep a typo from allocating the machine away."""
+        return [("--steps", self.steps, 1, 10**12), ("--global-batch", self.global_batch, 1, MAX_GLOBAL_BATCH),
+                ("--micro-batch", self.micro_batch, 1, MAX_GLOBAL_BATCH),
+                ("--image-size", self.image_size, 1, MAX_IMAGE_SIZE),
+                ("--hidden-size", self.hidden_size, 4, MAX_HIDDEN_SIZE), ("--depth", self.depth, 1, MAX_DEPTH),
+                ("--num-heads", self.num_heads, 1, MAX_HIDDEN_SIZE), ("--keep-last", self.keep_last, 1, 10**6),
+                ("--log-every", self.log_every, 1, 10**12), ("--ckpt-every", self.ckpt_every, 1, 10**12),
+                ("--sample-every", self.sample_every, 0, 10**12), ("--max-bad-steps", self.max_bad_steps, 1, 10**6),
+                ("--seed", self.seed, 0, 2**63 - 1)]
+
+    def float_checks(self) -> list[tuple[str, float | None, Callable[[float], bool], str, str]]:
+        """(option, value, test of a finite value, the rule, how to fix)."""
+        return [("--lr", self.lr, lambda v: v > 0, "a finite number > 0", "e.g. --lr 1e-4"),
+                ("--weight-decay", self.weight_decay, lambda v: v >= 0, "a finite number >= 0", "e.g. 0"),
+                ("--ema-decay", self.ema_decay, lambda v: 0 <= v < 1, "in [0, 1)", "e.g. 0.9999"),
+                ("--grad-clip", self.grad_clip, lambda v: v >= 0, "a finite norm >= 0",
+                 "pass the norm to clip at, or 0 to not clip"),
+                ("--class-dropout-prob", self.class_dropout_prob, lambda v: 0 <= v < 1, "in [0, 1)",
+                 "0.1 as DiT; 0 trains without a null class, so no classifier-free guidance")]
+
+    def check_architecture(self) -> None:
+        """The model's shape options against each other; the class count is not known yet, so any will do."""
+        if self.model not in preset_names():
+            raise UserError(f"unknown --model {self.model!r}", f"choose from {', '.join(preset_names())}")
+        width = self.hidden_size or preset(self.model).hidden_size
+        heads = self.num_heads or preset(self.model).num_heads
+        if width % 4:
+            raise UserError(f"--hidden-size {width} is not a multiple of 4", f"pass e.g. {max(4, width // 4 * 4)}")
+        if width % heads:
+            raise UserError(f"--num-heads {heads} does not divide --hidden-size {width}",
+                            "choose heads whose head width hidden/heads is a whole number, e.g. "
+                            f"--num-heads {math.gcd(width, 16)}")
+        self.model_config(0)
 
     @property
     def latent(self) -> bool:
@@ -305,13 +348,14 @@ class Trainer:
     def setup(self):
         config = self.config
         self.stopping, self.saved_step = False, -1
+        on_every_rank(lambda: check_creatable(self.out, "--out"), "cannot use --out", SHARED_DISK_HINT)
         resume_from = self.agreed_resume()
+        resumed = self.read_resume(*resume_from) if resume_from is not None else None  # before anything is built
         self.locate_codec()  # before the data: a VAE that cannot be had fails in seconds, not after reading it all
         self.images = self.preloaded or on_every_rank(
             lambda: load_images(config.data, config.image_size, config.channels), "cannot read --data")
         if self.images.skipped:
-            self.emit("warning", {"message": f"skipped {len(self.images.skipped)} unreadable or too-small files",
-                                  "files": self.images.skipped[:10]})
+            self.emit("warning", {"message": skipped_message(self.images.skipped), "files": self.images.skipped[:10]})
         self.model_config = config.model_config(self.images.num_classes)
         torch.manual_seed(config.seed)
         self.model = DiT(self.model_config).to(self.device)
@@ -327,8 +371,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                            **fused)
         self.state = TrainState()
-        if resume_from is not None:
-            self.load_checkpoint(*resume_from)
+        if resumed is not None:
+            self.load_checkpoint(resumed, resume_from[0])
         self.ddp = self.model
         if self.dist.grouped:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -558,10 +602,13 @@ class Trainer:
         dist.all_gather_object(gathered, state)
         return gathered
 
-    def load_checkpoint(self, path: Path, step: int | None = None):
-        """Load `path` (at `step`, as rank 0 saw it) on every rank; a rank that cannot stops them all."""
-        data = on_every_rank(lambda: read_train_checkpoint(path, step),
+    def read_resume(self, path: Path, step: int) -> dict:
+        """The checkpoint rank 0 resumes from, read on every rank before anything is built; a rank that cannot
+        read it stops them all."""
+        return on_every_rank(lambda: read_train_checkpoint(path, step),
                              f"cannot read the checkpoint {path} that rank 0 resumes from", SHARED_DISK_HINT)
+
+    def load_checkpoint(self, data: dict, path: Path):
         stored = DiTConfig.from_dict(data["config"]["model"])  # a fine-tuned run keeps its source's forward
         for model in (self.model, self.ema):
             model.set_forward(stored.timestep_convention, stored.norm_eps)
@@ -591,7 +638,6 @@ class Trainer:
             raise UserError(f"cannot resume from {path}: the configuration differs ({'; '.join(differs)})",
                             "use the original settings, or pass --force to resume anyway")
 
-
     def same_data(self, stored: str | None, fingerprint: str | None) -> bool:
         """The data's fingerprint decides (`pngs` and `./pngs/` are one folder); older checkpoints compare paths."""
         if fingerprint is not None:
@@ -604,10 +650,12 @@ def _data_path(data: str) -> str:
 
 
 def read_train_checkpoint(path: Path, step: int | None = None) -> dict:
-    """A training checkpoint's payload; `step`, if given, must be the one it holds."""
+    """A complete training checkpoint's payload; `step`, if given, must be the one it holds."""
     data = safe_torch_load(path)
-    if not isinstance(data, dict) or data.get("format") != TRAIN_FORMAT:
-        raise UserError(f"{path} is not a ditcli training checkpoint", "resume needs a ckpt-*.pt from dit train")
+    if not isinstance(data, dict) or data.get("format") != TRAIN_FORMAT or not all(
+            isinstance(data.get(k), dict) for k in ("config", "model", "ema", "optimizer")):
+        raise UserError(f"{path} is not a complete ditcli training checkpoint",
+                        "resume needs a ckpt-*.pt written by dit train")
     if step is not None and int(data["step"]) != step:
         raise UserError(f"{path} holds step {data['step']}, not step {step} as on rank 0")
     return data
@@ -617,6 +665,12 @@ def _checkpoint_step(path: Path) -> int:
     """The step a checkpoint holds: from its ckpt-<step>.pt name, else from its payload."""
     match = re.fullmatch(r"ckpt-(\d+)\.pt", Path(path).name)
     return int(match.group(1)) if match else int(read_train_checkpoint(path)["step"])
+
+
+def skipped_message(skipped: list[str], shown: int = 3) -> str:
+    """"warning: skipped 5 unreadable or too-small files: a.png, b.png, c.png and 2 more"."""
+    names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
+    return f"warning: skipped {len(skipped)} unreadable or too-small files: {names}"
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -229,10 +229,10 @@ def test_two_processes_under_torchrun_match_one(files, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--class", "10"], "class 10 is out of range (this model has 10 classes, ids 0 to 9)"),
     (["--class", "snekaer"], "unknown class 'snekaer' (close matches: Sneaker (7)"),
-    (["--cfg", "-1"], "--cfg must be >= 0"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--num", "0"], "--num must be >= 1"),
+    (["--cfg", "-1"], "--cfg -1 is out of range"),
+    (["--steps", "0"], "--steps must be between 1 and"),
+    (["--batch-size", "0"], "--batch-size must be between 1 and"),
+    (["--num", "0"], "--num must be between 1 and"),
     (["--sampler", "plms"], "unknown sampler 'plms' (choose from ddpm, ddim, dpm++2m, unipc, euler, heun)"),
     (["--guidance-interval", "700"], "--guidance-interval '700' is not LOW,HIGH"),
 ])

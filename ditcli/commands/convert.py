@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ditcli.checkpoint import WEIGHT_CHOICES
+from ditcli.checkpoint import WEIGHT_CHOICES, check_creatable
 from ditcli.commands.options import JsonOpt
 from ditcli.conversion import OUTPUT_FORMATS, ConversionReport
 from ditcli.conversion import convert as convert_weights
@@ -27,14 +27,15 @@ DestArg = Annotated[Path | None, typer.Argument(help="The .safetensors file or d
 ToOpt = Annotated[str | None, typer.Option("--to", help=f"{' or '.join(OUTPUT_FORMATS)}; by default from DST's "
                                                         "name (*.safetensors).", show_default=False)]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help=f"Stored dtype: {', '.join(PRECISIONS)}.")]
-WeightsOpt = Annotated[str, typer.Option("--weights",
-                                         help=f"From training checkpoints: {' or '.join(WEIGHT_CHOICES)}.")]
+WeightsOpt = Annotated[str | None, typer.Option(
+    "--weights", help=f"From training checkpoints: {' or '.join(WEIGHT_CHOICES)}. A file with one set of weights must "
+                      "hold the set named. Default: ema.", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing DST.")]
 NumHeadsOpt = Annotated[int | None, typer.Option("--num-heads", help="Attention heads, for widths outside the presets.",
                                                  show_default=False)]
-VaeOpt = Annotated[str, typer.Option("--vae", help="With --to diffusers: the VAE to include (a local AutoencoderKL "
-                                                   "folder, a hub id, ema or mse), 'auto' for the checkpoint's own, "
-                                                   "or 'none'.")]
+VaeOpt = Annotated[str | None, typer.Option(
+    "--vae", help="With --to diffusers: the VAE to include (a local AutoencoderKL folder, a hub id, ema or mse), "
+                  "'auto' for the checkpoint's own, or 'none'. Default: auto.", show_default=False)]
 InfoOpt = Annotated[Path | None, typer.Option("--info", metavar="FILE", help="Describe FILE or a hub id instead of "
                                                                           "converting.",
                                               show_default=False)]
@@ -47,10 +48,10 @@ def convert(
     dst: DestArg = None,
     to: ToOpt = None,
     dtype: DtypeOpt = "fp32",
-    weights: WeightsOpt = "ema",
+    weights: WeightsOpt = None,
     force: ForceOpt = False,
     num_heads: NumHeadsOpt = None,
-    vae: VaeOpt = "auto",
+    vae: VaeOpt = None,
     info: InfoOpt = None,
     json_out: JsonOpt = False,
 ):
@@ -62,8 +63,14 @@ def convert(
         return
     if src is None or dst is None:
         raise UserError("convert needs SRC and DST", "run `dit convert SRC DST`, or `dit convert --info FILE`")
+    fmt = to or ("safetensors" if dst.suffix == ".safetensors" else None)  # unknown formats are refused later
+    if fmt in ("safetensors", "diffusers"):
+        check_creatable(dst, "DST", "folder" if fmt == "diffusers" else "file")
+    if vae not in (None, "none") and fmt == "safetensors":
+        raise UserError("--vae only applies to --to diffusers: a .safetensors file holds the DiT alone",
+                        "drop --vae, or write a diffusers folder with --to diffusers")
     report = convert_weights(src, dst, to=to, dtype=dtype, weights=weights, num_heads=num_heads,
-                             vae=None if vae == "none" else vae, force=force)
+                             vae=None if vae == "none" else vae or "auto", force=force)
     _render_report(report, json_out)
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from ditcli.checkpoint import check_creatable
 from ditcli.commands.options import DeviceOpt, JsonOpt
 from ditcli.errors import UserError
 from ditcli.inception import WEIGHTS_NAME
@@ -21,6 +24,7 @@ InceptionWeightsOpt = Annotated[Path | None, typer.Option(
                                 "downloading it once.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward; the scores don't depend on it.")]
 WorkersOpt = Annotated[int, typer.Option("--num-workers", help="Threads decoding folder images.")]
+MAX_RESIZE = 4096
 
 
 class _StageBars:
@@ -44,7 +48,9 @@ class _StageBars:
     def __enter__(self) -> _StageBars:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self.bar is not None:  # an error's one line is all that should remain
+            self.bar.discard()
         self.close()
 
 
@@ -71,6 +77,7 @@ def fid(
         "--features", help="inception, a registered extractor name, a TorchScript .pt file or a tagged .safetensors "
                            "file (see docs/evaluation.md).")] = "inception",
     num_workers: WorkersOpt = min(4, os.cpu_count() or 1),
+    force: Annotated[bool, typer.Option("--force", help="Let --make-ref replace an existing -o file.")] = False,
     json_output: JsonOpt = False,
 ):
     """Score samples against a reference: FID, sFID, IS, precision and recall, as ADM's evaluator."""
@@ -82,12 +89,19 @@ def fid(
     if inception_weights is not None and features != metrics.INCEPTION:
         raise UserError("--inception-weights only applies to --features inception")
     _check_mode(samples, ref, make_ref, output, split)
+    check_options(batch_size, num_workers, resize)
+    if make_ref is not None:
+        check_creatable(output, "-o", "file")
+        if output.exists() and not force:
+            raise UserError(f"{output} already exists", "choose another -o, or pass --force to replace it")
     torch_device = resolve_device(device)
     if torch_device.type == "cuda":  # TF32 would round the features more coarsely than the float32 graph does
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
-    with _StageBars(enabled=not json_output) as bars:
+    with _StageBars(enabled=not json_output) as bars, warnings.catch_warnings():
+        # PIL warns of a huge image and decodes it anyway; the readers turn the warning into a one-line error.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         if make_ref is not None:
             result = metrics.make_ref(make_ref, output, resize, features, inception_weights, torch_device,
                                       batch_size, num_workers, bars, split)
@@ -141,6 +155,15 @@ def _check_mode(samples: Path | None, ref: Path | None, make_ref: str | None, ou
     elif samples is None or ref is None:
         raise UserError("nothing to score" if samples is None else "--ref is required",
                         "run `dit fid SAMPLES --ref REF.npz`, or `dit fid --make-ref FOLDER -o ref.npz`")
+
+
+def check_options(batch_size: int, num_workers: int, resize: int | None) -> None:
+    """The numeric options, each named, before any image or network is read."""
+    for flag, value, low, high in (("--batch-size", batch_size, 1, 1 << 16), ("--num-workers", num_workers, 0, 256),
+                                   ("--resize", resize, 1, MAX_RESIZE)):
+        if value is not None and not low <= value <= high:
+            raise UserError(f"{flag} must be between {low:,} and {high:,}, got {value:,}",
+                            f"pass {flag} {min(max(value, low), high)}")
 
 
 def _score_table(result) -> Table:

@@ -54,7 +54,9 @@ GuidedOpt = Annotated[str, typer.Option(
 IntervalOpt = Annotated[str | None, typer.Option(
     "--guidance-interval", help="LOW,HIGH: guide only for training timesteps in [LOW, HIGH], e.g. 0,700.")]
 SamplerOpt = Annotated[str | None, typer.Option("--sampler", help=f"{', '.join(SAMPLERS)} (default: the model's).")]
-EtaOpt = Annotated[float, typer.Option("--eta", help="DDIM noise: 0 deterministic, 1 DDPM-like.")]
+EtaOpt = Annotated[float | None, typer.Option(
+    "--eta", help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like. Only with --sampler ddim. Default: 0.",
+    show_default=False)]
 BatchOpt = Annotated[int, typer.Option(
     "--batch-size", help="Images per forward pass and process, rounded up to a multiple of 4 (see docs/samplers.md).")]
 OutOpt = Annotated[Path | None, typer.Option(
@@ -79,7 +81,7 @@ def sample(
     model: ModelOpt = None, image_size: ImageSizeOpt = None, ckpt: CheckpointOpt = None,
     class_: ClassOpt = None, num_per_class: NumPerClassOpt = None, num: NumOpt = None,
     steps: StepsOpt = None, cfg: CfgOpt = None, guidance_channels: GuidedOpt = DEFAULT_CHANNELS,
-    guidance_interval: IntervalOpt = None, sampler: SamplerOpt = None, eta: EtaOpt = 0.0, seed: SeedOpt = 0,
+    guidance_interval: IntervalOpt = None, sampler: SamplerOpt = None, eta: EtaOpt = None, seed: SeedOpt = 0,
     batch_size: BatchOpt = 32, out: OutOpt = None, npz: NpzOpt = None, vae: VaeOpt = None,
     device: DeviceOpt = "auto", precision: PrecisionOpt = DEFAULT_PRECISION, compile: CompileOpt = False,
     json_output: JsonOpt = False, deterministic: DeterministicOpt = False, offline: OfflineOpt = False,
@@ -87,20 +89,25 @@ def sample(
     dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT_S,
 ):
     """Generate class-conditional images from a DiT checkpoint."""
-    # Expand --preset (explicit options win), then check the numbers before any file is read or written.
+    # Expand --preset (explicit options win), then check the numbers and the choice of model before any file is read
+    # or written.
     settings, notes = expand_sample_preset(preset, sampler=sampler, steps=steps, cfg=cfg,
                                            guidance_channels=guidance_channels, vae=vae, precision=precision,
                                            num=num, num_per_class=num_per_class)
     sampler, steps, cfg, guidance_channels, precision, num = (
         settings[key] for key in ("sampler", "steps", "cfg", "guidance_channels", "precision", "num"))
     vae_from_preset = vae is None and settings["vae"] is not None
-    check_counts(num, num_per_class, batch_size, steps)
+    check_counts(num, num_per_class, batch_size, steps, len(class_ or []))
+    check_numbers(cfg, eta, seed, guidance_interval, guidance_channels)
+    check_model_choice(model, image_size, ckpt)
     dtype = resolve_precision(precision)
     torch_device = rank_device(resolve_device(device))
     set_backend_flags(deterministic=deterministic)
     with distributed(torch_device, dist_timeout) as ranks, \
             collectives(ranks.rank, ranks.world, dist_timeout, "sampling"):
         quiet = json_output or ranks.rank != 0
+        on_every_rank(lambda: check_outputs(out, npz), "cannot write the outputs",
+                      "--out and --npz must be on a disk that all nodes share")
 
         # Find and read the checkpoint (rank 0 downloads, the others wait).
         with ranks.zero_first():
@@ -113,6 +120,10 @@ def sample(
         guidance = make_guidance(cfg if cfg is not None else defaults.cfg, guidance_channels, guidance_interval,
                                  model_config)
         sampler, steps = sampler or defaults.sampler, steps or defaults.steps
+        if eta is not None and sampler != "ddim":
+            raise UserError(f"--eta only applies to --sampler ddim, and this run uses {sampler}",
+                            "add --sampler ddim, or drop --eta")
+        eta = eta or 0.0
         plan = plan_sampler(sampler, steps, model_config.learn_sigma, eta, schedule=checkpoint.schedule)
         vae = vae_choice(checkpoint, settings["vae"], vae_from_preset, notes)
         names = class_table(model_config.num_classes, checkpoint.class_names)
@@ -120,8 +131,6 @@ def sample(
         config = GenerateConfig(tuple(labels), seed, sampler, steps, eta, guidance, batch_size, precision, compile,
                                 checkpoint.schedule)
         check_image_size(checkpoint, image_size if ckpt is not None else None, vae)
-        on_every_rank(lambda: check_outputs(out, npz), "cannot write the outputs",
-                      "--out and --npz must be on a disk that all nodes share")
         warnings = weight_warnings(checkpoint, show=not quiet)
 
         # Load the codec (rank 0 first: it may download) and check it fits the model.
@@ -148,7 +157,7 @@ def sample(
         with ProgressBar(None, "sampling", unit="img", enabled=not quiet) as bar:
             summary = sample_run(net, codec, config, torch_device, writers, ranks, provenance,
                                  on_batch=lambda batch: bar.advance(len(batch.indices), nfe=batch.nfe),
-                                 on_step=bar.step, on_plan=lambda n: bar.update(0, total=n))
+                                 on_step=bar.step, on_plan=lambda n: bar.update(0, total=n) if n else bar.discard())
         if ranks.rank == 0:
             report(summary, out, npz, run_key, json_output, checkpoint.weights, warnings)
 
@@ -185,20 +194,58 @@ def show_preset(preset: str, config: GenerateConfig, codec, npz: Path | None, ou
         console.print(f"note: {note}", markup=False)
 
 
-def check_counts(num: int | None, num_per_class: int | None, batch_size: int, steps: int | None) -> None:
-    for flag, value in (("--num", num), ("--num-per-class", num_per_class), ("--batch-size", batch_size),
-                        ("--steps", steps)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
+MAX_IMAGES = 10_000_000  # 200 ImageNet FID-50k runs; a bound so a typo fails at once, not after building labels
+MAX_STEPS = 10_000
+MAX_SEED = 2**63 - 1
+MAX_CFG = 100.0  # far past any useful scale; larger ones only overflow the guided eps
+
+
+def check_counts(num: int | None, num_per_class: int | None, batch_size: int, steps: int | None,
+                 num_classes_asked: int = 0) -> None:
+    for flag, value, high in (("--num", num, MAX_IMAGES), ("--num-per-class", num_per_class, MAX_IMAGES),
+                              ("--batch-size", batch_size, MAX_IMAGES), ("--steps", steps, MAX_STEPS)):
+        if value is not None and not 1 <= value <= high:
+            raise UserError(f"{flag} must be between 1 and {high:,}, got {value:,}",
+                            f"pass {flag} {min(max(value, 1), high)}")
+    if num is not None and num_per_class is not None:
+        raise UserError("--num and --num-per-class exclude each other",
+                        "--num draws random classes, --num-per-class repeats each --class")
+    if num_per_class is not None and not num_classes_asked:
+        raise UserError("--num-per-class needs --class", "name the classes, or use --num for random classes")
+    if num_per_class is not None and num_per_class * num_classes_asked > MAX_IMAGES:
+        raise UserError(f"--num-per-class {num_per_class:,} for {num_classes_asked} classes is more than "
+                        f"{MAX_IMAGES:,} images", "ask for fewer images per class")
+
+
+def check_numbers(cfg: float | None, eta: float | None, seed: int, interval: str | None,
+                  guidance_channels: str = "paper") -> None:
+    """The float options and the seed, each named, before anything is loaded."""
+    if cfg is not None and not (math.isfinite(cfg) and 0 <= cfg <= MAX_CFG):
+        raise UserError(f"--cfg {cfg:g} is out of range",
+                        f"pass a scale in [0, {MAX_CFG:g}]: 1 disables guidance, 0 is unconditional, DiT uses 1.5-4")
+    if eta is not None and not (math.isfinite(eta) and 0 <= eta <= 1):
+        raise UserError(f"--eta {eta:g} is out of range", "pass a number in [0, 1]: 0 is deterministic DDIM")
+    if guidance_channels not in GUIDED_CHANNELS:
+        raise UserError(f"unknown --guidance-channels {guidance_channels!r}", f"choose {' or '.join(GUIDED_CHANNELS)}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}", "pass e.g. --seed 0")
+    parse_interval(interval)
+
+
+def check_model_choice(model: str | None, image_size: int | None, ckpt: Path | None) -> None:
+    """Refuse options that the chosen weights would silently ignore."""
+    if ckpt is not None and model in registry_models() and model not in preset_names():
+        raise UserError(f"--model {model} names released weights, but --ckpt {ckpt} gives the weights",
+                        "drop --model, or drop --ckpt to use the released weights")
+    if ckpt is None and image_size is not None and model in registry_models() and \
+            known_weights(model).image_size is None:
+        raise UserError(f"--model {model} comes in one size, so --image-size does not apply", "drop --image-size")
 
 
 def read_checkpoint(path: Path, model: str | None, weights: str | None) -> Checkpoint:
     """The checkpoint, checked against a --model preset and the --weights asked for."""
-    checkpoint = load_checkpoint(path, num_heads=preset_heads(model), weights=weights or "ema")
+    checkpoint = load_checkpoint(path, num_heads=preset_heads(model), weights=weights)  # refuses a missing set
     check_preset(model, checkpoint)
-    if weights is not None and checkpoint.weights != weights:
-        raise UserError(f"--weights {weights}: {path} holds only its {checkpoint.weights} weights",
-                        "drop --weights, or pass the training checkpoint (ckpt-*.pt) that holds both")
     return checkpoint
 
 
@@ -289,6 +336,9 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     except ValueError:
         raise UserError(f"--guidance-interval {text!r} is not LOW,HIGH", "for example --guidance-interval 0,700") \
             from None
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
+        raise UserError(f"--guidance-interval {text!r} is not an interval of training timesteps",
+                        "pass LOW,HIGH with 0 <= LOW <= HIGH, for example --guidance-interval 0,700")
     return low, high
 
 
@@ -300,14 +350,9 @@ def plan_run(names: ClassTable, num_classes: int, classes: list[str] | None, num
             raise UserError("this model is unconditional (trained without labels)", "drop --class")
         return [0] * (num or DEFAULT_NUM), None
     ids = [names.resolve(text) for text in classes or []]
-    if num is not None and num_per_class is not None:
-        raise UserError("--num and --num-per-class exclude each other",
-                        "--num draws random classes, --num-per-class repeats each --class")
     if ids and num is None:
         per_class = num_per_class or 4
         return class_labels(ids, per_class), per_class if len(ids) > 1 else None
-    if num_per_class is not None:
-        raise UserError("--num-per-class needs --class", "name the classes, or use --num for random classes")
     return random_labels(num or DEFAULT_NUM, seed, ids or list(range(num_classes))), None
 
 
@@ -327,9 +372,14 @@ def make_writers(out: Path | None, npz: Path | None, names: ClassTable, config: 
         for writer in writers:
             if isinstance(writer, ImageDirWriter):
                 writer.text = png_text(provenance)
-                if ranks.rank == 0:
-                    writer.prepare(run_key, force, writer.text)
-            elif ranks.rank == 0:
+        if ranks.rank != 0:
+            return
+        for writer in writers:  # every refusal before any writer touches the disk
+            writer.check(run_key, force)
+        for writer in writers:
+            if isinstance(writer, ImageDirWriter):
+                writer.prepare(run_key, force, writer.text)
+            else:
                 writer.prepare(run_key, force)
 
     on_every_rank(prepare)
@@ -387,6 +437,10 @@ def classes(
     json_output: JsonOpt = False, offline: OfflineOpt = False,
 ):
     """Print the class names of ImageNet-1k or of a checkpoint."""
+    check_model_choice(model, image_size, ckpt)
+    if image_size is not None and (ckpt is not None or model in (None, DEFAULT_MODEL)):
+        source = f"--ckpt {ckpt}" if ckpt is not None else f"{DEFAULT_MODEL} (ImageNet-1k at every size)"
+        raise UserError(f"--image-size does not change the class names of {source}", "drop --image-size")
     if ckpt is None and model in (None, DEFAULT_MODEL):
         table = ClassTable.imagenet()
     else:

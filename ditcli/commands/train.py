@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -14,70 +15,104 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ditcli.commands.options import CompileOpt, DeviceOpt, DistTimeoutOpt, JsonOpt, SeedOpt
+from ditcli.commands.options import CompileOpt, DeviceOpt, DistTimeoutOpt, JsonOpt
 from ditcli.errors import UserError
 from ditcli.model import preset_names
+from ditcli.progress import discard_live
 from ditcli.ranks import env_rank, world_size
 from ditcli.training import TRAIN_PRESETS, Trainer, TrainConfig, train_preset
 
 console = Console(stderr=True)
 
 
+def _opt(flags: str, help: str, field: str | None = None):
+    """An option left None unless given, so that a --preset can fill it; `--help` shows TrainConfig's default."""
+    value = TrainConfig.__dataclass_fields__[field].default if field else None
+    if value is not None:
+        shown = f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else value
+        flag = flags.split("/")[0] if not isinstance(value, bool) or value else flags.split("/")[-1]
+        help += f" Default: {flag if isinstance(value, bool) else shown}."
+    return typer.Option(flags, help=help, show_default=False)
+
+
 def train(
-    data: Annotated[str | None, typer.Option("--data", help="Image folder (class sub-folders or flat), an .npz, "
-                                                            "a folder of idx files, or 'fashion-mnist'.")] = None,
+    data: Annotated[str | None, _opt("--data", "Image folder (class sub-folders or flat), an .npz, a folder of idx "
+                                               "files, or 'fashion-mnist' (also fashion-mnist:test). Default: "
+                                               "the --preset's; required without one.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory: checkpoints, metrics.jsonl, samples/.")] = Path(
         "runs/dit"),
-    preset: Annotated[str | None, typer.Option("--preset", help=f"A ready recipe: {', '.join(TRAIN_PRESETS)}.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help=f"Architecture: {', '.join(preset_names())}.")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Training resolution in pixels.")] = None,
-    channels: Annotated[int | None, typer.Option("--channels", help="Pixel-model channels (1 or 3).")] = None,
-    vae: Annotated[str | None, typer.Option("--vae", help="ema, mse, a hub id or a local AutoencoderKL directory; "
-                                                          "'none' trains in pixel space.")] = None,
-    hidden_size: Annotated[int | None, typer.Option("--hidden-size", help="Custom width.")] = None,
-    depth: Annotated[int | None, typer.Option("--depth", help="Custom number of blocks.")] = None,
-    num_heads: Annotated[int | None, typer.Option("--num-heads", help="Custom number of heads.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Total optimizer steps.")] = None,
-    global_batch: Annotated[int | None, typer.Option("--global-batch", help="Images per step, all ranks.")] = None,
-    micro_batch: Annotated[int | None, typer.Option("--micro-batch",
-                                                    help="Images per forward; the rest is accumulated.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate.")] = None,
-    weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
-    ema_decay: Annotated[float | None, typer.Option("--ema-decay")] = None,
-    ema_warmup: Annotated[bool | None, typer.Option("--ema-warmup/--no-ema-warmup")] = None,
-    schedule: Annotated[str | None, typer.Option(
-        "--schedule", help="Beta schedule: linear (DiT, the default) or cosine (IDDPM); recorded in every "
-                           "checkpoint.")] = None,
-    learn_sigma: Annotated[bool | None, typer.Option("--learn-sigma/--no-learn-sigma",
-                                                     help="Learn the variance too (DiT, IDDPM's hybrid loss; "
-                                                          "the default).")] = None,
-    class_dropout_prob: Annotated[float | None, typer.Option(
-        "--class-dropout-prob", help="Share of labels dropped to the null class, for guidance (default 0.1); 0 "
-                                 "disables guidance.")] = None,
-    grad_clip: Annotated[float | None, typer.Option("--grad-clip", help="Clip the gradient norm to this.")] = None,
-    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = None,
-    ckpt_every: Annotated[int | None, typer.Option("--ckpt-every")] = None,
-    keep_last: Annotated[int | None, typer.Option("--keep-last")] = None,
-    sample_every: Annotated[int | None, typer.Option("--sample-every", help="EMA sample grid every N steps.")] = None,
-    log_every: Annotated[int | None, typer.Option("--log-every")] = None,
-    max_bad_steps: Annotated[int | None, typer.Option("--max-bad-steps")] = None,
-    grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = None,
-    resume: Annotated[str | None, typer.Option("--resume", help="auto (latest in --out) or a ckpt-*.pt.")] = None,
-    init_from: Annotated[str | None, typer.Option(
-        "--init-from", help="Fine-tune: start from these weights (a .pt, .safetensors, training checkpoint, diffusers "
-                            "folder or hub id org/name[@rev]); same architecture, any image size and classes.")] = None,
-    init_weights: Annotated[str | None, typer.Option("--init-weights",
-                                                     help="From training checkpoints: ema (default) or model.")] = None,
+    preset: Annotated[str | None, _opt("--preset", f"A ready recipe: {', '.join(TRAIN_PRESETS)}; other options "
+                                                   "override its values. Default: none.")] = None,
+    model: Annotated[str | None, _opt("--model", f"Architecture: {', '.join(preset_names())}.", "model")] = None,
+    image_size: Annotated[int | None, _opt("--image-size", "Training resolution in pixels.", "image_size")] = None,
+    channels: Annotated[int | None, _opt("--channels", "Image channels: 1 (grayscale, pixel models only) or 3.",
+                                         "channels")] = None,
+    vae: Annotated[str | None, _opt("--vae", "ema, mse, a hub id or a local AutoencoderKL directory; 'none' trains "
+                                             "in pixel space.", "vae")] = None,
+    hidden_size: Annotated[int | None, _opt("--hidden-size", "Transformer width (a multiple of 4 and of --num-heads). "
+                                                             "Default: the --model's.", "hidden_size")] = None,
+    depth: Annotated[int | None, _opt("--depth", "Number of DiT blocks. Default: the --model's.", "depth")] = None,
+    num_heads: Annotated[int | None, _opt("--num-heads", "Attention heads. Default: the --model's.",
+                                          "num_heads")] = None,
+    steps: Annotated[int | None, _opt("--steps", "Total optimizer steps.", "steps")] = None,
+    global_batch: Annotated[int | None, _opt("--global-batch", "Images per step, all ranks.", "global_batch")] = None,
+    micro_batch: Annotated[int | None, _opt("--micro-batch", "Images per forward; the rest of a rank's share is "
+                                                             "accumulated. Default: the whole share.",
+                                            "micro_batch")] = None,
+    lr: Annotated[float | None, _opt("--lr", "AdamW learning rate (> 0).", "lr")] = None,
+    weight_decay: Annotated[float | None, _opt("--weight-decay", "AdamW weight decay (>= 0).",
+                                               "weight_decay")] = None,
+    ema_decay: Annotated[float | None, _opt("--ema-decay", "Decay of the EMA weights that sampling uses, in [0, 1).",
+                                            "ema_decay")] = None,
+    ema_warmup: Annotated[bool | None, _opt("--ema-warmup/--no-ema-warmup", "Ramp the EMA decay up as "
+                                                                            "min(decay, (1 + n) / (10 + n)).",
+                                            "ema_warmup")] = None,
+    schedule: Annotated[str | None, _opt("--schedule", "Beta schedule: linear (DiT) or cosine (IDDPM); recorded in "
+                                                       "every checkpoint.", "schedule")] = None,
+    learn_sigma: Annotated[bool | None, _opt("--learn-sigma/--no-learn-sigma", "Learn the variance too (DiT, IDDPM's "
+                                                                               "hybrid loss).", "learn_sigma")] = None,
+    class_dropout_prob: Annotated[float | None, _opt("--class-dropout-prob", "Share of labels dropped to the null "
+                                                                             "class, for guidance; 0 disables "
+                                                                             "guidance.", "class_dropout_prob")] = None,
+    grad_clip: Annotated[float | None, _opt("--grad-clip", "Clip the gradient norm to this (> 0); 0 does not clip. "
+                                                          "Default: no clipping.",
+                                            "grad_clip")] = None,
+    flip: Annotated[bool | None, _opt("--flip/--no-flip", "Random horizontal flips.", "flip")] = None,
+    ckpt_every: Annotated[int | None, _opt("--ckpt-every", "Save a checkpoint every N steps (and at the end).",
+                                           "ckpt_every")] = None,
+    keep_last: Annotated[int | None, _opt("--keep-last", "Checkpoints kept; older ones are deleted.",
+                                          "keep_last")] = None,
+    sample_every: Annotated[int | None, _opt("--sample-every", "EMA sample grid every N steps; 0 never.",
+                                             "sample_every")] = None,
+    log_every: Annotated[int | None, _opt("--log-every", "Append a metrics.jsonl row every N steps.",
+                                          "log_every")] = None,
+    max_bad_steps: Annotated[int | None, _opt("--max-bad-steps", "Stop after this many consecutive steps with a "
+                                                                 "non-finite loss or gradient.",
+                                              "max_bad_steps")] = None,
+    grad_checkpointing: Annotated[bool | None, _opt("--grad-checkpointing/--no-grad-checkpointing",
+                                                    "Recompute block activations in the backward pass to save "
+                                                    "memory.", "grad_checkpointing")] = None,
+    resume: Annotated[str | None, _opt("--resume", "auto (latest in --out) or a ckpt-*.pt. Default: start "
+                                                   "afresh.")] = None,
+    init_from: Annotated[str | None, _opt(
+        "--init-from", "Fine-tune: start from these weights (a .pt, .safetensors, training checkpoint, diffusers "
+                       "folder or hub id org/name[@rev]); same architecture, any image size and classes. Default: "
+                       "a fresh model.")] = None,
+    init_weights: Annotated[str | None, _opt("--init-weights", "From training checkpoints: ema or model.",
+                                             "init_weights")] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even if the configuration differs.")] = False,
-    precision: Annotated[str | None, typer.Option("--precision", help="fp32 or bf16 (autocast, fp32 master "
-                                                                      "weights).")] = None,
-    seed: SeedOpt = None,
+    precision: Annotated[str | None, _opt("--precision", "fp32 or bf16 (autocast, fp32 master weights).",
+                                          "precision")] = None,
+    seed: Annotated[int | None, _opt("--seed", "Seed of the weights and of every step's draws.", "seed")] = None,
     device: DeviceOpt = "auto",
     compile: CompileOpt = False,
     json_out: JsonOpt = False,
     dist_timeout: DistTimeoutOpt = 600.0,
 ):
-    """Train a DiT on an image folder, Fashion-MNIST or an .npz; resumable, mixed precision, torchrun-ready."""
+    """Train a DiT on an image folder, Fashion-MNIST or an .npz; resumable, mixed precision, torchrun-ready.
+
+    With --preset, the options you leave out take the preset's values instead of the defaults shown.
+    """
     given = dict(data=data, out=str(out), model=model, image_size=image_size, channels=channels,
                  vae=_vae(vae), hidden_size=hidden_size, depth=depth, num_heads=num_heads, steps=steps,
                  global_batch=global_batch, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
@@ -108,6 +143,8 @@ def train(
         typer.echo(json.dumps(result))
     elif result["interrupted"]:
         console.print(f"stopped at step {result['step']}; resume with: dit train ... --resume auto --out {config.out}")
+    else:
+        console.print(progress.final_line(result), highlight=False, soft_wrap=True)
 
 
 def _vae(value: str | None) -> str | None:
@@ -155,13 +192,24 @@ class TrainProgress:
                                  TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet)
         self.task = None
+        self.started, self.last_step, self.last_checkpoint = time.monotonic(), {}, None
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        if self.task is not None:
+    def __exit__(self, exc_type, *exc):
+        if self.task is not None and exc_type is not None:
+            discard_live(self.progress)  # the error's one line is all that should remain
+        elif self.task is not None:
             self.progress.stop()
+
+    def final_line(self, result: dict) -> str:
+        """One line summing up a finished run: steps, time, last loss, skipped steps, the checkpoint to use."""
+        minutes, seconds = divmod(round(time.monotonic() - self.started), 60)
+        loss = f", last loss {self.last_step['loss']:.4f}" if "loss" in self.last_step else ""
+        where = self.last_checkpoint or result["out"]
+        return (f"done: {self.config.model} trained to step {result['step']:,}/{self.config.steps:,} in "
+                f"{minutes}m{seconds:02d}s{loss}, {result['bad_steps']} skipped steps; weights in {where}")
 
     def on_event(self, kind: str, data: dict):
         if kind == "start":
@@ -169,12 +217,16 @@ class TrainProgress:
             self.progress.start()
             self.task = self.progress.add_task("train", total=data["steps"], completed=data["start_step"], loss="-",
                                                rate="-")
-        elif kind == "step" and self.task is not None:
-            self.progress.update(self.task, completed=data["step"], loss=f"{data['loss']:.4f}",
-                                 rate=f"{data['img_per_s']:.1f}")
+        elif kind == "step":
+            self.last_step = data
+            if self.task is not None:
+                self.progress.update(self.task, completed=data["step"], loss=f"{data['loss']:.4f}",
+                                     rate=f"{data['img_per_s']:.1f}")
         elif kind == "stop" and not self.quiet:
             self.progress.console.print(f"stop requested: every rank stops after step {data['step']}")
-        elif kind in ("checkpoint", "sample", "resume", "cache", "warning", "skip") and not self.quiet:
+        if kind == "checkpoint":
+            self.last_checkpoint = data["path"]
+        if kind in ("checkpoint", "sample", "resume", "cache", "warning", "skip") and not self.quiet:
             message = data.get("message") or f"{kind}: {data.get('path', '')} (step {data.get('step')})"
             self.progress.console.print(message)
 
