@@ -253,7 +253,7 @@ def weight_warnings(checkpoint: Checkpoint, show: bool) -> list[str]:
     """An EMA that has not yet moved from its start samples noise; say so (on stderr) before sampling."""
     stale = checkpoint.ema.staleness() if checkpoint.ema is not None and checkpoint.weights == "ema" else None
     if stale and show:
-        Console(stderr=True, highlight=False).print(f"warning: {stale}", markup=False)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: {stale}", markup=False)
     return [stale] if stale else []
 
 
@@ -428,8 +428,9 @@ def report(summary, out: Path | None, npz: Path | None, run_key: str, json_outpu
     rate = f", {summary.images_per_second:.3g} img/s" if summary.images_per_second else ""
     skipped = f" ({summary.skipped} already done)" if summary.skipped else ""
     nfe = f", NFE {summary.nfe} per image" if summary.nfe else ""
-    Console(highlight=False).print(f"wrote {summary.total} images to {where}{skipped}{nfe}{rate}, from the "
-                                   f"{'EMA' if weights == 'ema' else 'raw (non-EMA)'} weights", markup=False)
+    source = "EMA" if weights == "ema" else "raw (non-EMA)"
+    Console(highlight=False, soft_wrap=True).print(
+        f"wrote {summary.total} images to {where}{skipped}{nfe}{rate}, from the {source} weights", markup=False)
 
 
 def classes(

@@ -22,7 +22,7 @@ from ditcli.progress import discard_live
 from ditcli.ranks import env_rank, world_size
 from ditcli.training import TRAIN_PRESETS, Trainer, TrainConfig, train_preset
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _opt(flags: str, help: str, field: str | None = None):
@@ -223,12 +223,14 @@ class TrainProgress:
                 self.progress.update(self.task, completed=data["step"], loss=f"{data['loss']:.4f}",
                                      rate=f"{data['img_per_s']:.1f}")
         elif kind == "stop" and not self.quiet:
+            if self.task is not None:  # the bar moves only every --log-every steps
+                self.progress.update(self.task, completed=data["step"])
             self.progress.console.print(f"stop requested: every rank stops after step {data['step']}")
         if kind == "checkpoint":
             self.last_checkpoint = data["path"]
         if kind in ("checkpoint", "sample", "resume", "cache", "warning", "skip") and not self.quiet:
             message = data.get("message") or f"{kind}: {data.get('path', '')} (step {data.get('step')})"
-            self.progress.console.print(message)
+            self.progress.console.print(message, soft_wrap=True, highlight=False)
 
     def show_summary(self, data: dict):
         if self.quiet:
