@@ -127,7 +127,7 @@ def test_import_keeps_block_0_embedders_and_warns_about_differing_copies():
 def test_import_refuses_a_missing_or_misshapen_key():
     source = tiny_checkpoint()
     state, _ = to_diffusers_state(source.state_dict, source.config)
-    with pytest.raises(UserError, match="missing transformer_blocks.1.attn1.to_k.bias"):
+    with pytest.raises(UserError, match="missing key transformer_blocks.1.attn1.to_k.bias"):
         from_diffusers_weights({k: v for k, v in state.items() if k != "transformer_blocks.1.attn1.to_k.bias"},
                                source.config)
     state["proj_out_2.weight"] = state["proj_out_2.weight"][:-1]
