@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ditcli.codec import to_uint8
+from ditcli.images import image_grid
 from ditcli.samplers import Guidance, ImageNoise, guided_model_fn, plan_sampler, unconditional_model_fn
-
-
-def image_grid(images: np.ndarray, columns: int) -> Image.Image:
-    """uint8 images (N, H, W, C) tiled row by row into one picture."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / columns)
-    canvas = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-    return Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
 
 
 @torch.no_grad()
