@@ -211,3 +211,34 @@ def test_a_single_step_runs(sampler):
     x = torch.randn(2, 1, 4, 4)
     out = plan.sample(model_fn, x, plan.diffusion, ImageNoise(0, range(2)))
     assert plan.diffusion.num_steps == 1 and torch.isfinite(out).all()
+
+
+def test_split_output_is_the_learned_sigma_adapter():
+    """Learned sigma: eps is the first C of 2C channels, the variance values the rest; fixed variance: all eps."""
+    out = torch.arange(2 * 4 * 2 * 2, dtype=torch.float32).view(2, 4, 2, 2)
+    eps, var_values = Diffusion.create("", learn_sigma=True).split_output(out)
+    assert torch.equal(eps, out[:, :2]) and torch.equal(var_values, out[:, 2:])
+    eps, var_values = Diffusion.create("", learn_sigma=False).split_output(out)
+    assert eps is out and var_values is None
+
+
+@pytest.mark.parametrize("name", ["dpm++2m", "heun"])
+def test_solvers_run_on_the_diffusion_they_are_given_and_read_only_eps(name):
+    """The contract is honest: `diffusion` sets the solver's betas, and only eps (never the variance) is used."""
+    plan = plan_sampler(name, 6, learn_sigma=True)
+    exact = oracle(plan.diffusion)
+    x = torch.randn((8, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    linear = plan.sample(exact, x, plan.diffusion, None)
+    cosine = plan.sample(exact, x, Diffusion.create("", "cosine", learn_sigma=True), None)
+    assert not torch.allclose(linear, cosine)
+
+    def nan_variance(x, index):
+        eps, _ = plan.diffusion.split_output(exact(x, index))
+        return torch.cat([eps, torch.full_like(eps, float("nan"))], dim=1)
+
+    assert torch.equal(plan.sample(nan_variance, x, plan.diffusion, None), linear)
+
+
+def test_plan_records_its_nfe_when_built():
+    assert [plan_sampler(n, 5, learn_sigma=True).nfe for n in ("ddpm", "ddim", "heun", "euler")] == [5, 5, 9, 5]
+    assert replace(plan_sampler("heun", 5, learn_sigma=True), nfe=3).nfe == 3  # a field, not read out of a partial
