@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ditcli.checkpoint import Checkpoint, describe, load_checkpoint
-from ditcli.classes import ClassTable, class_table, normalize
+from ditcli.classes import IMAGENET_CLASSES, ClassTable, class_table, normalize
+from ditcli.codec import LATENT_CHANNELS
 from ditcli.errors import UserError
 from ditcli.hub import parse_hub_id
 from ditcli.model import HEADS_BY_WIDTH, PRESET_SHAPES, DiT, DiTConfig
@@ -102,7 +103,7 @@ def source_flags(config: DiTConfig) -> str:
     flags = [f"--model {base}/{config.patch_size}"] if base else [
         f"--model DiT-S/{config.patch_size} --hidden-size {config.hidden_size} --depth {config.depth} "
         f"--num-heads {config.num_heads}"]
-    flags.append("--vae ema" if config.in_channels == 4 else f"--vae none --channels {config.in_channels}")
+    flags.append("--vae ema" if config.in_channels == LATENT_CHANNELS else f"--vae none --channels {config.in_channels}")
     return " ".join(flags)
 
 
@@ -121,7 +122,7 @@ def plan_labels(checkpoint: Checkpoint, target: DiTConfig, class_names: list[str
 
 def named_table(checkpoint: Checkpoint) -> ClassTable | None:
     """The source's class names: its own, or ImageNet-1k for a 1000-class model without any; None if unnamed."""
-    if has_names(checkpoint.class_names) or checkpoint.config.num_classes == 1000:
+    if has_names(checkpoint.class_names) or checkpoint.config.num_classes == IMAGENET_CLASSES:
         return class_table(checkpoint.config.num_classes, checkpoint.class_names)
     return None
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ditcli.codec import from_uint8
 from ditcli.errors import UserError
 
 JUDGE_NAME = "fashion-judge"
@@ -62,7 +63,7 @@ def judge_extractor(path: Path | None, device: torch.device):
 
     @torch.no_grad()
     def extract(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = images[:, :1].float() / 127.5 - 1  # grayscale: the channels are copies
+        x = from_uint8(images[:, :1].permute(0, 2, 3, 1))  # (N, 1, H, W); grayscale: the channels are copies
         if x.shape[-1] != 28:
             x = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
         features = judge.features(x)
