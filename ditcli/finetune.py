@@ -11,7 +11,7 @@ Nothing here prints; `InitFrom.summary()` says what happened, for the start-up t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -75,8 +75,8 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
     heads = None if target.hidden_size in HEADS_BY_WIDTH else target.num_heads
     checkpoint = load_checkpoint(source, num_heads=heads, weights=weights)
     check_architecture(checkpoint.config, target, source)
-    config = target.with_(timestep_convention=checkpoint.config.timestep_convention,
-                          norm_eps=checkpoint.config.norm_eps)
+    config = replace(target, timestep_convention=checkpoint.config.timestep_convention,
+                     norm_eps=checkpoint.config.norm_eps)
     plan = plan_labels(checkpoint, target, class_names)
     state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
     source_grid = math.isqrt(checkpoint.config.num_patches)

@@ -486,7 +486,7 @@ class Trainer:
         from ditcli.preview import ema_preview
 
         path = self.out / "samples" / f"step-{self.state.step:07d}.png"
-        ema_preview(self.ema, self.codec, self.config.schedule, path, self.config.seed, self.images.class_names)
+        ema_preview(self.ema, self.codec, self.config.schedule, path, self.config.seed)
         self.emit("sample", {"path": str(path), "step": self.state.step})
 
     # Checkpoints.

@@ -126,3 +126,22 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"hello": torch.zeros(1)}, path)
     with pytest.raises(UserError, match="not a DiT checkpoint: missing x_embedder.proj.weight"):
         load_model(path)
+
+
+def test_initialisation_draws_only_from_the_generator_it_is_given():
+    config = tiny_config()
+    before = torch.get_rng_state()
+    first = DiT(config, generator=torch.Generator().manual_seed(1)).state_dict()
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left alone
+    torch.manual_seed(123)  # and does not matter
+    again = DiT(config, generator=torch.Generator().manual_seed(1)).state_dict()
+    other = DiT(config, generator=torch.Generator().manual_seed(2)).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
+    assert all(torch.isfinite(v).all() for v in first.values())  # nothing left as uninitialised memory
+    fresh = DiT(config).state_dict()  # the reference's initialisation: same zeros, same tables, same spread
+    for key, value in first.items():
+        assert torch.equal(value == 0, fresh[key] == 0), key
+    assert torch.equal(first["pos_embed"], fresh["pos_embed"])
+    model = DiT(config, generator=torch.Generator().manual_seed(1)).eval()
+    assert torch.count_nonzero(model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))) == 0
