@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
+import ditcli.model
 from conftest import GOLDEN, perturbed, tiny_config
 from ditcli import load_model
 from ditcli.checkpoint import check_state_dict, load_checkpoint
@@ -84,18 +86,28 @@ def test_label_dropout_only_in_training_mode():
     assert 10 < len(dropped) < 54
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_runs_and_gives_the_same_gradients(monkeypatch):
     model = perturbed(DiT(tiny_config())).train()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7]), torch.tensor([1, 2])
     mask = torch.zeros(2, dtype=torch.bool)
+    checkpointed_blocks = []
+
+    def counting_checkpoint(block, *args, **kwargs):
+        checkpointed_blocks.append(block)
+        return torch.utils.checkpoint.checkpoint(block, *args, **kwargs)
+
+    monkeypatch.setattr(ditcli.model, "checkpoint", counting_checkpoint)
     model(x, t, y, mask).square().sum().backward()
-    plain = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    model.zero_grad()
+    assert checkpointed_blocks == []  # off by default
+    plain = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
     model.grad_checkpointing = True
     model(x, t, y, mask).square().sum().backward()
-    checkpointed = [p.grad for p in model.parameters() if p.grad is not None]
-    for a, b in zip(plain, checkpointed):
-        torch.testing.assert_close(a, b)
+    assert checkpointed_blocks == list(model.blocks)  # every block, once
+    checkpointed = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert checkpointed.keys() == plain.keys() and len(plain) == sum(p.requires_grad for p in model.parameters())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad)
 
 
 def test_golden_checkpoint_loads_strictly():

@@ -129,14 +129,14 @@ def test_ddpm_images_differ_between_seeds_and_indices(tiny_model):
 def test_nfe_counts_one_per_doubled_cfg_batch(tiny_model, name):
     plan = plan_sampler(name, 5, learn_sigma=True)
     batches = []
-    tiny_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    handle = tiny_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     try:
         model_fn = CountingModelFn(guided_model_fn(tiny_model, torch.tensor([1, 2]), plan.diffusion, Guidance(4.0),
                                                    null_class=10))
         noise = ImageNoise(0, [0, 1])
         plan.sample(model_fn, noise(torch.empty(2, 4, 8, 8)), plan.diffusion, noise)
     finally:
-        tiny_model._forward_pre_hooks.clear()
+        handle.remove()
     assert model_fn.calls == plan.nfe == len(batches)
     assert plan.nfe == (2 * 5 - 1 if name == "heun" else 5)
     assert set(batches) == {4}  # cond and uncond halves in one forward
@@ -144,13 +144,13 @@ def test_nfe_counts_one_per_doubled_cfg_batch(tiny_model, name):
 
 def test_cfg_scale_one_runs_no_unconditional_pass(tiny_model):
     seen = []
-    tiny_model.register_forward_pre_hook(lambda module, args: seen.append(args[2].tolist()))
+    handle = tiny_model.register_forward_pre_hook(lambda module, args: seen.append(args[2].tolist()))
     try:
         diffusion = Diffusion.create("10")
         model_fn = guided_model_fn(tiny_model, torch.tensor([1, 2]), diffusion, Guidance(1.0), null_class=10)
         model_fn(torch.zeros(2, 4, 8, 8), torch.tensor([3, 3]))
     finally:
-        tiny_model._forward_pre_hooks.clear()
+        handle.remove()
     assert seen == [[1, 2]]
 
 
