@@ -104,15 +104,27 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a .safetensors file, or one line saying it is truncated or corrupt."""
+@contextlib.contextmanager
+def safetensors_errors(path: Path) -> Iterator[None]:
+    """The one error block for safetensors reading: a truncated or corrupt file is one line."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
+        yield
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path} is not a readable safetensors file: {' '.join(str(exc).split())}",
                         "the file is truncated or corrupt; fetch it again") from None
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a .safetensors file (no tensors read)."""
+    with safetensors_errors(path), safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file, or one line saying it is truncated or corrupt."""
+    metadata = safetensors_metadata(path)
+    with safetensors_errors(path):
+        return load_file(str(path)), metadata
 
 
 def safe_torch_load(path: str | os.PathLike):

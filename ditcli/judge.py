@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ditcli.codec import from_uint8
 from ditcli.errors import UserError
+from ditcli.io import read_safetensors
 
 JUDGE_NAME = "fashion-judge"
 JUDGE_FILE = Path(__file__).resolve().parents[1] / "weights" / "fashion-judge.safetensors"
@@ -48,7 +49,7 @@ def load_judge(path: Path | None = None, device: torch.device | str = "cpu") -> 
     if not path.exists():
         raise UserError(f"judge weights not found: {path}", "run python benchmarks/fashion_judge.py to train them")
     judge = FashionJudge()
-    judge.load_state_dict(load_file(str(path)))
+    judge.load_state_dict(read_safetensors(path)[0])
     return judge.to(device).eval()
 
 

@@ -30,7 +30,7 @@ from ditcli.data import center_crop_arr, is_idx_source, load_images
 from ditcli.errors import UserError
 from ditcli.images import IMAGE_SUFFIXES, image_files
 from ditcli.inception import load_inception
-from ditcli.io import replacing
+from ditcli.io import replacing, safetensors_metadata
 from ditcli.judge import JUDGE_NAME, judge_extractor
 from ditcli.protocol import check_samples
 
@@ -233,10 +233,7 @@ def load_feature_extractor(spec: str, device: torch.device, weights: Path | None
     if not path.is_file():
         raise UserError(f"unknown feature extractor {spec!r}", hint)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            name = (f.metadata() or {}).get("feature_extractor")
+        name = safetensors_metadata(path).get("feature_extractor")
         if name not in _EXTRACTORS:
             raise UserError(f"{path} names feature extractor {name!r}, which is not registered", hint)
         return _EXTRACTORS[name](path, device), path.name
