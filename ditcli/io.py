@@ -72,6 +72,9 @@ def atomic_write_dir(path: Path, write: Callable[[Path], object], force: bool = 
     try:
         write(tmp)
         apply_umask(tmp, 0o777)
+        for file in tmp.rglob("*"):  # safetensors' save_file creates its files private (0600)
+            if file.is_file():
+                apply_umask(file, 0o666)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             path.replace(old / path.name)

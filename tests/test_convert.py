@@ -357,3 +357,14 @@ def test_bad_options_are_one_line_errors(tmp_path):
                           ([tmp_path / "missing.pt", tmp_path / "o.safetensors"], "not found")):
         code, output = run(*args)
         assert code == 2 and output.startswith("error:") and message in output, output
+
+
+def test_an_exported_folder_has_the_permissions_of_plain_files(exported):
+    """Every file a plain open() would create readable by others is so (safetensors' own files start as 0600)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in exported[1].rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o666 & ~umask for p in files}
