@@ -247,6 +247,8 @@ def plan_sampler(name: str, steps: int, learn_sigma: bool, eta: float = 0.0, res
         raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 <= eta <= 1.0:  # beyond 1 the DDIM step takes the square root of a negative number
+        raise ValueError(f"eta must be in [0, 1], got {eta} (0 is deterministic DDIM, 1 DDPM-like)")
     if name in SOLVERS:
         diffusion = Diffusion.create("", schedule, learn_sigma)
         nfe = len(make_scheduler(name, diffusion, steps).timesteps)

@@ -242,3 +242,9 @@ def test_solvers_run_on_the_diffusion_they_are_given_and_read_only_eps(name):
 def test_plan_records_its_nfe_when_built():
     assert [plan_sampler(n, 5, learn_sigma=True).nfe for n in ("ddpm", "ddim", "heun", "euler")] == [5, 5, 9, 5]
     assert replace(plan_sampler("heun", 5, learn_sigma=True), nfe=3).nfe == 3  # a field, not read out of a partial
+
+
+@pytest.mark.parametrize("eta", [-1.0, 1.5, float("nan")])
+def test_eta_outside_zero_to_one_is_refused(eta):
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        plan_sampler("ddim", 5, learn_sigma=True, eta=eta)
