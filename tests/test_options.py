@@ -91,7 +91,7 @@ def trained(monkeypatch):
     seen = {}
 
     class FakeTrainer:
-        def __init__(self, config, on_event, should_stop, resume, force):
+        def __init__(self, config, *args, **kwargs):
             seen["config"] = config
 
         def run(self):
