@@ -1,6 +1,6 @@
 """ditcli: train, sample, evaluate and convert DiT models."""
 
-__version__ = "0.1.0"
+from ditcli.version import __version__
 
 
 def load_model(*args, **kwargs):

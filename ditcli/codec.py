@@ -18,6 +18,9 @@ import torch
 from ditcli.errors import UserError
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+DEFAULT_VAE = VAE_ALIASES["ema"]  # the SD VAE the reference DiT checkpoints were trained with
+LATENT_CHANNELS = 4  # the SD VAEs' latent channels: a 4-channel DiT without a codec record is a latent model
+LATENT_DOWNSAMPLE = 8  # the SD VAEs' spatial downsampling (image size / latent size)
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -47,7 +50,7 @@ class PixelCodec:
 class VaeCodec:
     """diffusers' AutoencoderKL; the latent scale comes from the VAE's own config (`scaling_factor`)."""
 
-    downsample = 8  # the SD VAEs; an instance reads its own from the config
+    downsample = LATENT_DOWNSAMPLE  # the SD VAEs; an instance reads its own from the config
 
     def __init__(self, vae, name: str, decode_batch: int = 8):
         self.vae = vae.eval().requires_grad_(False)
@@ -162,10 +165,15 @@ def _in_hf_cache(repo: str) -> bool:
     return all(isinstance(path, str) for path in found)
 
 
+def default_codec_spec(in_channels: int) -> dict | None:
+    """The codec a file without a codec record implies: the SD VAE (ema) for a 4-channel model, else unknown."""
+    return {"kind": "vae", "vae": DEFAULT_VAE} if in_channels == LATENT_CHANNELS else None
+
+
 def codec_from_dict(spec: dict | None, device: torch.device | str = "cpu", in_channels: int = 4,
                     vae_override: str | None = None, offline: bool = False):
     """Rebuild the codec a checkpoint recorded; checkpoints without a record are SD-VAE latent models."""
-    spec = spec or {"kind": "vae", "vae": VAE_ALIASES["ema"]}
+    spec = spec or default_codec_spec(LATENT_CHANNELS)
     if spec["kind"] == "pixel":
         if vae_override:
             raise UserError("--vae does not apply: this checkpoint is a pixel-space model", "drop --vae")

@@ -1,77 +1,25 @@
-"""Conversion between our DiT weights (the reference layout) and diffusers' DiTTransformer2DModel / DiTPipeline.
+"""`dit convert` and `dit convert --info`: read any supported weights, write safetensors or a DiTPipeline folder, and
+measure how closely the result reproduces the source (parity numbers, returned as data; nothing here prints).
 
-The key map is explicit and checked: both sides must hold exactly the expected keys with the expected shapes, depth
-comes from the config, the fused qkv projection is split into to_q/to_k/to_v and joined back, and `pos_embed` (a fixed
-sin-cos table that diffusers does not store) is dropped on export and recomputed on import. Nothing here prints: every
-problem found on the way is returned as data (`warnings`, parity numbers).
+The diffusers key map and folder format live in ditcli.diffusers_format; this module only drives them.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from ditcli.checkpoint import (Checkpoint, apply_umask, check_state_dict, describe, load_checkpoint, read_record,
-                               read_schedule, safe_torch_load, save_safetensors)
-from ditcli.codec import VAE_ALIASES
-from ditcli.diffusion import BETA_SCHEDULES, TRAIN_TIMESTEPS, named_betas
-from ditcli.ema import EmaRecord
+from ditcli.checkpoint import Checkpoint, describe, load_checkpoint, save_safetensors
+from ditcli.diffusers_format import (from_diffusers_weights, is_rounded_table, read_diffusers,  # noqa: F401
+                                     to_diffusers, to_diffusers_state)
+from ditcli.diffusion import TRAIN_TIMESTEPS
 from ditcli.errors import UserError
-from ditcli.hub import repo_of
-from ditcli.model import REFERENCE_NORM_EPS, DiT, DiTConfig, sincos_2d
+from ditcli.model import DiT, DiTConfig
 from ditcli.runtime import PRECISIONS
-from ditcli.samplers import SamplingDefaults
 
 OUTPUT_FORMATS = ("safetensors", "diffusers")
-TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub's DiT folders use the older name
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-PICKLED_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
-DITCLI_KEY = "_ditcli"  # model_index.json entry diffusers ignores (leading underscore); keeps codec and weights
-DIFFUSERS_NORM_EPS = 1e-5  # DiTTransformer2DModel's default norm_eps, which the hub's DiT folders leave in place
-CONVENTION_KEY = "timestep_convention"  # in the `_ditcli` entry: the forward the weights were trained with
-PIPELINE_NULL_CLASS = 1000  # the label DiTPipeline hard-codes as the null class for guidance
-# Formats whose files record whether they hold EMA weights; the others (bare state dicts) do not say.
-RECORDS_WEIGHTS = ("safetensors", "ditcli training checkpoint", "reference train.py checkpoint")
-
-# One-to-one tensors outside the blocks: (ours, diffusers).
-TOP_PAIRS = (
-    ("x_embedder.proj.weight", "pos_embed.proj.weight"),
-    ("x_embedder.proj.bias", "pos_embed.proj.bias"),
-    ("final_layer.adaLN_modulation.1.weight", "proj_out_1.weight"),
-    ("final_layer.adaLN_modulation.1.bias", "proj_out_1.bias"),
-    ("final_layer.linear.weight", "proj_out_2.weight"),
-    ("final_layer.linear.bias", "proj_out_2.bias"),
-)
-# One-to-one tensors inside block i: (ours under `blocks.i.`, diffusers under `transformer_blocks.i.`).
-BLOCK_PAIRS = (
-    ("attn.proj.weight", "attn1.to_out.0.weight"),
-    ("attn.proj.bias", "attn1.to_out.0.bias"),
-    ("mlp.fc1.weight", "ff.net.0.proj.weight"),
-    ("mlp.fc1.bias", "ff.net.0.proj.bias"),
-    ("mlp.fc2.weight", "ff.net.2.weight"),
-    ("mlp.fc2.bias", "ff.net.2.bias"),
-    ("adaLN_modulation.1.weight", "norm1.linear.weight"),
-    ("adaLN_modulation.1.bias", "norm1.linear.bias"),
-)
-# Our shared embedders, of which diffusers keeps one copy in every block (under `transformer_blocks.i.`).
-EMBEDDER_PAIRS = (
-    ("t_embedder.mlp.0.weight", "norm1.emb.timestep_embedder.linear_1.weight"),
-    ("t_embedder.mlp.0.bias", "norm1.emb.timestep_embedder.linear_1.bias"),
-    ("t_embedder.mlp.2.weight", "norm1.emb.timestep_embedder.linear_2.weight"),
-    ("t_embedder.mlp.2.bias", "norm1.emb.timestep_embedder.linear_2.bias"),
-    ("y_embedder.embedding_table.weight", "norm1.emb.class_embedder.embedding_table.weight"),
-)
-# The fused attention input projection `attn.qkv` is split, in this order, into these diffusers projections.
-QKV_SPLIT = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
 
 DRIFT_CAUSES = (
     "diffusers' timestep features use frequencies exp(-ln(10000) i / 127), the reference exp(-ln(10000) i / 128) "
@@ -79,417 +27,6 @@ DRIFT_CAUSES = (
     "diffusers' pre-MLP LayerNorm uses config.norm_eps (default 1e-5, the hub's DiT folders); the reference uses "
     "1e-6, which our exports write",
 )
-
-
-# The key map.
-
-def one_to_one_pairs(depth: int) -> list[tuple[str, str]]:
-    """Every tensor copied unchanged, (ours, diffusers), for a model of `depth` blocks."""
-    pairs = list(TOP_PAIRS)
-    for i in range(depth):
-        pairs += [(f"blocks.{i}.{ours}", f"transformer_blocks.{i}.{theirs}") for ours, theirs in BLOCK_PAIRS]
-    return pairs
-
-
-def diffusers_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes a DiTTransformer2DModel of `config` holds, derived from ours through the map."""
-    with torch.device("meta"):
-        ours = {k: tuple(v.shape) for k, v in DiT(config).state_dict().items()}
-    shapes = {theirs: ours[key] for key, theirs in one_to_one_pairs(config.depth)}
-    for i in range(config.depth):
-        block = f"transformer_blocks.{i}."
-        for key, theirs in EMBEDDER_PAIRS:
-            shapes[block + theirs] = ours[key]
-        for part in ("weight", "bias"):
-            rows, *rest = ours[f"blocks.{i}.attn.qkv.{part}"]
-            for name in QKV_SPLIT:
-                shapes[f"{block}{name}.{part}"] = (rows // 3, *rest)
-    return shapes
-
-
-def pos_table(config: DiTConfig) -> torch.Tensor:
-    """The fixed sin-cos `pos_embed` of `config`, which diffusers recomputes instead of storing."""
-    return sincos_2d(config.hidden_size, math.isqrt(config.num_patches))[None]  # (1, T, D)
-
-
-def _check_keys(state: dict[str, torch.Tensor], expected: dict[str, tuple], name: str) -> None:
-    """One-line error on missing or unexpected keys, or on a wrong shape."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = [f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-                 for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise UserError(f"{name} does not match the DiT key map: " + "; ".join(parts),
-                        "is it a DiT transformer of this depth?")
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise UserError(f"{name}: {key} has shape {tuple(state[key].shape)}, expected {shape}")
-
-
-def check_exportable(config: DiTConfig) -> None:
-    """Raise when diffusers' DiTTransformer2DModel cannot express `config`."""
-    if config.mlp_ratio != 4.0:
-        raise UserError(f"diffusers' DiT blocks have an MLP ratio of 4, this model has {config.mlp_ratio}",
-                        "convert to safetensors instead")
-    if config.class_dropout_prob <= 0:
-        raise UserError("diffusers' DiT always has a null-class row in its label table; this model has none",
-                        "convert to safetensors instead")
-
-
-def is_rounded_table(pos_embed: torch.Tensor, config: DiTConfig) -> bool:
-    """Whether `pos_embed` is the fixed sin-cos table, rounded to its own dtype (as an fp16 file stores it)."""
-    return torch.equal(pos_embed, pos_table(config).to(pos_embed.dtype))
-
-
-def to_diffusers_state(state: dict[str, torch.Tensor], config: DiTConfig) -> tuple[dict, list[str]]:
-    """Our state dict to DiTTransformer2DModel keys: qkv split, embedders copied into every block, pos_embed dropped."""
-    check_exportable(config)
-    check_state_dict(state, config, "the source weights")
-    warnings = []
-    table = pos_table(config)
-    drift = (state["pos_embed"].float() - table).abs().max().item()
-    if drift > 0 and not is_rounded_table(state["pos_embed"], config):
-        warnings.append(f"pos_embed differs from the fixed sin-cos table by up to {drift:.3g}; diffusers recomputes "
-                        "it, so the diffusers model will not match the source")
-    out = {theirs: state[ours].clone() for ours, theirs in one_to_one_pairs(config.depth)}
-    for i in range(config.depth):
-        block = f"transformer_blocks.{i}."
-        for ours, theirs in EMBEDDER_PAIRS:
-            out[block + theirs] = state[ours].clone()  # every block gets its own copy
-        for part in ("weight", "bias"):
-            q, k, v = state[f"blocks.{i}.attn.qkv.{part}"].chunk(3, dim=0)  # 3 x (D, ...)
-            for name, tensor in zip(QKV_SPLIT, (q, k, v)):
-                out[f"{block}{name}.{part}"] = tensor.clone()
-    _check_keys(out, diffusers_shapes(config), "the exported weights")
-    return out, warnings
-
-
-def from_diffusers_weights(state: dict[str, torch.Tensor], config: DiTConfig) -> tuple[dict, list[str]]:
-    """diffusers keys to ours: block 0's embedders kept (others checked), q/k/v joined, pos_embed rebuilt."""
-    _check_keys(state, diffusers_shapes(config), "the diffusers weights")
-    warnings = []
-    out = {ours: state[theirs] for ours, theirs in one_to_one_pairs(config.depth)}
-    for ours, theirs in EMBEDDER_PAIRS:
-        first = state[f"transformer_blocks.0.{theirs}"]
-        out[ours] = first
-        differing = [i for i in range(1, config.depth) if not torch.equal(state[f"transformer_blocks.{i}.{theirs}"],
-                                                                         first)]
-        if differing:
-            gap = max((state[f"transformer_blocks.{i}.{theirs}"].float() - first.float()).abs().max().item()
-                      for i in differing)
-            warnings.append(f"{theirs} differs from block 0's copy in blocks {', '.join(map(str, differing))} "
-                            f"(by up to {gap:.3g}); kept block 0's, so those blocks will not match diffusers")
-    for i in range(config.depth):
-        block = f"transformer_blocks.{i}."
-        for part in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([state[f"{block}{name}.{part}"] for name in QKV_SPLIT])
-    dtype = out["x_embedder.proj.weight"].dtype
-    out["pos_embed"] = pos_table(config).to(dtype)
-    check_state_dict(out, config, "the imported weights")
-    return out, warnings
-
-
-# Reading diffusers folders and files.
-
-def config_from_diffusers(data: dict, name: str = "config.json", convention: str = "diffusers") -> DiTConfig:
-    """Our DiTConfig from a DiTTransformer2DModel config.json; refuses the transformer variants DiT is not.
-
-    `convention` is the timestep convention the weights were trained with; the pre-MLP LayerNorm eps is the
-    config's `norm_eps` (diffusers' default 1e-5 when absent).
-    """
-    if data.get("_class_name") not in TRANSFORMER_CLASSES:
-        raise UserError(f"{name} describes a {data.get('_class_name')}, not a DiT transformer",
-                        f"expected one of {', '.join(TRANSFORMER_CLASSES)}")
-    expected = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
-                "norm_elementwise_affine": False}
-    for key, value in expected.items():
-        if data.get(key, value) != value:
-            raise UserError(f"{name} has {key}={data[key]!r}; a DiT needs {value!r}")
-    try:
-        heads, in_channels = int(data["num_attention_heads"]), int(data["in_channels"])
-        out_channels = int(data.get("out_channels") or in_channels)
-        return DiTConfig(input_size=int(data["sample_size"]), patch_size=int(data["patch_size"]),
-                         in_channels=in_channels, hidden_size=heads * int(data["attention_head_dim"]),
-                         depth=int(data["num_layers"]), num_heads=heads, mlp_ratio=4.0,
-                         num_classes=int(data["num_embeds_ada_norm"]), learn_sigma=out_channels == 2 * in_channels,
-                         class_dropout_prob=0.1, timestep_convention=convention,
-                         norm_eps=float(data.get("norm_eps", DIFFUSERS_NORM_EPS)))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{name} is not a usable DiT config: {exc}") from None
-
-
-def from_diffusers_state(state: dict[str, torch.Tensor], config: DiTConfig | None = None,
-                         num_heads: int | None = None) -> Checkpoint:
-    """A Checkpoint from diffusers-keyed weights; without `config` the latent size is unknown, so it is refused."""
-    if config is None:
-        raise UserError("diffusers weights alone do not record the model's input size",
-                        "convert the transformer/ folder (with its config.json) or the pipeline folder instead")
-    if num_heads is not None and num_heads != config.num_heads:
-        raise UserError(f"--num-heads {num_heads} contradicts the config's {config.num_heads} heads", "drop it")
-    state, warnings = from_diffusers_weights(state, config)
-    return Checkpoint(state, config, "diffusers", "ema", codec=_default_codec(config), extra={"warnings": warnings})
-
-
-def read_diffusers(path: str | Path, config: DiTConfig | None = None) -> Checkpoint:
-    """A DiTPipeline folder, its transformer/ folder, or the weights file inside one, as a Checkpoint."""
-    path = Path(path)
-    if path.is_file():
-        folder = path.parent
-    elif (path / "model_index.json").is_file():
-        folder = path / "transformer"
-    else:
-        folder = path
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{path} is not a diffusers DiT folder (no model_index.json or config.json)",
-                        "pass a DiTPipeline folder, its transformer/ folder, or a weight file")
-    transformer = _read_json(folder / "config.json")
-    pipeline = folder.parent / "model_index.json"
-    index = _read_json(pipeline) if pipeline.is_file() else {}
-    convention, why = source_convention(folder, index)
-    stored = config_from_diffusers(transformer, str(folder / "config.json"), convention)
-    if not isinstance(index.get(DITCLI_KEY), dict) and convention == "reference":
-        stored = stored.with_(norm_eps=REFERENCE_NORM_EPS)  # the hub's conversions leave diffusers' default eps
-    if config is not None and config != stored:
-        raise UserError(f"{folder} holds {describe(stored)}, not {describe(config)}", "drop --model or fix it")
-    state = _read_weights(path if path.is_file() else _weights_file(folder))
-    checkpoint = from_diffusers_state(state, stored)
-    checkpoint.extra["norm_eps"] = float(transformer.get("norm_eps", DIFFUSERS_NORM_EPS))
-    checkpoint.extra["convention_source"] = why
-    if index:
-        _apply_pipeline_index(checkpoint, index, folder.parent)
-    return checkpoint
-
-
-def source_convention(folder: Path, index: dict) -> tuple[str, str]:
-    """The timestep convention a diffusers folder's weights were trained with, and why we think so.
-
-    Our export records it (exports made before the record existed were all reference models); the hub's
-    conversions of the released .pt (the registry's hub repos, such as facebook/DiT-XL-2-256) are reference
-    weights; any other folder was trained with diffusers' forward.
-    """
-    from ditcli.weights import reference_repos
-
-    ours = index.get(DITCLI_KEY)
-    if isinstance(ours, dict):
-        return ours.get(CONVENTION_KEY, "reference"), "recorded by the ditcli export"
-    repo = repo_of(folder)
-    if repo in reference_repos():
-        return "reference", f"{repo} is a conversion of the released reference weights"
-    return "diffusers", "a diffusers folder without a ditcli record, so diffusers' own forward"
-
-
-def _weights_file(folder: Path) -> Path:
-    for name in (WEIGHTS_NAME, PICKLED_WEIGHTS_NAME):
-        if (folder / name).is_file():
-            return folder / name
-    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))
-    if len(variants) == 1:
-        return variants[0]
-    raise UserError(f"{folder} has no {WEIGHTS_NAME}",
-                    "sharded or multi-variant folders are not supported; pass the weight file itself")
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{path} is not a readable safetensors file: {' '.join(str(exc).split())}",
-                            "the file is truncated or corrupt; fetch it again") from None
-    state = safe_torch_load(path)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a state dict of tensors")
-    return state
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data
-
-
-def _apply_pipeline_index(checkpoint: Checkpoint, index: dict, root: Path) -> None:
-    """Class names from id2label, codec and weights from what our export recorded or from the vae/ folder."""
-    labels = index.get("id2label") or {}
-    if labels:
-        names = [labels.get(str(i)) for i in range(checkpoint.config.num_classes)]
-        if None in names or len(labels) != checkpoint.config.num_classes:
-            checkpoint.extra["warnings"].append(f"model_index.json id2label has {len(labels)} entries for "
-                                                f"{checkpoint.config.num_classes} classes; class names dropped")
-        else:
-            checkpoint.class_names = names
-    ours = index.get(DITCLI_KEY) or {}
-    checkpoint.weights = ours.get("weights", checkpoint.weights)
-    checkpoint.extra["weights_recorded"] = "weights" in ours
-    index_path = root / "model_index.json"
-    if "schedule" in ours:
-        checkpoint.schedule = read_schedule(ours["schedule"], index_path)
-    elif (root / "scheduler" / "scheduler_config.json").is_file():  # a folder another tool wrote
-        checkpoint.schedule = _scheduler_schedule(root / "scheduler" / "scheduler_config.json", checkpoint)
-    checkpoint.sampling = read_record(ours.get("sampling"), SamplingDefaults, index_path, "sampling")
-    checkpoint.ema = read_record(ours.get("ema"), EmaRecord, index_path, "ema")
-    if ours.get("codec"):
-        checkpoint.codec = ours["codec"]
-    elif (root / "vae" / "config.json").is_file():
-        scale = _read_json(root / "vae" / "config.json").get("scaling_factor")
-        checkpoint.codec = {"kind": "vae", "vae": str((root / "vae").resolve())}
-        if scale is not None:
-            checkpoint.codec["scale"] = float(scale)
-    elif (index.get("vae") or [None])[0] and checkpoint.codec is not None:
-        from ditcli.weights import reference_repos
-
-        if repo_of(root) not in reference_repos():  # those were converted with the SD VAE ema
-            checkpoint.extra["warnings"].append(
-                f"the pipeline names its own VAE but {root / 'vae'} is absent (a hub id fetches only the DiT); the SD "
-                "VAE ema is assumed: pass --vae with the pipeline's VAE if it differs")
-
-
-def _scheduler_schedule(path: Path, checkpoint: Checkpoint) -> str:
-    """Our name for the betas a diffusers scheduler config describes; linear, with a warning, when they are no schedule
-    of ours (DiT was trained with linear betas, as the hub's DiT folders say)."""
-    config = _read_json(path)
-    if config.get("trained_betas"):
-        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
-        for name in BETA_SCHEDULES:
-            if betas.shape == (TRAIN_TIMESTEPS,) and torch.allclose(betas, torch.from_numpy(named_betas(name))):
-                return name
-    elif (config.get("num_train_timesteps", TRAIN_TIMESTEPS) == TRAIN_TIMESTEPS
-          and config.get("beta_schedule") == "linear"
-          and (config.get("beta_start"), config.get("beta_end")) == tuple(named_betas("linear")[[0, -1]].tolist())):
-        return "linear"
-    elif config.get("beta_schedule") == "squaredcos_cap_v2":
-        return "cosine"
-    checkpoint.extra["warnings"].append(f"{path} describes betas that are neither the linear nor the cosine schedule; "
-                                        "sampling assumes linear (DiT's)")
-    return "linear"
-
-
-def _default_codec(config: DiTConfig) -> dict | None:
-    return {"kind": "vae", "vae": VAE_ALIASES["ema"]} if config.in_channels == 4 else None
-
-
-# Writing a DiTPipeline folder.
-
-def transformer_config(config: DiTConfig) -> dict:
-    """DiTTransformer2DModel's config.json for `config`; norm_eps is the model's own (the reference's 1e-6)."""
-    check_exportable(config)
-    with torch.device("meta"):
-        eps = DiT(config).blocks[0].norm2.eps
-    return {"_class_name": TRANSFORMER_CLASSES[0], "_diffusers_version": version("diffusers"),
-            "num_attention_heads": config.num_heads, "attention_head_dim": config.hidden_size // config.num_heads,
-            "in_channels": config.in_channels, "out_channels": config.out_channels, "num_layers": config.depth,
-            "sample_size": config.input_size, "patch_size": config.patch_size,
-            "num_embeds_ada_norm": config.num_classes, "activation_fn": "gelu-approximate", "attention_bias": True,
-            "norm_type": "ada_norm_zero", "norm_elementwise_affine": False, "norm_eps": eps}
-
-
-def scheduler_config(schedule: str = "linear") -> dict:
-    """A DDIMScheduler over the training betas (given as a table, so the schedule has one owner: ditcli.diffusion)."""
-    return {"_class_name": "DDIMScheduler", "_diffusers_version": version("diffusers"),
-            "num_train_timesteps": TRAIN_TIMESTEPS, "trained_betas": named_betas(schedule).tolist(),
-            "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0}
-
-
-def to_diffusers(checkpoint: Checkpoint, out_dir: str | Path, dtype: torch.dtype | None = None,
-                 vae: str | Path | None = None, force: bool = False) -> list[str]:
-    """Write a DiTPipeline folder (transformer, scheduler, vae if given, model_index.json); returns warnings."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise UserError(f"{out_dir} already exists", "pass --force to overwrite it")
-    state, warnings = to_diffusers_state(checkpoint.state_dict, checkpoint.config)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    vae_dir = _resolve_vae(vae) if vae is not None else None
-    if checkpoint.config.num_classes != PIPELINE_NULL_CLASS:
-        warnings.append(f"DiTPipeline uses class {PIPELINE_NULL_CLASS} as the null class, so its guidance_scale > 1 "
-                        f"needs a {PIPELINE_NULL_CLASS}-class model; this one has {checkpoint.config.num_classes} "
-                        "(use guidance_scale=1)")
-    if vae_dir is None and (checkpoint.codec or {}).get("kind") != "pixel":
-        warnings.append("no VAE included: load with DiTPipeline.from_pretrained(OUT_DIR, vae=AutoencoderKL...)")
-
-    def write(tmp: Path) -> None:
-        (tmp / "transformer").mkdir()
-        save_file(state, str(tmp / "transformer" / WEIGHTS_NAME))
-        _write_json(tmp / "transformer" / "config.json", transformer_config(checkpoint.config))
-        (tmp / "scheduler").mkdir()
-        _write_json(tmp / "scheduler" / "scheduler_config.json",
-                    scheduler_config(checkpoint.schedule))
-        if vae_dir is not None:
-            _copy_vae(vae_dir, tmp / "vae")
-        _write_json(tmp / "model_index.json", _pipeline_index(checkpoint, vae_dir is not None))
-
-    atomic_write_dir(out_dir, write, force=force)
-    return warnings
-
-
-def _pipeline_index(checkpoint: Checkpoint, has_vae: bool) -> dict:
-    index = {"_class_name": "DiTPipeline", "_diffusers_version": version("diffusers"),
-             "transformer": ["diffusers", TRANSFORMER_CLASSES[0]], "scheduler": ["diffusers", "DDIMScheduler"],
-             "vae": ["diffusers", "AutoencoderKL"] if has_vae else [None, None],
-             DITCLI_KEY: {"weights": checkpoint.weights, "codec": checkpoint.codec, "schedule": checkpoint.schedule,
-                          "sampling": checkpoint.sampling.to_dict() if checkpoint.sampling else None,
-                          "ema": checkpoint.ema.to_dict() if checkpoint.ema else None,
-                          CONVENTION_KEY: checkpoint.config.timestep_convention}}
-    if checkpoint.class_names is not None:
-        index["id2label"] = {str(i): name for i, name in enumerate(checkpoint.class_names)}
-    return index
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _resolve_vae(vae: str | Path) -> Path:
-    """A local AutoencoderKL folder, or a hub id / alias fetched through (or found in) the Hugging Face cache."""
-    if Path(vae).is_dir():
-        return Path(vae)
-    repo = VAE_ALIASES.get(str(vae), str(vae))
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo, allow_patterns=["config.json", WEIGHTS_NAME]))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot fetch the VAE {repo!r} to include it: {str(exc).splitlines()[0]}",
-                        "pass --vae DIR with a local diffusers AutoencoderKL folder, or --vae none") from None
-
-
-def _copy_vae(source: Path, target: Path) -> None:
-    """config.json plus weights as safetensors; pickled weights are read safely and rewritten."""
-    if not (source / "config.json").is_file():
-        raise UserError(f"{source} is not a diffusers AutoencoderKL folder (no config.json)")
-    target.mkdir()
-    shutil.copyfile(source / "config.json", target / "config.json")
-    if (source / WEIGHTS_NAME).is_file():
-        shutil.copyfile(source / WEIGHTS_NAME, target / WEIGHTS_NAME)
-    elif (source / PICKLED_WEIGHTS_NAME).is_file():
-        save_file(_read_weights(source / PICKLED_WEIGHTS_NAME), str(target / WEIGHTS_NAME))
-    else:
-        raise UserError(f"{source} has no {WEIGHTS_NAME}")
-
-
-def atomic_write_dir(path: Path, write, force: bool = False) -> None:
-    """Call write(tmp_dir), then move it to `path`; an existing `path` needs `force` and is replaced at the end."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists", "pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = None
-    try:
-        write(tmp)
-        apply_umask(tmp, 0o777)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            path.replace(old / path.name)
-        tmp.replace(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # Parity and the `dit convert` entry point.
@@ -564,7 +101,7 @@ def convert(source: str | Path, destination: str | Path, to: str | None = None, 
     if destination.exists() and not force:
         raise UserError(f"{destination} already exists", "pass --force to overwrite it")
     checkpoint = load_checkpoint(source, num_heads=num_heads, weights=weights)
-    warnings = list(checkpoint.extra.get("warnings", []))
+    warnings = list(checkpoint.warnings)
     torch_dtype = PRECISIONS[dtype]
     source_model = checkpoint.build()
 
@@ -611,7 +148,7 @@ def info(path: str | Path, num_heads: int | None = None, weights: str | None = N
     """What a weight file or folder is: format, config, parameter count, dtype, EMA or not, classes, codec."""
     checkpoint = load_checkpoint(path, num_heads=num_heads, weights=weights)
     state = checkpoint.state_dict
-    recorded = checkpoint.format in RECORDS_WEIGHTS or checkpoint.extra.get("weights_recorded", False)
+    recorded = checkpoint.weights_recorded
     return {"path": str(path), "format": checkpoint.format, "model": describe(checkpoint.config),
             "config": checkpoint.config.to_dict(),
             "parameters": sum(v.numel() for v in state.values()),
@@ -620,7 +157,7 @@ def info(path: str | Path, num_heads: int | None = None, weights: str | None = N
             "ema": checkpoint.weights == "ema" if recorded else None,
             "class_names": len(checkpoint.class_names) if checkpoint.class_names is not None else None,
             "codec": checkpoint.codec, "timestep_convention": checkpoint.config.timestep_convention,
-            "convention_source": checkpoint.extra.get("convention_source"), "schedule": checkpoint.schedule,
+            "convention_source": checkpoint.convention_source, "schedule": checkpoint.schedule,
             "sampling": checkpoint.sampling.to_dict() if checkpoint.sampling else None,
             "ema_record": checkpoint.ema.to_dict() if checkpoint.ema else None,
-            "warnings": list(checkpoint.extra.get("warnings", []))}
+            "warnings": list(checkpoint.warnings)}

@@ -154,14 +154,24 @@ class Diffusion:
         frac = (var_values + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
+    def split_output(self, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(eps, variance values) of a raw model output: the one place the learned-sigma layout is read.
+
+        A learned-sigma DiT outputs 2C channels, eps then IDDPM's variance values (ADM's convention); the variance
+        values are None for a fixed-variance model.
+        """
+        if self.learn_sigma:
+            eps, var_values = model_output.chunk(2, dim=1)  # 2 x (N, C, H, W)
+            return eps, var_values
+        return model_output, None
+
     def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, index: torch.Tensor) -> dict:
         """Mean, variance and x_0 prediction of p(x_{t-1} | x_t) from one model output (no clipping)."""
-        if self.learn_sigma:
-            eps, var_values = model_output.chunk(2, dim=1)
+        eps, var_values = self.split_output(model_output)
+        if var_values is not None:
             log_variance = self.learned_log_variance(var_values, index)
         else:
             # DiT's fixed-variance models use the "fixed large" variance, with the t=0 entry taken from beta_tilde.
-            eps = model_output
             fixed = np.append(self.posterior_variance[1], self.betas[1:])
             log_variance = extract(np.log(fixed), index, x_t)
         pred_xstart = self.predict_xstart(x_t, index, eps)
@@ -172,10 +182,10 @@ class Diffusion:
     def training_losses(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor,
                         index: torch.Tensor, noise: torch.Tensor) -> dict:
         """Per-sample loss terms of DiT: eps MSE, plus the variational bound (IDDPM's L_hybrid) with learned sigma."""
-        if not self.learn_sigma:
-            mse = mean_flat((noise - model_output) ** 2)
+        eps, var_values = self.split_output(model_output)
+        if var_values is None:
+            mse = mean_flat((noise - eps) ** 2)
             return {"loss": mse, "mse": mse}
-        eps, var_values = model_output.chunk(2, dim=1)
         frozen = torch.cat([eps.detach(), var_values], dim=1)  # the bound trains only the variance
         vb = self.vb_terms_bpd(frozen, x_start, x_t, index)
         mse = mean_flat((noise - eps) ** 2)

@@ -11,13 +11,14 @@ Nothing here prints; `InitFrom.summary()` says what happened, for the start-up t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ditcli.checkpoint import Checkpoint, describe, load_checkpoint
-from ditcli.classes import ClassTable, class_table, normalize
+from ditcli.classes import IMAGENET_CLASSES, ClassTable, class_table, normalize
+from ditcli.codec import LATENT_CHANNELS
 from ditcli.errors import UserError
 from ditcli.hub import parse_hub_id
 from ditcli.model import HEADS_BY_WIDTH, PRESET_SHAPES, DiT, DiTConfig
@@ -74,8 +75,8 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
     heads = None if target.hidden_size in HEADS_BY_WIDTH else target.num_heads
     checkpoint = load_checkpoint(source, num_heads=heads, weights=weights)
     check_architecture(checkpoint.config, target, source)
-    config = target.with_(timestep_convention=checkpoint.config.timestep_convention,
-                          norm_eps=checkpoint.config.norm_eps)
+    config = replace(target, timestep_convention=checkpoint.config.timestep_convention,
+                     norm_eps=checkpoint.config.norm_eps)
     plan = plan_labels(checkpoint, target, class_names)
     state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
     source_grid = math.isqrt(checkpoint.config.num_patches)
@@ -102,7 +103,7 @@ def source_flags(config: DiTConfig) -> str:
     flags = [f"--model {base}/{config.patch_size}"] if base else [
         f"--model DiT-S/{config.patch_size} --hidden-size {config.hidden_size} --depth {config.depth} "
         f"--num-heads {config.num_heads}"]
-    flags.append("--vae ema" if config.in_channels == 4 else f"--vae none --channels {config.in_channels}")
+    flags.append("--vae ema" if config.in_channels == LATENT_CHANNELS else f"--vae none --channels {config.in_channels}")
     return " ".join(flags)
 
 
@@ -121,7 +122,7 @@ def plan_labels(checkpoint: Checkpoint, target: DiTConfig, class_names: list[str
 
 def named_table(checkpoint: Checkpoint) -> ClassTable | None:
     """The source's class names: its own, or ImageNet-1k for a 1000-class model without any; None if unnamed."""
-    if has_names(checkpoint.class_names) or checkpoint.config.num_classes == 1000:
+    if has_names(checkpoint.class_names) or checkpoint.config.num_classes == IMAGENET_CLASSES:
         return class_table(checkpoint.config.num_classes, checkpoint.class_names)
     return None
 

@@ -26,9 +26,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from ditcli.checkpoint import check_creatable
 from ditcli.codec import to_uint8
 from ditcli.errors import UserError
+from ditcli.io import check_creatable
 from ditcli.model import DiTConfig
 from ditcli.ranks import DEFAULT_TIMEOUT_S, check_timeout, from_rank0, init_group, on_every_rank
 from ditcli.runtime import autocast, resolve_precision

@@ -18,6 +18,7 @@ HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")  # `runs/x.pt` is a path, never a repo
 PIPELINE_INDEX = "model_index.json"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+OFFLINE_ENV = ("DIT_OFFLINE", "HF_HUB_OFFLINE")
 CACHE_FOLDER = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)")
 
 
@@ -66,10 +67,14 @@ def repo_of(path: str | os.PathLike) -> str | None:
     return None
 
 
+def is_offline(offline: bool = False) -> bool:
+    """Whether downloads are off: `offline`, or DIT_OFFLINE / HF_HUB_OFFLINE set to a true value."""
+    flags = (os.environ.get(name, "").strip().lower() for name in OFFLINE_ENV)
+    return offline or any(flag in ("1", "true", "yes", "on") for flag in flags)
+
+
 def fetch_dit(hub_id: HubId, offline: bool | None = None) -> Path:
     """The snapshot folder holding a diffusers DiT's index, transformer config and weights; fetched if not cached."""
-    from ditcli.weights import is_offline
-
     offline = is_offline() if offline is None else offline
     if offline:
         _check_cached(hub_id)

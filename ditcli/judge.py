@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ditcli.codec import from_uint8
 from ditcli.errors import UserError
+from ditcli.io import read_safetensors
 
 JUDGE_NAME = "fashion-judge"
 JUDGE_FILE = Path(__file__).resolve().parents[1] / "weights" / "fashion-judge.safetensors"
@@ -47,7 +49,7 @@ def load_judge(path: Path | None = None, device: torch.device | str = "cpu") -> 
     if not path.exists():
         raise UserError(f"judge weights not found: {path}", "run python benchmarks/fashion_judge.py to train them")
     judge = FashionJudge()
-    judge.load_state_dict(load_file(str(path)))
+    judge.load_state_dict(read_safetensors(path)[0])
     return judge.to(device).eval()
 
 
@@ -62,7 +64,7 @@ def judge_extractor(path: Path | None, device: torch.device):
 
     @torch.no_grad()
     def extract(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = images[:, :1].float() / 127.5 - 1  # grayscale: the channels are copies
+        x = from_uint8(images[:, :1].permute(0, 2, 3, 1))  # (N, 1, H, W); grayscale: the channels are copies
         if x.shape[-1] != 28:
             x = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
         features = judge.features(x)

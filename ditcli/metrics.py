@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -29,14 +28,15 @@ from PIL import Image
 
 from ditcli.data import center_crop_arr, is_idx_source, load_images
 from ditcli.errors import UserError
+from ditcli.images import IMAGE_SUFFIXES, image_files
 from ditcli.inception import load_inception
+from ditcli.io import replacing, safetensors_metadata
 from ditcli.judge import JUDGE_NAME, judge_extractor
 from ditcli.protocol import check_samples
 
 IS_SPLIT_SIZE = 5000  # ADM's Evaluator.compute_inception_score(split_size=5000)
 NEAREST_K = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
 PR_BLOCK = 10000  # ADM's row and column batch; its float16 overflow fallback is decided per block
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FOLDER_REF_SIZE = 256  # ADM's ImageNet 256 reference batches; `--resize` picks another
 SKIPPED_FILES = ("grid.png",)  # the contact sheet `dit sample` writes next to its images
 INCEPTION = "inception"
@@ -144,8 +144,7 @@ class FolderImages:
 
     def __init__(self, path: Path, resize: int | None = None, num_workers: int = 4):
         self.path, self.resize, self.num_workers = path, resize, max(1, num_workers)
-        self.files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                            and p.name not in SKIPPED_FILES and p.is_file())
+        self.files = image_files(path, skip=SKIPPED_FILES)
         if not self.files:
             raise UserError(f"no images in {path}", f"expected {', '.join(IMAGE_SUFFIXES)} files")
         self.num_images = len(self.files)
@@ -234,10 +233,7 @@ def load_feature_extractor(spec: str, device: torch.device, weights: Path | None
     if not path.is_file():
         raise UserError(f"unknown feature extractor {spec!r}", hint)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            name = (f.metadata() or {}).get("feature_extractor")
+        name = safetensors_metadata(path).get("feature_extractor")
         if name not in _EXTRACTORS:
             raise UserError(f"{path} names feature extractor {name!r}, which is not registered", hint)
         return _EXTRACTORS[name](path, device), path.name
@@ -643,14 +639,8 @@ def make_ref(source: str | Path, output: Path, resolution: int | None = None, fe
     """
     images = reference_images(str(source), resolution, split, num_workers)
     extractor, name = load_feature_extractor(features, torch.device(device), inception_weights)
-    partial = output.with_name(output.name + ".partial")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with replacing(output) as partial:
         acts = _write_reference(partial, images, extractor, name, torch.device(device), batch_size, progress)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, output)
     warnings = [f"only {acts.count} images for {acts.pool.mean.numel()} features: the covariance is rank-deficient"] \
         if _rank_deficient(acts) else []
     if acts.constant_images:

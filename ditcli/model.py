@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -86,9 +87,6 @@ class DiTConfig:
         if unknown:
             raise ValueError(f"unknown DiT config fields: {', '.join(unknown)}")
         return cls(**data)
-
-    def with_(self, **changes) -> DiTConfig:
-        return replace(self, **changes)
 
 
 def preset_names() -> list[str]:
@@ -247,10 +245,21 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer over a square latent (or pixel) grid."""
 
-    def __init__(self, config: DiTConfig):
+    def __init__(self, config: DiTConfig, generator: torch.Generator | None = None):
+        """Build and initialise; with a `generator` every initial weight is drawn from it alone (the modules are
+        built on the meta device, so nothing touches the global RNG), without one from the global RNG, as the
+        reference does."""
         super().__init__()
         self.config = config
         self.grad_checkpointing = False
+        device = torch.get_default_device()
+        with torch.device("meta") if generator is not None and device.type != "meta" else contextlib.nullcontext():
+            self._build(config)
+        if generator is not None and device.type != "meta":
+            self.to_empty(device=device)
+        self.initialize_weights(generator)
+
+    def _build(self, config: DiTConfig) -> None:
         d = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, frequency_shift=TIMESTEP_CONVENTIONS[config.timestep_convention])
@@ -259,25 +268,24 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio, config.norm_eps)
                                     for _ in range(config.depth))
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
-        self.initialize_weights()
 
     @torch.no_grad()
-    def initialize_weights(self):
+    def initialize_weights(self, generator: torch.Generator | None = None):
         """The reference initialisation: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output."""
         if self.pos_embed.is_meta:
             return
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
+                nn.init.xavier_uniform_(module.weight, generator=generator)
                 nn.init.zeros_(module.bias)
         grid = int(math.sqrt(self.config.num_patches))
         self.pos_embed.copy_(sincos_2d(self.config.hidden_size, grid)[None])
         proj = self.x_embedder.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1), generator=generator)
         nn.init.zeros_(proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02, generator=generator)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02, generator=generator)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02, generator=generator)
         for layer in [*(block.adaLN_modulation[-1] for block in self.blocks),
                       self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
@@ -285,7 +293,7 @@ class DiT(nn.Module):
 
     def set_forward(self, timestep_convention: str, norm_eps: float) -> None:
         """Adopt another forward convention; the parameters are the same, only the computation changes."""
-        self.config = self.config.with_(timestep_convention=timestep_convention, norm_eps=norm_eps)
+        self.config = replace(self.config, timestep_convention=timestep_convention, norm_eps=norm_eps)
         self.t_embedder.frequency_shift = TIMESTEP_CONVENTIONS[timestep_convention]
         for block in self.blocks:
             block.norm2.eps = norm_eps

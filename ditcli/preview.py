@@ -2,41 +2,34 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ditcli.codec import to_uint8
+from ditcli.images import image_grid
 from ditcli.samplers import Guidance, ImageNoise, guided_model_fn, plan_sampler, unconditional_model_fn
 
 
-def image_grid(images: np.ndarray, columns: int) -> Image.Image:
-    """uint8 images (N, H, W, C) tiled row by row into one picture."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / columns)
-    canvas = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-    return Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
+PER_CLASS = 2  # images of each shown class
+SHOWN_CLASSES = 10  # at most this many classes, spread over the label range
+UNCONDITIONAL_IMAGES = 16  # a 4 x 4 grid for a model without labels
+STEPS, CFG = 25, 2.0  # DDIM steps and guidance: quick, and enough to see a run improve
 
 
 @torch.no_grad()
-def ema_preview(model, codec, schedule: str, path: Path, seed: int, class_names: list[str] | None,
-                per_class: int = 2, steps: int = 25, cfg: float = 2.0) -> Path:
-    """Write a grid with `per_class` images of up to 10 classes (or 16 unconditional ones) to `path`."""
+def ema_preview(model, codec, schedule: str, path: Path, seed: int) -> Path:
+    """Write a grid of PER_CLASS images of up to SHOWN_CLASSES classes (or UNCONDITIONAL_IMAGES) to `path`."""
     config = model.config
     device = next(model.parameters()).device
-    plan = plan_sampler("ddim", steps, config.learn_sigma, schedule=schedule)  # the betas the model was trained on
+    plan = plan_sampler("ddim", STEPS, config.learn_sigma, schedule=schedule)  # the betas the model was trained on
     if config.num_classes:
-        classes = np.linspace(0, config.num_classes - 1, min(10, config.num_classes)).round().astype(int)
-        labels = torch.tensor(np.repeat(classes, per_class), device=device)
-        model_fn = guided_model_fn(model, labels, plan.diffusion, Guidance(cfg, "all"), config.num_classes)
+        classes = np.linspace(0, config.num_classes - 1, min(SHOWN_CLASSES, config.num_classes)).round().astype(int)
+        labels = torch.tensor(np.repeat(classes, PER_CLASS), device=device)
+        model_fn = guided_model_fn(model, labels, plan.diffusion, Guidance(CFG, "all"), config.num_classes)
     else:
-        labels = torch.zeros(16, dtype=torch.long, device=device)
+        labels = torch.zeros(UNCONDITIONAL_IMAGES, dtype=torch.long, device=device)
         model_fn = unconditional_model_fn(model, plan.diffusion)
     noise = ImageNoise(seed, range(len(labels)))
     shape = (len(labels), config.in_channels, config.input_size, config.input_size)
@@ -44,5 +37,5 @@ def ema_preview(model, codec, schedule: str, path: Path, seed: int, class_names:
     latents = plan.sample(model_fn, x, plan.diffusion, noise)
     images = to_uint8(codec.decode(latents)).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, per_class * 2 if config.num_classes else 4).save(path)
+    image_grid(images, PER_CLASS * 2 if config.num_classes else 4).save(path)
     return path

@@ -10,7 +10,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ditcli.codec import VAE_ALIASES
+from ditcli.classes import IMAGENET_CLASSES
+from ditcli.codec import LATENT_CHANNELS, VAE_ALIASES
 from ditcli.errors import UserError
 from ditcli.hub import repo_of
 
@@ -107,7 +108,8 @@ def paper_result(ref_name: str, resolution: int | None, provenance: dict) -> str
     """The published result the samples are compared against: ADM's ImageNet reference batches at 256 or 512,
     or samples of a 1000-class latent DiT; None when no published protocol applies (Fashion-MNIST, own data)."""
     config = provenance.get("model_config") or {}
-    imagenet = "imagenet" in ref_name.lower() or (config.get("num_classes") == 1000 and config.get("in_channels") == 4)
+    imagenet = "imagenet" in ref_name.lower() or (config.get("num_classes") == IMAGENET_CLASSES
+                                                  and config.get("in_channels") == LATENT_CHANNELS)
     return PAPER_RESULTS.get(resolution) if imagenet else None
 
 

@@ -4,9 +4,12 @@ Every sampler is `sample_<name>(model_fn, x, diffusion, noise_fn, callback=None)
 - `model_fn(x, index)` returns the raw model output (eps, then variance values when the model learns sigma)
   for respaced step indices `index` (N,) of `diffusion`;
 - `x` is the starting noise;
-- `noise_fn(like)` returns fresh Gaussian noise shaped like `like` (per-image generators, see `ImageNoise`);
+- `diffusion` is the process: its betas, its respacing, and `Diffusion.split_output`, the one reader of the
+  learned-variance channels;
+- `noise_fn(like)` returns fresh Gaussian noise shaped like `like` (per-image generators, see `ImageNoise`); only
+  stochastic steps draw from it (DDPM, DDIM with eta > 0), the ODE solvers never do;
 - `callback(step, num_steps, x)` is called after each step.
-Guidance and the learned-variance convention live in the adapters, not in the samplers.
+Guidance lives in the adapters, not in the samplers.
 """
 
 from __future__ import annotations
@@ -203,20 +206,20 @@ def make_scheduler(name: str, diffusion: Diffusion, steps: int):
 
 @torch.no_grad()
 def sample_solver(model_fn: ModelFn, x: torch.Tensor, diffusion: Diffusion, noise_fn: NoiseFn,
-                  callback: Callback = None, scheduler=None) -> torch.Tensor:
-    """Drive a diffusers scheduler with our model_fn; its eps is used and the learned variance dropped.
+                  callback: Callback = None, solver: str = "dpm++2m", steps: int = 25) -> torch.Tensor:
+    """Drive diffusers' scheduler `solver` over `diffusion`'s betas in `steps` steps, with the eps of our model_fn.
 
-    The schedulers used here are deterministic, so `noise_fn` is never called; it stays for the common contract.
-    The scheduler is reset first: its multistep history and step counter must not leak from one batch to the next.
+    The solvers here are deterministic ODE solvers, so `noise_fn` is never drawn from. A fresh scheduler per call
+    keeps one batch's multistep history and step counter from leaking into the next.
     """
-    channels = x.shape[1]
-    scheduler.set_timesteps(scheduler.num_inference_steps, device=x.device)
+    scheduler = make_scheduler(solver, diffusion, steps)
+    scheduler.set_timesteps(steps, device=x.device)
     x = x * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     for step, t in enumerate(timesteps):
         model_input = scheduler.scale_model_input(x, t)
         index = torch.full((x.shape[0],), float(t), device=x.device)
-        eps = model_fn(model_input, index)[:, :channels]
+        eps, _ = diffusion.split_output(model_fn(model_input, index))  # the learned variance is not used
         x = scheduler.step(eps, t, x, return_dict=False)[0]
         if callback is not None:
             callback(step, len(timesteps), x)
@@ -225,18 +228,16 @@ def sample_solver(model_fn: ModelFn, x: torch.Tensor, diffusion: Diffusion, nois
 
 @dataclass(frozen=True)
 class SamplerPlan:
-    """A ready sampler: the process it runs on and a function with the common contract."""
+    """A ready sampler: the process it runs on, a function with the common contract, and its model evaluations.
+
+    `nfe` is per image: one per step, except Heun's (2 steps - 1); a doubled CFG batch counts once.
+    """
 
     name: str
     steps: int
     diffusion: Diffusion
     sample: Callable
-
-    @property
-    def nfe(self) -> int:
-        """Model evaluations per image: one per step, except Heun's (2 steps - 1); a doubled CFG batch counts once."""
-        scheduler = getattr(self.sample, "keywords", {}).get("scheduler")
-        return len(scheduler.timesteps) if scheduler is not None else self.diffusion.num_steps
+    nfe: int
 
 
 def plan_sampler(name: str, steps: int, learn_sigma: bool, eta: float = 0.0, respacing: str | None = None,
@@ -246,16 +247,18 @@ def plan_sampler(name: str, steps: int, learn_sigma: bool, eta: float = 0.0, res
         raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 <= eta <= 1.0:  # beyond 1 the DDIM step takes the square root of a negative number
+        raise ValueError(f"eta must be in [0, 1], got {eta} (0 is deterministic DDIM, 1 DDPM-like)")
     if name in SOLVERS:
         diffusion = Diffusion.create("", schedule, learn_sigma)
-        scheduler = make_scheduler(name, diffusion, steps)
-        return SamplerPlan(name, steps, diffusion, partial(sample_solver, scheduler=scheduler))
+        nfe = len(make_scheduler(name, diffusion, steps).timesteps)
+        return SamplerPlan(name, steps, diffusion, partial(sample_solver, solver=name, steps=steps), nfe)
     if respacing is None:
         respacing = f"ddim{steps}" if name == "ddim" and _ddim_spacing_exists(steps) else str(steps)
     diffusion = Diffusion.create(respacing, schedule, learn_sigma)
     if name == "ddpm":
-        return SamplerPlan(name, diffusion.num_steps, diffusion, sample_ddpm)
-    return SamplerPlan(name, diffusion.num_steps, diffusion, partial(sample_ddim, eta=eta))
+        return SamplerPlan(name, diffusion.num_steps, diffusion, sample_ddpm, diffusion.num_steps)
+    return SamplerPlan(name, diffusion.num_steps, diffusion, partial(sample_ddim, eta=eta), diffusion.num_steps)
 
 
 def _ddim_spacing_exists(steps: int) -> bool:

@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 
 from ditcli import finetune
-from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES, atomic_write, check_creatable, safe_torch_load
+from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES
 from ditcli.codec import PixelCodec, VaeCodec, locate_vae
 from ditcli.data import ImageSet, LatentCache, load_images
 from ditcli.diffusion import BETA_SCHEDULES, Diffusion
 from ditcli.ema import EmaRecord, ema_decay_at
 from ditcli.errors import UserError
+from ditcli.io import atomic_write, check_creatable, safe_torch_load
 from ditcli.model import DiT, DiTConfig, count_parameters, preset, preset_names, training_flops
 from ditcli.ranks import (DEFAULT_TIMEOUT_S, SHARED_DISK_HINT, AgreedError, check_timeout, collectives, from_rank0,
                           init_group, on_every_rank)
@@ -314,7 +315,7 @@ class Trainer:
         Every branch below reads agreed state (the step counter, flags all-reduced in `train_step`), so all ranks
         enter the same collectives, save the same steps and stop together.
         """
-        with collectives(self.dist.rank, self.dist.world, self.dist.timeout_s, self.doing):
+        with self.group(), collectives(self.dist.rank, self.dist.world, self.dist.timeout_s, self.doing):
             self.setup()
             self.emit("start", self.summary())
             started, images_seen = time.perf_counter(), 0
@@ -330,6 +331,7 @@ class Trainer:
                 self.emit("stop", {"step": self.state.step})
             if self.saved_step != self.state.step:
                 self.save_checkpoint()
+            self.dist.barrier()  # leave together: no rank tears the group down under a peer still saving
         stale = self.ema_record().staleness()
         if stale is not None:
             self.emit("warning", {"message": f"warning: {stale}"})
@@ -337,6 +339,17 @@ class Trainer:
                   "interrupted": self.state.step < self.config.steps}
         self.emit("done", result)
         return result
+
+    @contextlib.contextmanager
+    def group(self):
+        """Leave the process group however the run ends: a gloo group still alive when the interpreter exits made
+        a rank abort (SIGABRT, "terminate called without an active exception") after a finished or failed run."""
+        try:
+            yield
+        finally:
+            if self.dist.grouped and dist.is_initialized():
+                self.ddp = self.forward = None
+                dist.destroy_process_group()
 
     def doing(self) -> str:
         """What the ranks were doing together, for the error when a peer stops answering."""
@@ -530,7 +543,7 @@ class Trainer:
         from ditcli.preview import ema_preview
 
         path = self.out / "samples" / f"step-{self.state.step:07d}.png"
-        ema_preview(self.ema, self.codec, self.config.schedule, path, self.config.seed, self.images.class_names)
+        ema_preview(self.ema, self.codec, self.config.schedule, path, self.config.seed)
         self.emit("sample", {"path": str(path), "step": self.state.step})
 
     # Checkpoints.

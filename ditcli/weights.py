@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import ditcli
 from ditcli.errors import UserError
+from ditcli.hub import HubId, fetch_dit, is_offline  # noqa: F401 (is_offline re-exported)
 from ditcli.samplers import SamplingDefaults
+from ditcli.version import __version__
 
 ProgressFn = Callable[[int, int | None], None] | None
-OFFLINE_ENV = ("DIT_OFFLINE", "HF_HUB_OFFLINE")
 CHUNK = 1 << 20
 
 
@@ -97,15 +97,10 @@ def home_dir() -> Path:
 def weights_dirs() -> list[Path]:
     """Directories searched for known weights, in order: the home directory, then a checkout's weights/ folder."""
     dirs = [home_dir()]
-    checkout = Path(ditcli.__file__).resolve().parents[1] / "weights"
+    checkout = Path(__file__).resolve().parents[1] / "weights"
     if checkout.is_dir():
         dirs.append(checkout)
     return dirs
-
-
-def is_offline(offline: bool = False) -> bool:
-    flags = (os.environ.get(name, "").strip().lower() for name in OFFLINE_ENV)
-    return offline or any(flag in ("1", "true", "yes", "on") for flag in flags)
 
 
 def resolve_weights(entry: KnownWeights, offline: bool = False, progress: ProgressFn = None) -> Path:
@@ -134,8 +129,6 @@ def _from_hub(entry: KnownWeights, failure: str, offline: bool, hint: str) -> Pa
     what = failure if failure.startswith("cannot") else f"{entry.filename} is not in {home_dir()} and {failure}"
     if entry.hub is None:
         raise UserError(what, hint)
-    from ditcli.hub import HubId, fetch_dit
-
     try:
         return fetch_dit(HubId(entry.hub), offline)
     except UserError as exc:
@@ -173,7 +166,7 @@ def download(url: str, dest: Path, size: int | None = None, sha256: str | None =
 def _fetch(url: str, part: Path, progress: ProgressFn, timeout: float) -> None:
     """One request: append to `part` from its current size (206), or start over (200)."""
     start = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": f"ditcli/{ditcli.__version__}"}
+    headers = {"User-Agent": f"ditcli/{__version__}"}
     if start:
         headers["Range"] = f"bytes={start}-"
     try:

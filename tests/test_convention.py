@@ -118,4 +118,4 @@ def test_files_written_before_the_field_read_as_reference(tmp_path):
     save_file(load_file(str(tmp_path / "m.safetensors")), str(tmp_path / "old.safetensors"),
               metadata={**metadata, "config": json.dumps(fields)})
     old = load_checkpoint(tmp_path / "old.safetensors")
-    assert old.config == config and "not recorded" in old.extra["convention_source"]
+    assert old.config == config and "not recorded" in old.convention_source

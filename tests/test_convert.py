@@ -5,6 +5,7 @@ import json
 import pickle
 import random
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -127,7 +128,7 @@ def test_import_keeps_block_0_embedders_and_warns_about_differing_copies():
 def test_import_refuses_a_missing_or_misshapen_key():
     source = tiny_checkpoint()
     state, _ = to_diffusers_state(source.state_dict, source.config)
-    with pytest.raises(UserError, match="missing transformer_blocks.1.attn1.to_k.bias"):
+    with pytest.raises(UserError, match="missing key transformer_blocks.1.attn1.to_k.bias"):
         from_diffusers_weights({k: v for k, v in state.items() if k != "transformer_blocks.1.attn1.to_k.bias"},
                                source.config)
     state["proj_out_2.weight"] = state["proj_out_2.weight"][:-1]
@@ -315,7 +316,7 @@ def test_reads_transformer_folders_diffusers_itself_wrote(exported, tmp_path):
     for safe in (True, False):  # diffusion_pytorch_model.safetensors, then .bin through the weights-only loader
         model.save_pretrained(tmp_path / f"safe-{safe}", safe_serialization=safe)
         back = load_checkpoint(tmp_path / f"safe-{safe}")  # no ditcli record: diffusers' forward
-        assert back.format == "diffusers" and back.config == source.config.with_(timestep_convention="diffusers")
+        assert back.format == "diffusers" and back.config == replace(source.config, timestep_convention="diffusers")
         assert all(torch.equal(back.state_dict[k], v) for k, v in source.state_dict.items())
 
 
@@ -327,7 +328,7 @@ def test_reads_the_hub_layout_with_the_old_class_name_and_default_eps(exported, 
     config.update(_class_name="Transformer2DModel", cross_attention_dim=None, num_vector_embeds=None)
     (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
     back = read_diffusers(tmp_path / "transformer")
-    assert back.config == source.config.with_(timestep_convention="diffusers", norm_eps=1e-5)
+    assert back.config == replace(source.config, timestep_convention="diffusers", norm_eps=1e-5)
     config["norm_type"] = "ada_norm"
     (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="norm_type='ada_norm'"):
@@ -356,3 +357,14 @@ def test_bad_options_are_one_line_errors(tmp_path):
                           ([tmp_path / "missing.pt", tmp_path / "o.safetensors"], "not found")):
         code, output = run(*args)
         assert code == 2 and output.startswith("error:") and message in output, output
+
+
+def test_an_exported_folder_has_the_permissions_of_plain_files(exported):
+    """Every file a plain open() would create readable by others is so (safetensors' own files start as 0600)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in exported[1].rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o666 & ~umask for p in files}

@@ -544,3 +544,15 @@ def test_corrupt_and_mixed_images(tmp_path, tiny_file):
     result = run(folder, "--ref", ref, "--features", tiny_file, "--resize", 8, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["num_samples"] == 3
+
+
+def test_a_corrupt_safetensors_extractor_or_judge_is_one_line(tmp_path):
+    from ditcli.errors import UserError
+    from ditcli.judge import load_judge
+
+    bad = tmp_path / "features.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="is not a readable safetensors file"):
+        metrics.load_feature_extractor(str(bad), torch.device("cpu"))
+    with pytest.raises(UserError, match="is not a readable safetensors file"):
+        load_judge(bad)

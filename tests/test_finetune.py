@@ -1,6 +1,7 @@
 """dit train --init-from: loss continuity, label rows by name or id, image size, architecture checks, resume rules."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -204,7 +205,7 @@ def test_every_source_format_gives_the_same_start(tmp_path):
     torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(image_size=64, num_classes=10)},
                tmp_path / "train.pt")
     to_diffusers(source, tmp_path / "pipe", vae=None)
-    target = source.config.with_(num_classes=4)
+    target = replace(source.config, num_classes=4)
     fresh = DiT(target).state_dict()
     for name in ("ours.safetensors", "released.pt", "train.pt", "pipe"):
         init = finetune.init_from(str(tmp_path / name), target, fresh, None)

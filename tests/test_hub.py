@@ -211,5 +211,5 @@ def test_a_pipeline_whose_own_vae_was_not_fetched_says_which_vae_is_assumed(tmp_
     cache_repo(hub_cache, "facebook/DiT-XL-2-512", tmp_path / "pipe")
     custom = load_checkpoint("someone/custom-dit")
     assert custom.codec == {"kind": "vae", "vae": "stabilityai/sd-vae-ft-ema"}
-    assert any("the SD VAE ema is assumed: pass --vae" in w for w in custom.extra["warnings"])
-    assert not load_checkpoint("facebook/DiT-XL-2-512").extra["warnings"]
+    assert any("the SD VAE ema is assumed: pass --vae" in w for w in custom.warnings)
+    assert not load_checkpoint("facebook/DiT-XL-2-512").warnings

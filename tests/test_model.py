@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
+import ditcli.model
 from conftest import GOLDEN, perturbed, tiny_config
 from ditcli import load_model
 from ditcli.checkpoint import check_state_dict, load_checkpoint
@@ -84,18 +86,28 @@ def test_label_dropout_only_in_training_mode():
     assert 10 < len(dropped) < 54
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_runs_and_gives_the_same_gradients(monkeypatch):
     model = perturbed(DiT(tiny_config())).train()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7]), torch.tensor([1, 2])
     mask = torch.zeros(2, dtype=torch.bool)
+    checkpointed_blocks = []
+
+    def counting_checkpoint(block, *args, **kwargs):
+        checkpointed_blocks.append(block)
+        return torch.utils.checkpoint.checkpoint(block, *args, **kwargs)
+
+    monkeypatch.setattr(ditcli.model, "checkpoint", counting_checkpoint)
     model(x, t, y, mask).square().sum().backward()
-    plain = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    model.zero_grad()
+    assert checkpointed_blocks == []  # off by default
+    plain = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
     model.grad_checkpointing = True
     model(x, t, y, mask).square().sum().backward()
-    checkpointed = [p.grad for p in model.parameters() if p.grad is not None]
-    for a, b in zip(plain, checkpointed):
-        torch.testing.assert_close(a, b)
+    assert checkpointed_blocks == list(model.blocks)  # every block, once
+    checkpointed = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert checkpointed.keys() == plain.keys() and len(plain) == sum(p.requires_grad for p in model.parameters())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad)
 
 
 def test_golden_checkpoint_loads_strictly():
@@ -126,3 +138,22 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"hello": torch.zeros(1)}, path)
     with pytest.raises(UserError, match="not a DiT checkpoint: missing x_embedder.proj.weight"):
         load_model(path)
+
+
+def test_initialisation_draws_only_from_the_generator_it_is_given():
+    config = tiny_config()
+    before = torch.get_rng_state()
+    first = DiT(config, generator=torch.Generator().manual_seed(1)).state_dict()
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left alone
+    torch.manual_seed(123)  # and does not matter
+    again = DiT(config, generator=torch.Generator().manual_seed(1)).state_dict()
+    other = DiT(config, generator=torch.Generator().manual_seed(2)).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
+    assert all(torch.isfinite(v).all() for v in first.values())  # nothing left as uninitialised memory
+    fresh = DiT(config).state_dict()  # the reference's initialisation: same zeros, same tables, same spread
+    for key, value in first.items():
+        assert torch.equal(value == 0, fresh[key] == 0), key
+    assert torch.equal(first["pos_embed"], fresh["pos_embed"])
+    model = DiT(config, generator=torch.Generator().manual_seed(1)).eval()
+    assert torch.count_nonzero(model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))) == 0

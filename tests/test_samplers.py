@@ -129,14 +129,14 @@ def test_ddpm_images_differ_between_seeds_and_indices(tiny_model):
 def test_nfe_counts_one_per_doubled_cfg_batch(tiny_model, name):
     plan = plan_sampler(name, 5, learn_sigma=True)
     batches = []
-    tiny_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    handle = tiny_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     try:
         model_fn = CountingModelFn(guided_model_fn(tiny_model, torch.tensor([1, 2]), plan.diffusion, Guidance(4.0),
                                                    null_class=10))
         noise = ImageNoise(0, [0, 1])
         plan.sample(model_fn, noise(torch.empty(2, 4, 8, 8)), plan.diffusion, noise)
     finally:
-        tiny_model._forward_pre_hooks.clear()
+        handle.remove()
     assert model_fn.calls == plan.nfe == len(batches)
     assert plan.nfe == (2 * 5 - 1 if name == "heun" else 5)
     assert set(batches) == {4}  # cond and uncond halves in one forward
@@ -144,13 +144,13 @@ def test_nfe_counts_one_per_doubled_cfg_batch(tiny_model, name):
 
 def test_cfg_scale_one_runs_no_unconditional_pass(tiny_model):
     seen = []
-    tiny_model.register_forward_pre_hook(lambda module, args: seen.append(args[2].tolist()))
+    handle = tiny_model.register_forward_pre_hook(lambda module, args: seen.append(args[2].tolist()))
     try:
         diffusion = Diffusion.create("10")
         model_fn = guided_model_fn(tiny_model, torch.tensor([1, 2]), diffusion, Guidance(1.0), null_class=10)
         model_fn(torch.zeros(2, 4, 8, 8), torch.tensor([3, 3]))
     finally:
-        tiny_model._forward_pre_hooks.clear()
+        handle.remove()
     assert seen == [[1, 2]]
 
 
@@ -211,3 +211,40 @@ def test_a_single_step_runs(sampler):
     x = torch.randn(2, 1, 4, 4)
     out = plan.sample(model_fn, x, plan.diffusion, ImageNoise(0, range(2)))
     assert plan.diffusion.num_steps == 1 and torch.isfinite(out).all()
+
+
+def test_split_output_is_the_learned_sigma_adapter():
+    """Learned sigma: eps is the first C of 2C channels, the variance values the rest; fixed variance: all eps."""
+    out = torch.arange(2 * 4 * 2 * 2, dtype=torch.float32).view(2, 4, 2, 2)
+    eps, var_values = Diffusion.create("", learn_sigma=True).split_output(out)
+    assert torch.equal(eps, out[:, :2]) and torch.equal(var_values, out[:, 2:])
+    eps, var_values = Diffusion.create("", learn_sigma=False).split_output(out)
+    assert eps is out and var_values is None
+
+
+@pytest.mark.parametrize("name", ["dpm++2m", "heun"])
+def test_solvers_run_on_the_diffusion_they_are_given_and_read_only_eps(name):
+    """The contract is honest: `diffusion` sets the solver's betas, and only eps (never the variance) is used."""
+    plan = plan_sampler(name, 6, learn_sigma=True)
+    exact = oracle(plan.diffusion)
+    x = torch.randn((8, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    linear = plan.sample(exact, x, plan.diffusion, None)
+    cosine = plan.sample(exact, x, Diffusion.create("", "cosine", learn_sigma=True), None)
+    assert not torch.allclose(linear, cosine)
+
+    def nan_variance(x, index):
+        eps, _ = plan.diffusion.split_output(exact(x, index))
+        return torch.cat([eps, torch.full_like(eps, float("nan"))], dim=1)
+
+    assert torch.equal(plan.sample(nan_variance, x, plan.diffusion, None), linear)
+
+
+def test_plan_records_its_nfe_when_built():
+    assert [plan_sampler(n, 5, learn_sigma=True).nfe for n in ("ddpm", "ddim", "heun", "euler")] == [5, 5, 9, 5]
+    assert replace(plan_sampler("heun", 5, learn_sigma=True), nfe=3).nfe == 3  # a field, not read out of a partial
+
+
+@pytest.mark.parametrize("eta", [-1.0, 1.5, float("nan")])
+def test_eta_outside_zero_to_one_is_refused(eta):
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        plan_sampler("ddim", 5, learn_sigma=True, eta=eta)

@@ -148,10 +148,10 @@ def test_every_file_format_records_the_schedule(tmp_path):
                              ({"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, "linear")):
         scheduler.write_text(json.dumps({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, **fields}))
         loaded = load_checkpoint(tmp_path / "pipe")
-        assert loaded.schedule == schedule and not loaded.extra["warnings"]
+        assert loaded.schedule == schedule and not loaded.warnings
     scheduler.write_text(json.dumps({"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear"}))
     loaded = load_checkpoint(tmp_path / "pipe")
-    assert loaded.schedule == "linear" and "neither the linear nor the cosine" in loaded.extra["warnings"][0]
+    assert loaded.schedule == "linear" and "neither the linear nor the cosine" in loaded.warnings[0]
     checkpoint.schedule = "quadratic"
     save_safetensors(checkpoint, tmp_path / "bad.safetensors")
     assert "unknown beta schedule 'quadratic'" in one_error(dit("sample", "--ckpt", tmp_path / "bad.safetensors"))

@@ -10,12 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ditcli.checkpoint import WEIGHT_CHOICES, check_creatable
+from ditcli.checkpoint import WEIGHT_CHOICES
 from ditcli.commands.options import JsonOpt
 from ditcli.conversion import OUTPUT_FORMATS, ConversionReport
 from ditcli.conversion import convert as convert_weights
 from ditcli.conversion import info as describe_file
 from ditcli.errors import UserError
+from ditcli.io import check_creatable
 from ditcli.runtime import PRECISIONS
 
 SourceArg = Annotated[Path | None, typer.Argument(help="A released .pt, a train.py or ditcli checkpoint, our "

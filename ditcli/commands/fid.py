@@ -13,9 +13,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from ditcli.checkpoint import check_creatable
 from ditcli.commands.options import DeviceOpt, JsonOpt
 from ditcli.errors import UserError
+from ditcli.io import check_creatable
 from ditcli.inception import WEIGHTS_NAME
 from ditcli.progress import ProgressBar
 

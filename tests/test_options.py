@@ -1,0 +1,122 @@
+"""Options that change how the work runs, not what it is: each reaches the core config it should.
+
+The heavy calls are patched; each test asserts the config (or backend flags) the command handed over.
+"""
+
+import json
+
+import pytest
+from conftest import perturbed, tiny_config
+from typer.testing import CliRunner
+
+import ditcli.commands.sample as sample_command
+import ditcli.commands.train as train_command
+from ditcli.checkpoint import Checkpoint, save_safetensors
+from ditcli.cli import app
+from ditcli.codec import PixelCodec
+from ditcli.generate import RunSummary
+from ditcli.model import DiT
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def pixel_model(tmp_path):
+    config = tiny_config(in_channels=1)
+    path = tmp_path / "pixel.safetensors"
+    save_safetensors(Checkpoint(perturbed(DiT(config)).state_dict(), config, "x",
+                                codec={"kind": "pixel", "channels": 1}), path)
+    return path
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """`dit sample` with its core run and backend flags recorded instead of done."""
+    seen = {}
+
+    def fake_run(net, codec, config, device, writers, ranks, provenance, **callbacks):
+        seen.update(config=config, provenance=provenance)
+        return RunSummary(config.num_images, 0, 0, None, 0.0)
+
+    monkeypatch.setattr(sample_command, "sample_run", fake_run)
+    monkeypatch.setattr(sample_command, "codec_from_dict", lambda spec, device, channels, vae, offline: PixelCodec(1))
+    monkeypatch.setattr(sample_command, "set_backend_flags", lambda **flags: seen.update(flags=flags))
+    return seen
+
+
+def sample(model, *options):
+    result = runner.invoke(app, ["sample", "--ckpt", str(model), "--num-images", "2", *options])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_sample_eta_reaches_the_ddim_config(pixel_model, sampled):
+    sample(pixel_model, "--sampler", "ddim", "--steps", "3", "--eta", "0.5")
+    assert (sampled["config"].sampler, sampled["config"].eta) == ("ddim", 0.5)
+    sample(pixel_model, "--sampler", "ddim", "--steps", "3")
+    assert sampled["config"].eta == 0.0
+
+
+def test_sample_compile_and_precision_reach_the_config(pixel_model, sampled):
+    sample(pixel_model, "--steps", "2", "--compile", "--precision", "bf16")
+    assert (sampled["config"].compile, sampled["config"].precision) == (True, "bf16")
+    sample(pixel_model, "--steps", "2")
+    assert (sampled["config"].compile, sampled["config"].precision) == (False, "fp32")
+
+
+def test_sample_deterministic_sets_the_backend_flags_and_is_recorded(pixel_model, sampled):
+    sample(pixel_model, "--steps", "2", "--deterministic")
+    assert sampled["flags"] == {"deterministic": True}
+    assert sampled["provenance"]["deterministic"] is True
+    sample(pixel_model, "--steps", "2")
+    assert sampled["flags"] == {"deterministic": False}
+
+
+def test_sample_preset_fills_the_config_under_explicit_options(pixel_model, sampled, tmp_path):
+    sample(pixel_model, "--preset", "paper-fid", "--steps", "3", "--npz", str(tmp_path / "s.npz"))
+    config = sampled["config"]
+    assert (config.sampler, config.steps, config.guidance.scale) == ("ddpm", 3, 1.5)
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """`dit train` with the Trainer replaced by a recorder of the config it was given."""
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, config, *args, **kwargs):
+            seen["config"] = config
+
+        def run(self):
+            return {"interrupted": False, "step": 0}
+
+    monkeypatch.setattr(train_command, "Trainer", FakeTrainer)
+    return seen
+
+
+def train(*options):
+    result = runner.invoke(app, ["train", "--json", *options])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"interrupted": False, "step": 0}
+
+
+def test_train_precision_and_compile_reach_the_config(trained):
+    train("--data", "fashion-mnist", "--vae", "none", "--precision", "bf16", "--compile")
+    assert (trained["config"].precision, trained["config"].compile) == ("bf16", True)
+    train("--data", "fashion-mnist", "--vae", "none")
+    assert trained["config"].compile is False
+
+
+def test_train_preset_is_filled_in_under_explicit_options(trained):
+    train("--preset", "fashion-mnist", "--steps", "7", "--precision", "bf16")
+    config = trained["config"]
+    assert (config.data, config.model, config.hidden_size, config.steps, config.precision) == (
+        "fashion-mnist", "DiT-S/4", 192, 7, "bf16")
+    assert config.vae is None and config.channels == 1
