@@ -274,7 +274,8 @@ class Moments:
             self.scatter = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
         delta = batch_mean - self.mean
         total = self.count + len(x)
-        self.scatter += centered.T @ centered + torch.outer(delta, delta) * (self.count * len(x) / total)
+        self.scatter.addmm_(centered.T, centered)  # in place: no (D, D) temporaries, 32 MB each for pool_3
+        self.scatter.addr_(delta, delta, alpha=self.count * len(x) / total)
         self.mean += delta * (len(x) / total)
         self.count = total
 

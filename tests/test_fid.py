@@ -42,16 +42,19 @@ def inception_shapes() -> dict[str, torch.Size]:
         return {k: v.shape for k, v in InceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def random_inception_state(seed: int = 0, scale_spread: float = 0.0) -> dict[str, torch.Tensor]:
     """He-initialised convolutions, with BatchNorm statistics calibrated on random images (one small forward in
     train mode): every channel is centred and scaled, so features keep varying between images through all 94 layers
-    instead of collapsing to a shared constant as deep random ReLU nets do."""
+    instead of collapsing to a shared constant as deep random ReLU nets do. BatchNorm scales are 1, or uniform in
+    1 +- scale_spread / 2 (drawn before the calibration, which then sees them)."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in inception_shapes().items():
         if key.endswith("conv.weight"):
             state[key] = torch.randn(shape, generator=generator) * math.sqrt(2 / shape[1:].numel())
-        elif key.endswith(("bn.weight", "bn.running_var")):
+        elif key.endswith("bn.weight"):
+            state[key] = 1 + (torch.rand(shape, generator=generator) - 0.5) * scale_spread
+        elif key.endswith("bn.running_var"):
             state[key] = torch.ones(shape)
         else:  # BatchNorm shifts and means, the softmax layer
             state[key] = torch.randn(shape, generator=generator) * 0.1
@@ -217,6 +220,83 @@ def test_full_size_forward_gives_adm_features(net, sets):
     expected = captured["out"][:, :7].permute(0, 2, 3, 1).reshape(1, -1)  # (1, 17 * 17 * 7), NHWC as ADM
     assert expected.shape == (1, 2023) and torch.equal(features.spatial, expected)
     assert torch.allclose(features.logits, features.pool @ net.fc.weight.T)  # no bias, as ADM's softmax input
+
+
+# Inference preparation: folded BatchNorm and channels-last weights compute the graph's function.
+
+@pytest.fixture(scope="session")
+def perturbed_state() -> dict[str, torch.Tensor]:
+    """Random calibrated weights with BatchNorm scales in [0.5, 1.5], so that folding has every term to get right."""
+    return random_inception_state(seed=5, scale_spread=1.0)
+
+
+@pytest.fixture(scope="session")
+def perturbed_file(tmp_path_factory, perturbed_state) -> Path:
+    path = tmp_path_factory.mktemp("perturbed") / inception.WEIGHTS_NAME
+    torch.save(perturbed_state, path)
+    return path
+
+
+def graph_module(state: dict[str, torch.Tensor]) -> InceptionV3:
+    """The graph as written, node by node: convolution, BatchNorm, ReLU in NCHW (torch-fidelity's structure)."""
+    model = InceptionV3().load_weights(state)
+    model.input_size = SMALL
+    return model
+
+
+def test_fold_batchnorm_is_the_same_function_in_float64():
+    generator = torch.Generator().manual_seed(0)
+    node = inception.ConvBN(6, 5, (3, 1), stride=2, padding=(1, 0)).double().eval()
+    with torch.no_grad():
+        for tensor in (node.conv.weight, node.bn.weight, node.bn.bias, node.bn.running_mean):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64))
+        node.bn.running_var.copy_(torch.rand(5, generator=generator, dtype=torch.float64) + 0.1)
+    x = torch.randn(2, 6, 9, 7, generator=generator, dtype=torch.float64)
+    expected = node(x)
+    node.fold_batchnorm()
+    assert isinstance(node.bn, nn.Identity) and node.conv.bias is not None
+    assert (expected > 0).float().mean() > 0.3  # the ReLU passes a good share
+    assert torch.allclose(node(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_load_inception_folds_batchnorm_into_channels_last_convolutions(net):
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 94 and not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert all(conv.bias is not None for conv in convs)
+    assert net.Mixed_5b.branch3x3dbl_2.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not net.Mixed_5b.branch3x3dbl_2.conv.weight.is_contiguous()
+
+
+def test_fast_inception_features_equal_the_graph(perturbed_state, perturbed_file, sets):
+    """Features to 1e-4 of their scale against the graph node by node in float64, and in float32 as torchmetrics
+    runs it: what folding and channels-last change is float32 rounding only."""
+    fast = load_inception(perturbed_file)
+    fast.input_size = SMALL
+    exact, float32 = graph_module(perturbed_state).double(), graph_module(perturbed_state)
+    images = torch.from_numpy(np.concatenate(sets)).permute(0, 3, 1, 2)  # (8, 3, H, W)
+    with torch.inference_mode():
+        ours, truth, theirs = fast(images), exact(images), float32(images)
+    for name in ("pool", "spatial", "logits"):
+        scale = getattr(truth, name).abs().max()
+        assert scale > 0 and getattr(truth, name).std(dim=0).mean() > 1e-3 * scale  # features vary between images
+        for other in (truth, theirs):
+            assert (getattr(ours, name).double() - getattr(other, name)).abs().max() <= 1e-4 * scale, name
+
+
+def test_fast_inception_fid_equals_torchmetrics_on_the_graph(perturbed_state, perturbed_file, sets):
+    """`dit fid`'s extraction with the module load_inception returns against torchmetrics' FID driving the graph as
+    written (torch-fidelity's structure): FID equal to 1e-3 relative."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    reference = FrechetInceptionDistance(feature=PoolOnly(graph_module(perturbed_state)))
+    for images, real in zip(sets, (True, False)):
+        reference.update(torch.from_numpy(images).permute(0, 3, 1, 2), real=real)
+    fast = load_inception(perturbed_file)
+    fast.input_size = SMALL
+    ref_acts, sample_acts = (metrics.extract(iter([images]), fast, CPU) for images in sets)
+    ours = metrics.frechet_distance(*sample_acts.pool.stats(), *ref_acts.pool.stats())
+    assert ours > 1e-3
+    assert rel(ours, float(reference.compute())) < 1e-3
 
 
 # Metrics against peers and closed forms.

@@ -184,6 +184,7 @@ def test_inception_features_on_cuda_equal_the_cpu(report):
         for module in cpu.modules():
             if isinstance(module, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(module.weight)
+        cpu.fold_batchnorm().to(memory_format=torch.channels_last)  # prepared as load_inception returns it
     cpu = cpu.eval()
     images = torch.randint(0, 256, (8, 3, 256, 256), generator=torch.Generator().manual_seed(0)).float()
     with torch.no_grad():
