@@ -168,10 +168,24 @@ def safe_torch_load(path: str | os.PathLike):
                         f"weight file should not", "only tensors, plain containers and argparse.Namespace are "
                         "allowed") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        if _is_npz(path):
+            raise UserError(f"{path} is a NumPy .npz archive (images or statistics), not a checkpoint",
+                            "pass a .pt, a .safetensors or a diffusers folder") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first)  # torch's C++ source position
         first = first.split(". ")[0]  # torch's zip errors go on for several sentences of advice
         raise UserError(f"{path} is not a readable checkpoint: {first}",
                         "the file is truncated or corrupt; fetch it again") from None
     except (IndexError, KeyError, ValueError) as exc:  # the unpickler tripping over random bytes
         raise UserError(f"{path} is not a readable checkpoint: the unpickler failed with {type(exc).__name__}",
                         "the file is corrupt or not a PyTorch weight file; fetch it again") from None
+
+
+def _is_npz(path: str | os.PathLike) -> bool:
+    """A zip whose members are all .npy files: what np.savez writes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return bool(names) and all(name.endswith(".npy") for name in names)

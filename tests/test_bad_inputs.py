@@ -357,6 +357,8 @@ CORPUS: list[tuple[str, list[str], str | None]] = [
     ("convert-src-empty", ["convert", "{fx}/empty.pt", "o.safetensors"], "empty.pt"),
     ("convert-src-pickled", ["convert", "{fx}/pickled.pt", "o.safetensors"], "pickled.pt"),
     ("convert-src-not-dit", ["convert", "{fx}/notdit.pt", "o.safetensors"], "notdit.pt"),
+    ("convert-src-npz", ["convert", "{fx}/good.npz", "o.safetensors"], "NumPy .npz archive"),
+    ("sample-ckpt-npz", ["sample", "--ckpt", "{fx}/rgb.npz"], "NumPy .npz archive"),
     ("convert-dst-exists", ["convert", "{fx}/tiny.safetensors", "{fx}/existing.npz", "--to", "safetensors"],
      "existing.npz"),
     ("convert-dst-unknown-format", ["convert", "{fx}/tiny.safetensors", "o.bin"], "o.bin"),
