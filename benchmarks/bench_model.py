@@ -92,7 +92,7 @@ def diffusers_twin(model: DiT, device: torch.device):
     """diffusers' DiTTransformer2DModel carrying the same weights, through our key map."""
     from diffusers import DiTTransformer2DModel
 
-    from ditcli.conversion import to_diffusers_state, transformer_config
+    from ditcli.diffusers_format import to_diffusers_state, transformer_config
 
     config = {k: v for k, v in transformer_config(model.config).items() if not k.startswith("_")}
     twin = DiTTransformer2DModel(**config)

@@ -21,11 +21,10 @@ from ditcli.diffusers_format import from_diffusers_state, read_diffusers
 from ditcli.ema import EmaRecord
 from ditcli.errors import UserError
 from ditcli.hub import resolve_source
-from ditcli.io import apply_umask, atomic_write, read_safetensors, safe_torch_load  # noqa: F401 (re-exported)
+from ditcli.io import atomic_write, read_safetensors, safe_torch_load
 from ditcli.model import HEADS_BY_WIDTH, DiT, DiTConfig, preset
 from ditcli.samplers import SamplingDefaults
-from ditcli.state import (SAFETENSORS_FORMAT, Checkpoint, check_state_dict, describe,  # noqa: F401 (re-exported)
-                          read_record, read_schedule)
+from ditcli.state import SAFETENSORS_FORMAT, Checkpoint, check_state_dict, describe, read_record, read_schedule
 
 TRAIN_FORMAT = "ditcli-train"
 WEIGHT_CHOICES = ("ema", "model")

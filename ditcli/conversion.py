@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ditcli.checkpoint import Checkpoint, describe, load_checkpoint, save_safetensors
-from ditcli.diffusers_format import (from_diffusers_weights, is_rounded_table, read_diffusers,  # noqa: F401
-                                     to_diffusers, to_diffusers_state)
+from ditcli.checkpoint import load_checkpoint, save_safetensors
+from ditcli.diffusers_format import is_rounded_table, read_diffusers, to_diffusers
 from ditcli.diffusion import TRAIN_TIMESTEPS
 from ditcli.errors import UserError
 from ditcli.model import DiT, DiTConfig
 from ditcli.runtime import PRECISIONS
+from ditcli.state import Checkpoint, describe
 
 OUTPUT_FORMATS = ("safetensors", "diffusers")
 

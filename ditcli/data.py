@@ -10,7 +10,6 @@ import contextlib
 import gzip
 import hashlib
 import json
-import os
 import re
 import struct
 import warnings
@@ -22,12 +21,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ditcli.codec import from_uint8
 from ditcli.errors import UserError
+from ditcli.images import IMAGE_SUFFIXES, image_files
+from ditcli.io import replacing, write_json
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 @dataclass
@@ -186,10 +187,10 @@ def _fit(image: Image.Image, size: int | None, channels: int) -> np.ndarray:
 def load_folder(root: Path, image_size: int, channels: int) -> ImageSet:
     """Class sub-folders (ids in sorted name order) or a flat folder (unconditional); unreadable files skipped."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    groups = [(d.name, _image_files(d)) for d in subdirs] if subdirs else [(None, _image_files(root))]
+    groups = [(d.name, image_files(d)) for d in subdirs] if subdirs else [(None, image_files(root))]
     groups = [(name, files) for name, files in groups if files]
     if not groups:
-        raise UserError(f"no images found in {root}", f"expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}")
+        raise UserError(f"no images found in {root}", f"expected files ending in {', '.join(IMAGE_SUFFIXES)}")
     images, labels, skipped, too_small = [], [], [], []
     for label, (_, files) in enumerate(groups):
         for path in files:
@@ -224,10 +225,6 @@ def _bombs_as_errors():
 def _pixels(exc: Exception) -> str:
     found = re.search(r"\((\d+) pixels\)", str(exc))
     return f"{int(found.group(1)):,}" if found else "too many"
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def is_idx_source(data: str) -> bool:
@@ -310,7 +307,7 @@ class LatentCache:
             means, stds = [], []
             for start in range(lo, hi, batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(images.images[start: min(hi, start + batch_size)]))
-                x = batch.permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, C, H, W)
+                x = from_uint8(batch)  # (n, C, H, W)
                 mean, std = codec.encode(torch.cat([x, x.flip(3)]))  # (2n, c, h, w)
                 means.append(torch.stack(mean.chunk(2), dim=1).half().cpu().numpy())  # (n, 2, c, h, w)
                 stds.append(torch.stack(std.chunk(2), dim=1).half().cpu().numpy())
@@ -322,9 +319,7 @@ class LatentCache:
             barrier()
         if rank == 0:
             meta = dict(expected, num_shards=num_shards, count=len(images))
-            tmp = root / "meta.json.tmp"
-            tmp.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, root / "meta.json")
+            write_json(root / "meta.json", meta)
         if barrier is not None:
             barrier()
 
@@ -338,6 +333,5 @@ class LatentCache:
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with replacing(path) as tmp, open(tmp, "wb") as f:  # an open file: np.save would append .npy to a bare path
+        np.save(f, array)

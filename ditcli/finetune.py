@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from ditcli.checkpoint import Checkpoint, describe, load_checkpoint
+from ditcli.checkpoint import load_checkpoint
 from ditcli.classes import IMAGENET_CLASSES, ClassTable, class_table, normalize
 from ditcli.codec import LATENT_CHANNELS
 from ditcli.errors import UserError
 from ditcli.hub import parse_hub_id
 from ditcli.model import HEADS_BY_WIDTH, PRESET_SHAPES, DiT, DiTConfig
+from ditcli.state import Checkpoint, describe
 
 LABEL_TABLE = "y_embedder.embedding_table.weight"
 # (DiTConfig field, what the error calls it): what must agree between the source and the model being trained.

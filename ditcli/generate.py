@@ -23,12 +23,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ditcli.codec import to_uint8
 from ditcli.errors import UserError
-from ditcli.io import check_creatable
+from ditcli.images import GRID_MAX, make_grid, pil_image
+from ditcli.io import check_creatable, replacing, write_json
 from ditcli.model import DiTConfig
 from ditcli.ranks import DEFAULT_TIMEOUT_S, check_timeout, from_rank0, init_group, on_every_rank
 from ditcli.runtime import autocast, resolve_precision
@@ -36,7 +37,6 @@ from ditcli.samplers import (CountingModelFn, Guidance, ImageNoise, guided_model
                              unconditional_model_fn)
 
 LABEL_STREAM = 0x1ABE1  # keeps the label draws apart from the noise draws of the same (seed, index)
-GRID_MAX = 100
 StepFn = Callable[[int, int], None] | None
 
 
@@ -228,26 +228,6 @@ def distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> I
 
 # Writers: each knows which images it already holds, writes batches, and finishes on rank 0.
 
-@contextlib.contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` on success, remove it on failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:  # name the user's path, not our temporary file beside it
-        raise UserError(f"cannot write {path}: {exc.strerror or type(exc).__name__}",
-                        "check the free space and the permissions of its folder") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: Path, data: dict) -> None:
-    with replacing(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def check_writable(folder: Path, flag: str) -> None:
     """Create `folder` and prove a file can be written there, before any sampling starts."""
     try:
@@ -323,7 +303,7 @@ class ImageDirWriter:
                                "image_seed": str(image_seed(self.seed, index))}.items():
                 info.add_text(key, value)
             with replacing(self.root / self.filename(index, label)) as tmp:
-                _pil(image).save(tmp, format="PNG", pnginfo=info)
+                pil_image(image).save(tmp, format="PNG", pnginfo=info)
 
     def finish(self, labels: Sequence[int], provenance: dict) -> list[Path]:
         count = min(len(labels), GRID_MAX)
@@ -333,36 +313,6 @@ class ImageDirWriter:
             make_grid(images, [self.caption(labels[i]) for i in range(count)], columns).save(tmp, format="PNG")
         write_json(self.root / "provenance.json", {**provenance, "complete": True})
         return [self.root / "grid.png", self.root / "provenance.json"]
-
-
-def _pil(image: np.ndarray) -> Image.Image:
-    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)  # (H, W) or (H, W, 3)
-
-
-def make_grid(images: list[np.ndarray], captions: list[str], columns: int, min_cell: int = 96,
-              gap: int = 2) -> Image.Image:
-    """Images (H, W, C) uint8 in rows of `columns`, upscaled to at least `min_cell` px, each with a caption below."""
-    height, width = images[0].shape[:2]
-    scale = max(1, math.ceil(min_cell / width))
-    cell_w, cell_h = width * scale, height * scale
-    font = ImageFont.load_default()
-    line = font.getbbox("Ag")[3] + 4
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * (cell_w + gap) - gap, rows * (cell_h + line)), "white")
-    draw = ImageDraw.Draw(grid)
-    for k, (image, caption) in enumerate(zip(images, captions)):
-        x, y = (k % columns) * (cell_w + gap), (k // columns) * (cell_h + line)
-        grid.paste(_pil(image).convert("RGB").resize((cell_w, cell_h), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + cell_h + 1), _fit(caption, font, cell_w - 4), fill="black", font=font)
-    return grid
-
-
-def _fit(text: str, font, width: int) -> str:
-    if font.getlength(text) <= width:
-        return text
-    while text and font.getlength(text + "...") > width:
-        text = text[:-1]
-    return text + "..."
 
 
 class NpzWriter:

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditcli.checkpoint import safe_torch_load
 from ditcli.errors import UserError
-from ditcli.weights import DownloadError, ProgressFn, download, home_dir, is_offline
+from ditcli.hub import is_offline
+from ditcli.io import safe_torch_load
+from ditcli.weights import DownloadError, ProgressFn, download, home_dir
 
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_NAME}"

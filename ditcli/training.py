@@ -24,18 +24,18 @@ import torch.distributed as dist
 
 from ditcli import finetune
 from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES
-from ditcli.codec import PixelCodec, VaeCodec, locate_vae
+from ditcli.codec import DEFAULT_VAE, LATENT_CHANNELS, PixelCodec, VaeCodec, from_uint8, locate_vae
 from ditcli.data import ImageSet, LatentCache, load_images
 from ditcli.diffusion import BETA_SCHEDULES, Diffusion
 from ditcli.ema import EmaRecord, ema_decay_at
 from ditcli.errors import UserError
+from ditcli.hub import is_offline
 from ditcli.io import atomic_write, check_creatable, safe_torch_load
 from ditcli.model import DiT, DiTConfig, count_parameters, preset, preset_names, training_flops
 from ditcli.ranks import (DEFAULT_TIMEOUT_S, SHARED_DISK_HINT, AgreedError, check_timeout, collectives, from_rank0,
                           init_group, on_every_rank)
 from ditcli.runtime import autocast, resolve_device, resolve_precision
 from ditcli.samplers import TRAINED_SAMPLING, SamplingDefaults, image_seed
-from ditcli.weights import is_offline
 
 NO_VAE = "pass --vae none to train in pixel space"  # the offline way out when a VAE cannot be had
 # Fields that may change when resuming; any other difference needs --force.
@@ -58,12 +58,12 @@ class TrainConfig:
     model: str = "DiT-S/2"
     image_size: int = 256
     channels: int = 3
-    vae: str | None = "stabilityai/sd-vae-ft-ema"
+    vae: str | None = DEFAULT_VAE
     hidden_size: int | None = None
     depth: int | None = None
     num_heads: int | None = None
     learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
+    class_dropout_prob: float = DiTConfig.class_dropout_prob
     schedule: str = "linear"
     steps: int = 400_000
     global_batch: int = 256
@@ -168,7 +168,7 @@ class TrainConfig:
         overrides = {k: v for k, v in (("hidden_size", self.hidden_size), ("depth", self.depth),
                                        ("num_heads", self.num_heads)) if v is not None}
         return preset(self.model, input_size=self.image_size // downsample, num_classes=num_classes,
-                      in_channels=4 if self.latent else self.channels, learn_sigma=self.learn_sigma,
+                      in_channels=LATENT_CHANNELS if self.latent else self.channels, learn_sigma=self.learn_sigma,
                       class_dropout_prob=self.class_dropout_prob, **overrides)
 
     def to_dict(self) -> dict:
@@ -238,8 +238,7 @@ class TrainingData:
         if self.cache is not None:
             mean, std = self.cache.gather(indices, flips)
             return (mean + std * posterior_noise) * self.cache.scale  # (n, c, h, w)
-        x = torch.from_numpy(np.ascontiguousarray(self.images.images[indices])).permute(0, 3, 1, 2).float()
-        x = x / 127.5 - 1  # (n, C, H, W)
+        x = from_uint8(torch.from_numpy(np.ascontiguousarray(self.images.images[indices])))  # (n, C, H, W)
         flipped = torch.from_numpy(flips.astype(bool))
         return torch.where(flipped[:, None, None, None], x.flip(3), x)
 

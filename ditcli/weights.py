@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ditcli.errors import UserError
-from ditcli.hub import HubId, fetch_dit, is_offline  # noqa: F401 (is_offline re-exported)
+from ditcli.hub import HubId, fetch_dit, is_offline
 from ditcli.samplers import SamplingDefaults
 from ditcli.version import __version__
 

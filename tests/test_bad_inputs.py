@@ -19,9 +19,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ditcli.checkpoint import Checkpoint, save_safetensors
+from ditcli.checkpoint import save_safetensors
 from ditcli.cli import app
 from ditcli.model import DiT, DiTConfig
+from ditcli.state import Checkpoint
 
 ONE_LINE = re.compile(r"^error: \S.*\S \(\S.*\)$")  # error: <what> (<how to fix>)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

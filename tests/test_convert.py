@@ -13,13 +13,14 @@ from conftest import GOLDEN, perturbed, tiny_config
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ditcli.checkpoint import TRAIN_FORMAT, Checkpoint, load_checkpoint, load_model, save_safetensors
+from ditcli.checkpoint import TRAIN_FORMAT, load_checkpoint, load_model, save_safetensors
 from ditcli.cli import app
-from ditcli.conversion import (convert, from_diffusers_weights, info, parity_inputs, read_diffusers,
-                               to_diffusers_state)
+from ditcli.conversion import convert, info, parity_inputs
+from ditcli.diffusers_format import from_diffusers_weights, read_diffusers, to_diffusers_state
 from ditcli.diffusion import named_betas
 from ditcli.errors import UserError
 from ditcli.model import DiT, DiTConfig, count_parameters
+from ditcli.state import Checkpoint
 
 GOLDEN_PT = "tiny-dit.official.pt"
 CLASS_NAMES = [f"class {i}, alias {i}" for i in range(10)]

@@ -9,11 +9,12 @@ import torch
 from conftest import perturbed
 from typer.testing import CliRunner
 
-from ditcli.checkpoint import Checkpoint, load_checkpoint, save_safetensors
+from ditcli.checkpoint import load_checkpoint, save_safetensors
 from ditcli.cli import app
-from ditcli.conversion import to_diffusers
+from ditcli.diffusers_format import to_diffusers
 from ditcli.errors import UserError
 from ditcli.model import DiT, DiTConfig, sincos_2d
+from ditcli.state import Checkpoint
 from ditcli.training import TrainConfig, Trainer
 
 TINY = dict(model="DiT-S/2", hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,

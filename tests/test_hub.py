@@ -17,12 +17,13 @@ from conftest import perturbed, tiny_config
 from typer.testing import CliRunner
 
 import ditcli.weights
-from ditcli.checkpoint import Checkpoint, load_checkpoint
+from ditcli.checkpoint import load_checkpoint
 from ditcli.cli import app
-from ditcli.conversion import to_diffusers
+from ditcli.diffusers_format import to_diffusers
 from ditcli.errors import UserError
 from ditcli.hub import parse_hub_id, repo_of, resolve_source
 from ditcli.model import DiT
+from ditcli.state import Checkpoint
 from ditcli.weights import REGISTRY, resolve_weights
 
 runner = CliRunner()

@@ -7,9 +7,10 @@ import torch.utils.checkpoint
 import ditcli.model
 from conftest import GOLDEN, perturbed, tiny_config
 from ditcli import load_model
-from ditcli.checkpoint import check_state_dict, load_checkpoint
+from ditcli.checkpoint import load_checkpoint
 from ditcli.errors import UserError
 from ditcli.model import DiT, DiTConfig, count_parameters, forward_macs, preset, preset_names, timestep_embedding
+from ditcli.state import check_state_dict
 
 
 def test_fresh_model_outputs_exactly_zero():

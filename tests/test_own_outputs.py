@@ -20,11 +20,12 @@ from typer.testing import CliRunner
 import ditcli.data
 from conftest import perturbed, tiny_config
 from ditcli import metrics
-from ditcli.checkpoint import Checkpoint, load_checkpoint, save_safetensors
+from ditcli.checkpoint import load_checkpoint, save_safetensors
 from ditcli.cli import app
 from ditcli.ema import EmaRecord, ema_decay_at, start_share
 from ditcli.model import DiT
 from ditcli.samplers import SamplingDefaults
+from ditcli.state import Checkpoint
 from ditcli.training import TrainConfig, Trainer
 from ditcli.weights import known_weights
 

@@ -10,11 +10,12 @@ from typer.testing import CliRunner
 
 import ditcli.commands.sample as sample_command
 from ditcli import metrics
-from ditcli.checkpoint import Checkpoint, save_safetensors
+from ditcli.checkpoint import save_safetensors
 from ditcli.cli import app
 from ditcli.codec import PixelCodec
 from ditcli.generate import RunSummary
 from ditcli.model import DiT
+from ditcli.state import Checkpoint
 
 runner = CliRunner()
 metrics.register_feature_extractor(

@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 import ditcli.generate
 import ditcli.weights
 from conftest import perturbed, tiny_config
-from ditcli.checkpoint import Checkpoint, save_safetensors
+from ditcli.checkpoint import save_safetensors
 from ditcli.cli import app
 from ditcli.data import FASHION_MNIST_CLASSES
 from ditcli.model import DiT
+from ditcli.state import Checkpoint
 
 FASHION = FASHION_MNIST_CLASSES
 runner = CliRunner()

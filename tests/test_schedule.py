@@ -17,7 +17,7 @@ import ditcli.generate
 import ditcli.preview
 from conftest import perturbed, tiny_config
 from ditcli import samplers
-from ditcli.checkpoint import Checkpoint, load_checkpoint, save_safetensors
+from ditcli.checkpoint import load_checkpoint, save_safetensors
 from ditcli.cli import app
 from ditcli.codec import PixelCodec, VaeCodec
 from ditcli.diffusion import named_betas
@@ -25,6 +25,7 @@ from ditcli.generate import GenerateConfig, generate_images
 from ditcli.model import DiT
 from ditcli.ema import EmaRecord
 from ditcli.samplers import Guidance, SamplingDefaults
+from ditcli.state import Checkpoint
 from ditcli.training import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from ditcli.checkpoint import load_checkpoint, safe_torch_load
+from ditcli.checkpoint import load_checkpoint
+from ditcli.io import safe_torch_load
 from ditcli.cli import app
 from ditcli.data import load_folder
 from ditcli.errors import UserError

@@ -13,22 +13,24 @@ from rich.console import Console
 from rich.table import Table
 
 from ditcli import __version__
-from ditcli.checkpoint import Checkpoint, describe, load_checkpoint
+from ditcli.checkpoint import load_checkpoint
 from ditcli.classes import ClassTable, class_table, slug
-from ditcli.codec import VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict
+from ditcli.codec import LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict, default_codec_spec
 from ditcli.commands.options import (CheckpointOpt, CompileOpt, DeviceOpt, DistTimeoutOpt, JsonOpt, PrecisionOpt,
                                      SeedOpt)
 from ditcli.errors import UserError
 from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, check_guidance, check_outputs, class_labels,
                              default_out_dir, distributed, random_labels, rank_device, sample_run)
-from ditcli.hub import resolve_source
+from ditcli.hub import is_offline, resolve_source
+from ditcli.images import GRID_MAX
 from ditcli.model import PRESET_SHAPES, preset_names
 from ditcli.progress import ProgressBar, byte_progress
 from ditcli.protocol import PAPER_FID, SAMPLE_PRESETS, expand_preset
 from ditcli.ranks import DEFAULT_TIMEOUT_S, collectives, on_every_rank
 from ditcli.runtime import resolve_device, resolve_precision, set_backend_flags
 from ditcli.samplers import DIT_SAMPLING, GUIDED_CHANNELS, SAMPLERS, Guidance, plan_sampler
-from ditcli.weights import KnownWeights, file_sha256, is_offline, known_weights, registry_models, resolve_weights
+from ditcli.state import Checkpoint, describe
+from ditcli.weights import KnownWeights, file_sha256, known_weights, registry_models, resolve_weights
 
 DEFAULT_MODEL = "DiT-XL/2"
 DEFAULT_NUM = 16
@@ -292,7 +294,7 @@ def check_preset(model: str | None, checkpoint: Checkpoint) -> None:
 def check_image_size(checkpoint: Checkpoint, image_size: int | None, vae: str | None) -> None:
     """--image-size against what the model makes, before the codec loads: pixels, or the SD VAEs' 8x; any other VAE
     is checked against its own config once loaded (`check_codec`)."""
-    spec = checkpoint.codec or {"kind": "vae", "vae": VAE_ALIASES["ema"]}
+    spec = checkpoint.codec or default_codec_spec(LATENT_CHANNELS)
     if spec["kind"] == "pixel":
         factor = PixelCodec.downsample
     elif VAE_ALIASES.get(vae or spec.get("vae"), vae or spec.get("vae")) in VAE_ALIASES.values():
@@ -365,7 +367,7 @@ def make_writers(out: Path | None, npz: Path | None, names: ClassTable, config: 
             out, config.seed,
             caption=lambda label: "unconditional" if unconditional else f"{label} {names.name(label)}",
             file_label=lambda label: "uncond" if unconditional else f"{label}-{slug(names.name(label))}",
-            grid_columns=columns or math.ceil(math.sqrt(min(config.num_images, 100)))))
+            grid_columns=columns or math.ceil(math.sqrt(min(config.num_images, GRID_MAX)))))
     if npz is not None:
         writers.append(NpzWriter(npz, ranks.rank))
     def prepare():  # rank 0 checks and clears the outputs; an error there stops every rank

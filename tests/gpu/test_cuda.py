@@ -140,7 +140,7 @@ def test_one_process_torchrun_train_then_resume(report, tmp_path):
     that continues to the same weights as a straight run."""
     import numpy as np
 
-    from ditcli.checkpoint import safe_torch_load
+    from ditcli.io import safe_torch_load
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "D.npz", images=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8),
