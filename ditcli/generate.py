@@ -33,8 +33,8 @@ from ditcli.io import check_creatable, replacing, write_json
 from ditcli.model import DiTConfig
 from ditcli.ranks import DEFAULT_TIMEOUT_S, check_timeout, from_rank0, init_group, on_every_rank
 from ditcli.runtime import autocast, resolve_precision
-from ditcli.samplers import (CountingModelFn, Guidance, ImageNoise, guided_model_fn, image_seed, plan_sampler,
-                             unconditional_model_fn)
+from ditcli.samplers import (CountingModelFn, Guidance, ImageNoise, SamplerPlan, guided_model_fn, image_seed,
+                             plan_sampler, unconditional_model_fn)
 
 LABEL_STREAM = 0x1ABE1  # keeps the label draws apart from the noise draws of the same (seed, index)
 StepFn = Callable[[int, int], None] | None
@@ -151,15 +151,18 @@ def sample_latents(model: torch.nn.Module, plan, config: GenerateConfig, indices
 
 
 def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indices: Sequence[int],
-                    device: torch.device, on_step: StepFn = None) -> Iterator[Batch]:
+                    device: torch.device, on_step: StepFn = None, plan: SamplerPlan | None = None) -> Iterator[Batch]:
     """Sample the images `indices` of the run `config`, `batch_width(config)` at a time.
 
     The last batch is padded to the same width (static shapes also suit torch.compile) and the padding dropped.
+    A caller that built and checked the plan already (`ditcli.sampling_run`) passes it in.
     """
     if not indices:
         return
-    check_guidance(model.config, config.guidance)
-    plan = plan_sampler(config.sampler, config.steps, model.config.learn_sigma, config.eta, schedule=config.schedule)
+    if plan is None:
+        check_guidance(model.config, config.guidance)
+        plan = plan_sampler(config.sampler, config.steps, model.config.learn_sigma, config.eta,
+                            schedule=config.schedule)
     net = torch.compile(model) if config.compile else model
     width = batch_width(config)
     for start in range(0, len(indices), width):
@@ -436,7 +439,7 @@ class RunSummary:
 def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: torch.device, writers: list,
                ranks: Ranks = Ranks(), provenance: dict | None = None,
                on_batch: Callable[[Batch], None] | None = None, on_step: StepFn = None,
-               on_plan: Callable[[int], None] | None = None) -> RunSummary:
+               on_plan: Callable[[int], None] | None = None, plan: SamplerPlan | None = None) -> RunSummary:
     """Generate what the writers do not hold yet, this rank's share of it, and let rank 0 finish the files.
 
     The writers must be prepared (rank 0) before this is called. Rank 0 decides what is left and finishes the files;
@@ -456,7 +459,7 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
 
     # Sample and write.
     start, nfe = time.perf_counter(), None
-    for batch in generate_images(model, codec, config, mine, device, on_step):
+    for batch in generate_images(model, codec, config, mine, device, on_step, plan):
         for writer in writers:
             writer.write(batch)
         nfe = batch.nfe

@@ -672,3 +672,31 @@ def _written(batches: Iterable[np.ndarray], f) -> Iterator[np.ndarray]:
     for batch in batches:
         f.write(np.ascontiguousarray(batch).tobytes())
         yield batch
+
+
+MAX_RESIZE = 4096  # the largest --resize `dit fid` takes
+
+
+def check_fid_mode(samples: Path | None, ref: Path | None, make_ref: str | None, output: Path | None,
+                split: str | None) -> None:
+    """Either score SAMPLES against --ref, or build a reference with --make-ref DATA -o PATH."""
+    if make_ref is not None:
+        if samples is not None or ref is not None:
+            raise UserError("--make-ref builds a reference; it takes no SAMPLES or --ref",
+                            "run `dit fid --make-ref FOLDER -o ref.npz`, then score against ref.npz")
+        if output is None:
+            raise UserError("--make-ref needs -o PATH for the reference .npz")
+    elif split is not None:
+        raise UserError("--split only applies to --make-ref", "drop --split")
+    elif samples is None or ref is None:
+        raise UserError("nothing to score" if samples is None else "--ref is required",
+                        "run `dit fid SAMPLES --ref REF.npz`, or `dit fid --make-ref FOLDER -o ref.npz`")
+
+
+def check_options(batch_size: int, num_workers: int, resize: int | None) -> None:
+    """The numeric options, each named, before any image or network is read."""
+    for flag, value, low, high in (("--batch-size", batch_size, 1, 1 << 16), ("--num-workers", num_workers, 0, 256),
+                                   ("--resize", resize, 1, MAX_RESIZE)):
+        if value is not None and not low <= value <= high:
+            raise UserError(f"{flag} must be between {low:,} and {high:,}, got {value:,}",
+                            f"pass {flag} {min(max(value, low), high)}")

@@ -4,17 +4,20 @@
         for batch in generate_images(...):      # the core calls bar.substatus("step 3/25") per step
             bar.advance(len(batch.indices))
 
-A disabled bar (not a terminal, --json, or a non-zero rank) accepts the same calls and draws nothing.
+A disabled bar (not a terminal, --json, or a non-zero rank) accepts the same calls and draws nothing. `TrainProgress`
+renders the trainer's events (start-up table, bar, one line per checkpoint) for `dit train`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.table import Table
 from rich.text import Text
 
 
@@ -137,3 +140,93 @@ def byte_progress(description: str, enabled: bool = True) -> Iterator[Callable[[
     finally:
         if bars:
             bars[0].__exit__(None, None, None)
+
+
+class TrainProgress:
+    """Renders trainer events: the start-up table, a bar with loss and img/s, and one line per checkpoint."""
+
+    def __init__(self, config, console: Console, quiet: bool):  # config: a ditcli.training.TrainConfig
+        self.config, self.quiet = config, quiet
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(),
+                                 TextColumn("step {task.completed}/{task.total}"),
+                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet)
+        self.task = None
+        self.started, self.last_step, self.last_checkpoint = time.monotonic(), {}, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if self.task is not None and exc_type is not None:
+            discard_live(self.progress)  # the error's one line is all that should remain
+        elif self.task is not None:
+            self.progress.stop()
+
+    def final_line(self, result: dict) -> str:
+        """One line summing up a finished run: steps, time, last loss, skipped steps, the checkpoint to use."""
+        minutes, seconds = divmod(round(time.monotonic() - self.started), 60)
+        loss = f", last loss {self.last_step['loss']:.4f}" if "loss" in self.last_step else ""
+        where = self.last_checkpoint or result["out"]
+        return (f"done: {self.config.model} trained to step {result['step']:,}/{self.config.steps:,} in "
+                f"{minutes}m{seconds:02d}s{loss}, {result['bad_steps']} skipped steps; weights in {where}")
+
+    def on_event(self, kind: str, data: dict):
+        if kind == "start":
+            self.show_summary(data)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=data["steps"], completed=data["start_step"], loss="-",
+                                               rate="-")
+        elif kind == "step":
+            self.last_step = data
+            if self.task is not None:
+                self.progress.update(self.task, completed=data["step"], loss=f"{data['loss']:.4f}",
+                                     rate=f"{data['img_per_s']:.1f}")
+        elif kind == "stop" and not self.quiet:
+            if self.task is not None:  # the bar moves only every --log-every steps
+                self.progress.update(self.task, completed=data["step"])
+            self.progress.console.print(f"stop requested: every rank stops after step {data['step']}")
+        if kind == "checkpoint":
+            self.last_checkpoint = data["path"]
+        if kind in ("checkpoint", "sample", "resume", "cache", "warning", "skip") and not self.quiet:
+            message = data.get("message") or f"{kind}: {data.get('path', '')} (step {data.get('step')})"
+            self.progress.console.print(message, soft_wrap=True, highlight=False)
+
+    def show_summary(self, data: dict):
+        if self.quiet:
+            return
+        table = Table(title="dit train", show_header=False)
+        for key, value in data.items():
+            if isinstance(value, float):
+                text = f"{value:,.3f}"
+            else:
+                text = f"{value:,}" if isinstance(value, int) else str(value)
+            table.add_row(key.replace("_", " "), text)
+        self.progress.console.print(table)
+
+
+class StageBars:
+    """The core's progress(stage, done, total) callback as one bar per stage (reference, then samples)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.stage, self.bar = enabled, None, None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage, self.bar = stage, ProgressBar(total, f"{stage:<9}", unit="img", enabled=self.enabled)
+            self.bar.__enter__()
+        self.bar.update(done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def __enter__(self) -> StageBars:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self.bar is not None:  # an error's one line is all that should remain
+            self.bar.discard()
+        self.close()

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ditcli import finetune
 from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES
-from ditcli.codec import DEFAULT_VAE, LATENT_CHANNELS, PixelCodec, VaeCodec, from_uint8, locate_vae
+from ditcli.codec import DEFAULT_VAE, LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, from_uint8, locate_vae
 from ditcli.data import ImageSet, LatentCache, load_images
 from ditcli.diffusion import BETA_SCHEDULES, Diffusion
 from ditcli.ema import EmaRecord, ema_decay_at
@@ -188,6 +188,22 @@ def train_preset(name: str, **overrides) -> TrainConfig:
     if name not in TRAIN_PRESETS:
         raise UserError(f"unknown training preset {name!r}", f"choose from {', '.join(TRAIN_PRESETS)}")
     return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
+
+
+def config_from_options(preset: str | None, **options) -> TrainConfig:
+    """The TrainConfig of `dit train`: options left None take the --preset's value, else TrainConfig's default.
+
+    --vae takes an alias (ema, mse), an id or a folder; 'none' trains in pixel space.
+    """
+    vae = options.get("vae")
+    chosen = {k: v for k, v in options.items() if v is not None}
+    if vae is not None:
+        chosen["vae"] = None if vae.lower() == "none" else VAE_ALIASES.get(vae, vae)
+    if preset is not None:
+        return train_preset(preset, **chosen)
+    if options.get("data") is None:
+        raise UserError("no training data given", "pass --data FOLDER|FILE.npz|fashion-mnist, or --preset fashion-mnist")
+    return TrainConfig(**chosen)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import ditcli.commands.sample as sample_command
 import ditcli.commands.train as train_command
+from ditcli import sampling_run
 from ditcli.checkpoint import save_safetensors
 from ditcli.cli import app
 from ditcli.codec import PixelCodec
@@ -47,7 +48,7 @@ def sampled(monkeypatch):
         return RunSummary(config.num_images, 0, 0, None, 0.0)
 
     monkeypatch.setattr(sample_command, "sample_run", fake_run)
-    monkeypatch.setattr(sample_command, "codec_from_dict", lambda spec, device, channels, vae, offline: PixelCodec(1))
+    monkeypatch.setattr(sampling_run, "codec_from_dict", lambda spec, device, channels, vae, offline: PixelCodec(1))
     monkeypatch.setattr(sample_command, "set_backend_flags", lambda **flags: seen.update(flags=flags))
     return seen
 

@@ -9,11 +9,11 @@ from conftest import perturbed, tiny_config
 from typer.testing import CliRunner
 
 import ditcli.commands.sample as sample_command
-from ditcli import metrics
+from ditcli import metrics, sampling_run
 from ditcli.checkpoint import save_safetensors
 from ditcli.cli import app
 from ditcli.codec import PixelCodec
-from ditcli.generate import RunSummary
+from ditcli.generate import NpzWriter, RunSummary
 from ditcli.model import DiT
 from ditcli.state import Checkpoint
 
@@ -54,7 +54,7 @@ def captured(monkeypatch):
         seen.update(config=config, writers=writers, provenance=provenance)
         return RunSummary(config.num_images, 0, 0, None, 0.0)
 
-    monkeypatch.setattr(sample_command, "codec_from_dict", fake_codec)
+    monkeypatch.setattr(sampling_run, "codec_from_dict", fake_codec)
     monkeypatch.setattr(sample_command, "sample_run", fake_run)
     return seen
 
@@ -68,7 +68,7 @@ def test_paper_fid_preset_expands_to_the_published_protocol(tmp_path, captured):
         "ddpm", 250, 1.5, "paper", "fp32")
     assert config.num_images == 50_000 and len(set(config.labels)) == 10  # uniform random classes
     assert captured["vae"] == "ema"
-    npz = [w for w in captured["writers"] if isinstance(w, sample_command.NpzWriter)]
+    npz = [w for w in captured["writers"] if isinstance(w, NpzWriter)]
     assert len(npz) == 1 and npz[0].path.name.endswith("-paper-fid.npz") and len(captured["writers"]) == 1
     assert captured["provenance"]["preset"] == "paper-fid"
     assert "--preset paper-fid: --sampler ddpm --steps 250 --cfg 1.5 --guidance-channels paper --vae " \

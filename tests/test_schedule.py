@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import ditcli.commands.sample
 import ditcli.generate
 import ditcli.preview
+import ditcli.sampling_run
 from conftest import perturbed, tiny_config
 from ditcli import samplers
 from ditcli.checkpoint import load_checkpoint, save_safetensors
@@ -82,7 +82,7 @@ def plan_spy(monkeypatch) -> list:
         plans.append(real(*args, **kwargs))
         return plans[-1]
 
-    for module in (ditcli.commands.sample, ditcli.generate, ditcli.preview):
+    for module in (ditcli.sampling_run, ditcli.generate, ditcli.preview):
         monkeypatch.setattr(module, "plan_sampler", spy)
     return plans
 

@@ -17,41 +17,13 @@ from ditcli.commands.options import DeviceOpt, JsonOpt
 from ditcli.errors import UserError
 from ditcli.io import check_creatable
 from ditcli.inception import WEIGHTS_NAME
-from ditcli.progress import ProgressBar
+from ditcli.progress import StageBars
 
 InceptionWeightsOpt = Annotated[Path | None, typer.Option(
     "--inception-weights", help=f"torch-fidelity's {WEIGHTS_NAME}; default: the cache ($DIT_HOME or ~/.cache/ditcli), "
                                 "downloading it once.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward; the scores don't depend on it.")]
 WorkersOpt = Annotated[int, typer.Option("--num-workers", help="Threads decoding folder images.")]
-MAX_RESIZE = 4096
-
-
-class _StageBars:
-    """The core's progress(stage, done, total) callback as one bar per stage (reference, then samples)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.stage, self.bar = enabled, None, None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self.stage:
-            self.close()
-            self.stage, self.bar = stage, ProgressBar(total, f"{stage:<9}", unit="img", enabled=self.enabled)
-            self.bar.__enter__()
-        self.bar.update(done)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-    def __enter__(self) -> _StageBars:
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None and self.bar is not None:  # an error's one line is all that should remain
-            self.bar.discard()
-        self.close()
 
 
 def fid(
@@ -88,8 +60,8 @@ def fid(
 
     if inception_weights is not None and features != metrics.INCEPTION:
         raise UserError("--inception-weights only applies to --features inception")
-    _check_mode(samples, ref, make_ref, output, split)
-    check_options(batch_size, num_workers, resize)
+    metrics.check_fid_mode(samples, ref, make_ref, output, split)
+    metrics.check_options(batch_size, num_workers, resize)
     if make_ref is not None:
         check_creatable(output, "-o", "file")
         if output.exists() and not force:
@@ -99,7 +71,7 @@ def fid(
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
-    with _StageBars(enabled=not json_output) as bars, warnings.catch_warnings():
+    with StageBars(enabled=not json_output) as bars, warnings.catch_warnings():
         # PIL warns of a huge image and decodes it anyway; the readers turn the warning into a one-line error.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         if make_ref is not None:
@@ -139,31 +111,6 @@ def _protocol_line(result) -> str:
         agrees = "matches" if not count else f"differs in {count} setting{'s' if count > 1 else ''} from"
         line += f"; {agrees} the paper's ({settings['paper_protocol']}; {settings['paper']})"
     return line
-
-
-def _check_mode(samples: Path | None, ref: Path | None, make_ref: str | None, output: Path | None,
-                split: str | None) -> None:
-    """Either score SAMPLES against --ref, or build a reference with --make-ref DATA -o PATH."""
-    if make_ref is not None:
-        if samples is not None or ref is not None:
-            raise UserError("--make-ref builds a reference; it takes no SAMPLES or --ref",
-                            "run `dit fid --make-ref FOLDER -o ref.npz`, then score against ref.npz")
-        if output is None:
-            raise UserError("--make-ref needs -o PATH for the reference .npz")
-    elif split is not None:
-        raise UserError("--split only applies to --make-ref", "drop --split")
-    elif samples is None or ref is None:
-        raise UserError("nothing to score" if samples is None else "--ref is required",
-                        "run `dit fid SAMPLES --ref REF.npz`, or `dit fid --make-ref FOLDER -o ref.npz`")
-
-
-def check_options(batch_size: int, num_workers: int, resize: int | None) -> None:
-    """The numeric options, each named, before any image or network is read."""
-    for flag, value, low, high in (("--batch-size", batch_size, 1, 1 << 16), ("--num-workers", num_workers, 0, 256),
-                                   ("--resize", resize, 1, MAX_RESIZE)):
-        if value is not None and not low <= value <= high:
-            raise UserError(f"{flag} must be between {low:,} and {high:,}, got {value:,}",
-                            f"pass {flag} {min(max(value, low), high)}")
 
 
 def _score_table(result) -> Table:

@@ -5,22 +5,18 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from ditcli.commands.options import CompileOpt, DeviceOpt, DistTimeoutOpt, JsonOpt
-from ditcli.errors import UserError
 from ditcli.model import preset_names
-from ditcli.progress import discard_live
+from ditcli.progress import TrainProgress
 from ditcli.ranks import env_rank, world_size
-from ditcli.training import TRAIN_PRESETS, Trainer, TrainConfig, train_preset
+from ditcli.training import TRAIN_PRESETS, Trainer, TrainConfig, config_from_options
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -113,29 +109,20 @@ def train(
 
     With --preset, the options you leave out take the preset's values instead of the defaults shown.
     """
-    given = dict(data=data, out=str(out), model=model, image_size=image_size, channels=channels,
-                 vae=_vae(vae), hidden_size=hidden_size, depth=depth, num_heads=num_heads, steps=steps,
-                 global_batch=global_batch, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
-                 ema_decay=ema_decay, ema_warmup=ema_warmup, schedule=schedule, learn_sigma=learn_sigma,
-                 class_dropout_prob=class_dropout_prob, grad_clip=grad_clip, flip=flip, ckpt_every=ckpt_every,
-                 keep_last=keep_last, sample_every=sample_every, log_every=log_every, max_bad_steps=max_bad_steps,
-                 grad_checkpointing=grad_checkpointing, precision=precision, seed=seed, device=device,
-                 compile=compile, init_from=init_from, init_weights=init_weights)
-    chosen = {k: v for k, v in given.items() if v is not None}
-    if vae is not None and _vae(vae) is None:
-        chosen["vae"] = None
-    if preset is not None:
-        config = train_preset(preset, **chosen)
-    elif data is None:
-        raise UserError("no training data given",
-                        "pass --data FOLDER|FILE.npz|fashion-mnist, or --preset fashion-mnist")
-    else:
-        config = TrainConfig(**chosen)
+    config = config_from_options(preset, data=data, out=str(out), model=model, image_size=image_size,
+                                 channels=channels, vae=vae, hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                                 steps=steps, global_batch=global_batch, micro_batch=micro_batch, lr=lr,
+                                 weight_decay=weight_decay, ema_decay=ema_decay, ema_warmup=ema_warmup,
+                                 schedule=schedule, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob,
+                                 grad_clip=grad_clip, flip=flip, ckpt_every=ckpt_every, keep_last=keep_last,
+                                 sample_every=sample_every, log_every=log_every, max_bad_steps=max_bad_steps,
+                                 grad_checkpointing=grad_checkpointing, precision=precision, seed=seed, device=device,
+                                 compile=compile, init_from=init_from, init_weights=init_weights)
     # Under torchrun all ranks compute and rank 0 renders; the others stay silent unless --debug.
     speaks = env_rank() == 0 or _debug()
     stop = threading.Event()
     _on_signals(stop, speaks)
-    with TrainProgress(config, quiet=json_out or not speaks) as progress:
+    with TrainProgress(config, console, quiet=json_out or not speaks) as progress:
         result = Trainer(config, progress.on_event, stop.is_set, resume, force, dist_timeout=dist_timeout).run()
     if env_rank() != 0:
         return
@@ -145,14 +132,6 @@ def train(
         console.print(f"stopped at step {result['step']}; resume with: dit train ... --resume auto --out {config.out}")
     else:
         console.print(progress.final_line(result), highlight=False, soft_wrap=True)
-
-
-def _vae(value: str | None) -> str | None:
-    if value is None or value.lower() == "none":
-        return None
-    from ditcli.codec import VAE_ALIASES
-
-    return VAE_ALIASES.get(value, value)
 
 
 def _debug() -> bool:
@@ -180,66 +159,3 @@ def _on_signals(stop: threading.Event, speaks: bool):
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
-
-
-class TrainProgress:
-    """Renders trainer events: the start-up table, a bar with loss and img/s, and one line per checkpoint."""
-
-    def __init__(self, config: TrainConfig, quiet: bool):
-        self.config, self.quiet = config, quiet
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(),
-                                 TextColumn("step {task.completed}/{task.total}"),
-                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet)
-        self.task = None
-        self.started, self.last_step, self.last_checkpoint = time.monotonic(), {}, None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if self.task is not None and exc_type is not None:
-            discard_live(self.progress)  # the error's one line is all that should remain
-        elif self.task is not None:
-            self.progress.stop()
-
-    def final_line(self, result: dict) -> str:
-        """One line summing up a finished run: steps, time, last loss, skipped steps, the checkpoint to use."""
-        minutes, seconds = divmod(round(time.monotonic() - self.started), 60)
-        loss = f", last loss {self.last_step['loss']:.4f}" if "loss" in self.last_step else ""
-        where = self.last_checkpoint or result["out"]
-        return (f"done: {self.config.model} trained to step {result['step']:,}/{self.config.steps:,} in "
-                f"{minutes}m{seconds:02d}s{loss}, {result['bad_steps']} skipped steps; weights in {where}")
-
-    def on_event(self, kind: str, data: dict):
-        if kind == "start":
-            self.show_summary(data)
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=data["steps"], completed=data["start_step"], loss="-",
-                                               rate="-")
-        elif kind == "step":
-            self.last_step = data
-            if self.task is not None:
-                self.progress.update(self.task, completed=data["step"], loss=f"{data['loss']:.4f}",
-                                     rate=f"{data['img_per_s']:.1f}")
-        elif kind == "stop" and not self.quiet:
-            if self.task is not None:  # the bar moves only every --log-every steps
-                self.progress.update(self.task, completed=data["step"])
-            self.progress.console.print(f"stop requested: every rank stops after step {data['step']}")
-        if kind == "checkpoint":
-            self.last_checkpoint = data["path"]
-        if kind in ("checkpoint", "sample", "resume", "cache", "warning", "skip") and not self.quiet:
-            message = data.get("message") or f"{kind}: {data.get('path', '')} (step {data.get('step')})"
-            self.progress.console.print(message, soft_wrap=True, highlight=False)
-
-    def show_summary(self, data: dict):
-        if self.quiet:
-            return
-        table = Table(title="dit train", show_header=False)
-        for key, value in data.items():
-            if isinstance(value, float):
-                text = f"{value:,.3f}"
-            else:
-                text = f"{value:,}" if isinstance(value, int) else str(value)
-            table.add_row(key.replace("_", " "), text)
-        self.progress.console.print(table)
