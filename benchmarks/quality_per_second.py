@@ -1,0 +1,376 @@
+"""Quality per second for the embedded Fashion-MNIST DiT: Fréchet distance and KID in the judge's features against
+NFE for each sampler, and the fastest configuration that reaches DDPM-250's quality on this machine.
+
+    python benchmarks/quality_per_second.py speed            # img/s of the levers (bf16, compile, batch) + CPU peaks
+    python benchmarks/quality_per_second.py sweep            # sample every row (1,000 images each), resumable
+    python benchmarks/quality_per_second.py sweep --seed 1 --rows ddpm-250 dpm++2m-15-gi
+    python benchmarks/quality_per_second.py score            # FD, KID and judge accuracy of every cached row
+    python benchmarks/quality_per_second.py race --winner dpm++2m-15-gi   # (a) and (b) side by side
+    python benchmarks/quality_per_second.py report           # table (stdout) and docs/images/fashion-mnist-fd-nfe.png
+
+Every row's images and scores are cached under benchmarks/results/scratch/quality/ (git-ignored), so an interrupted
+run resumes where it stopped; the summary goes to benchmarks/results/quality_per_second.json.
+
+The reference for every row is the 60k train split; the floor is 1,000 real test images (100 per class, as the
+samples) against it. A row "-gi" guides only inside GUIDANCE_SIGMAS (EDM2's interval, Kynkaanniemi et al. 2024),
+mapped to training timesteps of the model's schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ditcli.checkpoint import load_checkpoint
+from ditcli.codec import PixelCodec
+from ditcli.data import load_fashion_mnist
+from ditcli.diffusion import named_betas
+from ditcli.generate import GenerateConfig, class_labels, generate_images
+from ditcli.judge import load_judge
+from ditcli.metrics import frechet_distance, kernel_inception_distance
+from ditcli.samplers import Guidance
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SCRATCH = RESULTS / "scratch" / "quality"
+CKPT = ROOT / "weights" / "fashion-mnist.safetensors"
+PER_CLASS = 100
+CFG = 4.0
+GUIDANCE_SIGMAS = (0.28, 5.42)  # EDM2-XXL's guidance interval in sigma = sqrt((1 - alpha_bar) / alpha_bar)
+SAMPLER_STEPS = {"ddpm": (250,), "ddim": (25, 50), "dpm++2m": (10, 15, 20, 25), "unipc": (10, 20), "heun": (10,)}
+LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)", "unipc": "UniPC", "heun": "Heun"}
+
+
+def guidance_interval(schedule: str = "linear", sigmas: tuple[float, float] = GUIDANCE_SIGMAS) -> tuple[int, int]:
+    """The training timesteps whose noise level sigma lies in `sigmas`: (first, last)."""
+    alphas_cumprod = np.cumprod(1 - named_betas(schedule))
+    sigma = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+    inside = np.nonzero((sigma > sigmas[0]) & (sigma <= sigmas[1]))[0]
+    return int(inside[0]), int(inside[-1])
+
+
+def row_name(sampler: str, steps: int, interval: bool, precision: str = "fp32") -> str:
+    return f"{sampler}-{steps}{'-gi' if interval else ''}{'-bf16' if precision != 'fp32' else ''}"
+
+
+def parse_row(name: str) -> dict:
+    parts = name.split("-")
+    precision = "bf16" if parts[-1] == "bf16" else "fp32"
+    parts = parts[:-1] if precision == "bf16" else parts
+    interval = parts[-1] == "gi"
+    parts = parts[:-1] if interval else parts
+    return {"sampler": "-".join(parts[:-1]), "steps": int(parts[-1]), "interval": interval, "precision": precision}
+
+
+def all_rows() -> list[str]:
+    rows = [row_name(s, n, False) for s, steps in SAMPLER_STEPS.items() for n in steps]
+    return rows + [row_name(s, n, True) for s, steps in SAMPLER_STEPS.items() for n in steps]
+
+
+def config_of(row: dict, seed: int, labels: list[int], batch_size: int, compile_model: bool,
+              schedule: str) -> GenerateConfig:
+    interval = guidance_interval(schedule) if row["interval"] else None
+    return GenerateConfig(labels=tuple(labels), seed=seed, sampler=row["sampler"], steps=row["steps"],
+                          guidance=Guidance(CFG, "all", interval), batch_size=batch_size,
+                          precision=row["precision"], compile=compile_model, schedule=schedule)
+
+
+def sample_row(model, checkpoint, name: str, seed: int, per_class: int, batch_size: int, compile_model: bool) -> dict:
+    """Sample (or load the cache of) one row, `per_class` images per class, caching each batch; returns its record."""
+    path = SCRATCH / "samples" / f"{name}-seed{seed}-n{10 * per_class}.npz"
+    record_path = path.with_suffix(".json")
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    row = parse_row(name)
+    config = config_of(row, seed, class_labels(range(10), per_class), batch_size, compile_model, checkpoint.schedule)
+    chunks, seconds, nfe = [], 0.0, None
+    for start in range(0, config.num_images, batch_size):
+        chunk = path.with_suffix(f".part{start:05d}.npz")
+        if not chunk.exists():
+            started = time.perf_counter()
+            indices = range(start, min(start + batch_size, config.num_images))
+            batch = next(generate_images(model, PixelCodec(1), config, indices, torch.device("cpu")))
+            chunk.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(chunk, images=batch.images.numpy(), seconds=time.perf_counter() - started, nfe=batch.nfe)
+        data = np.load(chunk)
+        chunks.append(data["images"])
+        seconds, nfe = seconds + float(data["seconds"]), int(data["nfe"])
+    images = np.concatenate(chunks)  # (N, 28, 28, 1)
+    np.savez(path, images=images, labels=np.array(config.labels))
+    record = {"row": name, **row, "seed": seed, "cfg": CFG, "interval_t": list(config.guidance.interval or []) or None,
+              "nfe": nfe, "forwards_per_image": forwards_per_image(config), "images": len(images),
+              "seconds": seconds, "batch_size": batch_size, "compile": compile_model,
+              "threads": torch.get_num_threads()}
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def forwards_per_image(config: GenerateConfig) -> int:
+    """Model passes per image: 2 per guided step (cond + uncond), 1 per unguided step."""
+    from ditcli.samplers import plan_sampler
+
+    plan = plan_sampler(config.sampler, config.steps, True, schedule=config.schedule)
+    scheduler = getattr(plan.sample, "keywords", {}).get("scheduler")
+    if scheduler is not None:
+        timesteps = [float(t) for t in scheduler.timesteps]
+    else:
+        timesteps = [float(t) for t in plan.diffusion.model_timesteps(torch.arange(plan.diffusion.num_steps))]
+    return sum(2 if config.guidance.active(t) else 1 for t in timesteps)
+
+
+# Scoring.
+
+def judge_features(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 128) penultimate features and (N,) predicted classes of uint8 (N, 28, 28, 1) images."""
+    judge = load_judge()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 1, 28, 28)
+    with torch.no_grad():
+        feats = torch.cat([judge.features(chunk) for chunk in x.split(1000)])
+        predicted = judge.head(feats).argmax(1)
+    return feats, predicted
+
+
+def reference() -> torch.Tensor:
+    path = SCRATCH / "train-features.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(judge_features(load_fashion_mnist(split="train").images)[0], path)
+    return torch.load(path)
+
+
+def stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = features.double()
+    return x.mean(0), torch.cov(x.T)
+
+
+def score(features: torch.Tensor, ref: torch.Tensor) -> dict:
+    kid, kid_std = kernel_inception_distance(features, ref)
+    return {"fd": frechet_distance(*stats(features), *stats(ref)), "kid": kid, "kid_std": kid_std}
+
+
+def score_row(path: Path, ref: torch.Tensor) -> dict:
+    out = path.with_suffix(".score.json")
+    if out.exists():
+        return json.loads(out.read_text())
+    data = np.load(path)
+    feats, predicted = judge_features(data["images"])
+    result = {**score(feats, ref), "accuracy": float((predicted.numpy() == data["labels"]).mean())}
+    out.write_text(json.dumps(result))
+    return result
+
+
+def floor(ref: torch.Tensor, seed: int) -> dict:
+    """1,000 real test images, 100 per class (the first 100 of each class, or a random 100 for seed > 0)."""
+    test = load_fashion_mnist(split="test")
+    rng = np.random.default_rng(seed)
+    picks = [np.nonzero(test.labels == c)[0] for c in range(10)]
+    picks = np.concatenate([p[:PER_CLASS] if seed == 0 else rng.choice(p, PER_CLASS, replace=False) for p in picks])
+    feats, predicted = judge_features(test.images[picks])
+    return {**score(feats, ref), "accuracy": float((predicted.numpy() == test.labels[picks]).mean()), "seed": seed}
+
+
+# Speed.
+
+def matmul_peaks() -> dict:
+    from bench_model import measure_peaks
+
+    return measure_peaks(torch.device("cpu"))
+
+
+def time_config(model, checkpoint, name: str, images: int, batch_size: int, compile_model: bool,
+                repeats: int = 2) -> float:
+    """Median images/second of row `name` over `repeats` runs after one warm-up (which pays any compile)."""
+    row = parse_row(name)
+    labels = class_labels(range(10), -(-images // 10))[:images]
+    config = config_of(row, 0, labels, batch_size, compile_model, checkpoint.schedule)
+    net = torch.compile(model) if compile_model else model
+    config = GenerateConfig(**{**config.__dict__, "compile": False})  # compiled once here, not per call
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        for _ in generate_images(net, PixelCodec(1), config, range(images), torch.device("cpu")):
+            pass
+        times.append(time.perf_counter() - started)
+    return images / statistics.median(times[1:])
+
+
+def dit_pipeline_rate(model, images: int, batch_size: int, repeats: int = 2) -> float:
+    """diffusers' DiTPipeline at its defaults (DDIM 50, cfg 4 on all channels) on the same weights, images/second."""
+    from bench_model import dit_pipeline
+
+    pipe = dit_pipeline(model, torch.device("cpu"))
+    labels = class_labels(range(10), -(-images // 10))[:images]
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for start in range(0, images, batch_size):
+                pipe(labels[start:start + batch_size], guidance_scale=CFG, num_inference_steps=50, output_type="pt",
+                     generator=torch.Generator().manual_seed(start))
+        times.append(time.perf_counter() - started)
+    return images / statistics.median(times[1:])
+
+
+def machine() -> dict:
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": name, "threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags,
+            "amx": "amx_bf16" in flags, "torch": torch.__version__}
+
+
+def save_json(name: str, data) -> Path:
+    path = SCRATCH / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def cmd_speed(model, checkpoint, args) -> None:
+    """The levers on one row: fp32/bf16, compile, batch size; with the matmul peaks before and after."""
+    result = {"machine": machine(), "peaks_before": matmul_peaks(), "rows": []}
+    print(json.dumps(result), flush=True)
+    for precision in ("fp32", "bf16"):
+        for compile_model in (False, True):
+            for batch in args.batches:
+                name = row_name("dpm++2m", 10, False, precision)
+                rate = time_config(model, checkpoint, name, args.images, batch, compile_model)
+                result["rows"].append({"row": name, "precision": precision, "compile": compile_model,
+                                       "batch": batch, "images": args.images, "img_per_s": rate})
+                print(json.dumps(result["rows"][-1]), flush=True)
+    result["peaks_after"] = matmul_peaks()
+    print(f"wrote {save_json('speed.json', result)}")
+
+
+def cmd_sweep(model, checkpoint, args) -> None:
+    for name in args.rows or all_rows():
+        record = sample_row(model, checkpoint, name, args.seed, args.per_class, args.batch_size, args.compile)
+        print(json.dumps(record), flush=True)
+
+
+def cmd_score(args) -> None:
+    ref = reference()
+    floors = []
+    for seed in (0, 1):
+        path = SCRATCH / f"floor-seed{seed}.json"
+        if not path.exists():
+            path.write_text(json.dumps(floor(ref, seed)))
+        floors.append(json.loads(path.read_text()))
+    rows = []
+    for record_path in sorted((SCRATCH / "samples").glob("*.json")):
+        if record_path.name.endswith(".score.json"):
+            continue
+        record = json.loads(record_path.read_text())
+        rows.append({**record, **score_row(record_path.with_suffix(".npz"), ref)})
+        print(json.dumps({k: rows[-1][k] for k in ("row", "seed", "nfe", "fd", "kid", "kid_std", "accuracy")}),
+              flush=True)
+    summary = {"checkpoint": str(CKPT.relative_to(ROOT)), "cfg": CFG, "per_class": PER_CLASS,
+               "reference": "fashion-mnist train split (60,000), judge features", "floor": floors, "rows": rows,
+               "guidance_interval_t": list(guidance_interval(checkpoint_schedule())),
+               "guidance_interval_sigma": list(GUIDANCE_SIGMAS)}
+    race = SCRATCH / "race.json"
+    if race.exists():
+        summary["race"] = json.loads(race.read_text())
+    speed = SCRATCH / "speed.json"
+    if speed.exists():
+        summary["speed"] = json.loads(speed.read_text())
+    out = RESULTS / "quality_per_second.json"
+    out.write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out}")
+
+
+def checkpoint_schedule() -> str:
+    return load_checkpoint(CKPT).schedule
+
+
+def cmd_race(model, checkpoint, args) -> None:
+    """(a) DDPM-250 and (b) DiTPipeline against the winner, interleaved on the same images, on this machine."""
+    result = {"machine": machine(), "peaks_before": matmul_peaks(), "images": args.images, "rounds": []}
+    winner = parse_row(args.winner)
+    for _ in range(args.rounds):
+        rates = {
+            "winner": time_config(model, checkpoint, args.winner, args.images, args.batch_size, args.compile),
+            "ddpm-250": time_config(model, checkpoint, "ddpm-250", args.images, args.batch_size, False),
+            "dit_pipeline": dit_pipeline_rate(model, args.images, args.batch_size),
+        }
+        result["rounds"].append(rates)
+        print(json.dumps(rates), flush=True)
+    result["peaks_after"] = matmul_peaks()
+    result["winner"] = {"row": args.winner, **winner, "compile": args.compile, "batch_size": args.batch_size}
+    median = {k: statistics.median(r[k] for r in result["rounds"]) for k in result["rounds"][0]}
+    result["img_per_s"] = median
+    result["speedup_vs_ddpm250"] = median["winner"] / median["ddpm-250"]
+    result["speedup_vs_dit_pipeline"] = median["winner"] / median["dit_pipeline"]
+    print(json.dumps(median), flush=True)
+    print(f"wrote {save_json('race.json', result)}")
+
+
+def cmd_report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = json.loads((RESULTS / "quality_per_second.json").read_text())
+    rows = [r for r in summary["rows"] if r["precision"] == "fp32"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for sampler, label in LABELS.items():
+        for interval, style in ((False, "-o"), (True, "--s")):
+            pts = sorted((r["nfe"], r["fd"]) for r in rows
+                         if r["sampler"] == sampler and r["interval"] == interval and r["seed"] == 0)
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{label}{' + guidance interval' if interval else ''}")
+    floor_fd = statistics.mean(f["fd"] for f in summary["floor"])
+    ax.axhline(floor_fd, color="gray", lw=1)
+    ax.text(12, floor_fd * 1.05, "floor: 1,000 real test images", color="gray", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (model evaluations per image; a guided step's doubled batch counts once)")
+    ax.set_ylabel("FD in judge features (1,000 samples vs train)")
+    ax.set_title(f"Embedded Fashion-MNIST DiT, cfg {summary['cfg']:g}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = ROOT / "docs" / "images" / "fashion-mnist-fd-nfe.png"
+    fig.savefig(out, dpi=110)
+    for r in sorted(rows, key=lambda r: (r["interval"], list(LABELS).index(r["sampler"]), r["steps"], r["seed"])):
+        print(f"| {LABELS[r['sampler']]} | {r['steps']} | {'yes' if r['interval'] else 'no'} | {r['nfe']} | "
+              f"{r['forwards_per_image']} | {r['seed']} | {r['fd']:.2f} | {r['kid'] * 1e3:.2f} ± "
+              f"{r['kid_std'] * 1e3:.2f} | {r['accuracy'] * 100:.1f}% |")
+    print(f"wrote {out}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["speed", "sweep", "score", "race", "report"])
+    parser.add_argument("--rows", nargs="*", help=f"Rows to sample (default: all): {' '.join(all_rows())}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-class", type=int, default=PER_CLASS, help="Images per class in each sweep row.")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--batches", type=int, nargs="*", default=[50, 200])
+    parser.add_argument("--images", type=int, default=200, help="Images per timed run (speed, race).")
+    parser.add_argument("--winner", default="dpm++2m-15-gi")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.command == "score":
+        return cmd_score(args)
+    if args.command == "report":
+        return cmd_report(args)
+    checkpoint = load_checkpoint(CKPT)
+    model = checkpoint.build("cpu").eval()
+    {"speed": cmd_speed, "sweep": cmd_sweep, "race": cmd_race}[args.command](model, checkpoint, args)
+
+
+if __name__ == "__main__":
+    main()
