@@ -533,6 +533,8 @@ class FidResult:
     features: str
     warnings: tuple[str, ...] = ()
     protocol: dict | None = None  # how the samples were drawn, from their `dit sample` provenance (ditcli.protocol)
+    kid: float | None = None  # unbiased KID of the pool features; None when only stored reference statistics exist
+    kid_std: float | None = None  # its standard deviation over the KID_SUBSETS subsets
 
     def to_dict(self) -> dict:
         return {**asdict(self), "warnings": list(self.warnings)}
@@ -574,12 +576,16 @@ def evaluate(config: FidConfig, device: torch.device, progress: Progress | None 
     precision = recall = None
     if ref_acts is not None and min(ref_acts.count, sample_acts.count) > NEAREST_K:
         precision, recall = precision_recall(ref_acts.pool_features, sample_acts.pool_features)
+    kid = kid_std = None
+    if ref_acts is not None and min(ref_acts.count, sample_acts.count) >= 2:
+        kid, kid_std = kernel_inception_distance(sample_acts.pool_features, ref_acts.pool_features)
     height, width = samples.resolution
     protocol, off_protocol = check_samples(config.samples, config.ref, sample_acts.count,
                                            height if height == width else None)
     return FidResult(fid, sfid, sample_acts.scores.score() if sample_acts.scores else None, precision, recall,
                      sample_acts.count, ref_acts.count if ref_acts else None, ref_stats, features,
-                     (*_warnings(samples, ref, sample_acts, ref_acts, use_stored), *off_protocol), protocol)
+                     (*_warnings(samples, ref, sample_acts, ref_acts, use_stored), *off_protocol), protocol, kid,
+                     kid_std)
 
 
 def _stage(progress: Progress | None, stage: str, total: int) -> Callable[[int], None] | None:
@@ -611,7 +617,7 @@ def _warnings(samples, ref: Reference, sample_acts: Activations, ref_acts: Activ
     if provenance is not None and provenance.is_file() and not _json_field(provenance, "complete", True):
         yield f"{provenance} says the `dit sample` run has not finished: some images are missing"
     if ref.images is None:
-        yield f"{ref.path.name} has no arr_0, so precision and recall were skipped"
+        yield f"{ref.path.name} has no arr_0, so precision, recall and KID were skipped"
     elif min(sample_acts.count, ref_acts.count) <= NEAREST_K:
         yield f"precision and recall need more than {NEAREST_K} images on each side and were skipped"
 

@@ -163,24 +163,34 @@ SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """A checkpoint's own recommended sampler, steps and guidance scale; `dit sample` options override them."""
+    """A checkpoint's own recommended sampler, steps, guidance scale and guidance interval (training timesteps, or
+    None to guide every step); `dit sample` options override them."""
 
     sampler: str = "ddpm"
     steps: int = 250
     cfg: float = 4.0
+    interval: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS or self.steps < 1 or not 0 <= self.cfg < float("inf"):
             raise ValueError(f"unusable sampling defaults {self.sampler!r}, {self.steps} steps, cfg {self.cfg}")
+        if self.interval is not None and not (len(self.interval) == 2 and 0 <= self.interval[0] <= self.interval[1]):
+            raise ValueError(f"unusable guidance interval {self.interval!r} (expected [low, high], 0 <= low <= high)")
 
     def to_dict(self) -> dict:
-        return {"sampler": self.sampler, "steps": self.steps, "cfg": self.cfg}
+        """The record; files without an interval keep the three keys they always had."""
+        data = {"sampler": self.sampler, "steps": self.steps, "cfg": self.cfg}
+        return data if self.interval is None else {**data, "interval": list(self.interval)}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> SamplingDefaults | None:
         if not data:
             return None
-        return cls(str(data["sampler"]), int(data["steps"]), float(data["cfg"]))
+        raw = data.get("interval")
+        if raw is not None and len(raw) != 2:
+            raise ValueError(f"the interval needs two numbers, got {raw!r}")
+        interval = None if raw is None else (float(raw[0]), float(raw[1]))
+        return cls(str(data["sampler"]), int(data["steps"]), float(data["cfg"]), interval)
 
 
 # DiT's published evaluation settings (DDPM, 250 steps, guidance 4 for samples): the default for a file that names none.

@@ -122,7 +122,7 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     # Check everything cheap (sampler, guidance, classes, sizes, outputs) before the codec loads.
     defaults = checkpoint.sampling or (entry.sampling if entry else DIT_SAMPLING)
     guidance = make_guidance(r.cfg if r.cfg is not None else defaults.cfg, r.guidance_channels, r.guidance_interval,
-                             model_config)
+                             model_config, defaults.interval)
     sampler, steps = r.sampler or defaults.sampler, r.steps or defaults.steps
     if r.eta is not None and sampler != "ddim":
         raise UserError(f"--eta only applies to --sampler ddim, and this run uses {sampler}",
@@ -305,19 +305,21 @@ def check_codec(checkpoint: Checkpoint, codec, image_size: int | None) -> None:
                         "images", f"drop --image-size or pass {pixels}")
 
 
-def make_guidance(scale: float, channels: str, interval: str | None, model_config) -> Guidance:
-    """The guidance settings, checked against what the model can do (a null class for any scale but 1)."""
+def make_guidance(scale: float, channels: str, interval: str | None, model_config,
+                  default_interval: tuple[float, float] | None = None) -> Guidance:
+    """The guidance settings, checked against what the model can do (a null class for any scale but 1); without
+    --guidance-interval the model's own interval applies."""
     if scale < 0:
         raise UserError(f"--cfg must be >= 0, got {scale:g}", "1 disables guidance, 0 is unconditional")
     if model_config.num_classes == 0:
         return Guidance(1.0, channels)  # a model trained without labels has nothing to guide
-    guidance = Guidance(scale, channels, parse_interval(interval))
+    guidance = Guidance(scale, channels, default_interval if interval is None else parse_interval(interval))
     check_guidance(model_config, guidance)
     return guidance
 
 
 def parse_interval(text: str | None) -> tuple[float, float] | None:
-    if text is None:
+    if text is None or text.strip().lower() == "none":
         return None
     try:
         low, high = (float(part) for part in text.split(","))

@@ -41,13 +41,14 @@ class KnownWeights:
     sampler: str = "ddpm"
     steps: int = 250
     cfg: float = 4.0
+    interval: tuple[float, float] | None = None  # guidance interval in training timesteps; None guides every step
     licence: str = ""
     hub: str | None = None
 
     @property
     def sampling(self) -> SamplingDefaults:
         """The registry's defaults; a file's own metadata, where it has some, takes precedence."""
-        return SamplingDefaults(self.sampler, self.steps, self.cfg)
+        return SamplingDefaults(self.sampler, self.steps, self.cfg, self.interval)
 
 
 DIT_RELEASE = "https://dl.fbaipublicfiles.com/DiT/models"

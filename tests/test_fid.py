@@ -410,6 +410,43 @@ def test_precision_recall_follow_adm_manifold_semantics():
     assert metrics.precision_recall(torch.from_numpy(ref), torch.from_numpy(ref)) == (1.0, 1.0)
 
 
+def direct_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Binkowski et al.'s unbiased MMD^2 with the cubic polynomial kernel, written out as sums over pairs."""
+    def k(a, b):
+        return (a @ b / len(a) + 1) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_through_the_cli_matches_a_direct_computation(tmp_path, tiny_file):
+    # Equal counts on both sides: every subset holds every image, so each subset's estimate is the full one.
+    sample_images, ref_images = image_set(12, 0, 200, seed=21, size=16), image_set(12, 40, 256, seed=22, size=16)
+    samples, ref = save_npz(tmp_path / "s.npz", arr_0=sample_images), save_npz(tmp_path / "r.npz", arr_0=ref_images)
+    scores = json.loads(run(samples, "--ref", ref, "--features", tiny_file, "--json").stdout)
+    extractor, _ = metrics.load_feature_extractor(str(tiny_file), CPU)
+    x, y = (metrics.extract([images], extractor, CPU).pool_features.double().numpy()
+            for images in (sample_images, ref_images))
+    assert scores["kid"] == pytest.approx(direct_mmd2(x, y), rel=1e-6) and scores["kid"] > 0  # float32 features
+    assert scores["kid_std"] == pytest.approx(0, abs=1e-6 * abs(scores["kid"]))  # only summation order differs
+
+
+def test_kid_subsets_are_unbiased_estimates_with_a_spread():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=generator), torch.randn(50, 5, generator=generator) + 0.5
+    kid, std = metrics.kernel_inception_distance(x, y, subsets=20, subset_size=10)
+    subset_values = [metrics.polynomial_mmd2(x[torch.randperm(60)[:10]], y[torch.randperm(50)[:10]])
+                     for _ in range(200)]
+    assert std > 0 and abs(kid - np.mean(subset_values)) < 3 * std
+    assert metrics.polynomial_mmd2(x, y) == pytest.approx(direct_mmd2(x.double().numpy(), y.double().numpy()))
+    assert metrics.kernel_inception_distance(x, y, subsets=20, subset_size=10) == (kid, std)  # fixed seed
+    with pytest.raises(UserError, match="KID needs at least 2 images"):
+        metrics.kernel_inception_distance(x[:1], y)
+
+
 def test_distances_round_through_float16_and_fall_back_on_overflow():
     u = torch.tensor([[1.0, 2.0001]])
     v = torch.tensor([[0.0, 0.0]])

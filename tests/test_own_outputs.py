@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import ditcli.data
@@ -23,6 +23,7 @@ from ditcli import metrics
 from ditcli.checkpoint import load_checkpoint, save_safetensors
 from ditcli.cli import app
 from ditcli.ema import EmaRecord, ema_decay_at, start_share
+from ditcli.errors import UserError
 from ditcli.model import DiT
 from ditcli.samplers import SamplingDefaults
 from ditcli.state import Checkpoint
@@ -216,6 +217,27 @@ def test_sample_ckpt_uses_the_files_own_defaults(tmp_path):
     ok("sample", "--ckpt", model, "--num", 2, "--out", tmp_path / "b", "--steps", 2, "--cfg", 1)  # options win
     provenance = json.loads((tmp_path / "b" / "provenance.json").read_text())
     assert (provenance["sampler"], provenance["steps"], provenance["cfg"]) == ("ddim", 2, 1.0)
+
+
+def test_a_recorded_guidance_interval_is_the_default_and_none_turns_it_off(tmp_path):
+    model = save_pixel_model(tmp_path / "m.safetensors", sampling=SamplingDefaults("ddim", 3, 2.0, (100.0, 600.0)))
+    assert load_checkpoint(model).sampling.interval == (100.0, 600.0)
+    for name, options, expected in (("a", (), [100.0, 600.0]), ("b", ("--guidance-interval", "none"), None),
+                                    ("c", ("--guidance-interval", "0,300"), [0.0, 300.0])):
+        ok("sample", "--ckpt", model, "--num", 2, "--out", tmp_path / name, *options)
+        assert json.loads((tmp_path / name / "provenance.json").read_text())["guidance_interval"] == expected
+
+
+@pytest.mark.parametrize("record", ['{"sampler": "ddim", "steps": 3, "cfg": 2, "interval": [5]}',
+                                    '{"sampler": "ddim", "steps": 3, "cfg": 2, "interval": [600, 100]}'])
+def test_an_unusable_recorded_interval_is_one_error_line(tmp_path, record):
+    model = save_pixel_model(tmp_path / "m.safetensors")
+    tensors = load_file(str(model))
+    with safe_open(str(model), "pt") as f:
+        metadata = {**f.metadata(), "sampling": record}
+    save_file(tensors, str(model), metadata=metadata)
+    with pytest.raises(UserError, match="unreadable 'sampling' record"):
+        load_checkpoint(model)
 
 
 def test_train_and_convert_write_the_defaults(tmp_path, npz_data):

@@ -120,6 +120,7 @@ def _score_table(result) -> Table:
     for name, value, digits in (("FID", result.fid, 4), ("sFID", result.sfid, 4), ("IS", result.inception_score, 2),
                                 ("precision", result.precision, 4), ("recall", result.recall, 4)):
         table.add_row(name, "-" if value is None else f"{value:.{digits}f}")
+    table.add_row("KID", "-" if result.kid is None else f"{result.kid:.6f} ± {result.kid_std:.6f}")
     return table
 
 

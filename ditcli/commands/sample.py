@@ -42,7 +42,8 @@ CfgOpt = Annotated[float | None, typer.Option(
 GuidedOpt = Annotated[str, typer.Option(
     "--guidance-channels", help=f"{' or '.join(GUIDED_CHANNELS)}: the first 3 latent channels, as published, or all.")]
 IntervalOpt = Annotated[str | None, typer.Option(
-    "--guidance-interval", help="LOW,HIGH: guide only for training timesteps in [LOW, HIGH], e.g. 0,700.")]
+    "--guidance-interval", help="LOW,HIGH: guide only for training timesteps in [LOW, HIGH], e.g. 0,700; 'none' "
+                                "guides every step (default: the model's).")]
 SamplerOpt = Annotated[str | None, typer.Option("--sampler", help=f"{', '.join(SAMPLERS)} (default: the model's).")]
 EtaOpt = Annotated[float | None, typer.Option(
     "--eta", help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like. Only with --sampler ddim. Default: 0.",
