@@ -42,6 +42,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SCRATCH = RESULTS / "scratch" / "quality"
 CKPT = ROOT / "weights" / "fashion-mnist.safetensors"
 PER_CLASS = 100
+SMALL_PER_CLASS = 10  # the DDPM-250 row's count per class; larger rows are also scored in slices of this size
 CFG = 4.0
 GUIDANCE_SIGMAS = (0.28, 5.42)  # EDM2-XXL's guidance interval in sigma = sqrt((1 - alpha_bar) / alpha_bar)
 SAMPLER_STEPS = {"ddpm": (250,), "ddim": (25, 50), "dpm++2m": (10, 15, 20, 25), "unipc": (10, 20), "heun": (10,)}
@@ -155,13 +156,30 @@ def score(features: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"fd": frechet_distance(*stats(features), *stats(ref)), "kid": kid, "kid_std": kid_std}
 
 
+def balanced_subsets(labels: np.ndarray, per_class: int) -> list[np.ndarray]:
+    """Disjoint index sets holding `per_class` images of each class: the equal-count slices of a larger row."""
+    by_class = [np.nonzero(labels == c)[0] for c in range(10)]
+    count = min(len(idx) for idx in by_class) // per_class
+    return [np.concatenate([idx[k * per_class:(k + 1) * per_class] for idx in by_class]) for k in range(count)]
+
+
+def score_features(feats: torch.Tensor, correct: np.ndarray, labels: np.ndarray, ref: torch.Tensor) -> dict:
+    """FD, KID and accuracy of the whole set, and of each disjoint 10-per-class slice (the DDPM-250 row's count)."""
+    result = {**score(feats, ref), "accuracy": float(correct.mean())}
+    slices = balanced_subsets(labels, SMALL_PER_CLASS)
+    if len(slices) > 1:
+        result["slices"] = [{**score(feats[torch.from_numpy(idx)], ref), "accuracy": float(correct[idx].mean())}
+                            for idx in slices]
+    return result
+
+
 def score_row(path: Path, ref: torch.Tensor) -> dict:
     out = path.with_suffix(".score.json")
     if out.exists():
         return json.loads(out.read_text())
     data = np.load(path)
     feats, predicted = judge_features(data["images"])
-    result = {**score(feats, ref), "accuracy": float((predicted.numpy() == data["labels"]).mean())}
+    result = score_features(feats, predicted.numpy() == data["labels"], data["labels"], ref)
     out.write_text(json.dumps(result))
     return result
 
@@ -173,7 +191,8 @@ def floor(ref: torch.Tensor, seed: int) -> dict:
     picks = [np.nonzero(test.labels == c)[0] for c in range(10)]
     picks = np.concatenate([p[:PER_CLASS] if seed == 0 else rng.choice(p, PER_CLASS, replace=False) for p in picks])
     feats, predicted = judge_features(test.images[picks])
-    return {**score(feats, ref), "accuracy": float((predicted.numpy() == test.labels[picks]).mean()), "seed": seed}
+    labels = test.labels[picks]
+    return {**score_features(feats, predicted.numpy() == labels, labels, ref), "seed": seed}
 
 
 # Speed.
@@ -185,37 +204,49 @@ def matmul_peaks() -> dict:
 
 
 def time_config(model, checkpoint, name: str, images: int, batch_size: int, compile_model: bool,
-                repeats: int = 2) -> float:
-    """Median images/second of row `name` over `repeats` runs after one warm-up (which pays any compile)."""
+                repeats: int = 1) -> float:
+    """Median images/second of row `name` over `repeats` runs (after one warm-up run only when compiled)."""
     row = parse_row(name)
     labels = class_labels(range(10), -(-images // 10))[:images]
-    config = config_of(row, 0, labels, batch_size, compile_model, checkpoint.schedule)
+    config = config_of(row, 0, labels, batch_size, False, checkpoint.schedule)  # compiled once here, not per call
     net = torch.compile(model) if compile_model else model
-    config = GenerateConfig(**{**config.__dict__, "compile": False})  # compiled once here, not per call
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats + int(compile_model)):
         started = time.perf_counter()
         for _ in generate_images(net, PixelCodec(1), config, range(images), torch.device("cpu")):
             pass
         times.append(time.perf_counter() - started)
-    return images / statistics.median(times[1:])
+    return images / statistics.median(times[int(compile_model):])
 
 
-def dit_pipeline_rate(model, images: int, batch_size: int, repeats: int = 2) -> float:
+def widen_null_class(transformer, num_classes: int, pipeline_null: int = 1000) -> None:
+    """DiTPipeline hard-codes ImageNet's null class 1000: give the twin's label table that row, holding our null
+    class's embedding (row `num_classes`). Same weights, same cost per forward."""
+    for block in transformer.transformer_blocks:
+        old = block.norm1.emb.class_embedder.embedding_table
+        table = torch.nn.Embedding(pipeline_null + 1, old.embedding_dim)
+        with torch.no_grad():
+            table.weight[: num_classes + 1] = old.weight[: num_classes + 1]
+            table.weight[pipeline_null] = old.weight[num_classes]
+        block.norm1.emb.class_embedder.embedding_table = table
+
+
+def dit_pipeline_rate(model, images: int, batch_size: int, repeats: int = 1) -> float:
     """diffusers' DiTPipeline at its defaults (DDIM 50, cfg 4 on all channels) on the same weights, images/second."""
     from bench_model import dit_pipeline
 
     pipe = dit_pipeline(model, torch.device("cpu"))
+    widen_null_class(pipe.transformer, model.config.num_classes)
     labels = class_labels(range(10), -(-images // 10))[:images]
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats):
         started = time.perf_counter()
         with torch.inference_mode():
             for start in range(0, images, batch_size):
                 pipe(labels[start:start + batch_size], guidance_scale=CFG, num_inference_steps=50, output_type="pt",
                      generator=torch.Generator().manual_seed(start))
         times.append(time.perf_counter() - started)
-    return images / statistics.median(times[1:])
+    return images / statistics.median(times)
 
 
 def machine() -> dict:
@@ -263,7 +294,7 @@ def cmd_score(args) -> None:
     ref = reference()
     floors = []
     for seed in (0, 1):
-        path = SCRATCH / f"floor-seed{seed}.json"
+        path = SCRATCH / f"floor-seed{seed}.score.json"
         if not path.exists():
             path.write_text(json.dumps(floor(ref, seed)))
         floors.append(json.loads(path.read_text()))
@@ -295,23 +326,31 @@ def checkpoint_schedule() -> str:
 
 
 def cmd_race(model, checkpoint, args) -> None:
-    """(a) DDPM-250 and (b) DiTPipeline against the winner, interleaved on the same images, on this machine."""
-    result = {"machine": machine(), "peaks_before": matmul_peaks(), "images": args.images, "rounds": []}
-    winner = parse_row(args.winner)
+    """(a) DDPM-250 and (b) DiTPipeline against the winner (fp32 and bf16) on the same images, on this machine.
+
+    The short runs are timed before and after each DDPM-250 run and their median kept, so they bracket it in time.
+    """
+    result = {"machine": machine(), "peaks_before": matmul_peaks(), "images": args.images,
+              "batch_size": args.batch_size, "rounds": []}
+    bf16 = args.winner if args.winner.endswith("-bf16") else f"{args.winner}-bf16"
+    fp32 = bf16.removesuffix("-bf16")
+    short = {"winner_fp32": lambda: time_config(model, checkpoint, fp32, args.images, args.batch_size, False),
+             "winner_bf16": lambda: time_config(model, checkpoint, bf16, args.images, args.batch_size, False),
+             "dit_pipeline": lambda: dit_pipeline_rate(model, args.images, args.batch_size)}
     for _ in range(args.rounds):
-        rates = {
-            "winner": time_config(model, checkpoint, args.winner, args.images, args.batch_size, args.compile),
-            "ddpm-250": time_config(model, checkpoint, "ddpm-250", args.images, args.batch_size, False),
-            "dit_pipeline": dit_pipeline_rate(model, args.images, args.batch_size),
-        }
-        result["rounds"].append(rates)
+        before = {name: fn() for name, fn in short.items()}
+        ddpm = time_config(model, checkpoint, "ddpm-250", args.images, args.batch_size, False)
+        after = {name: fn() for name, fn in short.items()}
+        rates = {**{name: statistics.median([before[name], after[name]]) for name in short}, "ddpm-250": ddpm}
+        result["rounds"].append({"rates": rates, "before": before, "after": after})
         print(json.dumps(rates), flush=True)
     result["peaks_after"] = matmul_peaks()
-    result["winner"] = {"row": args.winner, **winner, "compile": args.compile, "batch_size": args.batch_size}
-    median = {k: statistics.median(r[k] for r in result["rounds"]) for k in result["rounds"][0]}
+    median = {k: statistics.median(r["rates"][k] for r in result["rounds"]) for k in result["rounds"][0]["rates"]}
     result["img_per_s"] = median
-    result["speedup_vs_ddpm250"] = median["winner"] / median["ddpm-250"]
-    result["speedup_vs_dit_pipeline"] = median["winner"] / median["dit_pipeline"]
+    for name in ("winner_fp32", "winner_bf16"):
+        result[f"{name}_vs_ddpm250"] = median[name] / median["ddpm-250"]
+        result[f"{name}_vs_dit_pipeline"] = median[name] / median["dit_pipeline"]
+    result["winner"] = {"row": fp32, **parse_row(fp32), "interval_t": list(guidance_interval(checkpoint.schedule))}
     print(json.dumps(median), flush=True)
     print(f"wrote {save_json('race.json', result)}")
 
@@ -343,11 +382,28 @@ def cmd_report(args) -> None:
     fig.tight_layout()
     out = ROOT / "docs" / "images" / "fashion-mnist-fd-nfe.png"
     fig.savefig(out, dpi=110)
-    for r in sorted(rows, key=lambda r: (r["interval"], list(LABELS).index(r["sampler"]), r["steps"], r["seed"])):
-        print(f"| {LABELS[r['sampler']]} | {r['steps']} | {'yes' if r['interval'] else 'no'} | {r['nfe']} | "
-              f"{r['forwards_per_image']} | {r['seed']} | {r['fd']:.2f} | {r['kid'] * 1e3:.2f} ± "
-              f"{r['kid_std'] * 1e3:.2f} | {r['accuracy'] * 100:.1f}% |")
+    print("| sampler | steps | guidance interval | NFE | forwards/image | seed | images | FD | FD at 100 | KID | "
+          "judge accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for f in summary["floor"]:
+        print(f"| floor: real test images | | | | | {f['seed']} | 1,000 | {f['fd']:.2f} | {small_fd(f)} | "
+              f"{f['kid']:.1f} ± {f['kid_std']:.1f} | {f['accuracy'] * 100:.1f}% |")
+    for r in sorted(summary["rows"], key=lambda r: (r["interval"], list(LABELS).index(r["sampler"]), r["steps"],
+                                                    r["precision"], r["seed"])):
+        whole = f"{r['fd']:.2f}" if r["images"] >= 10 * PER_CLASS else "-"
+        print(f"| {LABELS[r['sampler']]}{' bf16' if r['precision'] == 'bf16' else ''} | {r['steps']} | "
+              f"{'yes' if r['interval'] else 'no'} | {r['nfe']} | {r['forwards_per_image']} | {r['seed']} | "
+              f"{r['images']:,} | {whole} | {small_fd(r)} | {r['kid']:.1f} ± {r['kid_std']:.1f} | "
+              f"{r['accuracy'] * 100:.1f}% |")
     print(f"wrote {out}")
+
+
+def small_fd(record: dict) -> str:
+    """FD of 100 images: the row's own, or the mean and spread over its disjoint 10-per-class slices."""
+    if "slices" not in record:
+        return f"{record['fd']:.1f}" if record.get("images", 1000) <= 10 * SMALL_PER_CLASS else "-"
+    values = [s["fd"] for s in record["slices"]]
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def main():
@@ -358,10 +414,10 @@ def main():
     parser.add_argument("--per-class", type=int, default=PER_CLASS, help="Images per class in each sweep row.")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--batches", type=int, nargs="*", default=[50, 200])
-    parser.add_argument("--images", type=int, default=200, help="Images per timed run (speed, race).")
+    parser.add_argument("--batches", type=int, nargs="*", default=[20, 100])
+    parser.add_argument("--images", type=int, default=20, help="Images per timed run (speed, race).")
     parser.add_argument("--winner", default="dpm++2m-15-gi")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     if args.command == "score":
         return cmd_score(args)

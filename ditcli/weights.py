@@ -57,10 +57,11 @@ REGISTRY: dict[tuple[str, int | None], KnownWeights] = {
                                     licence="CC-BY-NC 4.0", hub="facebook/DiT-XL-2-256"),
     ("DiT-XL/2", 512): KnownWeights("DiT-XL/2", 512, "DiT-XL-2-512x512.pt", f"{DIT_RELEASE}/DiT-XL-2-512x512.pt",
                                     licence="CC-BY-NC 4.0", hub="facebook/DiT-XL-2-512"),
-    # Shipped in the repository's weights/ folder; no URL. dpm++2m at 25 steps makes a 4x4 grid in seconds on a CPU;
-    # cfg 4 gave the lowest Fréchet distance of cfg 1, 2 and 4 (docs/fashion-mnist.md).
+    # Shipped in the repository's weights/ folder; no URL. cfg 4 gave the lowest Fréchet distance of cfg 1, 2 and 4;
+    # dpm++2m at 10 steps, guided only for t in [82, 578] (EDM2's sigma interval 0.28-5.42 on the linear betas), reached
+    # DDPM-250's FD at a fraction of the time (docs/fashion-mnist.md, benchmarks/quality_per_second.py).
     ("fashion-mnist", None): KnownWeights("fashion-mnist", None, "fashion-mnist.safetensors", sampler="dpm++2m",
-                                          steps=25, cfg=4.0, licence="MIT"),
+                                          steps=10, cfg=4.0, interval=(82.0, 578.0), licence="MIT"),
 }
 
 

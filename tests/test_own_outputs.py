@@ -205,7 +205,8 @@ def test_npz_alone_writes_what_its_help_says(tmp_path, monkeypatch):
 
 def test_the_shipped_file_records_the_defaults_its_registry_entry_gives():
     checkpoint = load_checkpoint(SHIPPED)
-    assert checkpoint.sampling == SamplingDefaults("dpm++2m", 25, 4.0) == known_weights("fashion-mnist").sampling
+    expected = SamplingDefaults("dpm++2m", 10, 4.0, (82.0, 578.0))  # docs/fashion-mnist.md, quality per second
+    assert checkpoint.sampling == expected == known_weights("fashion-mnist").sampling
     assert checkpoint.schedule == "linear" and checkpoint.ema == EmaRecord(0.999, True, 7017)
 
 
