@@ -5,6 +5,7 @@ NFE for each sampler, and the fastest configuration that reaches DDPM-250's qual
     python benchmarks/quality_per_second.py sweep            # sample every row (1,000 images each), resumable
     python benchmarks/quality_per_second.py sweep --seed 1 --rows ddpm-250 dpm++2m-15-gi
     python benchmarks/quality_per_second.py score            # FD, KID and judge accuracy of every cached row
+    python benchmarks/quality_per_second.py compare          # DDPM-250's seeds pooled against equal-count slices
     python benchmarks/quality_per_second.py race --winner dpm++2m-15-gi   # (a) and (b) side by side
     python benchmarks/quality_per_second.py report           # table (stdout) and docs/images/fashion-mnist-fd-nfe.png
 
@@ -269,13 +270,14 @@ def save_json(name: str, data) -> Path:
 
 
 def cmd_speed(model, checkpoint, args) -> None:
-    """The levers on one row: fp32/bf16, compile, batch size; with the matmul peaks before and after."""
+    """The levers on the winning row: fp32/bf16, batch size and (with --compile) torch.compile; with the matmul peaks
+    before and after."""
     result = {"machine": machine(), "peaks_before": matmul_peaks(), "rows": []}
     print(json.dumps(result), flush=True)
     for precision in ("fp32", "bf16"):
-        for compile_model in (False, True):
+        for compile_model in (False, True) if args.compile else (False,):
             for batch in args.batches:
-                name = row_name("dpm++2m", 10, False, precision)
+                name = row_name("dpm++2m", 10, True, precision)
                 rate = time_config(model, checkpoint, name, args.images, batch, compile_model)
                 result["rows"].append({"row": name, "precision": precision, "compile": compile_model,
                                        "batch": batch, "images": args.images, "img_per_s": rate})
@@ -313,12 +315,36 @@ def cmd_score(args) -> None:
     race = SCRATCH / "race.json"
     if race.exists():
         summary["race"] = json.loads(race.read_text())
-    speed = SCRATCH / "speed.json"
-    if speed.exists():
-        summary["speed"] = json.loads(speed.read_text())
+    for name in ("speed", "compare"):
+        if (SCRATCH / f"{name}.json").exists():
+            summary[name] = json.loads((SCRATCH / f"{name}.json").read_text())
     out = RESULTS / "quality_per_second.json"
     out.write_text(json.dumps(summary, indent=1))
     print(f"wrote {out}")
+
+
+def cmd_compare(args) -> None:
+    """DDPM-250 pooled over its seeds against every 1,000-image row cut into disjoint slices of the same count."""
+    ref = reference()
+    pooled = [np.load(path) for path in sorted((SCRATCH / "samples").glob("ddpm-250-seed*-n100.npz"))]
+    images = np.concatenate([d["images"] for d in pooled])
+    labels = np.concatenate([d["labels"] for d in pooled])
+    per_class = len(images) // 10
+    feats, predicted = judge_features(images)
+    result = {"ddpm-250": {**score(feats, ref), "accuracy": float((predicted.numpy() == labels).mean()),
+                           "images": len(images), "seeds": len(pooled)}, "per_class": per_class, "rows": {}}
+    print(json.dumps(result["ddpm-250"]), flush=True)
+    for path in sorted((SCRATCH / "samples").glob("*-n1000.npz")):
+        data = np.load(path)
+        feats, predicted = judge_features(data["images"])
+        correct = predicted.numpy() == data["labels"]
+        slices = [{**score(feats[torch.from_numpy(idx)], ref), "accuracy": float(correct[idx].mean())}
+                  for idx in balanced_subsets(data["labels"], per_class)]
+        result["rows"][path.stem] = {key: (statistics.mean(s[key] for s in slices),
+                                           statistics.stdev(s[key] for s in slices) if len(slices) > 1 else None)
+                                     for key in ("fd", "kid", "accuracy")}
+        print(path.stem, json.dumps(result["rows"][path.stem]), flush=True)
+    print(f"wrote {save_json('compare.json', result)}")
 
 
 def checkpoint_schedule() -> str:
@@ -408,7 +434,7 @@ def small_fd(record: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["speed", "sweep", "score", "race", "report"])
+    parser.add_argument("command", choices=["speed", "sweep", "score", "compare", "race", "report"])
     parser.add_argument("--rows", nargs="*", help=f"Rows to sample (default: all): {' '.join(all_rows())}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-class", type=int, default=PER_CLASS, help="Images per class in each sweep row.")
@@ -423,6 +449,8 @@ def main():
         return cmd_score(args)
     if args.command == "report":
         return cmd_report(args)
+    if args.command == "compare":
+        return cmd_compare(args)
     checkpoint = load_checkpoint(CKPT)
     model = checkpoint.build("cpu").eval()
     {"speed": cmd_speed, "sweep": cmd_sweep, "race": cmd_race}[args.command](model, checkpoint, args)
