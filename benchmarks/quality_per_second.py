@@ -388,26 +388,36 @@ def cmd_report(args) -> None:
     import matplotlib.pyplot as plt
 
     summary = json.loads((RESULTS / "quality_per_second.json").read_text())
-    rows = [r for r in summary["rows"] if r["precision"] == "fp32"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in summary["rows"] if r["precision"] == "fp32" and r["seed"] == 0]
+    fig, (big, small) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    colours = dict(zip(LABELS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red")))
     for sampler, label in LABELS.items():
         for interval, style in ((False, "-o"), (True, "--s")):
-            pts = sorted((r["nfe"], r["fd"]) for r in rows
-                         if r["sampler"] == sampler and r["interval"] == interval and r["seed"] == 0)
-            if pts:
-                ax.plot(*zip(*pts), style, label=f"{label}{' + guidance interval' if interval else ''}")
-    floor_fd = statistics.mean(f["fd"] for f in summary["floor"])
-    ax.axhline(floor_fd, color="gray", lw=1)
-    ax.text(12, floor_fd * 1.05, "floor: 1,000 real test images", color="gray", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE (model evaluations per image; a guided step's doubled batch counts once)")
-    ax.set_ylabel("FD in judge features (1,000 samples vs train)")
-    ax.set_title(f"Embedded Fashion-MNIST DiT, cfg {summary['cfg']:g}")
-    ax.legend(fontsize=7)
+            pts = sorted((r["nfe"], r) for r in rows if r["sampler"] == sampler and r["interval"] == interval)
+            name = f"{label}{' + guidance interval' if interval else ''}"
+            whole = [(n, r["fd"]) for n, r in pts if r["images"] >= 10 * PER_CLASS]
+            if whole:
+                big.plot(*zip(*whole), style, color=colours[sampler], label=name)
+            sliced = [(n, *slice_fd(r)) for n, r in pts]
+            if sliced:
+                nfe, mean, sd = zip(*sliced)
+                small.errorbar(nfe, mean, yerr=sd, fmt=style, color=colours[sampler], capsize=3, label=name)
+    for ddpm in (r for r in summary["rows"] if r["sampler"] == "ddpm" and r["images"] <= 10 * SMALL_PER_CLASS):
+        small.plot(ddpm["nfe"], ddpm["fd"], "o", color="black")
+    for axis, key, title in ((big, "fd", "FD, 1,000 samples"), (small, None, "FD at 100 samples (slices mean ± sd)")):
+        level = statistics.mean(f["fd"] if key else slice_fd(f)[0] for f in summary["floor"])
+        axis.axhline(level, color="gray", lw=1)
+        axis.text(10, level + 2, "floor: real test images", color="gray", fontsize=8)
+        axis.set_xscale("log")
+        axis.set_xlabel("NFE per image (a guided step's doubled batch counts once)")
+        axis.set_title(title, fontsize=10)
+    big.set_ylabel("FD in fashion-judge features vs the train split")
+    small.legend(fontsize=7)
+    fig.suptitle(f"Embedded Fashion-MNIST DiT, cfg {summary['cfg']:g}; DDPM-250: one point per seed (100 images)",
+                 fontsize=10)
     fig.tight_layout()
     out = ROOT / "docs" / "images" / "fashion-mnist-fd-nfe.png"
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     print("| sampler | steps | guidance interval | NFE | forwards/image | seed | images | FD | FD at 100 | KID | "
           "judge accuracy |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -424,12 +434,19 @@ def cmd_report(args) -> None:
     print(f"wrote {out}")
 
 
-def small_fd(record: dict) -> str:
-    """FD of 100 images: the row's own, or the mean and spread over its disjoint 10-per-class slices."""
+def slice_fd(record: dict) -> tuple[float, float]:
+    """FD of 100 images: the mean and spread over a row's disjoint 10-per-class slices, or its own (spread 0)."""
     if "slices" not in record:
-        return f"{record['fd']:.1f}" if record.get("images", 1000) <= 10 * SMALL_PER_CLASS else "-"
+        return record["fd"], 0.0
     values = [s["fd"] for s in record["slices"]]
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    return statistics.mean(values), statistics.stdev(values)
+
+
+def small_fd(record: dict) -> str:
+    if "slices" not in record and record.get("images", 1000) > 10 * SMALL_PER_CLASS:
+        return "-"
+    mean, sd = slice_fd(record)
+    return f"{mean:.1f} ± {sd:.1f}" if "slices" in record else f"{mean:.1f}"
 
 
 def main():
