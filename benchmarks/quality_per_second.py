@@ -312,9 +312,8 @@ def cmd_score(args) -> None:
                "reference": "fashion-mnist train split (60,000), judge features", "floor": floors, "rows": rows,
                "guidance_interval_t": list(guidance_interval(checkpoint_schedule())),
                "guidance_interval_sigma": list(GUIDANCE_SIGMAS)}
-    race = SCRATCH / "race.json"
-    if race.exists():
-        summary["race"] = json.loads(race.read_text())
+    for race in sorted(SCRATCH.glob("race*.json")):  # race.json is the latest; race-N.json earlier runs kept by hand
+        summary[race.stem] = json.loads(race.read_text())
     for name in ("speed", "compare"):
         if (SCRATCH / f"{name}.json").exists():
             summary[name] = json.loads((SCRATCH / f"{name}.json").read_text())
