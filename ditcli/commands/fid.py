@@ -26,31 +26,31 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forw
 WorkersOpt = Annotated[int, typer.Option("--num-workers", help="Threads decoding folder images.")]
 
 
+SamplesArg = Annotated[Path | None, typer.Argument(
+    help="Samples: an ADM .npz (arr_0 uint8 NHWC), a folder of images or a `dit sample` output folder.")]
+RefOpt = Annotated[Path | None, typer.Option(
+    "--ref", help="Reference: an ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder of images.")]
+MakeRefOpt = Annotated[str | None, typer.Option(
+    "--make-ref", metavar="DATA",
+    help="Build an ADM-format reference .npz (write it with -o) from any `dit train --data` source: an image folder, "
+         "an .npz, a folder of idx files or 'fashion-mnist'.")]
+SplitOpt = Annotated[str | None, typer.Option(
+    "--split", help="With --make-ref on idx data (fashion-mnist, a folder of idx files): train (default) or test.")]
+OutputOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Where --make-ref writes the .npz.")]
+ResizeOpt = Annotated[int | None, typer.Option(
+    "--resize", help="Center-crop images to N x N as ADM does (required for mixed sizes; --make-ref defaults to 256 "
+                     "for an image folder and keeps the size of other data).")]
+FeaturesOpt = Annotated[str, typer.Option(
+    "--features", help="inception, a registered extractor name, a TorchScript .pt file or a tagged .safetensors file "
+                       "(see docs/evaluation.md).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Let --make-ref replace an existing -o file.")]
+
+
 def fid(
-    samples: Annotated[Path | None, typer.Argument(
-        help="Samples: an ADM .npz (arr_0 uint8 NHWC), a folder of images or a `dit sample` output folder.")] = None,
-    ref: Annotated[Path | None, typer.Option(
-        "--ref", help="Reference: an ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder of images.")] = None,
-    make_ref: Annotated[str | None, typer.Option(
-        "--make-ref", metavar="DATA",
-        help="Build an ADM-format reference .npz (write it with -o) from any `dit train --data` source: an image "
-             "folder, an .npz, a folder of idx files or 'fashion-mnist'.")] = None,
-    split: Annotated[str | None, typer.Option(
-        "--split", help="With --make-ref on idx data (fashion-mnist, a folder of idx files): train (default) or "
-                        "test.")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where --make-ref writes the .npz.")] = None,
-    resize: Annotated[int | None, typer.Option(
-        "--resize", help="Center-crop images to N x N as ADM does (required for mixed sizes; --make-ref defaults "
-                         "to 256 for an image folder and keeps the size of other data).")] = None,
-    batch_size: BatchSizeOpt = 64,
-    device: DeviceOpt = "auto",
-    inception_weights: InceptionWeightsOpt = None,
-    features: Annotated[str, typer.Option(
-        "--features", help="inception, a registered extractor name, a TorchScript .pt file or a tagged .safetensors "
-                           "file (see docs/evaluation.md).")] = "inception",
-    num_workers: WorkersOpt = min(4, os.cpu_count() or 1),
-    force: Annotated[bool, typer.Option("--force", help="Let --make-ref replace an existing -o file.")] = False,
-    json_output: JsonOpt = False,
+    samples: SamplesArg = None, ref: RefOpt = None, make_ref: MakeRefOpt = None, split: SplitOpt = None,
+    output: OutputOpt = None, resize: ResizeOpt = None, batch_size: BatchSizeOpt = 64, device: DeviceOpt = "auto",
+    inception_weights: InceptionWeightsOpt = None, features: FeaturesOpt = "inception",
+    num_workers: WorkersOpt = min(4, os.cpu_count() or 1), force: ForceOpt = False, json_output: JsonOpt = False,
 ):
     """Score samples against a reference: FID, sFID, IS, precision and recall, as ADM's evaluator."""
     import torch

@@ -31,93 +31,91 @@ def _opt(flags: str, help: str, field: str | None = None):
     return typer.Option(flags, help=help, show_default=False)
 
 
+DataOpt = Annotated[str | None, _opt(
+    "--data", "Image folder (class sub-folders or flat), an .npz, a folder of idx files, or 'fashion-mnist' (also "
+              "fashion-mnist:test). Default: the --preset's; required without one.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Run directory: checkpoints, metrics.jsonl, samples/.")]
+PresetOpt = Annotated[str | None, _opt("--preset", f"A ready recipe: {', '.join(TRAIN_PRESETS)}; other options "
+                                                   "override its values. Default: none.")]
+ModelOpt = Annotated[str | None, _opt("--model", f"Architecture: {', '.join(preset_names())}.", "model")]
+ImageSizeOpt = Annotated[int | None, _opt("--image-size", "Training resolution in pixels.", "image_size")]
+ChannelsOpt = Annotated[int | None, _opt("--channels", "Image channels: 1 (grayscale, pixel models only) or 3.",
+                                         "channels")]
+VaeOpt = Annotated[str | None, _opt("--vae", "ema, mse, a hub id or a local AutoencoderKL directory; 'none' trains in "
+                                             "pixel space.", "vae")]
+HiddenSizeOpt = Annotated[int | None, _opt("--hidden-size", "Transformer width (a multiple of 4 and of --num-heads). "
+                                                            "Default: the --model's.", "hidden_size")]
+DepthOpt = Annotated[int | None, _opt("--depth", "Number of DiT blocks. Default: the --model's.", "depth")]
+NumHeadsOpt = Annotated[int | None, _opt("--num-heads", "Attention heads. Default: the --model's.", "num_heads")]
+StepsOpt = Annotated[int | None, _opt("--steps", "Total optimizer steps.", "steps")]
+GlobalBatchOpt = Annotated[int | None, _opt("--global-batch", "Images per step, all ranks.", "global_batch")]
+MicroBatchOpt = Annotated[int | None, _opt("--micro-batch", "Images per forward; the rest of a rank's share is "
+                                                            "accumulated. Default: the whole share.", "micro_batch")]
+LrOpt = Annotated[float | None, _opt("--lr", "AdamW learning rate (> 0).", "lr")]
+WeightDecayOpt = Annotated[float | None, _opt("--weight-decay", "AdamW weight decay (>= 0).", "weight_decay")]
+EmaDecayOpt = Annotated[float | None, _opt("--ema-decay", "Decay of the EMA weights that sampling uses, in [0, 1).",
+                                           "ema_decay")]
+EmaWarmupOpt = Annotated[bool | None, _opt(
+    "--ema-warmup/--no-ema-warmup", "Ramp the EMA decay up as min(decay, (1 + n) / (10 + n)).", "ema_warmup")]
+ScheduleOpt = Annotated[str | None, _opt("--schedule", "Beta schedule: linear (DiT) or cosine (IDDPM); recorded in "
+                                                       "every checkpoint.", "schedule")]
+LearnSigmaOpt = Annotated[bool | None, _opt("--learn-sigma/--no-learn-sigma", "Learn the variance too (DiT, IDDPM's "
+                                                                              "hybrid loss).", "learn_sigma")]
+DropoutOpt = Annotated[float | None, _opt(
+    "--class-dropout-prob", "Share of labels dropped to the null class, for guidance; 0 disables guidance.",
+    "class_dropout_prob")]
+GradClipOpt = Annotated[float | None, _opt("--grad-clip", "Clip the gradient norm to this (> 0); 0 does not clip. "
+                                                          "Default: no clipping.", "grad_clip")]
+FlipOpt = Annotated[bool | None, _opt("--flip/--no-flip", "Random horizontal flips.", "flip")]
+CkptEveryOpt = Annotated[int | None, _opt("--ckpt-every", "Save a checkpoint every N steps (and at the end).",
+                                          "ckpt_every")]
+KeepLastOpt = Annotated[int | None, _opt("--keep-last", "Checkpoints kept; older ones are deleted.", "keep_last")]
+SampleEveryOpt = Annotated[int | None, _opt("--sample-every", "EMA sample grid every N steps; 0 never.",
+                                            "sample_every")]
+LogEveryOpt = Annotated[int | None, _opt("--log-every", "Append a metrics.jsonl row every N steps.", "log_every")]
+MaxBadOpt = Annotated[int | None, _opt("--max-bad-steps", "Stop after this many consecutive steps with a non-finite "
+                                                          "loss or gradient.", "max_bad_steps")]
+GradCkptOpt = Annotated[bool | None, _opt("--grad-checkpointing/--no-grad-checkpointing", "Recompute block activations "
+                                          "in the backward pass to save memory.", "grad_checkpointing")]
+ResumeOpt = Annotated[str | None, _opt("--resume", "auto (latest in --out) or a ckpt-*.pt. Default: start afresh.")]
+InitFromOpt = Annotated[str | None, _opt(
+    "--init-from", "Fine-tune: start from these weights (a .pt, .safetensors, training checkpoint, diffusers folder "
+                   "or hub id org/name[@rev]); same architecture, any image size and classes. Default: a fresh "
+                   "model.")]
+InitWeightsOpt = Annotated[str | None, _opt("--init-weights", "From training checkpoints: ema or model.",
+                                            "init_weights")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even if the configuration differs.")]
+PrecisionOpt = Annotated[str | None, _opt("--precision", "fp32 or bf16 (autocast, fp32 master weights).",
+                                          "precision")]
+SeedOpt = Annotated[int | None, _opt("--seed", "Seed of the weights and of every step's draws.", "seed")]
+
+
 def train(
-    data: Annotated[str | None, _opt("--data", "Image folder (class sub-folders or flat), an .npz, a folder of idx "
-                                               "files, or 'fashion-mnist' (also fashion-mnist:test). Default: "
-                                               "the --preset's; required without one.")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Run directory: checkpoints, metrics.jsonl, samples/.")] = Path(
-        "runs/dit"),
-    preset: Annotated[str | None, _opt("--preset", f"A ready recipe: {', '.join(TRAIN_PRESETS)}; other options "
-                                                   "override its values. Default: none.")] = None,
-    model: Annotated[str | None, _opt("--model", f"Architecture: {', '.join(preset_names())}.", "model")] = None,
-    image_size: Annotated[int | None, _opt("--image-size", "Training resolution in pixels.", "image_size")] = None,
-    channels: Annotated[int | None, _opt("--channels", "Image channels: 1 (grayscale, pixel models only) or 3.",
-                                         "channels")] = None,
-    vae: Annotated[str | None, _opt("--vae", "ema, mse, a hub id or a local AutoencoderKL directory; 'none' trains "
-                                             "in pixel space.", "vae")] = None,
-    hidden_size: Annotated[int | None, _opt("--hidden-size", "Transformer width (a multiple of 4 and of --num-heads). "
-                                                             "Default: the --model's.", "hidden_size")] = None,
-    depth: Annotated[int | None, _opt("--depth", "Number of DiT blocks. Default: the --model's.", "depth")] = None,
-    num_heads: Annotated[int | None, _opt("--num-heads", "Attention heads. Default: the --model's.",
-                                          "num_heads")] = None,
-    steps: Annotated[int | None, _opt("--steps", "Total optimizer steps.", "steps")] = None,
-    global_batch: Annotated[int | None, _opt("--global-batch", "Images per step, all ranks.", "global_batch")] = None,
-    micro_batch: Annotated[int | None, _opt("--micro-batch", "Images per forward; the rest of a rank's share is "
-                                                             "accumulated. Default: the whole share.",
-                                            "micro_batch")] = None,
-    lr: Annotated[float | None, _opt("--lr", "AdamW learning rate (> 0).", "lr")] = None,
-    weight_decay: Annotated[float | None, _opt("--weight-decay", "AdamW weight decay (>= 0).",
-                                               "weight_decay")] = None,
-    ema_decay: Annotated[float | None, _opt("--ema-decay", "Decay of the EMA weights that sampling uses, in [0, 1).",
-                                            "ema_decay")] = None,
-    ema_warmup: Annotated[bool | None, _opt("--ema-warmup/--no-ema-warmup", "Ramp the EMA decay up as "
-                                                                            "min(decay, (1 + n) / (10 + n)).",
-                                            "ema_warmup")] = None,
-    schedule: Annotated[str | None, _opt("--schedule", "Beta schedule: linear (DiT) or cosine (IDDPM); recorded in "
-                                                       "every checkpoint.", "schedule")] = None,
-    learn_sigma: Annotated[bool | None, _opt("--learn-sigma/--no-learn-sigma", "Learn the variance too (DiT, IDDPM's "
-                                                                               "hybrid loss).", "learn_sigma")] = None,
-    class_dropout_prob: Annotated[float | None, _opt("--class-dropout-prob", "Share of labels dropped to the null "
-                                                                             "class, for guidance; 0 disables "
-                                                                             "guidance.", "class_dropout_prob")] = None,
-    grad_clip: Annotated[float | None, _opt("--grad-clip", "Clip the gradient norm to this (> 0); 0 does not clip. "
-                                                          "Default: no clipping.",
-                                            "grad_clip")] = None,
-    flip: Annotated[bool | None, _opt("--flip/--no-flip", "Random horizontal flips.", "flip")] = None,
-    ckpt_every: Annotated[int | None, _opt("--ckpt-every", "Save a checkpoint every N steps (and at the end).",
-                                           "ckpt_every")] = None,
-    keep_last: Annotated[int | None, _opt("--keep-last", "Checkpoints kept; older ones are deleted.",
-                                          "keep_last")] = None,
-    sample_every: Annotated[int | None, _opt("--sample-every", "EMA sample grid every N steps; 0 never.",
-                                             "sample_every")] = None,
-    log_every: Annotated[int | None, _opt("--log-every", "Append a metrics.jsonl row every N steps.",
-                                          "log_every")] = None,
-    max_bad_steps: Annotated[int | None, _opt("--max-bad-steps", "Stop after this many consecutive steps with a "
-                                                                 "non-finite loss or gradient.",
-                                              "max_bad_steps")] = None,
-    grad_checkpointing: Annotated[bool | None, _opt("--grad-checkpointing/--no-grad-checkpointing",
-                                                    "Recompute block activations in the backward pass to save "
-                                                    "memory.", "grad_checkpointing")] = None,
-    resume: Annotated[str | None, _opt("--resume", "auto (latest in --out) or a ckpt-*.pt. Default: start "
-                                                   "afresh.")] = None,
-    init_from: Annotated[str | None, _opt(
-        "--init-from", "Fine-tune: start from these weights (a .pt, .safetensors, training checkpoint, diffusers "
-                       "folder or hub id org/name[@rev]); same architecture, any image size and classes. Default: "
-                       "a fresh model.")] = None,
-    init_weights: Annotated[str | None, _opt("--init-weights", "From training checkpoints: ema or model.",
-                                             "init_weights")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Resume even if the configuration differs.")] = False,
-    precision: Annotated[str | None, _opt("--precision", "fp32 or bf16 (autocast, fp32 master weights).",
-                                          "precision")] = None,
-    seed: Annotated[int | None, _opt("--seed", "Seed of the weights and of every step's draws.", "seed")] = None,
-    device: DeviceOpt = "auto",
-    compile: CompileOpt = False,
-    json_out: JsonOpt = False,
-    dist_timeout: DistTimeoutOpt = 600.0,
+    data: DataOpt = None, out: OutOpt = Path("runs/dit"), preset: PresetOpt = None, model: ModelOpt = None,
+    image_size: ImageSizeOpt = None, channels: ChannelsOpt = None, vae: VaeOpt = None,
+    hidden_size: HiddenSizeOpt = None, depth: DepthOpt = None, num_heads: NumHeadsOpt = None, steps: StepsOpt = None,
+    global_batch: GlobalBatchOpt = None, micro_batch: MicroBatchOpt = None, lr: LrOpt = None,
+    weight_decay: WeightDecayOpt = None, ema_decay: EmaDecayOpt = None, ema_warmup: EmaWarmupOpt = None,
+    schedule: ScheduleOpt = None, learn_sigma: LearnSigmaOpt = None, class_dropout_prob: DropoutOpt = None,
+    grad_clip: GradClipOpt = None, flip: FlipOpt = None, ckpt_every: CkptEveryOpt = None,
+    keep_last: KeepLastOpt = None, sample_every: SampleEveryOpt = None, log_every: LogEveryOpt = None,
+    max_bad_steps: MaxBadOpt = None, grad_checkpointing: GradCkptOpt = None, resume: ResumeOpt = None,
+    init_from: InitFromOpt = None, init_weights: InitWeightsOpt = None, force: ForceOpt = False,
+    precision: PrecisionOpt = None, seed: SeedOpt = None, device: DeviceOpt = "auto", compile: CompileOpt = False,
+    json_out: JsonOpt = False, dist_timeout: DistTimeoutOpt = 600.0,
 ):
     """Train a DiT on an image folder, Fashion-MNIST or an .npz; resumable, mixed precision, torchrun-ready.
 
     With --preset, the options you leave out take the preset's values instead of the defaults shown.
     """
-    config = config_from_options(preset, data=data, out=str(out), model=model, image_size=image_size,
-                                 channels=channels, vae=vae, hidden_size=hidden_size, depth=depth, num_heads=num_heads,
-                                 steps=steps, global_batch=global_batch, micro_batch=micro_batch, lr=lr,
-                                 weight_decay=weight_decay, ema_decay=ema_decay, ema_warmup=ema_warmup,
-                                 schedule=schedule, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob,
-                                 grad_clip=grad_clip, flip=flip, ckpt_every=ckpt_every, keep_last=keep_last,
-                                 sample_every=sample_every, log_every=log_every, max_bad_steps=max_bad_steps,
-                                 grad_checkpointing=grad_checkpointing, precision=precision, seed=seed, device=device,
-                                 compile=compile, init_from=init_from, init_weights=init_weights)
+    config = config_from_options(
+        preset, data=data, out=str(out), model=model, image_size=image_size, channels=channels, vae=vae,
+        hidden_size=hidden_size, depth=depth, num_heads=num_heads, steps=steps, global_batch=global_batch,
+        micro_batch=micro_batch, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, ema_warmup=ema_warmup,
+        schedule=schedule, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, grad_clip=grad_clip,
+        flip=flip, ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
+        max_bad_steps=max_bad_steps, grad_checkpointing=grad_checkpointing, precision=precision, seed=seed,
+        device=device, compile=compile, init_from=init_from, init_weights=init_weights)
     # Under torchrun all ranks compute and rank 0 renders; the others stay silent unless --debug.
     speaks = env_rank() == 0 or _debug()
     stop = threading.Event()
