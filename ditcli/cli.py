@@ -110,11 +110,11 @@ def root(
 
 
 def _register():
-    from ditcli.commands import convert, fid, sample, train
+    from ditcli.commands import classes, convert, fid, sample, train
 
     app.command("train")(train.train)
     app.command("sample")(sample.sample)
-    app.command("classes")(sample.classes)
+    app.command("classes")(classes.classes)
     app.command("fid")(fid.fid)
     app.command("convert")(convert.convert)
 

@@ -5,6 +5,9 @@ from typing import Annotated
 
 import typer
 
+from ditcli.sampling_run import DEFAULT_MODEL
+from ditcli.weights import registry_models
+
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[int, typer.Option(
     "--seed", help="Global seed; each image (sampling) or step (training) draws from a generator derived from it.")]
@@ -16,3 +19,8 @@ CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the m
 DistTimeoutOpt = Annotated[float, typer.Option(
     "--dist-timeout", help="Under torchrun: seconds a rank waits for the others in one collective before it stops "
                            "with an error naming the rank.")]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help=f"A known checkpoint ({', '.join(registry_models())}) or, with --ckpt, a preset "
+                    f"(DiT-S/2 ... DiT-XL/8). Default: {DEFAULT_MODEL}.")]
+ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="256 or 512: which released DiT-XL/2.")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download (also DIT_OFFLINE=1 or HF_HUB_OFFLINE=1).")]

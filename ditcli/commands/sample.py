@@ -1,4 +1,4 @@
-"""`dit sample` and `dit classes`: parse options, build a SampleRequest, drive `sample_run` under a progress bar."""
+"""`dit sample`: parse options, build a SampleRequest, drive `sample_run` under a progress bar."""
 
 from __future__ import annotations
 
@@ -8,27 +8,18 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from ditcli.checkpoint import load_checkpoint
-from ditcli.classes import ClassTable, class_table
-from ditcli.commands.options import (CheckpointOpt, CompileOpt, DeviceOpt, DistTimeoutOpt, JsonOpt, PrecisionOpt,
-                                     SeedOpt)
-from ditcli.errors import UserError
+from ditcli.commands.options import (CheckpointOpt, CompileOpt, DeviceOpt, DistTimeoutOpt, ImageSizeOpt, JsonOpt,
+                                     ModelOpt, OfflineOpt, PrecisionOpt, SeedOpt)
 from ditcli.generate import GenerateConfig, check_outputs, distributed, rank_device, sample_run
 from ditcli.progress import ProgressBar, byte_progress
 from ditcli.protocol import PAPER_FID, SAMPLE_PRESETS
 from ditcli.ranks import DEFAULT_TIMEOUT_S, collectives, on_every_rank
 from ditcli.runtime import resolve_device, set_backend_flags
 from ditcli.samplers import GUIDED_CHANNELS, SAMPLERS
-from ditcli.sampling_run import (DEFAULT_CHANNELS, DEFAULT_MODEL, DEFAULT_NUM, DEFAULT_PRECISION, SampleRequest,
-                                 check_model_choice, expand_sample_preset, find_checkpoint, preset_heads, prepare_run)
-from ditcli.weights import registry_models
+from ditcli.sampling_run import (DEFAULT_CHANNELS, DEFAULT_NUM, DEFAULT_PRECISION, SampleRequest, expand_sample_preset,
+                                 prepare_run)
 
-ModelOpt = Annotated[str | None, typer.Option(
-    "--model", help=f"A known checkpoint ({', '.join(registry_models())}) or, with --ckpt, a preset "
-                    f"(DiT-S/2 ... DiT-XL/8). Default: {DEFAULT_MODEL}.")]
-ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="256 or 512: which released DiT-XL/2.")]
 ClassOpt = Annotated[list[str] | None, typer.Option(
     "--class", help="Class id, name or WordNet id, case-insensitive; repeat for several. See `dit classes`.")]
 NumPerClassOpt = Annotated[int | None, typer.Option("--num-per-class", help="Images per --class (default 4).")]
@@ -58,11 +49,9 @@ NpzOpt = Annotated[Path | None, typer.Option(
 VaeOpt = Annotated[str | None, typer.Option("--vae", help="ema, mse, a Hugging Face id or a local folder.")]
 DeterministicOpt = Annotated[bool, typer.Option(
     "--deterministic", help="No TF32, deterministic algorithms, no cuDNN autotuning.")]
-OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download (also DIT_OFFLINE=1 or HF_HUB_OFFLINE=1).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs of a different run instead of refusing.")]
 SampleWeightsOpt = Annotated[str | None, typer.Option(
     "--weights", help="ema or model: which weights of a training checkpoint to sample (default ema).")]
-SearchOpt = Annotated[str | None, typer.Option("--search", help="Show only classes whose id or names contain TEXT.")]
 PresetOpt = Annotated[str | None, typer.Option(
     "--preset", help=f"A named protocol ({', '.join(SAMPLE_PRESETS)}: {PAPER_FID.describe()}, into an .npz); options "
                      "given explicitly override it.")]
@@ -146,30 +135,3 @@ def report(summary, out: Path | None, npz: Path | None, run_key: str, json_outpu
     source = "EMA" if weights == "ema" else "raw (non-EMA)"
     Console(highlight=False, soft_wrap=True).print(
         f"wrote {summary.total} images to {where}{skipped}{nfe}{rate}, from the {source} weights", markup=False)
-
-
-def classes(
-    search: SearchOpt = None, ckpt: CheckpointOpt = None, model: ModelOpt = None, image_size: ImageSizeOpt = None,
-    json_output: JsonOpt = False, offline: OfflineOpt = False,
-):
-    """Print the class names of ImageNet-1k or of a checkpoint."""
-    check_model_choice(model, image_size, ckpt)
-    if image_size is not None and (ckpt is not None or model in (None, DEFAULT_MODEL)):
-        source = f"--ckpt {ckpt}" if ckpt is not None else f"{DEFAULT_MODEL} (ImageNet-1k at every size)"
-        raise UserError(f"--image-size does not change the class names of {source}", "drop --image-size")
-    if ckpt is None and model in (None, DEFAULT_MODEL):
-        table = ClassTable.imagenet()
-    else:
-        path, _ = find_checkpoint(model, image_size, ckpt, offline, downloads(not json_output))
-        checkpoint = load_checkpoint(path, num_heads=preset_heads(model))
-        table = class_table(checkpoint.config.num_classes, checkpoint.class_names)
-    rows = table.search(search)
-    if json_output:
-        typer.echo(json.dumps([{"id": c.id, "wnid": c.wnid, "names": list(c.names)} for c in rows]))
-        return
-    if not rows:
-        raise UserError(f"no class matches {search!r}", f"{len(table)} classes in {table.source}; try a shorter text")
-    grid = Table("id", *(["wnid"] if table.by_wnid else []), "names", title=f"{table.source} classes", box=None)
-    for info in rows:
-        grid.add_row(str(info.id), *([info.wnid or ""] if table.by_wnid else []), ", ".join(info.names))
-    Console(highlight=False).print(grid)
