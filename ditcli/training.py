@@ -647,12 +647,19 @@ class Trainer:
         self.optimizer.load_state_dict(data["optimizer"])
         self.state.step, self.state.bad_steps = int(data["step"]), int(data.get("bad_steps", 0))
         self.saved_step = self.state.step
-        rng = data.get("rng") or []
-        if len(rng) > self.dist.rank:
-            torch.set_rng_state(rng[self.dist.rank]["torch"])
+        self.restore_rng_states(data.get("rng") or [])
         if self.dist.rank == 0:
             trim_metrics(self.out / "metrics.jsonl", self.state.step)
         self.emit("resume", {"path": str(path), "step": self.state.step})
+
+    def restore_rng_states(self, states: list):
+        """This rank's saved generators: the CPU's, and on CUDA the GPU's where the checkpoint holds it."""
+        if len(states) <= self.dist.rank:
+            return
+        state = states[self.dist.rank]
+        torch.set_rng_state(state["torch"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def check_compatible(self, stored: dict, path: Path, fingerprint: str | None = None):
         ours = self.config.to_dict()

@@ -215,3 +215,33 @@ def test_two_gloo_processes_match_one(tmp_path, npz_data):
     for key in ("model", "ema"):
         for name, tensor in one[key].items():
             torch.testing.assert_close(two[key][name], tensor, rtol=0, atol=1e-5, msg=f"{key}.{name}")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_resume_restores_the_cuda_generator_only_on_cuda(tmp_path, npz_data, monkeypatch, device):
+    trainer = run(tmp_path, npz_data, steps=2)
+    data = safe_torch_load(tmp_path / "ckpt-0000002.pt")
+    saved_cpu = data["rng"][0]["torch"]
+    data["rng"][0]["cuda"] = torch.arange(16, dtype=torch.uint8)  # what a CUDA run stores beside the CPU state
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, dev="cuda": restored.append((state, dev)))
+    torch.manual_seed(12345)  # the CPU state must come back from the checkpoint, not stay as this
+    trainer.device = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    trainer.load_checkpoint(data, tmp_path / "ckpt-0000002.pt")
+    assert torch.equal(torch.get_rng_state(), saved_cpu)
+    if device == "cpu":
+        assert restored == []
+    else:
+        [(state, dev)] = restored
+        assert torch.equal(state, data["rng"][0]["cuda"]) and torch.device(dev) == torch.device("cuda", 0)
+
+
+def test_resume_without_a_saved_cuda_state_leaves_the_cuda_generator(tmp_path, npz_data, monkeypatch):
+    trainer = run(tmp_path, npz_data, steps=2)
+    data = safe_torch_load(tmp_path / "ckpt-0000002.pt")  # a CPU run's checkpoint: no "cuda" entry
+    assert "cuda" not in data["rng"][0]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, dev="cuda": restored.append((state, dev)))
+    trainer.device = torch.device("cuda", 0)
+    trainer.load_checkpoint(data, tmp_path / "ckpt-0000002.pt")
+    assert restored == []
