@@ -238,26 +238,37 @@ def load_images(data: str, image_size: int | None, channels: int | None, split: 
 
     `split` (train or test, default train) picks the split of idx data; `channels` None keeps an .npz's own.
     """
+    check_source(data, split)
+    name, _, named = data.partition(":")
+    if name == "fashion-mnist":
+        return load_fashion_mnist(FASHION_MNIST_DIR, named or split or "train")
+    path = Path(data)
+    if is_idx_source(data):
+        return load_fashion_mnist(path, split or "train")
+    if path.is_file():
+        return load_npz(path, image_size, channels)
+    return load_folder(path, image_size, channels or 3)
+
+
+def check_source(data: str, split: str | None = None) -> None:
+    """What `load_images` can tell without reading any image: the source exists, is of a kind it reads, and the
+    split fits it. Cheap, so commands run it before anything slow (a VAE load, a download)."""
     name, _, named = data.partition(":")
     if name == "fashion-mnist":
         if named and split and named != split:
             raise UserError(f"{data!r} names the {named} split but --split says {split}", "give the split once")
-        return load_fashion_mnist(FASHION_MNIST_DIR, named or split or "train")
+        return
     path = Path(data)
     if not path.exists():
         raise UserError(f"data not found: {path}", "pass an image folder, an .npz, a folder of idx files or "
                                                    "'fashion-mnist'")
     if is_idx_source(data):
-        return load_fashion_mnist(path, split or "train")
+        return
     if split is not None:
         raise UserError(f"--split applies to idx data (fashion-mnist or a folder of idx files), not {path}",
                         "drop --split")
-    if path.is_file():
-        if path.suffix != ".npz":
-            raise UserError(f"{path} is not a folder or an .npz", "pass an image folder, an .npz or "
-                                                                    "'fashion-mnist'")
-        return load_npz(path, image_size, channels)
-    return load_folder(path, image_size, channels or 3)
+    if path.is_file() and path.suffix != ".npz":
+        raise UserError(f"{path} is not a folder or an .npz", "pass an image folder, an .npz or 'fashion-mnist'")
 
 
 class LatentCache:

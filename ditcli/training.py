@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ditcli import finetune
 from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES
 from ditcli.codec import DEFAULT_VAE, LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, from_uint8, locate_vae
-from ditcli.data import ImageSet, LatentCache, load_images
+from ditcli.data import ImageSet, LatentCache, check_source, load_images
 from ditcli.diffusion import BETA_SCHEDULES, Diffusion
 from ditcli.ema import EmaRecord, ema_decay_at
 from ditcli.errors import UserError
@@ -379,6 +379,8 @@ class Trainer:
         on_every_rank(lambda: check_creatable(self.out, "--out"), "cannot use --out", SHARED_DISK_HINT)
         resume_from = self.agreed_resume()
         resumed = self.read_resume(*resume_from) if resume_from is not None else None  # before anything is built
+        if self.preloaded is None:
+            on_every_rank(lambda: check_source(config.data), "cannot read --data")
         self.locate_codec()  # before the data: a VAE that cannot be had fails in seconds, not after reading it all
         self.images = self.preloaded or on_every_rank(
             lambda: load_images(config.data, config.image_size, config.channels), "cannot read --data")

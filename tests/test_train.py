@@ -245,3 +245,14 @@ def test_resume_without_a_saved_cuda_state_leaves_the_cuda_generator(tmp_path, n
     trainer.device = torch.device("cuda", 0)
     trainer.load_checkpoint(data, tmp_path / "ckpt-0000002.pt")
     assert restored == []
+
+
+def test_missing_data_is_reported_before_any_vae_lookup(tmp_path, monkeypatch):
+    def vae_lookup(*args, **kwargs):
+        raise AssertionError("the VAE was looked up before --data was checked")
+
+    monkeypatch.setattr("ditcli.training.locate_vae", vae_lookup)
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "nothere"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "error: data not found" in result.output and "VAE" not in result.output
+    assert not (tmp_path / "run").exists()
