@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from ditcli.cli import app
 from ditcli.model import DiT, DiTConfig
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -62,3 +64,22 @@ def assert_close_to_ref(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4
     bound = rel * ref.abs().max().item()
     diff = (ours.double() - ref.double()).abs().max().item()
     assert diff <= bound, f"max |ours - ref| = {diff:.3g} > {bound:.3g}"
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """A private cache home and no hub access: nothing a test runs can download."""
+    monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def dit(*args):
+    """`dit ARGS` through Typer's front door; paths and numbers may be passed as they are."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(*args):
+    """`dit ARGS`, which must succeed."""
+    result = dit(*args)
+    assert result.exit_code == 0, result.output
+    return result

@@ -15,10 +15,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import ditcli.data
-from conftest import perturbed, tiny_config
+from conftest import dit, ok, perturbed, tiny_config
 from ditcli import metrics
 from ditcli.checkpoint import load_checkpoint, save_safetensors
 from ditcli.cli import app
@@ -34,23 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "weights" / "fashion-mnist.safetensors"
 TINY = dict(model="DiT-S/2", hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,
             global_batch=4, lr=1e-3, log_every=1, ckpt_every=100, seed=3)
-runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
-def no_downloads(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def dit(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = dit(*args)
-    assert result.exit_code == 0, result.output
-    return result
+def no_downloads(offline):
+    """Every test here runs offline with a private cache home."""
 
 
 def last_json(result) -> dict:

@@ -13,19 +13,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import ditcli.generate
 import ditcli.weights
-from conftest import perturbed, tiny_config
+from conftest import dit, ok, perturbed, tiny_config
 from ditcli.checkpoint import save_safetensors
-from ditcli.cli import app
 from ditcli.data import FASHION_MNIST_CLASSES
 from ditcli.model import DiT
 from ditcli.state import Checkpoint
 
 FASHION = FASHION_MNIST_CLASSES
-runner = CliRunner()
 
 
 def save_tiny(path: Path, codec: dict | None, class_names=None, seed=0, **overrides) -> Path:
@@ -60,19 +57,8 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def no_downloads(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def dit(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = dit(*args)
-    assert result.exit_code == 0, result.output
-    return result
+def no_downloads(offline):
+    """Every test here runs offline with a private cache home."""
 
 
 def summary(*args):

@@ -10,20 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import ditcli.generate
 import ditcli.preview
 import ditcli.sampling_run
-from conftest import perturbed, tiny_config
+from conftest import dit, perturbed, tiny_config
 from ditcli import samplers
 from ditcli.checkpoint import load_checkpoint, save_safetensors
-from ditcli.cli import app
 from ditcli.codec import PixelCodec, VaeCodec
 from ditcli.diffusion import named_betas
+from ditcli.ema import EmaRecord
 from ditcli.generate import GenerateConfig, generate_images
 from ditcli.model import DiT
-from ditcli.ema import EmaRecord
 from ditcli.samplers import Guidance, SamplingDefaults
 from ditcli.state import Checkpoint
 from ditcli.training import TrainConfig, Trainer
@@ -31,17 +29,11 @@ from ditcli.training import TrainConfig, Trainer
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(model="DiT-S/2", hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,
             global_batch=4, lr=1e-3, ema_decay=0.5, log_every=1, ckpt_every=100, seed=3)
-runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
-def no_downloads(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def dit(*args):
-    return runner.invoke(app, [str(a) for a in args])
+def no_downloads(offline):
+    """Every test here runs offline with a private cache home."""
 
 
 def one_error(result) -> str:
