@@ -43,10 +43,11 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def set_backend_flags(deterministic: bool = False, allow_tf32: bool = True) -> None:
-    """TF32 matmuls for speed, or a deterministic mode (no TF32, deterministic algorithms, no cuDNN autotune)."""
+def set_backend_flags(deterministic: bool = False, allow_tf32: bool = True, autotune: bool = True) -> None:
+    """The one place backend flags are set: TF32 matmuls and cuDNN autotuning for speed, or a deterministic mode (no
+    TF32, deterministic algorithms, no autotuning). Each command calls it once, never at import time."""
     tf32 = allow_tf32 and not deterministic
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.benchmark = autotune and not deterministic
     torch.use_deterministic_algorithms(deterministic, warn_only=True)

@@ -1,4 +1,5 @@
-"""The shape of the code: no function in ditcli/ over 60 lines (orchestrators call named steps instead)."""
+"""The shape of the code: no function in ditcli/ over 60 lines (orchestrators call named steps instead), and backend
+flags set in one place."""
 
 import ast
 from pathlib import Path
@@ -33,3 +34,17 @@ def test_no_function_in_ditcli_is_over_60_lines():
     offenders = [f"{path.relative_to(PACKAGE.parent)}: {name} ({lines} lines)"
                  for path in sorted(PACKAGE.rglob("*.py")) for name, lines in long_functions(path.read_text())]
     assert not offenders, "split these into named steps: " + "; ".join(offenders)
+
+
+def backend_flag_writes(source: str) -> list[str]:
+    """Assignments to torch.backends.* in `source`, e.g. "torch.backends.cudnn.benchmark"."""
+    return [ast.unparse(target) for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assign)
+            for target in node.targets if ast.unparse(target).startswith("torch.backends.")]
+
+
+def test_backend_flags_are_set_in_one_place():
+    assert backend_flag_writes("torch.backends.cuda.matmul.allow_tf32 = False\nx = 1") == [
+        "torch.backends.cuda.matmul.allow_tf32"]
+    writers = {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
+               if backend_flag_writes(path.read_text())}
+    assert writers == {"runtime.py"}

@@ -53,10 +53,8 @@ def fid(
     num_workers: WorkersOpt = min(4, os.cpu_count() or 1), force: ForceOpt = False, json_output: JsonOpt = False,
 ):
     """Score samples against a reference: FID, sFID, IS, precision and recall, as ADM's evaluator."""
-    import torch
-
     from ditcli import metrics
-    from ditcli.runtime import resolve_device
+    from ditcli.runtime import resolve_device, set_backend_flags
 
     if inception_weights is not None and features != metrics.INCEPTION:
         raise UserError("--inception-weights only applies to --features inception")
@@ -67,9 +65,8 @@ def fid(
         if output.exists() and not force:
             raise UserError(f"{output} already exists", "choose another -o, or pass --force to replace it")
     torch_device = resolve_device(device)
-    if torch_device.type == "cuda":  # TF32 would round the features more coarsely than the float32 graph does
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    # TF32 would round the features more coarsely than the float32 graph does; autotuning may change the kernels.
+    set_backend_flags(allow_tf32=False, autotune=False)
 
     with StageBars(enabled=not json_output) as bars, warnings.catch_warnings():
         # PIL warns of a huge image and decodes it anyway; the readers turn the warning into a one-line error.

@@ -16,6 +16,7 @@ from ditcli.commands.options import CompileOpt, DeviceOpt, DistTimeoutOpt, JsonO
 from ditcli.model import preset_names
 from ditcli.progress import TrainProgress
 from ditcli.ranks import env_rank, world_size
+from ditcli.runtime import set_backend_flags
 from ditcli.training import TRAIN_PRESETS, Trainer, TrainConfig, config_from_options
 
 console = Console(stderr=True, soft_wrap=True)
@@ -116,6 +117,7 @@ def train(
         flip=flip, ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
         max_bad_steps=max_bad_steps, grad_checkpointing=grad_checkpointing, precision=precision, seed=seed,
         device=device, compile=compile, init_from=init_from, init_weights=init_weights)
+    set_backend_flags()  # TF32 and cuDNN autotuning, as the reference train.py enables them
     # Under torchrun all ranks compute and rank 0 renders; the others stay silent unless --debug.
     speaks = env_rank() == 0 or _debug()
     stop = threading.Event()
