@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -11,7 +13,7 @@ from typer.core import TyperGroup
 
 from ditcli import __version__
 from ditcli.errors import UserError
-from ditcli.ranks import AgreedError, env_rank
+from ditcli.ranks import AgreedError, env_rank, world_size
 
 # Errors the shell reports as one line; anything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
@@ -123,4 +125,17 @@ _register()
 
 
 def main():
-    app(prog_name="dit")
+    if world_size() <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        app(prog_name="dit")
+        return
+    # A torchrun worker exits with its code as soon as the command is done: in the interpreter's teardown a backend
+    # thread (gloo's, the store's) could still be joinable and abort the process (SIGABRT, "terminate called without
+    # an active exception"), turning a clean exit 0 or 2 into a failed rank. Files are closed and renamed by then.
+    try:
+        app(prog_name="dit")
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

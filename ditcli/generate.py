@@ -7,7 +7,6 @@ the images an earlier run finished. Nothing here prints; progress goes through c
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -31,7 +30,7 @@ from ditcli.errors import UserError
 from ditcli.images import GRID_MAX, make_grid, pil_image
 from ditcli.io import check_creatable, replacing, write_json
 from ditcli.model import DiTConfig
-from ditcli.ranks import DEFAULT_TIMEOUT_S, check_timeout, from_rank0, init_group, on_every_rank
+from ditcli.ranks import Ranks, from_rank0, on_every_rank
 from ditcli.runtime import autocast, resolve_precision
 from ditcli.samplers import (CountingModelFn, Guidance, ImageNoise, SamplerPlan, guided_model_fn, image_seed,
                              plan_sampler, unconditional_model_fn)
@@ -171,62 +170,6 @@ def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indic
         with torch.no_grad():
             images = to_uint8(codec.decode(latents))[: len(chunk)]  # (n, H, W, C)
         yield Batch(chunk, [config.labels[i] for i in chunk], images.cpu(), nfe)
-
-
-# Ranks under torchrun.
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun group (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world: int = 1
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    @contextlib.contextmanager
-    def zero_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (a download, say), then the others, which find its result. If it fails on
-        rank 0, every rank raises its error."""
-        if self.rank != 0:
-            on_every_rank(lambda: None)
-            yield
-            return
-        failure = None
-        try:
-            yield
-        except (UserError, ValueError, OSError) as exc:
-            failure = exc
-
-        def outcome():
-            if failure is not None:
-                raise failure
-
-        on_every_rank(outcome)
-
-
-def rank_device(device: torch.device) -> torch.device:
-    """Under torchrun, each process takes the GPU of its LOCAL_RANK."""
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device
-
-
-@contextlib.contextmanager
-def distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Ranks]:
-    """Join the torchrun group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise); collectives wait `timeout_s`."""
-    check_timeout(timeout_s)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield Ranks()
-        return
-    init_group(device, timeout_s)
-    try:
-        yield Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size())
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 # Writers: each knows which images it already holds, writes batches, and finishes on rank 0.

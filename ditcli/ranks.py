@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import os
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
 import torch
@@ -148,3 +149,75 @@ def _is_collective_failure(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket"))
+
+
+# This process's place in the group.
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun group (rank 0 of 1, not grouped, when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    grouped: bool = False  # in a process group (gloo or nccl)
+
+    def barrier(self) -> None:
+        if self.grouped:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def zero_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (a download, say), then the others, which find its result. If it fails on
+        rank 0, every rank raises its error."""
+        if self.rank != 0:
+            on_every_rank(lambda: None)
+            yield
+            return
+        failure = None
+        try:
+            yield
+        except (UserError, ValueError, OSError) as exc:
+            failure = exc
+
+        def outcome():
+            if failure is not None:
+                raise failure
+
+        on_every_rank(outcome)
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, each process takes the GPU of its LOCAL_RANK."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+def join(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, always: bool = False) -> Ranks:
+    """Join the torchrun group (nccl on CUDA, gloo otherwise) when WORLD_SIZE > 1, or under torchrun at all with
+    `always` (training: DDP and NCCL even for one process). Collectives wait at most `timeout_s`."""
+    check_timeout(timeout_s)
+    if world_size() <= 1 and not (always and "TORCHELASTIC_RUN_ID" in os.environ):
+        return Ranks(timeout_s=timeout_s)
+    init_group(device, timeout_s)
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), timeout_s, True)
+
+
+def leave(ranks: Ranks) -> None:
+    """Leave the group: a gloo group still alive at interpreter exit made a rank abort with SIGABRT ("terminate
+    called without an active exception") after a finished or failed run."""
+    if ranks.grouped and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, always: bool = False) -> Iterator[Ranks]:
+    """`join` for the block, and `leave` however it ends."""
+    ranks = join(device, timeout_s, always)
+    try:
+        yield ranks
+    finally:
+        leave(ranks)

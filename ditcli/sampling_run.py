@@ -20,13 +20,13 @@ from ditcli.checkpoint import load_checkpoint
 from ditcli.classes import ClassTable, class_table, slug
 from ditcli.codec import LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict, default_codec_spec
 from ditcli.errors import UserError
-from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, Ranks, check_guidance, class_labels,
-                             default_out_dir, random_labels)
+from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, check_guidance, class_labels, default_out_dir,
+                             random_labels)
 from ditcli.hub import is_offline, resolve_source
 from ditcli.images import GRID_MAX
 from ditcli.model import PRESET_SHAPES, preset_names
 from ditcli.protocol import expand_preset
-from ditcli.ranks import on_every_rank
+from ditcli.ranks import Ranks, on_every_rank
 from ditcli.runtime import resolve_precision
 from ditcli.samplers import DIT_SAMPLING, GUIDED_CHANNELS, Guidance, SamplerPlan, plan_sampler
 from ditcli.state import Checkpoint, describe

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,8 +31,8 @@ from ditcli.errors import UserError
 from ditcli.hub import is_offline
 from ditcli.io import atomic_write, check_creatable, safe_torch_load
 from ditcli.model import DiT, DiTConfig, count_parameters, preset, preset_names, training_flops
-from ditcli.ranks import (DEFAULT_TIMEOUT_S, SHARED_DISK_HINT, AgreedError, check_timeout, collectives, from_rank0,
-                          init_group, on_every_rank)
+from ditcli.ranks import (DEFAULT_TIMEOUT_S, SHARED_DISK_HINT, AgreedError, collectives, from_rank0, join, leave,
+                          on_every_rank)
 from ditcli.runtime import autocast, resolve_device, resolve_precision
 from ditcli.samplers import TRAINED_SAMPLING, SamplingDefaults, image_seed
 
@@ -207,31 +206,6 @@ def config_from_options(preset: str | None, **options) -> TrainConfig:
 
 
 @dataclass
-class Dist:
-    """This process's place in a (possibly single-process) data-parallel run."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    grouped: bool = False  # in a process group: always under torchrun, even with one process (DDP, nccl/gloo)
-
-    @classmethod
-    def from_env(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        check_timeout(timeout_s)
-        if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-            return cls(timeout_s=timeout_s)
-        init_group(device, timeout_s)
-        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), timeout_s, True)
-
-    def barrier(self):
-        if self.grouped:
-            dist.barrier()
-
-
-@dataclass
 class TrainState:
     """Counters that a checkpoint carries besides the tensors."""
 
@@ -315,7 +289,7 @@ class Trainer:
             raise UserError("--init-from and --resume exclude each other",
                             "--init-from starts a run; to continue it, drop --init-from and keep --resume")
         self.device = resolve_device(config.device)
-        self.dist = Dist.from_env(self.device, dist_timeout)
+        self.dist = join(self.device, dist_timeout, always=True)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
@@ -357,14 +331,12 @@ class Trainer:
 
     @contextlib.contextmanager
     def group(self):
-        """Leave the process group however the run ends: a gloo group still alive when the interpreter exits made
-        a rank abort (SIGABRT, "terminate called without an active exception") after a finished or failed run."""
+        """Leave the process group however the run ends."""
         try:
             yield
         finally:
-            if self.dist.grouped and dist.is_initialized():
-                self.ddp = self.forward = None
-                dist.destroy_process_group()
+            self.ddp = self.forward = None
+            leave(self.dist)
 
     def doing(self) -> str:
         """What the ranks were doing together, for the error when a peer stops answering."""
