@@ -20,8 +20,7 @@ from ditcli.checkpoint import load_checkpoint
 from ditcli.classes import ClassTable, class_table, slug
 from ditcli.codec import LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict, default_codec_spec
 from ditcli.errors import UserError
-from ditcli.generate import (GenerateConfig, ImageDirWriter, NpzWriter, check_guidance, class_labels, default_out_dir,
-                             random_labels)
+from ditcli.generate import GenerateConfig, check_guidance, class_labels, default_out_dir, random_labels
 from ditcli.hub import is_offline, resolve_source
 from ditcli.images import GRID_MAX
 from ditcli.model import PRESET_SHAPES, preset_names
@@ -31,6 +30,7 @@ from ditcli.runtime import resolve_precision
 from ditcli.samplers import DIT_SAMPLING, GUIDED_CHANNELS, Guidance, SamplerPlan, plan_sampler
 from ditcli.state import Checkpoint, describe
 from ditcli.weights import KnownWeights, ProgressFn, file_sha256, known_weights, registry_models, resolve_weights
+from ditcli.writers import ImageDirWriter, NpzWriter
 
 DEFAULT_MODEL = "DiT-XL/2"
 DEFAULT_NUM = 16

@@ -13,9 +13,10 @@ from ditcli import metrics, sampling_run
 from ditcli.checkpoint import save_safetensors
 from ditcli.cli import app
 from ditcli.codec import PixelCodec
-from ditcli.generate import NpzWriter, RunSummary
+from ditcli.generate import RunSummary
 from ditcli.model import DiT
 from ditcli.state import Checkpoint
+from ditcli.writers import NpzWriter
 
 runner = CliRunner()
 metrics.register_feature_extractor(

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from ditcli.commands.options import (CheckpointOpt, CompileOpt, DeviceOpt, DistTimeoutOpt, ImageSizeOpt, JsonOpt,
                                      ModelOpt, OfflineOpt, PrecisionOpt, SeedOpt)
-from ditcli.generate import GenerateConfig, check_outputs, sample_run
+from ditcli.generate import GenerateConfig, sample_run
 from ditcli.progress import ProgressBar, byte_progress
 from ditcli.protocol import PAPER_FID, SAMPLE_PRESETS
 from ditcli.ranks import DEFAULT_TIMEOUT_S, collectives, distributed, on_every_rank, rank_device
@@ -19,6 +19,7 @@ from ditcli.runtime import resolve_device, set_backend_flags
 from ditcli.samplers import GUIDED_CHANNELS, SAMPLERS
 from ditcli.sampling_run import (DEFAULT_CHANNELS, DEFAULT_NUM, DEFAULT_PRECISION, SampleRequest, expand_sample_preset,
                                  prepare_run)
+from ditcli.writers import check_outputs
 
 ClassOpt = Annotated[list[str] | None, typer.Option(
     "--class", help="Class id, name or WordNet id, case-insensitive; repeat for several. See `dit classes`.")]

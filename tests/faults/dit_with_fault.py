@@ -11,8 +11,8 @@ import os
 import signal
 
 from ditcli.cli import main
-from ditcli.generate import NpzWriter
 from ditcli.training import Trainer
+from ditcli.writers import NpzWriter
 
 
 def _fault() -> tuple[signal.Signals, int, int] | None:
