@@ -51,6 +51,8 @@ class _ErrorsAsOneLine(TyperGroup):
 
 
 def _report(line: str) -> typer.Exit:
+    if env_rank() != 0:  # usage errors come from the command line, the same on every rank: rank 0 reports them
+        return typer.Exit(2)
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {line}", markup=False)
     return typer.Exit(2)
 

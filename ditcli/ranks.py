@@ -32,6 +32,18 @@ class AgreedError(UserError):
     """Raised identically on every rank; only rank 0 reports it (see ditcli.cli)."""
 
 
+@contextlib.contextmanager
+def from_arguments() -> Iterator[None]:
+    """Checks that read only the command line fail alike on every rank, before any group is joined: raise their
+    errors as AgreedError, so that rank 0 alone reports them."""
+    try:
+        yield
+    except AgreedError:
+        raise
+    except UserError as exc:
+        raise AgreedError(exc.what, exc.hint) from None
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -201,7 +201,8 @@ def config_from_options(preset: str | None, **options) -> TrainConfig:
     if preset is not None:
         return train_preset(preset, **chosen)
     if options.get("data") is None:
-        raise UserError("no training data given", "pass --data FOLDER|FILE.npz|fashion-mnist, or --preset fashion-mnist")
+        raise UserError("no training data given",
+                        "pass --data FOLDER|FILE.npz|fashion-mnist, or --preset fashion-mnist")
     return TrainConfig(**chosen)
 
 

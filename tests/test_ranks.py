@@ -42,3 +42,17 @@ def test_the_last_step_is_saved_once_when_it_is_a_checkpoint_step(tmp_path, monk
                                   **TINY), should_stop=lambda: True, resume="auto")
     result = stopped.run()
     assert result["step"] == 5 and result["interrupted"] and saves == [2, 4, 5]
+
+
+def test_command_line_errors_are_reported_by_rank_0_alone(monkeypatch):
+    from typer.testing import CliRunner
+
+    from ditcli.cli import app
+
+    cases = [["train", "--data", "x.npz", "--num-heads", "3", "--hidden-size", "64"],  # a check of the options
+             ["sample", "--cfgg", "2"]]                                                 # Typer's own usage error
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        for args in cases:
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 2 and ("error:" in result.output) == printed, (rank, args, result.output)

@@ -14,7 +14,7 @@ from ditcli.commands.options import (CheckpointOpt, CompileOpt, DeviceOpt, DistT
 from ditcli.generate import GenerateConfig, sample_run
 from ditcli.progress import ProgressBar, byte_progress
 from ditcli.protocol import PAPER_FID, SAMPLE_PRESETS
-from ditcli.ranks import DEFAULT_TIMEOUT_S, collectives, distributed, on_every_rank, rank_device
+from ditcli.ranks import DEFAULT_TIMEOUT_S, collectives, distributed, from_arguments, on_every_rank, rank_device
 from ditcli.runtime import resolve_device, set_backend_flags
 from ditcli.samplers import GUIDED_CHANNELS, SAMPLERS
 from ditcli.sampling_run import (DEFAULT_CHANNELS, DEFAULT_NUM, DEFAULT_PRECISION, SampleRequest, expand_sample_preset,
@@ -72,15 +72,16 @@ def sample(
     """Generate class-conditional images from a DiT checkpoint."""
     # Expand --preset (explicit options win), then check the numbers and the choice of model before any file is read
     # or written.
-    settings, notes = expand_sample_preset(preset, sampler=sampler, steps=steps, cfg=cfg,
-                                           guidance_channels=guidance_channels, vae=vae, precision=precision,
-                                           num=num, num_per_class=num_per_class)
-    request = SampleRequest(
-        model, image_size, ckpt, tuple(class_ or ()), num_per_class, settings["num"], settings["steps"],
-        settings["cfg"], settings["guidance_channels"], guidance_interval, settings["sampler"], eta, seed, batch_size,
-        out, npz, settings["vae"], vae is None and settings["vae"] is not None, settings["precision"], compile,
-        deterministic, offline, force, preset, weights, tuple(notes))
-    request.check()
+    with from_arguments():  # the same options on every rank
+        settings, notes = expand_sample_preset(preset, sampler=sampler, steps=steps, cfg=cfg,
+                                               guidance_channels=guidance_channels, vae=vae, precision=precision,
+                                               num=num, num_per_class=num_per_class)
+        request = SampleRequest(
+            model, image_size, ckpt, tuple(class_ or ()), num_per_class, settings["num"], settings["steps"],
+            settings["cfg"], settings["guidance_channels"], guidance_interval, settings["sampler"], eta, seed,
+            batch_size, out, npz, settings["vae"], vae is None and settings["vae"] is not None,
+            settings["precision"], compile, deterministic, offline, force, preset, weights, tuple(notes))
+        request.check()
     torch_device = rank_device(resolve_device(device))
     set_backend_flags(deterministic=deterministic)
     with distributed(torch_device, dist_timeout) as ranks, \

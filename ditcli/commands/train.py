@@ -15,7 +15,7 @@ from rich.console import Console
 from ditcli.commands.options import CompileOpt, DeviceOpt, DistTimeoutOpt, JsonOpt
 from ditcli.model import preset_names
 from ditcli.progress import TrainProgress
-from ditcli.ranks import env_rank, world_size
+from ditcli.ranks import env_rank, from_arguments, world_size
 from ditcli.runtime import set_backend_flags
 from ditcli.training import TRAIN_PRESETS, Trainer, TrainConfig, config_from_options
 
@@ -109,14 +109,15 @@ def train(
 
     With --preset, the options you leave out take the preset's values instead of the defaults shown.
     """
-    config = config_from_options(
-        preset, data=data, out=str(out), model=model, image_size=image_size, channels=channels, vae=vae,
-        hidden_size=hidden_size, depth=depth, num_heads=num_heads, steps=steps, global_batch=global_batch,
-        micro_batch=micro_batch, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, ema_warmup=ema_warmup,
-        schedule=schedule, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, grad_clip=grad_clip,
-        flip=flip, ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
-        max_bad_steps=max_bad_steps, grad_checkpointing=grad_checkpointing, precision=precision, seed=seed,
-        device=device, compile=compile, init_from=init_from, init_weights=init_weights)
+    with from_arguments():  # the same options on every rank
+        config = config_from_options(
+            preset, data=data, out=str(out), model=model, image_size=image_size, channels=channels, vae=vae,
+            hidden_size=hidden_size, depth=depth, num_heads=num_heads, steps=steps, global_batch=global_batch,
+            micro_batch=micro_batch, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, ema_warmup=ema_warmup,
+            schedule=schedule, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, grad_clip=grad_clip,
+            flip=flip, ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
+            max_bad_steps=max_bad_steps, grad_checkpointing=grad_checkpointing, precision=precision, seed=seed,
+            device=device, compile=compile, init_from=init_from, init_weights=init_weights)
     set_backend_flags()  # TF32 and cuDNN autotuning, as the reference train.py enables them
     # Under torchrun all ranks compute and rank 0 renders; the others stay silent unless --debug.
     speaks = env_rank() == 0 or _debug()
