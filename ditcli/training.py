@@ -44,6 +44,7 @@ MAX_IMAGE_SIZE = 4096
 MAX_HIDDEN_SIZE = 16384
 MAX_DEPTH = 512
 
+LR_SCHEDULES = ("constant", "cosine")
 RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "micro_batch", "compile",
                      "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights"}
 
@@ -68,6 +69,8 @@ class TrainConfig:
     global_batch: int = 256
     micro_batch: int | None = None
     lr: float = 1e-4
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
     ema_warmup: bool = False
@@ -100,6 +103,8 @@ class TrainConfig:
         if self.precision not in ("fp32", "bf16"):
             raise UserError(f"unknown training precision {self.precision!r}",
                             "choose fp32 or bf16; fp16 would need loss scaling")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"unknown --lr-schedule {self.lr_schedule!r}", f"choose from {', '.join(LR_SCHEDULES)}")
         if self.schedule not in BETA_SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}", f"choose from {', '.join(BETA_SCHEDULES)}")
         if self.init_weights not in WEIGHT_CHOICES:
@@ -120,7 +125,7 @@ class TrainConfig:
                 ("--num-heads", self.num_heads, 1, MAX_HIDDEN_SIZE), ("--keep-last", self.keep_last, 1, 10**6),
                 ("--log-every", self.log_every, 1, 10**12), ("--ckpt-every", self.ckpt_every, 1, 10**12),
                 ("--sample-every", self.sample_every, 0, 10**12), ("--max-bad-steps", self.max_bad_steps, 1, 10**6),
-                ("--seed", self.seed, 0, 2**63 - 1)]
+                ("--lr-warmup", self.lr_warmup, 0, max(0, self.steps - 1)), ("--seed", self.seed, 0, 2**63 - 1)]
 
     def float_checks(self) -> list[tuple[str, float | None, Callable[[float], bool], str, str]]:
         """(option, value, test of a finite value, the rule, how to fix)."""
@@ -172,6 +177,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of update `step` (0-based): linear warm-up over `lr_warmup` updates, then `lr` held
+        (constant) or annealed to 0 at `steps` along a half cosine (SGDR, Loshchilov & Hutter, 2017)."""
+        if step < self.lr_warmup:
+            return self.lr * (step + 1) / self.lr_warmup
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = min(1.0, (step - self.lr_warmup) / max(1, self.steps - self.lr_warmup))
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 TRAIN_PRESETS = {
@@ -286,9 +301,9 @@ class Trainer:
         self.emit = on_event or (lambda kind, data: None)
         self.should_stop = should_stop or (lambda: False)
         self.resume_arg, self.force = resume, force
-        if config.init_from and resume not in (None, "", "none"):
-            raise UserError("--init-from and --resume exclude each other",
-                            "--init-from starts a run; to continue it, drop --init-from and keep --resume")
+        if config.init_from and resume not in (None, "", "none", "auto"):
+            raise UserError("--init-from and --resume CHECKPOINT exclude each other",
+                            "pass --resume auto: it starts from --init-from once, then continues the run in --out")
         self.device = resolve_device(config.device)
         self.dist = join(self.device, dist_timeout, always=True)
         if self.device.type == "cuda":
@@ -362,7 +377,9 @@ class Trainer:
         self.model_config = config.model_config(self.images.num_classes)
         torch.manual_seed(config.seed)
         self.model = DiT(self.model_config).to(self.device)
-        self.init = self.initialize_from()  # before the codec, so a bad source fails before any latent is encoded
+        # --init-from starts a run once; a resumed run takes its weights from the checkpoint. Before the codec, so a
+        # bad source fails before any latent is encoded.
+        self.init = None if resumed else self.initialize_from()
         self.codec = self.load_codec()
         cache = self.prepare_cache()
         self.data = TrainingData(self.images, cache, config.flip)
@@ -477,6 +494,8 @@ class Trainer:
     def apply_update(self, ok: bool):
         """Optimizer and EMA step, or a counted skip when the loss or gradient is not finite."""
         if ok:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr_at(self.state.step)
             self.optimizer.step()
             self.update_ema()
             self.state.consecutive_bad = 0
@@ -638,8 +657,10 @@ class Trainer:
 
     def check_compatible(self, stored: dict, path: Path, fingerprint: str | None = None):
         ours = self.config.to_dict()
-        differs = [f"{k}: {stored['train'].get(k)!r} -> {v!r}" for k, v in ours.items()
-                   if k not in RESUMABLE_CHANGES and k not in ("out", "data") and stored["train"].get(k) != v]
+        defaults = TrainConfig.__dataclass_fields__  # a field added since the checkpoint was written has its default
+        before = {k: stored["train"].get(k, defaults[k].default) for k in ours}
+        differs = [f"{k}: {before[k]!r} -> {v!r}" for k, v in ours.items()
+                   if k not in RESUMABLE_CHANGES and k not in ("out", "data") and before[k] != v]
         if not self.same_data(stored["train"].get("data"), fingerprint):
             differs.append(f"data: {stored['train'].get('data')!r} -> {self.config.data!r}")
         if DiTConfig.from_dict(stored["model"]) != self.model_config:

@@ -141,10 +141,26 @@ def test_an_architecture_mismatch_is_one_line_naming_each_difference(tmp_path):
     assert not (tmp_path / "cli").exists()  # refused before anything is written
 
 
-def test_init_from_and_resume_exclude_each_other(tmp_path):
-    source_file(tmp_path / "ten.safetensors")
-    with pytest.raises(UserError, match="--init-from and --resume exclude each other"):
-        Trainer(TrainConfig(data="x", init_from=str(tmp_path / "ten.safetensors")), resume="auto")
+def test_init_from_with_resume_auto_starts_once_then_continues(tmp_path):
+    source = source_file(tmp_path / "ten.safetensors")
+    data = npz(tmp_path / "x.npz", NAMES)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), init_from=str(tmp_path / "ten.safetensors"),
+                         **{**TINY, "steps": 2})
+    first = Trainer(config, resume="auto")
+    first.setup()
+    weight = "x_embedder.proj.weight"
+    assert first.init is not None and torch.equal(first.ema.state_dict()[weight], source.state_dict[weight])
+    first.run()
+    # The source changes on disk: a resumed run must take its weights from the checkpoint, not from the source.
+    (tmp_path / "ten.safetensors").unlink()
+    source_file(tmp_path / "ten.safetensors", hidden_size=64)
+    again = Trainer(TrainConfig(**{**config.to_dict(), "steps": 3}), resume="auto")
+    again.run()
+    trained = load_checkpoint(tmp_path / "run" / "ckpt-0000002.pt").state_dict
+    assert again.init is None and again.state.step == 3 and again.model_config.hidden_size == 32
+    assert not torch.equal(again.ema.state_dict()[weight], trained[weight])  # it trained on from the checkpoint
+    with pytest.raises(UserError, match="--init-from and --resume CHECKPOINT exclude each other"):
+        Trainer(config, resume=str(tmp_path / "run" / "ckpt-0000003.pt"))
     with pytest.raises(UserError, match="unknown --init-weights"):
         TrainConfig(data="x", init_weights="best")
 
@@ -175,7 +191,13 @@ def test_cli_start_up_table_reports_the_mapping(tmp_path):
     assert "2 copied by name, 2 fresh, null row copied" in result.output
     records = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    result = CliRunner().invoke(app, args + ["--resume", "auto"])
+    longer = list(args)
+    longer[longer.index("--steps") + 1] = "3"
+    result = CliRunner().invoke(app, longer + ["--resume", "auto"])
+    assert result.exit_code == 0 and "copied by name" not in result.output, result.output  # resumed, not re-initialised
+    records = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    result = CliRunner().invoke(app, args + ["--resume", str(tmp_path / "cli" / "ckpt-0000003.pt")])
     assert result.exit_code == 2 and "exclude each other" in result.output
 
 

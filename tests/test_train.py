@@ -94,6 +94,40 @@ def test_incompatible_resume_is_refused_unless_forced(tmp_path, npz_data):
     assert forced.state.step == 3
 
 
+def test_cosine_schedule_warms_up_then_anneals_to_zero_at_the_last_step():
+    config = TrainConfig(data="x", lr=1e-3, lr_schedule="cosine", lr_warmup=10, steps=110)
+    assert [config.lr_at(s) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert config.lr_at(60) == pytest.approx(5e-4) and config.lr_at(110) == 0.0
+    assert all(a >= b for a, b in zip(map(config.lr_at, range(9, 110)), map(config.lr_at, range(10, 111))))
+    assert {TrainConfig(data="x", lr=1e-3, steps=110).lr_at(s) for s in (0, 50, 109)} == {1e-3}
+
+
+def test_the_optimizer_follows_the_schedule_across_a_resume(tmp_path, npz_data):
+    schedule = dict(lr_schedule="cosine", lr_warmup=2, ckpt_every=3)
+    run(tmp_path / "a", npz_data, steps=6, **schedule)
+    asked = iter(range(100))
+    stopped = Trainer(TrainConfig(data=str(npz_data), out=str(tmp_path / "b"), steps=6, **{**TINY, **schedule}),
+                      should_stop=lambda: next(asked) >= 2)  # a 6-step cosine run stopped after its third step
+    assert stopped.run()["step"] == 3
+    resumed = run(tmp_path / "b", npz_data, steps=6, resume="auto", **schedule)
+    config = resumed.config
+    for name in ("a", "b"):
+        logged = [json.loads(line)["lr"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert logged == pytest.approx([config.lr_at(step) for step in range(6)]), name
+    with pytest.raises(UserError, match="lr_schedule: 'cosine' -> 'constant'"):
+        run(tmp_path / "b", npz_data, steps=7, resume="auto", ckpt_every=3)
+
+
+def test_a_checkpoint_from_before_the_schedule_resumes_as_constant(tmp_path, npz_data):
+    run(tmp_path, npz_data, steps=2)
+    path = tmp_path / "ckpt-0000002.pt"
+    payload = torch.load(path, weights_only=False)
+    for key in ("lr_schedule", "lr_warmup"):
+        del payload["config"]["train"][key]
+    torch.save(payload, path)
+    assert run(tmp_path, npz_data, steps=3, resume="auto").state.step == 3
+
+
 def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, npz_data, monkeypatch):
     original = TrainingData.x_start
     calls = {"n": 0}

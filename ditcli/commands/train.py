@@ -53,6 +53,9 @@ GlobalBatchOpt = Annotated[int | None, _opt("--global-batch", "Images per step, 
 MicroBatchOpt = Annotated[int | None, _opt("--micro-batch", "Images per forward; the rest of a rank's share is "
                                                             "accumulated. Default: the whole share.", "micro_batch")]
 LrOpt = Annotated[float | None, _opt("--lr", "AdamW learning rate (> 0).", "lr")]
+LrScheduleOpt = Annotated[str | None, _opt("--lr-schedule", "Learning rate after the warm-up: constant, or cosine "
+                                                            "(annealed to 0 at --steps).", "lr_schedule")]
+LrWarmupOpt = Annotated[int | None, _opt("--lr-warmup", "Steps of linear learning-rate warm-up from 0.", "lr_warmup")]
 WeightDecayOpt = Annotated[float | None, _opt("--weight-decay", "AdamW weight decay (>= 0).", "weight_decay")]
 EmaDecayOpt = Annotated[float | None, _opt("--ema-decay", "Decay of the EMA weights that sampling uses, in [0, 1).",
                                            "ema_decay")]
@@ -78,7 +81,8 @@ MaxBadOpt = Annotated[int | None, _opt("--max-bad-steps", "Stop after this many 
                                                           "loss or gradient.", "max_bad_steps")]
 GradCkptOpt = Annotated[bool | None, _opt("--grad-checkpointing/--no-grad-checkpointing", "Recompute block activations "
                                           "in the backward pass to save memory.", "grad_checkpointing")]
-ResumeOpt = Annotated[str | None, _opt("--resume", "auto (latest in --out) or a ckpt-*.pt. Default: start afresh.")]
+ResumeOpt = Annotated[str | None, _opt("--resume", "auto (latest in --out; with --init-from, the source on the first "
+                                                   "run) or a ckpt-*.pt. Default: start afresh.")]
 InitFromOpt = Annotated[str | None, _opt(
     "--init-from", "Fine-tune: start from these weights (a .pt, .safetensors, training checkpoint, diffusers folder "
                    "or hub id org/name[@rev]); same architecture, any image size and classes. Default: a fresh "
@@ -96,6 +100,7 @@ def train(
     image_size: ImageSizeOpt = None, channels: ChannelsOpt = None, vae: VaeOpt = None,
     hidden_size: HiddenSizeOpt = None, depth: DepthOpt = None, num_heads: NumHeadsOpt = None, steps: StepsOpt = None,
     global_batch: GlobalBatchOpt = None, micro_batch: MicroBatchOpt = None, lr: LrOpt = None,
+    lr_schedule: LrScheduleOpt = None, lr_warmup: LrWarmupOpt = None,
     weight_decay: WeightDecayOpt = None, ema_decay: EmaDecayOpt = None, ema_warmup: EmaWarmupOpt = None,
     schedule: ScheduleOpt = None, learn_sigma: LearnSigmaOpt = None, class_dropout_prob: DropoutOpt = None,
     grad_clip: GradClipOpt = None, flip: FlipOpt = None, ckpt_every: CkptEveryOpt = None,
@@ -113,7 +118,8 @@ def train(
         config = config_from_options(
             preset, data=data, out=str(out), model=model, image_size=image_size, channels=channels, vae=vae,
             hidden_size=hidden_size, depth=depth, num_heads=num_heads, steps=steps, global_batch=global_batch,
-            micro_batch=micro_batch, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, ema_warmup=ema_warmup,
+            micro_batch=micro_batch, lr=lr, lr_schedule=lr_schedule, lr_warmup=lr_warmup, weight_decay=weight_decay,
+            ema_decay=ema_decay, ema_warmup=ema_warmup,
             schedule=schedule, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, grad_clip=grad_clip,
             flip=flip, ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
             max_bad_steps=max_bad_steps, grad_checkpointing=grad_checkpointing, precision=precision, seed=seed,
