@@ -9,8 +9,9 @@ NFE for each sampler, and the fastest configuration that reaches DDPM-250's qual
     python benchmarks/quality_per_second.py race --winner dpm++2m-15-gi   # (a) and (b) side by side
     python benchmarks/quality_per_second.py report           # table (stdout) and docs/images/fashion-mnist-fd-nfe.png
 
-Every row's images and scores are cached under benchmarks/results/scratch/quality/ (git-ignored), so an interrupted
-run resumes where it stopped; the summary goes to benchmarks/results/quality_per_second.json.
+Every row's images and scores are cached under benchmarks/results/scratch/quality/<weights>-<sha256>/ (git-ignored),
+so an interrupted run resumes where it stopped and other weights (--ckpt) never mix with them; the summary goes to
+benchmarks/results/quality_per_second.json (--summary).
 
 The reference for every row is the 60k train split; the floor is 1,000 real test images (100 per class, as the
 samples) against it. A row "-gi" guides only inside GUIDANCE_SIGMAS (EDM2's interval, Kynkaanniemi et al. 2024),
@@ -20,6 +21,7 @@ mapped to training timesteps of the model's schedule.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import statistics
@@ -42,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SCRATCH = RESULTS / "scratch" / "quality"
 CKPT = ROOT / "weights" / "fashion-mnist.safetensors"
+SUMMARY = RESULTS / "quality_per_second.json"
+PLOT = ROOT / "docs" / "images" / "fashion-mnist-fd-nfe.png"
 PER_CLASS = 100
 SMALL_PER_CLASS = 10  # the DDPM-250 row's count per class; larger rows are also scored in slices of this size
 CFG = 4.0
@@ -84,9 +88,16 @@ def config_of(row: dict, seed: int, labels: list[int], batch_size: int, compile_
                           precision=row["precision"], compile=compile_model, schedule=schedule)
 
 
-def sample_row(model, checkpoint, name: str, seed: int, per_class: int, batch_size: int, compile_model: bool) -> dict:
+def weights_dir(ckpt: Path) -> Path:
+    """The cache of one weights file, named by its content: retrained weights start a fresh cache."""
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]
+    return SCRATCH / f"{ckpt.stem}-{digest}"
+
+
+def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: int, batch_size: int,
+               compile_model: bool) -> dict:
     """Sample (or load the cache of) one row, `per_class` images per class, caching each batch; returns its record."""
-    path = SCRATCH / "samples" / f"{name}-seed{seed}-n{10 * per_class}.npz"
+    path = work / "samples" / f"{name}-seed{seed}-n{10 * per_class}.npz"
     record_path = path.with_suffix(".json")
     if record_path.exists():
         return json.loads(record_path.read_text())
@@ -262,8 +273,8 @@ def machine() -> dict:
             "amx": "amx_bf16" in flags, "torch": torch.__version__}
 
 
-def save_json(name: str, data) -> Path:
-    path = SCRATCH / name
+def save_json(work: Path, name: str, data) -> Path:
+    path = work / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
     return path
@@ -283,12 +294,13 @@ def cmd_speed(model, checkpoint, args) -> None:
                                        "batch": batch, "images": args.images, "img_per_s": rate})
                 print(json.dumps(result["rows"][-1]), flush=True)
     result["peaks_after"] = matmul_peaks()
-    print(f"wrote {save_json('speed.json', result)}")
+    print(f"wrote {save_json(weights_dir(args.ckpt), 'speed.json', result)}")
 
 
 def cmd_sweep(model, checkpoint, args) -> None:
     for name in args.rows or all_rows():
-        record = sample_row(model, checkpoint, name, args.seed, args.per_class, args.batch_size, args.compile)
+        record = sample_row(model, checkpoint, weights_dir(args.ckpt), name, args.seed, args.per_class,
+                            args.batch_size, args.compile)
         print(json.dumps(record), flush=True)
 
 
@@ -300,32 +312,31 @@ def cmd_score(args) -> None:
         if not path.exists():
             path.write_text(json.dumps(floor(ref, seed)))
         floors.append(json.loads(path.read_text()))
-    rows = []
-    for record_path in sorted((SCRATCH / "samples").glob("*.json")):
+    rows, work = [], weights_dir(args.ckpt)
+    for record_path in sorted((work / "samples").glob("*.json")):
         if record_path.name.endswith(".score.json"):
             continue
         record = json.loads(record_path.read_text())
         rows.append({**record, **score_row(record_path.with_suffix(".npz"), ref)})
         print(json.dumps({k: rows[-1][k] for k in ("row", "seed", "nfe", "fd", "kid", "kid_std", "accuracy")}),
               flush=True)
-    summary = {"checkpoint": str(CKPT.relative_to(ROOT)), "cfg": CFG, "per_class": PER_CLASS,
+    summary = {"checkpoint": str(args.ckpt), "weights": work.name, "cfg": CFG, "per_class": PER_CLASS,
                "reference": "fashion-mnist train split (60,000), judge features", "floor": floors, "rows": rows,
-               "guidance_interval_t": list(guidance_interval(checkpoint_schedule())),
+               "guidance_interval_t": list(guidance_interval(load_checkpoint(args.ckpt).schedule)),
                "guidance_interval_sigma": list(GUIDANCE_SIGMAS)}
-    for race in sorted(SCRATCH.glob("race*.json")):  # race.json is the latest; race-N.json earlier runs kept by hand
+    for race in sorted(work.glob("race*.json")):  # race.json is the latest; race-N.json earlier runs kept by hand
         summary[race.stem] = json.loads(race.read_text())
     for name in ("speed", "compare"):
-        if (SCRATCH / f"{name}.json").exists():
-            summary[name] = json.loads((SCRATCH / f"{name}.json").read_text())
-    out = RESULTS / "quality_per_second.json"
-    out.write_text(json.dumps(summary, indent=1))
-    print(f"wrote {out}")
+        if (work / f"{name}.json").exists():
+            summary[name] = json.loads((work / f"{name}.json").read_text())
+    args.summary.write_text(json.dumps(summary, indent=1))
+    print(f"wrote {args.summary}")
 
 
 def cmd_compare(args) -> None:
     """DDPM-250 pooled over its seeds against every 1,000-image row cut into disjoint slices of the same count."""
-    ref = reference()
-    pooled = [np.load(path) for path in sorted((SCRATCH / "samples").glob("ddpm-250-seed*-n100.npz"))]
+    ref, work = reference(), weights_dir(args.ckpt)
+    pooled = [np.load(path) for path in sorted((work / "samples").glob("ddpm-250-seed*-n100.npz"))]
     images = np.concatenate([d["images"] for d in pooled])
     labels = np.concatenate([d["labels"] for d in pooled])
     per_class = len(images) // 10
@@ -333,7 +344,7 @@ def cmd_compare(args) -> None:
     result = {"ddpm-250": {**score(feats, ref), "accuracy": float((predicted.numpy() == labels).mean()),
                            "images": len(images), "seeds": len(pooled)}, "per_class": per_class, "rows": {}}
     print(json.dumps(result["ddpm-250"]), flush=True)
-    for path in sorted((SCRATCH / "samples").glob("*-n1000.npz")):
+    for path in sorted((work / "samples").glob("*-n1000.npz")):
         data = np.load(path)
         feats, predicted = judge_features(data["images"])
         correct = predicted.numpy() == data["labels"]
@@ -343,11 +354,7 @@ def cmd_compare(args) -> None:
                                            statistics.stdev(s[key] for s in slices) if len(slices) > 1 else None)
                                      for key in ("fd", "kid", "accuracy")}
         print(path.stem, json.dumps(result["rows"][path.stem]), flush=True)
-    print(f"wrote {save_json('compare.json', result)}")
-
-
-def checkpoint_schedule() -> str:
-    return load_checkpoint(CKPT).schedule
+    print(f"wrote {save_json(work, 'compare.json', result)}")
 
 
 def cmd_race(model, checkpoint, args) -> None:
@@ -377,7 +384,7 @@ def cmd_race(model, checkpoint, args) -> None:
         result[f"{name}_vs_dit_pipeline"] = median[name] / median["dit_pipeline"]
     result["winner"] = {"row": fp32, **parse_row(fp32), "interval_t": list(guidance_interval(checkpoint.schedule))}
     print(json.dumps(median), flush=True)
-    print(f"wrote {save_json('race.json', result)}")
+    print(f"wrote {save_json(weights_dir(args.ckpt), 'race.json', result)}")
 
 
 def cmd_report(args) -> None:
@@ -386,7 +393,7 @@ def cmd_report(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = json.loads((RESULTS / "quality_per_second.json").read_text())
+    summary = json.loads(args.summary.read_text())
     rows = [r for r in summary["rows"] if r["precision"] == "fp32" and r["seed"] == 0]
     fig, (big, small) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     colours = dict(zip(LABELS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red")))
@@ -415,7 +422,7 @@ def cmd_report(args) -> None:
     fig.suptitle(f"Embedded Fashion-MNIST DiT, cfg {summary['cfg']:g}; DDPM-250: one point per seed (100 images)",
                  fontsize=10)
     fig.tight_layout()
-    out = ROOT / "docs" / "images" / "fashion-mnist-fd-nfe.png"
+    out = args.plot
     fig.savefig(out, dpi=100)
     print("| sampler | steps | guidance interval | NFE | forwards/image | seed | images | FD | FD at 100 | KID | "
           "judge accuracy |")
@@ -460,6 +467,9 @@ def main():
     parser.add_argument("--images", type=int, default=20, help="Images per timed run (speed, race).")
     parser.add_argument("--winner", default="dpm++2m-15-gi")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--ckpt", type=Path, default=CKPT, help="The weights to measure (default: the shipped ones).")
+    parser.add_argument("--summary", type=Path, default=SUMMARY, help="Where score writes and report reads.")
+    parser.add_argument("--plot", type=Path, default=PLOT, help="Where report draws FD against NFE.")
     args = parser.parse_args()
     if args.command == "score":
         return cmd_score(args)
@@ -467,7 +477,7 @@ def main():
         return cmd_report(args)
     if args.command == "compare":
         return cmd_compare(args)
-    checkpoint = load_checkpoint(CKPT)
+    checkpoint = load_checkpoint(args.ckpt)
     model = checkpoint.build("cpu").eval()
     {"speed": cmd_speed, "sweep": cmd_sweep, "race": cmd_race}[args.command](model, checkpoint, args)
 

@@ -209,3 +209,4 @@ def test_sampling_worker_killed_then_rerun_gives_a_byte_identical_npz(tmp_path):
     again = torchrun([*args, *npz])  # 13 images on 2 ranks: an uneven split
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
+    assert "sampling (rank 0 of 2)" in again.stderr and "wrote 13 images" in again.stdout  # the bar: rank 0's share

@@ -94,7 +94,9 @@ def sample(
             request, torch_device, ranks, downloads(not quiet),
             on_warning=lambda text: quiet or console.print(f"warning: {text}", markup=False),
             on_ready=lambda *shown: preset is None or quiet or show_preset(console, preset, *shown))
-        with ProgressBar(None, "sampling", unit="img", enabled=not quiet) as bar:
+        # Under torchrun the bar counts rank 0's own images; the closing line gives the total of every rank.
+        described = "sampling" if ranks.world == 1 else f"sampling (rank 0 of {ranks.world})"
+        with ProgressBar(None, described, unit="img", enabled=not quiet) as bar:
             summary = sample_run(run.net, run.codec, run.config, torch_device, run.writers, ranks, run.provenance,
                                  on_batch=lambda batch: bar.advance(len(batch.indices), nfe=batch.nfe),
                                  on_step=bar.step, on_plan=lambda n: bar.update(0, total=n) if n else bar.discard(),
