@@ -661,6 +661,8 @@ class Trainer:
         before = {k: stored["train"].get(k, defaults[k].default) for k in ours}
         differs = [f"{k}: {before[k]!r} -> {v!r}" for k, v in ours.items()
                    if k not in RESUMABLE_CHANGES and k not in ("out", "data") and before[k] != v]
+        if self.config.init_from and _source_key(before["init_from"]) != _source_key(self.config.init_from):
+            differs.append(f"init_from: {before['init_from']!r} -> {self.config.init_from!r}")  # another run's folder
         if not self.same_data(stored["train"].get("data"), fingerprint):
             differs.append(f"data: {stored['train'].get('data')!r} -> {self.config.data!r}")
         if DiTConfig.from_dict(stored["model"]) != self.model_config:
@@ -678,6 +680,13 @@ class Trainer:
 
 def _data_path(data: str) -> str:
     return data if data.startswith("fashion-mnist") else str(Path(data).expanduser().resolve())
+
+
+def _source_key(source: str | None) -> str | None:
+    """An --init-from source as compared on resume: local files by resolved path, hub ids as written."""
+    if source is None or not Path(source).expanduser().exists():
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def read_train_checkpoint(path: Path, step: int | None = None) -> dict:

@@ -159,6 +159,8 @@ def test_init_from_with_resume_auto_starts_once_then_continues(tmp_path):
     trained = load_checkpoint(tmp_path / "run" / "ckpt-0000002.pt").state_dict
     assert again.init is None and again.state.step == 3 and again.model_config.hidden_size == 32
     assert not torch.equal(again.ema.state_dict()[weight], trained[weight])  # it trained on from the checkpoint
+    with pytest.raises(UserError, match=r"init_from: '.*ten.safetensors' -> 'other.safetensors'"):
+        Trainer(TrainConfig(**{**config.to_dict(), "steps": 4, "init_from": "other.safetensors"}), resume="auto").run()
     with pytest.raises(UserError, match="--init-from and --resume CHECKPOINT exclude each other"):
         Trainer(config, resume=str(tmp_path / "run" / "ckpt-0000003.pt"))
     with pytest.raises(UserError, match="unknown --init-weights"):
