@@ -89,9 +89,13 @@ def config_of(row: dict, seed: int, labels: list[int], batch_size: int, compile_
 
 
 def weights_dir(ckpt: Path) -> Path:
-    """The cache of one weights file, named by its content: retrained weights start a fresh cache."""
-    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]
-    return SCRATCH / f"{ckpt.stem}-{digest}"
+    """The cache of one set of weights, named by its tensors (not its metadata): retrained weights start a fresh
+    cache, new sampling defaults in the file's metadata do not."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_checkpoint(ckpt).state_dict.items()):
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return SCRATCH / f"{ckpt.stem}-{digest.hexdigest()[:12]}"
 
 
 def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: int, batch_size: int,
