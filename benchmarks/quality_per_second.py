@@ -131,14 +131,14 @@ def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: i
 
 def forwards_per_image(config: GenerateConfig) -> int:
     """Model passes per image: 2 per guided step (cond + uncond), 1 per unguided step."""
-    from ditcli.samplers import plan_sampler
+    from ditcli.samplers import SOLVERS, make_scheduler, plan_sampler
 
     plan = plan_sampler(config.sampler, config.steps, True, schedule=config.schedule)
-    scheduler = getattr(plan.sample, "keywords", {}).get("scheduler")
-    if scheduler is not None:
-        timesteps = [float(t) for t in scheduler.timesteps]
+    if config.sampler in SOLVERS:
+        timesteps = [float(t) for t in make_scheduler(config.sampler, plan.diffusion, config.steps).timesteps]
     else:
         timesteps = [float(t) for t in plan.diffusion.model_timesteps(torch.arange(plan.diffusion.num_steps))]
+    assert len(timesteps) == plan.nfe, (config.sampler, len(timesteps), plan.nfe)
     return sum(2 if config.guidance.active(t) else 1 for t in timesteps)
 
 
