@@ -85,15 +85,16 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": args.ckpt, "defaults": {"sampler": defaults.sampler, "steps": defaults.steps,
-                                                    "cfg": defaults.cfg}, "threads": torch.get_num_threads()}
+                                                    "cfg": defaults.cfg, "interval": defaults.interval},
+              "threads": torch.get_num_threads()}
 
-    def config(per_class, sampler=defaults.sampler, steps=defaults.steps, cfg=defaults.cfg):
+    def config(per_class, sampler=defaults.sampler, steps=defaults.steps, cfg=defaults.cfg, interval=None):
         return GenerateConfig(labels=tuple(class_labels(range(10), per_class)), seed=args.seed, sampler=sampler,
-                              steps=steps, guidance=Guidance(cfg, "all"), batch_size=200,
+                              steps=steps, guidance=Guidance(cfg, "all", interval), batch_size=200,
                               schedule=checkpoint.schedule)
 
     if args.only in (None, "accuracy"):
-        run = config(args.num_per_class)
+        run = config(args.num_per_class, interval=defaults.interval)  # exactly what `dit sample` does by default
         images, seconds, nfe = sample(model, run)
         accuracy, per_class = judge_accuracy(images, np.array(run.labels))
         result["accuracy"] = {"value": accuracy, "per_class": dict(zip(checkpoint.class_names, per_class)),
