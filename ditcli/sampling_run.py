@@ -206,11 +206,14 @@ def check_counts(num: int | None, num_per_class: int | None, batch_size: int, st
     if num is not None and num_per_class is not None:
         raise UserError("--num and --num-per-class exclude each other",
                         "--num draws random classes, --num-per-class repeats each --class")
-    if num_per_class is not None and not num_classes_asked:
-        raise UserError("--num-per-class needs --class", "name the classes, or use --num for random classes")
-    if num_per_class is not None and num_per_class * num_classes_asked > MAX_IMAGES:
-        raise UserError(f"--num-per-class {num_per_class:,} for {num_classes_asked} classes is more than "
-                        f"{MAX_IMAGES:,} images", "ask for fewer images per class")
+    if num_per_class is not None:  # without --class: every class of the model, checked once it is known
+        check_per_class_total(num_per_class, num_classes_asked)
+
+
+def check_per_class_total(num_per_class: int, num_classes: int) -> None:
+    if num_per_class * num_classes > MAX_IMAGES:
+        raise UserError(f"--num-per-class {num_per_class:,} for {num_classes:,} classes is more than "
+                        f"{MAX_IMAGES:,} images", "ask for fewer images per class, or name the classes with --class")
 
 
 def check_numbers(cfg: float | None, eta: float | None, seed: int, interval: str | None,
@@ -334,12 +337,17 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
 
 def plan_run(names: ClassTable, num_classes: int, classes: list[str] | None, num_per_class: int | None,
              num: int | None, seed: int) -> tuple[list[int], int | None]:
-    """Each image's class, and the grid width: one row per class for several --class, else a square grid."""
+    """Each image's class, and the grid width: one row per class for several --class (or --num-per-class alone: every
+    class), else a square grid."""
     if num_classes == 0:
-        if classes:
-            raise UserError("this model is unconditional (trained without labels)", "drop --class")
+        if classes or num_per_class is not None:
+            raise UserError("this model is unconditional (trained without labels)",
+                            "drop --class and --num-per-class; --num sets the number of images")
         return [0] * (num or DEFAULT_NUM), None
     ids = [names.resolve(text) for text in classes or []]
+    if num_per_class is not None and not ids:  # K images of every class, as FID protocols draw them
+        check_per_class_total(num_per_class, num_classes)
+        ids = list(range(num_classes))
     if ids and num is None:
         per_class = num_per_class or 4
         return class_labels(ids, per_class), per_class if len(ids) > 1 else None

@@ -238,7 +238,7 @@ CORPUS: list[tuple[str, list[str], str | None]] = [
     ("sample-num-per-class-0", [*S, "--class", "a", "--num-per-class", "0"], "--num-per-class"),
     ("sample-num-per-class-huge", [*S, "--class", "a", "--class", "b", "--num-per-class", BIG], "--num-per-class"),
     ("sample-num-and-per-class", [*S, "--class", "a", "--num", "2", "--num-per-class", "2"], "--num"),
-    ("sample-per-class-no-class", [*S, "--num-per-class", "2"], "--class"),
+    ("sample-per-class-all-classes-huge", [*S, "--num-per-class", "9000000"], "--num-per-class"),
     ("sample-batch-size-0", [*S, "--batch-size", "0"], "--batch-size"),
     ("sample-steps-0", [*S, "--steps", "0"], "--steps"),
     ("sample-steps-huge", [*S, "--steps", BIG], "--steps"),

@@ -168,6 +168,15 @@ def test_unconditional_model_samples_with_cfg_ignored(files, tmp_path):
                                                                          "000001_uncond_seed0.png"]
     result = dit("sample", "--ckpt", files["uncond"], "--class", 1, "--out", tmp_path / "o2")
     assert result.exit_code == 2 and "unconditional" in result.output
+    result = dit("sample", "--ckpt", files["uncond"], "--num-per-class", 2, "--out", tmp_path / "o3")
+    assert result.exit_code == 2 and "unconditional" in result.output and not (tmp_path / "o3").exists()
+
+
+def test_num_per_class_without_class_draws_every_class(files, tmp_path):
+    result = summary("sample", "--ckpt", files["pixel"], "--num-per-class", 2, "--steps", 2, "--out", tmp_path / "o")
+    assert result["generated"] == 2 * len(FASHION)
+    classes = [int(p.name.split("_")[1].split("-")[0]) for p in sorted((tmp_path / "o").glob("0*.png"))]
+    assert classes == [c for c in range(len(FASHION)) for _ in range(2)]
 
 
 def test_known_model_is_found_in_a_weights_folder_with_its_defaults(files, tmp_path, monkeypatch):

@@ -23,7 +23,8 @@ from ditcli.writers import check_outputs
 
 ClassOpt = Annotated[list[str] | None, typer.Option(
     "--class", help="Class id, name or WordNet id, case-insensitive; repeat for several. See `dit classes`.")]
-NumPerClassOpt = Annotated[int | None, typer.Option("--num-per-class", help="Images per --class (default 4).")]
+NumPerClassOpt = Annotated[int | None, typer.Option(
+    "--num-per-class", help="Images per --class (default 4); without --class, of every class of the model.")]
 NumOpt = Annotated[int | None, typer.Option(
     "--num", "--num-images",
     help=f"Number of images, with uniform random classes (from --class if given). Default {DEFAULT_NUM}. Under "
