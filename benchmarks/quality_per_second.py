@@ -423,7 +423,7 @@ def cmd_report(args) -> None:
         axis.set_title(title, fontsize=10)
     big.set_ylabel("FD in fashion-judge features vs the train split")
     small.legend(fontsize=7)
-    fig.suptitle(f"Embedded Fashion-MNIST DiT, cfg {summary['cfg']:g}; DDPM-250: one point per seed (100 images)",
+    fig.suptitle(f"Embedded Fashion-MNIST DiT (annealed), cfg {summary['cfg']:g}; every row 1,000 images",
                  fontsize=10)
     fig.tight_layout()
     out = args.plot
