@@ -205,7 +205,8 @@ def check_counts(num: int | None, num_per_class: int | None, batch_size: int, st
                             f"pass {flag} {min(max(value, 1), high)}")
     if num is not None and num_per_class is not None:
         raise UserError("--num and --num-per-class exclude each other",
-                        "--num draws random classes, --num-per-class gives K of each --class (of every class without one)")
+                        "--num draws random classes; --num-per-class gives K of each --class, or of every class "
+                        "without one")
     if num_per_class is not None:  # without --class: every class of the model, checked once it is known
         check_per_class_total(num_per_class, num_classes_asked)
 
