@@ -200,7 +200,7 @@ def bench_sampling(name: str, batch: int, steps: int, device: torch.device, repe
     rows = []
     for cfg in (4.0, 1.0):
         plan = plan_sampler("ddim", steps, model.config.learn_sigma)
-        guided = guided_model_fn(net, labels, plan.diffusion, Guidance(cfg, "all"), model.config.num_classes)
+        guided = guided_model_fn(net, labels, plan.process, Guidance(cfg, "all"), model.config.num_classes)
 
         def model_fn(x, index):
             return _autocast(device, lambda: guided(x, index)).float() if precision == "bf16" else guided(x, index)
@@ -210,7 +210,7 @@ def bench_sampling(name: str, batch: int, steps: int, device: torch.device, repe
 
         def ours():
             with torch.inference_mode():
-                plan.sample(model_fn, x, plan.diffusion, noise)
+                plan.sample(model_fn, x, plan.process, noise)
 
         def theirs():
             def run():

@@ -135,9 +135,9 @@ def forwards_per_image(config: GenerateConfig) -> int:
 
     plan = plan_sampler(config.sampler, config.steps, True, schedule=config.schedule)
     if config.sampler in SOLVERS:
-        timesteps = [float(t) for t in make_scheduler(config.sampler, plan.diffusion, config.steps).timesteps]
+        timesteps = [float(t) for t in make_scheduler(config.sampler, plan.process, config.steps).timesteps]
     else:
-        timesteps = [float(t) for t in plan.diffusion.model_timesteps(torch.arange(plan.diffusion.num_steps))]
+        timesteps = [float(t) for t in plan.process.model_timesteps(torch.arange(plan.process.num_steps))]
     assert len(timesteps) == plan.nfe, (config.sampler, len(timesteps), plan.nfe)
     return sum(2 if config.guidance.active(t) else 1 for t in timesteps)
 

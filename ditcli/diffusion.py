@@ -83,6 +83,8 @@ class Diffusion:
     timesteps: np.ndarray
     learn_sigma: bool = True
 
+    kind = "ddpm"
+
     @classmethod
     def create(cls, respacing: str = "", schedule: str = "linear", learn_sigma: bool = True,
                num_timesteps: int = TRAIN_TIMESTEPS) -> Diffusion:
@@ -120,6 +122,10 @@ class Diffusion:
         """
         variance = self.posterior_variance
         return np.log(np.append(variance[1], variance[1:])) if len(variance) > 1 else np.log(self.betas)
+
+    def draw_times(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Training timesteps, uniform over the process's steps (Algorithm 1 of DDPM)."""
+        return torch.randint(0, self.num_steps, (batch,), generator=generator)
 
     def model_timesteps(self, index: torch.Tensor) -> torch.Tensor:
         """Respaced indices to the training-process timesteps the model was trained on.

@@ -98,9 +98,9 @@ def make_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion, guida
         inner = guided_model_fn(model, labels, diffusion, guidance, null_class=model.config.num_classes)
     dtype = resolve_precision(precision)
 
-    def model_fn(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def model_fn(x: torch.Tensor, index: torch.Tensor, *step_index: torch.Tensor) -> torch.Tensor:
         with autocast(device, dtype):
-            return inner(x, index).float()
+            return inner(x, index, *step_index).float()
 
     return CountingModelFn(model_fn)
 
@@ -131,12 +131,12 @@ def sample_latents(model: torch.nn.Module, plan, config: GenerateConfig, indices
     padded = indices + indices[-1:] * (width - len(indices))
     labels = torch.tensor([config.labels[i] for i in padded], device=device)
     noise = ImageNoise(config.seed, padded)
-    model_fn = make_model_fn(model, labels, plan.diffusion, config.guidance, config.precision, device)
+    model_fn = make_model_fn(model, labels, plan.process, config.guidance, config.precision, device)
     shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
     x = noise(torch.empty((width, *shape), device=device))  # (B, C, H, W)
     callback = None if on_step is None else (lambda step, num_steps, x: on_step(step, num_steps))
     with torch.no_grad():
-        latents = plan.sample(model_fn, x, plan.diffusion, noise, callback)
+        latents = plan.sample(model_fn, x, plan.process, noise, callback)
     return latents.float(), model_fn.calls
 
 

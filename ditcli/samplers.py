@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 
 from ditcli.diffusion import Diffusion
+from ditcli.flow import FlowMatching
+from ditcli.flow_samplers import sample_flow_euler, sample_flow_heun, sample_flow_sde
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -79,20 +81,22 @@ class Guidance:
         return self.interval is None or self.interval[0] <= t <= self.interval[1]
 
 
-def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Diffusion, guidance: Guidance,
-                    null_class: int) -> ModelFn:
+def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Diffusion | FlowMatching,
+                    guidance: Guidance, null_class: int) -> ModelFn:
     """The `model_fn` of a class-conditional DiT under classifier-free guidance.
 
     At scale 1 (or outside the guidance interval) only the conditional pass runs; at scale 0 only the unconditional
-    one. Otherwise one forward of the doubled batch [cond, uncond] counts as one NFE.
+    one. Otherwise one forward of the doubled batch [cond, uncond] counts as one NFE. The interval is decided at the
+    evaluation's time, or at `step_index` where a multi-stage sampler passes its step's start.
     """
     in_channels = model.config.in_channels
     guided = min(3, in_channels) if guidance.channels == "paper" else in_channels  # never the variance channels
     null = torch.full_like(labels, null_class)
 
-    def model_fn(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def model_fn(x: torch.Tensor, index: torch.Tensor, step_index: torch.Tensor | None = None) -> torch.Tensor:
         t = diffusion.model_timesteps(index)
-        scale = guidance.scale if guidance.active(float(t[0])) else 1.0
+        decides = t if step_index is None else diffusion.model_timesteps(step_index)  # a step's later stages
+        scale = guidance.scale if guidance.active(float(decides[0])) else 1.0
         if scale == 1.0:
             return model(x, t, labels)
         if scale == 0.0:
@@ -105,9 +109,9 @@ def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Dif
     return model_fn
 
 
-def unconditional_model_fn(model: torch.nn.Module, diffusion: Diffusion) -> ModelFn:
+def unconditional_model_fn(model: torch.nn.Module, diffusion: Diffusion | FlowMatching) -> ModelFn:
     """The `model_fn` of a model trained without labels: every image gets the null class."""
-    def model_fn(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def model_fn(x: torch.Tensor, index: torch.Tensor, step_index: torch.Tensor | None = None) -> torch.Tensor:
         labels = torch.full((x.shape[0],), model.config.num_classes, dtype=torch.long, device=x.device)
         return model(x, diffusion.model_timesteps(index), labels)
 
@@ -159,6 +163,7 @@ SOLVERS = {
     "heun": ("HeunDiscreteScheduler", {}),
 }
 SAMPLERS = ("ddpm", "ddim", *SOLVERS)
+FLOW_SAMPLER_NAMES = ("euler", "heun", "dopri5", "sde")
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,7 @@ class SamplingDefaults:
     interval: tuple[float, float] | None = None
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS or self.steps < 1 or not 0 <= self.cfg < float("inf"):
+        if self.sampler not in (*SAMPLERS, *FLOW_SAMPLER_NAMES) or self.steps < 1 or not 0 <= self.cfg < float("inf"):
             raise ValueError(f"unusable sampling defaults {self.sampler!r}, {self.steps} steps, cfg {self.cfg}")
         if self.interval is not None and not (len(self.interval) == 2 and 0 <= self.interval[0] <= self.interval[1]):
             raise ValueError(f"unusable guidance interval {self.interval!r} (expected [low, high], 0 <= low <= high)")
@@ -198,6 +203,8 @@ DIT_SAMPLING = SamplingDefaults()
 # What `dit train` records: the embedded Fashion-MNIST run measured DPM-Solver++(2M) at 25 steps as good as DDPM-250
 # at a tenth of the model evaluations (docs/fashion-mnist.md); cfg 4 gave its lowest Frechet distance.
 TRAINED_SAMPLING = SamplingDefaults("dpm++2m", 25, 4.0)
+# What `dit train --objective flow` records: Heun at 25 steps (50 evaluations), half of SiT's dopri5 budget.
+TRAINED_FLOW_SAMPLING = SamplingDefaults("heun", 25, 4.0)
 
 
 def make_scheduler(name: str, diffusion: Diffusion, steps: int):
@@ -240,14 +247,16 @@ def sample_solver(model_fn: ModelFn, x: torch.Tensor, diffusion: Diffusion, nois
 class SamplerPlan:
     """A ready sampler: the process it runs on, a function with the common contract, and its model evaluations.
 
-    `nfe` is per image: one per step, except Heun's (2 steps - 1); a doubled CFG batch counts once.
+    `process` is the model's objective (a `Diffusion`, respaced for DDPM and DDIM, or a `FlowMatching`). `nfe` is
+    per image: one per step, except Heun's; a doubled CFG batch counts once; None for an adaptive solver, whose
+    count is known only once it has run.
     """
 
     name: str
     steps: int
-    diffusion: Diffusion
+    process: Diffusion | FlowMatching
     sample: Callable
-    nfe: int
+    nfe: int | None
 
 
 def plan_sampler(name: str, steps: int, learn_sigma: bool, eta: float = 0.0, respacing: str | None = None,
@@ -271,6 +280,39 @@ def plan_sampler(name: str, steps: int, learn_sigma: bool, eta: float = 0.0, res
     return SamplerPlan(name, diffusion.num_steps, diffusion, partial(sample_ddim, eta=eta), diffusion.num_steps)
 
 
+FLOW_SAMPLERS = {"euler": sample_flow_euler, "heun": sample_flow_heun, "sde": sample_flow_sde}
+
+
+def plan_flow_sampler(name: str, steps: int, flow: FlowMatching, shift: float = 1.0,
+                      last_step: float = 0.04) -> SamplerPlan:
+    """Choose the function for `--sampler name --steps steps` on a flow-matching model."""
+    if name not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler {name!r} does not sample a flow-matching model "
+                         f"(choose from {', '.join(FLOW_SAMPLERS)})")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"time shift must be a finite number > 0, got {shift}")
+    settings = {"steps": steps, "shift": shift}
+    if name == "sde":
+        if not 0 < last_step < 1:
+            raise ValueError(f"the SDE's last step must be in (0, 1), got {last_step}")
+        settings["last_step"] = last_step
+    nfe = 2 * steps if name == "heun" else steps
+    return SamplerPlan(name, steps, flow, partial(FLOW_SAMPLERS[name], **settings), nfe)
+
+
+def plan_for(objective: Diffusion | FlowMatching, name: str, steps: int, *, schedule: str = "linear",
+             eta: float = 0.0, shift: float = 1.0, last_step: float = 0.04) -> SamplerPlan:
+    """The plan of sampler `name` for a model trained with `objective` (on `schedule`'s betas, for DDPM)."""
+    if objective.kind == "flow":
+        return plan_flow_sampler(name, steps, objective, shift, last_step)
+    if name in FLOW_SAMPLERS and name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} samples flow-matching models, and this is a DDPM model "
+                         f"(choose from {', '.join(SAMPLERS)})")
+    return plan_sampler(name, steps, objective.learn_sigma, eta, schedule=schedule)
+
+
 def _ddim_spacing_exists(steps: int) -> bool:
     try:
         Diffusion.create(f"ddim{steps}")
@@ -286,6 +328,6 @@ class CountingModelFn:
         self.model_fn = model_fn
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, *step_index: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.model_fn(x, index)
+        return self.model_fn(x, index, *step_index)

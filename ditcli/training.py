@@ -25,16 +25,18 @@ from ditcli import finetune
 from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES
 from ditcli.codec import DEFAULT_VAE, LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, from_uint8, locate_vae
 from ditcli.data import ImageSet, LatentCache, check_source, load_images
-from ditcli.diffusion import BETA_SCHEDULES, Diffusion
+from ditcli.diffusion import BETA_SCHEDULES
 from ditcli.ema import EmaRecord, ema_decay_at
 from ditcli.errors import UserError
+from ditcli.flow import TIME_DIRECTIONS, TIME_SAMPLINGS
 from ditcli.hub import is_offline
 from ditcli.io import atomic_write, check_creatable, safe_torch_load
 from ditcli.model import DiT, DiTConfig, count_parameters, preset, preset_names, training_flops
+from ditcli.objectives import DEFAULT_TIME_DIRECTION, OBJECTIVES, build_objective
 from ditcli.ranks import (DEFAULT_TIMEOUT_S, SHARED_DISK_HINT, AgreedError, collectives, from_rank0, join, leave,
                           on_every_rank)
 from ditcli.runtime import autocast, resolve_device, resolve_precision
-from ditcli.samplers import TRAINED_SAMPLING, SamplingDefaults, image_seed
+from ditcli.samplers import TRAINED_FLOW_SAMPLING, TRAINED_SAMPLING, SamplingDefaults, image_seed
 
 NO_VAE = "pass --vae none to train in pixel space"  # the offline way out when a VAE cannot be had
 # Fields that may change when resuming; any other difference needs --force.
@@ -64,7 +66,11 @@ class TrainConfig:
     num_heads: int | None = None
     learn_sigma: bool = True
     class_dropout_prob: float = DiTConfig.class_dropout_prob
-    schedule: str = "linear"
+    objective: str = "ddpm"
+    schedule: str = "linear"  # ddpm only
+    time_direction: str = DEFAULT_TIME_DIRECTION  # flow only, as the three below
+    time_sampling: str = "uniform"
+    time_shift: float = 1.0
     steps: int = 400_000
     global_batch: int = 256
     micro_batch: int | None = None
@@ -107,6 +113,7 @@ class TrainConfig:
             raise UserError(f"unknown --lr-schedule {self.lr_schedule!r}", f"choose from {', '.join(LR_SCHEDULES)}")
         if self.schedule not in BETA_SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}", f"choose from {', '.join(BETA_SCHEDULES)}")
+        self.check_objective()
         if self.init_weights not in WEIGHT_CHOICES:
             raise UserError(f"unknown --init-weights {self.init_weights!r}", f"choose {' or '.join(WEIGHT_CHOICES)}")
         if self.channels not in (1, 3):
@@ -115,6 +122,32 @@ class TrainConfig:
             raise UserError(f"--channels {self.channels} needs a pixel-space model: the VAE encodes RGB images",
                             "add --vae none, or drop --channels")
         self.check_architecture()
+
+    def check_objective(self) -> None:
+        """--objective and the options that belong to one objective only."""
+        for flag, value, choices in (("--objective", self.objective, OBJECTIVES),
+                                     ("--time-direction", self.time_direction, TIME_DIRECTIONS),
+                                     ("--time-sampling", self.time_sampling, TIME_SAMPLINGS)):
+            if value not in choices:
+                raise UserError(f"unknown {flag} {value!r}", f"choose from {', '.join(choices)}")
+        if not (math.isfinite(self.time_shift) and self.time_shift > 0):
+            raise UserError(f"--time-shift must be a finite number > 0, got {self.time_shift:g}",
+                            "1 leaves the times as drawn; > 1 spends more steps at high noise")
+        flow_only = [flag for flag, value, default in (
+            ("--time-direction", self.time_direction, DEFAULT_TIME_DIRECTION),
+            ("--time-sampling", self.time_sampling, "uniform"), ("--time-shift", self.time_shift, 1.0))
+            if value != default]
+        if self.objective == "ddpm" and flow_only:
+            raise UserError(f"{', '.join(flow_only)} only apply to --objective flow", "add --objective flow")
+        if self.objective == "flow" and self.schedule != "linear":
+            raise UserError("--schedule (the beta schedule) only applies to --objective ddpm",
+                            "drop --schedule, or train with --objective ddpm")
+
+    def build_objective(self):
+        """The training process: `Diffusion` or `FlowMatching` (ditcli.objectives)."""
+        return build_objective(self.objective, learn_sigma=self.learn_sigma, schedule=self.schedule,
+                               time_direction=self.time_direction, time_sampling=self.time_sampling,
+                               time_shift=self.time_shift)
 
     def integer_ranges(self) -> list[tuple[str, int | None, int, int]]:
         """(option, value, lowest, highest): the highest keep a typo from allocating the machine away."""
@@ -271,9 +304,11 @@ def epoch_order(seed: int, epoch: int, num_images: int) -> torch.Tensor:
     return torch.randperm(num_images, generator=torch.Generator().manual_seed(image_seed(seed, -1 - epoch)))
 
 
-def draw_step(config: TrainConfig, step: int, num_images: int, shape: tuple, num_timesteps: int,
-              dropout: float) -> StepDraws:
-    """Everything random about global batch `step`; epochs are permutations seeded by (seed, epoch)."""
+def draw_step(config: TrainConfig, step: int, num_images: int, shape: tuple, objective, dropout: float) -> StepDraws:
+    """Everything random about global batch `step`; epochs are permutations seeded by (seed, epoch).
+
+    `objective` draws the times (DDPM's integer timesteps, flow's [0, 1] times) at the same place in the stream.
+    """
     batch = config.global_batch
     per_epoch = max(1, num_images // batch)
     epoch, offset = divmod(step, per_epoch)
@@ -283,7 +318,7 @@ def draw_step(config: TrainConfig, step: int, num_images: int, shape: tuple, num
         indices = np.resize(order.numpy(), batch)
     g = torch.Generator().manual_seed(image_seed(config.seed, step))
     flips = (torch.rand(batch, generator=g) < 0.5).numpy() & config.flip
-    t = torch.randint(0, num_timesteps, (batch,), generator=g)
+    t = objective.draw_times(batch, g)
     noise = torch.randn((batch, *shape), generator=g)
     drop = torch.rand(batch, generator=g) < dropout
     posterior_noise = torch.randn((batch, *shape), generator=g)
@@ -383,7 +418,7 @@ class Trainer:
         self.codec = self.load_codec()
         cache = self.prepare_cache()
         self.data = TrainingData(self.images, cache, config.flip)
-        self.diffusion = Diffusion.create("", config.schedule, self.model_config.learn_sigma)
+        self.objective = config.build_objective()
         self.model.grad_checkpointing = config.grad_checkpointing
         self.ema = DiT(self.model_config).to(self.device).eval().requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
@@ -456,7 +491,7 @@ class Trainer:
         """Forward/backward over this rank's share of the global batch, then one guarded optimizer step."""
         config, world, rank = self.config, self.dist.world, self.dist.rank
         shape = (self.model_config.in_channels, self.model_config.input_size, self.model_config.input_size)
-        draws = draw_step(config, self.state.step, len(self.data), shape, self.diffusion.num_steps,
+        draws = draw_step(config, self.state.step, len(self.data), shape, self.objective,
                           self.model_config.class_dropout_prob)
         per_rank = config.global_batch // world
         mine = draws.slice(rank * per_rank, (rank + 1) * per_rank)
@@ -480,10 +515,10 @@ class Trainer:
         x_start = self.data.x_start(part.indices, part.flips, part.posterior_noise).to(self.device)
         t, noise = part.t.to(self.device), part.noise.to(self.device)
         labels = torch.from_numpy(self.images.labels[part.indices]).to(self.device)
-        x_t = self.diffusion.q_sample(x_start, t, noise)
+        x_t = self.objective.q_sample(x_start, t, noise)
         with autocast(self.device, self.dtype):
             out = self.forward(x_t, t, labels, part.drop.to(self.device))
-        terms = self.diffusion.training_losses(out.float(), x_start, x_t, t, noise)
+        terms = self.objective.training_losses(out.float(), x_start, x_t, t, noise)
         (terms["loss"].sum() / per_rank).backward()
         return {k: v.detach().sum().item() / per_rank for k, v in terms.items()}
 
@@ -552,7 +587,7 @@ class Trainer:
         from ditcli.preview import ema_preview
 
         path = self.out / "samples" / f"step-{self.state.step:07d}.png"
-        ema_preview(self.ema, self.codec, self.config.schedule, path, self.config.seed)
+        ema_preview(self.ema, self.codec, self.objective, self.config.schedule, path, self.config.seed)
         self.emit("sample", {"path": str(path), "step": self.state.step})
 
     # Checkpoints.
@@ -612,7 +647,8 @@ class Trainer:
     def sampling_defaults(self) -> SamplingDefaults:
         """What `dit sample` uses for this checkpoint unless told otherwise; no guidance without a null class."""
         guided = self.model_config.num_classes > 0 and self.model_config.class_dropout_prob > 0
-        return TRAINED_SAMPLING if guided else SamplingDefaults(TRAINED_SAMPLING.sampler, TRAINED_SAMPLING.steps, 1.0)
+        trained = TRAINED_FLOW_SAMPLING if self.objective.kind == "flow" else TRAINED_SAMPLING
+        return trained if guided else SamplingDefaults(trained.sampler, trained.steps, 1.0)
 
     def gather_rng_states(self) -> list:
         state = {"torch": torch.get_rng_state()}

@@ -62,7 +62,7 @@ def test_every_sampler_reproduces_gaussian_data_with_the_oracle(name):
     generator = torch.Generator().manual_seed(0)
     noise = lambda like: torch.randn(like.shape, generator=generator)
     x = noise(torch.empty(4096, 1, 1, 1))
-    out = plan.sample(oracle(plan.diffusion), x, plan.diffusion, noise)
+    out = plan.sample(oracle(plan.process), x, plan.process, noise)
     assert abs(out.mean().item() - MU) < 0.03
     assert abs(out.std().item() / SIGMA - 1) < 0.03
 
@@ -70,10 +70,10 @@ def test_every_sampler_reproduces_gaussian_data_with_the_oracle(name):
 def test_oracle_check_fails_for_a_wrong_model():
     """The tolerance above is tight enough to catch a model that is slightly off (eps scaled by 0.9)."""
     plan = plan_sampler("dpm++2m", 50, learn_sigma=True)
-    exact = oracle(plan.diffusion)
+    exact = oracle(plan.process)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((4096, 1, 1, 1), generator=generator)
-    out = plan.sample(lambda x, i: exact(x, i) * 0.9, x, plan.diffusion, None)
+    out = plan.sample(lambda x, i: exact(x, i) * 0.9, x, plan.process, None)
     assert abs(out.std().item() / SIGMA - 1) > 0.03
 
 
@@ -116,11 +116,11 @@ def test_generated_images_do_not_depend_on_batch_size(tiny_model):
 
 def test_ddpm_images_differ_between_seeds_and_indices(tiny_model):
     plan = plan_sampler("ddpm", 4, learn_sigma=True)
-    model_fn = unconditional_model_fn(tiny_model, plan.diffusion)
+    model_fn = unconditional_model_fn(tiny_model, plan.process)
     outs = {}
     for seed, indices in ((0, [0, 1]), (1, [0, 1])):
         noise = ImageNoise(seed, indices)
-        outs[seed] = plan.sample(model_fn, noise(torch.empty(2, 4, 8, 8)), plan.diffusion, noise)
+        outs[seed] = plan.sample(model_fn, noise(torch.empty(2, 4, 8, 8)), plan.process, noise)
     assert not torch.equal(outs[0][0], outs[0][1])
     assert not torch.equal(outs[0][0], outs[1][0])
 
@@ -131,10 +131,10 @@ def test_nfe_counts_one_per_doubled_cfg_batch(tiny_model, name):
     batches = []
     handle = tiny_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     try:
-        model_fn = CountingModelFn(guided_model_fn(tiny_model, torch.tensor([1, 2]), plan.diffusion, Guidance(4.0),
+        model_fn = CountingModelFn(guided_model_fn(tiny_model, torch.tensor([1, 2]), plan.process, Guidance(4.0),
                                                    null_class=10))
         noise = ImageNoise(0, [0, 1])
-        plan.sample(model_fn, noise(torch.empty(2, 4, 8, 8)), plan.diffusion, noise)
+        plan.sample(model_fn, noise(torch.empty(2, 4, 8, 8)), plan.process, noise)
     finally:
         handle.remove()
     assert model_fn.calls == plan.nfe == len(batches)
@@ -167,8 +167,8 @@ def test_guidance_interval_switches_guidance_off_outside(tiny_model):
 def test_solver_plan_is_reusable_across_batches(tiny_model):
     """A diffusers scheduler keeps multistep state; the second batch must start afresh, not crash or drift."""
     plan = plan_sampler("dpm++2m", 5, learn_sigma=True)
-    model_fn = guided_model_fn(tiny_model, torch.tensor([1]), plan.diffusion, Guidance(1.0), 10)
-    runs = [plan.sample(model_fn, ImageNoise(0, [0])(torch.empty(1, 4, 8, 8)), plan.diffusion, None) for _ in range(2)]
+    model_fn = guided_model_fn(tiny_model, torch.tensor([1]), plan.process, Guidance(1.0), 10)
+    runs = [plan.sample(model_fn, ImageNoise(0, [0])(torch.empty(1, 4, 8, 8)), plan.process, None) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -185,7 +185,7 @@ def test_impossible_ddim_stride_is_one_line():
 
 
 def test_ddim_without_an_exact_stride_falls_back_to_even_spacing():
-    assert plan_sampler("ddim", 300, learn_sigma=True).diffusion.num_steps == 300
+    assert plan_sampler("ddim", 300, learn_sigma=True).process.num_steps == 300
 
 
 def test_unknown_sampler_lists_the_choices():
@@ -209,8 +209,8 @@ def test_a_single_step_runs(sampler):
     plan = plan_sampler(sampler, 1, learn_sigma=True)
     model_fn = lambda x, index: torch.cat([torch.zeros_like(x), torch.zeros_like(x)], dim=1)  # noqa: E731
     x = torch.randn(2, 1, 4, 4)
-    out = plan.sample(model_fn, x, plan.diffusion, ImageNoise(0, range(2)))
-    assert plan.diffusion.num_steps == 1 and torch.isfinite(out).all()
+    out = plan.sample(model_fn, x, plan.process, ImageNoise(0, range(2)))
+    assert plan.process.num_steps == 1 and torch.isfinite(out).all()
 
 
 def test_split_output_is_the_learned_sigma_adapter():
@@ -226,17 +226,17 @@ def test_split_output_is_the_learned_sigma_adapter():
 def test_solvers_run_on_the_diffusion_they_are_given_and_read_only_eps(name):
     """The contract is honest: `diffusion` sets the solver's betas, and only eps (never the variance) is used."""
     plan = plan_sampler(name, 6, learn_sigma=True)
-    exact = oracle(plan.diffusion)
+    exact = oracle(plan.process)
     x = torch.randn((8, 1, 1, 1), generator=torch.Generator().manual_seed(0))
-    linear = plan.sample(exact, x, plan.diffusion, None)
+    linear = plan.sample(exact, x, plan.process, None)
     cosine = plan.sample(exact, x, Diffusion.create("", "cosine", learn_sigma=True), None)
     assert not torch.allclose(linear, cosine)
 
     def nan_variance(x, index):
-        eps, _ = plan.diffusion.split_output(exact(x, index))
+        eps, _ = plan.process.split_output(exact(x, index))
         return torch.cat([eps, torch.full_like(eps, float("nan"))], dim=1)
 
-    assert torch.equal(plan.sample(nan_variance, x, plan.diffusion, None), linear)
+    assert torch.equal(plan.sample(nan_variance, x, plan.process, None), linear)
 
 
 def test_plan_records_its_nfe_when_built():

@@ -68,21 +68,24 @@ def tiny_vae(tmp_path_factory) -> Path:
 def plan_spy(monkeypatch) -> list:
     """Record every SamplerPlan built by the sampling paths: `dit sample`, generate_images and the training preview."""
     plans = []
-    real = samplers.plan_sampler
 
-    def spy(*args, **kwargs):
-        plans.append(real(*args, **kwargs))
-        return plans[-1]
+    def spy_on(real):
+        def spy(*args, **kwargs):
+            plans.append(real(*args, **kwargs))
+            return plans[-1]
+        return spy
 
     for module in (ditcli.sampling_run, ditcli.generate, ditcli.preview):
-        monkeypatch.setattr(module, "plan_sampler", spy)
+        for name in ("plan_sampler", "plan_for"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, spy_on(getattr(samplers, name)))
     return plans
 
 
 def uses_betas(plan, schedule: str) -> bool:
     """The plan's (respaced) process keeps the alpha-bar of `schedule` at its timesteps."""
     full = np.cumprod(1.0 - named_betas(schedule))
-    return np.allclose(plan.diffusion.alphas_cumprod, full[plan.diffusion.timesteps], rtol=1e-12, atol=0)
+    return np.allclose(plan.process.alphas_cumprod, full[plan.process.timesteps], rtol=1e-12, atol=0)
 
 
 # The bug: the schedule.

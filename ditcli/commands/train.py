@@ -63,6 +63,18 @@ EmaWarmupOpt = Annotated[bool | None, _opt(
     "--ema-warmup/--no-ema-warmup", "Ramp the EMA decay up as min(decay, (1 + n) / (10 + n)).", "ema_warmup")]
 ScheduleOpt = Annotated[str | None, _opt("--schedule", "Beta schedule: linear (DiT) or cosine (IDDPM); recorded in "
                                                        "every checkpoint.", "schedule")]
+ObjectiveOpt = Annotated[str | None, _opt(
+    "--objective", "ddpm (DiT: eps prediction on a beta schedule) or flow (SiT: velocity on the linear path x_t = "
+                   "t x + (1 - t) eps); recorded in every checkpoint.", "objective")]
+TimeDirectionOpt = Annotated[str | None, _opt(
+    "--time-direction", "Flow time: noise-to-data (SiT: t = 1 is data) or data-to-noise (REPA, SD3).",
+    "time_direction")]
+TimeSamplingOpt = Annotated[str | None, _opt(
+    "--time-sampling", "Flow training times: uniform (SiT) or logit-normal (mean 0, std 1; SD3, LightningDiT).",
+    "time_sampling")]
+TimeShiftOpt = Annotated[float | None, _opt(
+    "--time-shift", "Flow training times shifted as s' = S s / (1 + (S - 1) s) on the noise level s (> 0; > 1 "
+                    "trains more at high noise).", "time_shift")]
 LearnSigmaOpt = Annotated[bool | None, _opt("--learn-sigma/--no-learn-sigma", "Learn the variance too (DiT, IDDPM's "
                                                                               "hybrid loss).", "learn_sigma")]
 DropoutOpt = Annotated[float | None, _opt(
@@ -102,7 +114,8 @@ def train(
     global_batch: GlobalBatchOpt = None, micro_batch: MicroBatchOpt = None, lr: LrOpt = None,
     lr_schedule: LrScheduleOpt = None, lr_warmup: LrWarmupOpt = None,
     weight_decay: WeightDecayOpt = None, ema_decay: EmaDecayOpt = None, ema_warmup: EmaWarmupOpt = None,
-    schedule: ScheduleOpt = None, learn_sigma: LearnSigmaOpt = None, class_dropout_prob: DropoutOpt = None,
+    schedule: ScheduleOpt = None, objective: ObjectiveOpt = None, time_direction: TimeDirectionOpt = None,
+    time_sampling: TimeSamplingOpt = None, time_shift: TimeShiftOpt = None, learn_sigma: LearnSigmaOpt = None, class_dropout_prob: DropoutOpt = None,
     grad_clip: GradClipOpt = None, flip: FlipOpt = None, ckpt_every: CkptEveryOpt = None,
     keep_last: KeepLastOpt = None, sample_every: SampleEveryOpt = None, log_every: LogEveryOpt = None,
     max_bad_steps: MaxBadOpt = None, grad_checkpointing: GradCkptOpt = None, resume: ResumeOpt = None,
@@ -120,7 +133,8 @@ def train(
             hidden_size=hidden_size, depth=depth, num_heads=num_heads, steps=steps, global_batch=global_batch,
             micro_batch=micro_batch, lr=lr, lr_schedule=lr_schedule, lr_warmup=lr_warmup, weight_decay=weight_decay,
             ema_decay=ema_decay, ema_warmup=ema_warmup,
-            schedule=schedule, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, grad_clip=grad_clip,
+            schedule=schedule, objective=objective, time_direction=time_direction, time_sampling=time_sampling,
+            time_shift=time_shift, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, grad_clip=grad_clip,
             flip=flip, ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
             max_bad_steps=max_bad_steps, grad_checkpointing=grad_checkpointing, precision=precision, seed=seed,
             device=device, compile=compile, init_from=init_from, init_weights=init_weights)
