@@ -23,25 +23,33 @@ from ditcli.errors import UserError
 from ditcli.hub import resolve_source
 from ditcli.io import atomic_write, read_safetensors, safe_torch_load
 from ditcli.model import HEADS_BY_WIDTH, DiT, DiTConfig, preset
+from ditcli.objectives import ObjectiveSpec
 from ditcli.samplers import SamplingDefaults
 from ditcli.state import SAFETENSORS_FORMAT, Checkpoint, check_state_dict, describe, read_record, read_schedule
 
 TRAIN_FORMAT = "ditcli-train"
 WEIGHT_CHOICES = ("ema", "model")
+FLOW_HINTS = {"SiT": "pass --objective flow --time-direction noise-to-data, as SiT trains",
+              "REPA": "pass --objective flow --time-direction data-to-noise, as REPA trains"}
+SIT_RELEASE_NAME = re.compile(r"^sit[-_]", re.IGNORECASE)  # SiT-XL-2-256x256.pt, as SiT's download.py names it
+REPA_EXTRA_PREFIX = "projectors."  # REPA's alignment heads: training only, dropped on reading
 
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", num_heads: int | None = None,
-               config: DiTConfig | None = None, weights: str | None = None) -> DiT:
+               config: DiTConfig | None = None, weights: str | None = None,
+               objective: ObjectiveSpec | None = None) -> DiT:
     """A DiT in eval mode from a released .pt, a training checkpoint or our .safetensors."""
-    return load_checkpoint(source, num_heads=num_heads, config=config, weights=weights).build(device)
+    return load_checkpoint(source, num_heads=num_heads, config=config, weights=weights,
+                           objective=objective).build(device)
 
 
 def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, config: DiTConfig | None = None,
-                    weights: str | None = None) -> Checkpoint:
+                    weights: str | None = None, objective: ObjectiveSpec | None = None) -> Checkpoint:
     """Read any supported weight file, or a hub id (`org/name[@rev]`); `config` (if given) is checked against it.
 
     `weights` picks the EMA or the raw model weights of a training checkpoint (None: its EMA). A file holding one set
-    of weights must hold the set asked for: it is refused rather than silently given in its place.
+    of weights must hold the set asked for: it is refused rather than silently given in its place. `objective` says
+    what a file without a record was trained with (a SiT or REPA checkpoint); a file with a record must agree.
     """
     if weights is not None and weights not in WEIGHT_CHOICES:
         raise UserError(f"unknown --weights {weights!r}", f"choose from {', '.join(WEIGHT_CHOICES)}")
@@ -51,7 +59,7 @@ def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, con
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}", "check the path, or pass --model to use a known checkpoint")
     if path.is_dir():
-        return read_diffusers(path, config=config)
+        return settle_objective(read_diffusers(path, config=config), objective, path)
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty", "the download or copy was interrupted; fetch the file again")
     elif _is_safetensors(path):
@@ -61,6 +69,25 @@ def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, con
     if weights is not None and checkpoint.weights != weights:
         raise UserError(f"--weights {weights}: {path} holds only its {checkpoint.weights} weights",
                         "drop --weights; only training checkpoints hold both ema and model weights")
+    return settle_objective(checkpoint, objective, path)
+
+
+def settle_objective(checkpoint: Checkpoint, given: ObjectiveSpec | None, path: Path) -> Checkpoint:
+    """The objective a file records, the one the user names for a file without a record, or DDPM (DiT's).
+
+    A file from SiT or REPA (`flow_hint` set by its reader) has no record, and its time direction cannot be read from
+    the tensors: without `--objective`/`--time-direction` it is refused rather than sampled the wrong way.
+    """
+    if checkpoint.objective_recorded:
+        if given is not None and given != checkpoint.objective:
+            raise UserError(f"{path} records the objective {checkpoint.objective.describe()}, not "
+                            f"{given.describe()}", "drop --objective/--time-direction: the file's record decides")
+        return checkpoint
+    if given is not None:
+        checkpoint.objective = given
+    elif checkpoint.flow_hint is not None:
+        raise UserError(f"{path} is a {checkpoint.flow_hint} checkpoint, a flow-matching model whose time direction "
+                        "the file does not record", FLOW_HINTS[checkpoint.flow_hint])
     return checkpoint
 
 
@@ -89,6 +116,9 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
                           json.loads(metadata["class_names"]) if "class_names" in metadata else None,
                           json.loads(metadata["codec"]) if "codec" in metadata else None,
                           schedule=read_schedule(metadata.get("schedule"), path),
+                          objective=ObjectiveSpec.from_record(metadata.get("objective"),
+                                                              metadata.get("time_direction"), path),
+                          objective_recorded=True,
                           sampling=read_record(metadata.get("sampling"), SamplingDefaults, path, "sampling"),
                           ema=read_record(metadata.get("ema"), EmaRecord, path, "ema"),
                           convention_source=convention_source(fields), weights_recorded=True)
@@ -113,12 +143,17 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
             if "ema_decay" in train else None
         return Checkpoint(state, stored, "ditcli training checkpoint", weights, data.get("class_names"),
                           data.get("codec"), schedule=read_schedule(train.get("schedule"), path),
+                          objective=ObjectiveSpec.from_record(train.get("objective"), train.get("time_direction"),
+                                                              path), objective_recorded=True,
                           sampling=read_record(data.get("sampling"), SamplingDefaults, path, "sampling"), ema=ema,
                           step=data.get("step"), convention_source=convention_source(data["config"]["model"]),
                           weights_recorded=True)
     if "model" in data and "args" in data:
         return _from_reference_train(data, weights, num_heads, config, str(path))
-    return _from_bare_state(data, "official DiT state dict", num_heads, config, str(path))
+    checkpoint = _from_bare_state(data, "official DiT state dict", num_heads, config, str(path))
+    if checkpoint.flow_hint is None and SIT_RELEASE_NAME.match(path.name):
+        checkpoint.flow_hint = "SiT"  # SiT's release has DiT's exact layout; only its name tells them apart
+    return checkpoint
 
 
 def _from_reference_train(data: dict, weights: str, num_heads: int | None, config: DiTConfig | None,
@@ -128,11 +163,14 @@ def _from_reference_train(data: dict, weights: str, num_heads: int | None, confi
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     if weights not in data:
         raise UserError(f"{name} has no {weights!r} weights", f"it holds: {', '.join(sorted(data))}")
-    if config is None and args.get("model"):
+    family = flow_family(args, data[weights])
+    if config is None and args.get("model") and family is None:
         latent = int(args.get("image_size", 256)) // LATENT_DOWNSAMPLE
         num_classes = int(args.get("num_classes", DiTConfig.num_classes))
         config = preset(args["model"], input_size=latent, num_classes=num_classes)
-    checkpoint = _from_bare_state(data[weights], "reference train.py checkpoint", num_heads, config, name)
+    fmt = f"{family} train.py checkpoint" if family else "reference train.py checkpoint"
+    checkpoint = _from_bare_state(data[weights], fmt, num_heads, config, name)
+    checkpoint.flow_hint = family
     checkpoint.weights = weights
     checkpoint.weights_recorded = True
     checkpoint.codec = {"kind": "vae", "vae": VAE_ALIASES.get(args.get("vae", "ema"), DEFAULT_VAE)}
@@ -143,11 +181,27 @@ def _from_bare_state(state: dict, fmt: str, num_heads: int | None, config: DiTCo
                      name: str) -> Checkpoint:
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{name} is not a DiT state dict (it holds non-tensor values)")
+    projectors = sorted(k for k in state if k.startswith(REPA_EXTRA_PREFIX))
+    state = {k: v for k, v in state.items() if not k.startswith(REPA_EXTRA_PREFIX)}
     if config is None:
         config = infer_config(state, num_heads, name)
     check_state_dict(state, config, name)
-    return Checkpoint(state, config, fmt, "ema", codec=default_codec_spec(config.in_channels),
-                      convention_source="the reference layout, so the reference's forward")
+    checkpoint = Checkpoint(state, config, fmt, "ema", codec=default_codec_spec(config.in_channels),
+                            convention_source="the reference layout, so the reference's forward")
+    if projectors:
+        checkpoint.flow_hint = "REPA"
+        checkpoint.dropped.append(f"{REPA_EXTRA_PREFIX}* ({len(projectors)} tensors: REPA's representation-alignment "
+                                  "projectors, used only in training)")
+    return checkpoint
+
+
+def flow_family(args: dict, state: dict) -> str | None:
+    """"SiT" or "REPA" when a train.py checkpoint's arguments (or REPA's projector keys) name one; None for DiT."""
+    if any(k.startswith(REPA_EXTRA_PREFIX) for k in state) or {"enc_type", "proj_coeff"} & set(args):
+        return "REPA"
+    if str(args.get("model", "")).startswith("SiT"):
+        return "SiT"
+    return None
 
 
 def convention_source(fields: dict) -> str:

@@ -14,6 +14,7 @@ import torch
 from ditcli.checkpoint import load_checkpoint, save_safetensors
 from ditcli.diffusers_format import is_rounded_table, read_diffusers, to_diffusers
 from ditcli.diffusion import TRAIN_TIMESTEPS
+from ditcli.objectives import ObjectiveSpec
 from ditcli.errors import UserError
 from ditcli.model import DiT, DiTConfig
 from ditcli.runtime import PRECISIONS
@@ -86,7 +87,8 @@ class ConversionReport:
 
 def convert(source: str | Path, destination: str | Path, to: str | None = None, dtype: str = "fp32",
             weights: str | None = None, num_heads: int | None = None, vae: str | None = "auto",
-            force: bool = False, diffusers_check: bool = True) -> ConversionReport:
+            force: bool = False, diffusers_check: bool = True,
+            objective: ObjectiveSpec | None = None) -> ConversionReport:
     """Read any supported weights, write safetensors or a DiTPipeline folder, and measure parity.
 
     `vae="auto"` includes the VAE the checkpoint's codec names (from the Hugging Face cache or the hub); None leaves
@@ -100,8 +102,13 @@ def convert(source: str | Path, destination: str | Path, to: str | None = None, 
         raise UserError(f"unknown --dtype {dtype!r}", f"choose from {', '.join(PRECISIONS)}")
     if destination.exists() and not force:
         raise UserError(f"{destination} already exists", "pass --force to overwrite it")
-    checkpoint = load_checkpoint(source, num_heads=num_heads, weights=weights)
+    checkpoint = load_checkpoint(source, num_heads=num_heads, weights=weights, objective=objective)
+    if to == "diffusers" and checkpoint.objective.objective == "flow":
+        raise UserError(f"{source} is a flow-matching model ({checkpoint.objective.describe()}), and a DiTPipeline "
+                        "folder would sample it as a DDPM eps model (its scheduler and timesteps are DDPM's)",
+                        "convert it to .safetensors, which records the objective")
     warnings = list(checkpoint.warnings)
+    warnings += [f"dropped {group}" for group in checkpoint.dropped]
     torch_dtype = PRECISIONS[dtype]
     source_model = checkpoint.build()
 
@@ -144,9 +151,11 @@ def _format_from_name(path: Path) -> str:
                     "name it *.safetensors, or pass --to safetensors or --to diffusers")
 
 
-def info(path: str | Path, num_heads: int | None = None, weights: str | None = None) -> dict:
-    """What a weight file or folder is: format, config, parameter count, dtype, EMA or not, classes, codec."""
-    checkpoint = load_checkpoint(path, num_heads=num_heads, weights=weights)
+def info(path: str | Path, num_heads: int | None = None, weights: str | None = None,
+         objective: ObjectiveSpec | None = None) -> dict:
+    """What a weight file or folder is: format, config, parameter count, dtype, EMA or not, classes, codec,
+    objective, and the keys it holds that the model does not use."""
+    checkpoint = load_checkpoint(path, num_heads=num_heads, weights=weights, objective=objective)
     state = checkpoint.state_dict
     recorded = checkpoint.weights_recorded
     return {"path": str(path), "format": checkpoint.format, "model": describe(checkpoint.config),
@@ -158,6 +167,9 @@ def info(path: str | Path, num_heads: int | None = None, weights: str | None = N
             "class_names": len(checkpoint.class_names) if checkpoint.class_names is not None else None,
             "codec": checkpoint.codec, "timestep_convention": checkpoint.config.timestep_convention,
             "convention_source": checkpoint.convention_source, "schedule": checkpoint.schedule,
+            "objective": checkpoint.objective.to_metadata(),
+            "objective_source": "recorded in the file" if checkpoint.objective_recorded else "given or assumed",
+            "dropped": list(checkpoint.dropped),
             "sampling": checkpoint.sampling.to_dict() if checkpoint.sampling else None,
             "ema_record": checkpoint.ema.to_dict() if checkpoint.ema else None,
             "warnings": list(checkpoint.warnings)}

@@ -6,8 +6,8 @@ Every sampler is `sample_<name>(model_fn, x, flow, noise_fn, callback=None, **se
   as `model_fn(x, t, step_time)`, so a guidance interval is decided once per step (REPA's rule);
 - `flow` is the `FlowMatching` the model was trained with: its time grid, direction and score;
 - `noise_fn(like)` gives fresh Gaussian noise; only the SDE sampler draws from it;
-- `callback(step, num_steps, x)` is called after each step (the adaptive solver reports accepted steps against an
-  estimate that grows as it goes).
+- `callback(step, num_steps, x)` is called after each step (the adaptive solver, after each accepted step, with
+  num_steps 0: not known in advance).
 The state is float32 and time is float64 until it is handed to the model in float32.
 """
 
@@ -195,7 +195,7 @@ def sample_flow_dopri5(model_fn: ModelFn, x: torch.Tensor, flow: FlowMatching, n
                 return dense_output(x, x1, slopes, h, (end - t) / h)
             t, x, f0 = t + h, x1, slopes[-1]
             if callback is not None:
-                callback(step, step + 2, x)
+                callback(step, 0, x)  # 0: the number of steps is not known in advance
         factor = MAX_GROWTH if ratio == 0 else min(MAX_GROWTH, max(SAFETY * ratio ** -0.2,
                                                                     1.0 if ratio < 1 else MAX_SHRINK))
         h = h * factor

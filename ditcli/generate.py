@@ -23,9 +23,11 @@ from ditcli.errors import UserError
 from ditcli.model import DiTConfig
 from ditcli.ranks import Ranks, from_rank0, on_every_rank
 from ditcli.runtime import autocast, resolve_precision
-from ditcli.samplers import (CountingModelFn, Guidance, ImageNoise, SamplerPlan, guided_model_fn, image_seed,
-                             plan_sampler, unconditional_model_fn)
+from ditcli.objectives import DDPM, ObjectiveSpec
+from ditcli.samplers import (CountingModelFn, FlowSettings, Guidance, ImageNoise, SamplerPlan, guided_model_fn,
+                             image_seed, plan_for, unconditional_model_fn)
 
+ADDED_FIELDS = ("objective", "flow")
 LABEL_STREAM = 0x1ABE1  # keeps the label draws apart from the noise draws of the same (seed, index)
 StepFn = Callable[[int, int], None] | None
 
@@ -44,6 +46,8 @@ class GenerateConfig:
     precision: str = "fp32"
     compile: bool = False
     schedule: str = "linear"  # the checkpoint's training betas
+    objective: ObjectiveSpec = DDPM  # the checkpoint's objective and time direction
+    flow: FlowSettings = FlowSettings()  # a flow sampler's time shift, tolerances and last step
 
     def __post_init__(self):
         if not self.labels:
@@ -59,10 +63,18 @@ class GenerateConfig:
     def num_images(self) -> int:
         return len(self.labels)
 
+    def plan(self, learn_sigma: bool) -> SamplerPlan:
+        """The sampler on the checkpoint's own process: its betas, or its flow's time direction."""
+        process = self.objective.build(learn_sigma=learn_sigma, schedule=self.schedule)
+        return plan_for(process, self.sampler, self.steps, schedule=self.schedule, eta=self.eta, flow=self.flow)
+
     def run_key(self, checkpoint_sha256: str, codec: dict) -> str:
         """A digest of what decides the pixels; a re-run resumes only a run with the same key."""
         fields = asdict(self)
         fields.pop("batch_size"), fields.pop("compile")
+        for name in ADDED_FIELDS:  # hashed only where set, so runs from before them keep their keys
+            if getattr(self, name) == GenerateConfig.__dataclass_fields__[name].default:
+                fields.pop(name)
         fields["labels"] = hashlib.sha256(np.asarray(self.labels, dtype=np.int64).tobytes()).hexdigest()
         fields.update(checkpoint=checkpoint_sha256, codec=codec)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -151,8 +163,7 @@ def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indic
         return
     if plan is None:
         check_guidance(model.config, config.guidance)
-        plan = plan_sampler(config.sampler, config.steps, model.config.learn_sigma, config.eta,
-                            schedule=config.schedule)
+        plan = config.plan(model.config.learn_sigma)
     net = torch.compile(model) if config.compile else model
     width = batch_width(config)
     for start in range(0, len(indices), width):
@@ -201,14 +212,15 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
         on_plan(len(mine))
 
     # Sample and write.
-    start, nfe = time.perf_counter(), None
+    start, counts = time.perf_counter(), []
     for batch in generate_images(model, codec, config, mine, device, on_step, plan):
         for writer in writers:
             writer.write(batch)
-        nfe = batch.nfe
+        counts.append(batch.nfe)
         if on_batch is not None:
             on_batch(batch)
     seconds = time.perf_counter() - start
+    nfe = mean_nfe(counts)
     summary = RunSummary(config.num_images, len(mine), len(done), nfe, seconds)
 
     # Rank 0 merges and records what was made; a rank that could not write its shards shows up as missing images.
@@ -223,6 +235,16 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
     ranks.barrier()
     summary.files = on_every_rank(finish)
     return summary
+
+
+def mean_nfe(counts: list[int]) -> int | float | None:
+    """The model evaluations per image: the same for every batch of a fixed-step sampler, an adaptive solver's
+    mean over the batches otherwise."""
+    if not counts:
+        return None
+    if len(set(counts)) == 1:
+        return counts[0]
+    return round(sum(counts) / len(counts), 2)
 
 
 def default_out_dir(model_name: str, config: GenerateConfig, run_key: str) -> Path:

@@ -99,8 +99,8 @@ class ProgressBar:
             self.progress.update(self.task, status=text)
 
     def step(self, step: int, num_steps: int) -> None:
-        """A denoising-step callback: shows "step i/n"."""
-        self.substatus(f"step {step + 1}/{num_steps}")
+        """A denoising-step callback: shows "step i/n", or "step i" for an adaptive solver (n = 0)."""
+        self.substatus(f"step {step + 1}/{num_steps}" if num_steps else f"step {step + 1} (adaptive)")
 
     @staticmethod
     def _status(fields: dict) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from ditcli.diffusion import Diffusion
 from ditcli.flow import FlowMatching
-from ditcli.flow_samplers import sample_flow_euler, sample_flow_heun, sample_flow_sde
+from ditcli.flow_samplers import sample_flow_dopri5, sample_flow_euler, sample_flow_heun, sample_flow_sde
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -163,7 +163,7 @@ SOLVERS = {
     "heun": ("HeunDiscreteScheduler", {}),
 }
 SAMPLERS = ("ddpm", "ddim", *SOLVERS)
-FLOW_SAMPLER_NAMES = ("euler", "heun", "dopri5", "sde")
+FLOW_SAMPLER_NAMES = ("euler", "heun", "dopri5", "sde")  # the keys of FLOW_SAMPLERS, below
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,9 @@ DIT_SAMPLING = SamplingDefaults()
 # What `dit train` records: the embedded Fashion-MNIST run measured DPM-Solver++(2M) at 25 steps as good as DDPM-250
 # at a tenth of the model evaluations (docs/fashion-mnist.md); cfg 4 gave its lowest Frechet distance.
 TRAINED_SAMPLING = SamplingDefaults("dpm++2m", 25, 4.0)
+# A flow model that records no defaults (a SiT or REPA file): SiT's default ODE solver, dopri5 at atol 1e-6, rtol 1e-3
+# (its steps do not apply), cfg 4 as SiT's sample.py.
+FLOW_SAMPLING = SamplingDefaults("dopri5", 50, 4.0)
 # What `dit train --objective flow` records: Heun at 25 steps (50 evaluations), half of SiT's dopri5 budget.
 TRAINED_FLOW_SAMPLING = SamplingDefaults("heun", 25, 4.0)
 
@@ -280,33 +283,50 @@ def plan_sampler(name: str, steps: int, learn_sigma: bool, eta: float = 0.0, res
     return SamplerPlan(name, diffusion.num_steps, diffusion, partial(sample_ddim, eta=eta), diffusion.num_steps)
 
 
-FLOW_SAMPLERS = {"euler": sample_flow_euler, "heun": sample_flow_heun, "sde": sample_flow_sde}
+FLOW_SAMPLERS = {"euler": sample_flow_euler, "heun": sample_flow_heun, "dopri5": sample_flow_dopri5,
+                 "sde": sample_flow_sde}
 
 
-def plan_flow_sampler(name: str, steps: int, flow: FlowMatching, shift: float = 1.0,
-                      last_step: float = 0.04) -> SamplerPlan:
-    """Choose the function for `--sampler name --steps steps` on a flow-matching model."""
+@dataclass(frozen=True)
+class FlowSettings:
+    """What a flow sampler takes besides its steps: the time shift of its grid, dopri5's tolerances (SiT's
+    defaults) and the SDE's last, noise-free step (SiT's `last_step_size`)."""
+
+    shift: float = 1.0
+    atol: float = 1e-6
+    rtol: float = 1e-3
+    last_step: float = 0.04
+
+    def __post_init__(self):
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"time shift must be a finite number > 0, got {self.shift}")
+        if not all(math.isfinite(v) and v > 0 for v in (self.atol, self.rtol)):
+            raise ValueError(f"atol and rtol must be finite numbers > 0, got {self.atol:g} and {self.rtol:g}")
+        if not 0 < self.last_step < 1:
+            raise ValueError(f"the SDE's last step must be in (0, 1), got {self.last_step:g}")
+
+
+def plan_flow_sampler(name: str, steps: int, flow: FlowMatching, settings: FlowSettings = FlowSettings()
+                      ) -> SamplerPlan:
+    """Choose the function for `--sampler name --steps steps` on a flow-matching model; dopri5 ignores the steps."""
     if name not in FLOW_SAMPLERS:
-        raise ValueError(f"sampler {name!r} does not sample a flow-matching model "
-                         f"(choose from {', '.join(FLOW_SAMPLERS)})")
+        what = "samples DDPM models, and this is a flow-matching model" if name in SAMPLERS else "is unknown"
+        raise ValueError(f"sampler {name!r} {what} (choose from {', '.join(FLOW_SAMPLERS)})")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"time shift must be a finite number > 0, got {shift}")
-    settings = {"steps": steps, "shift": shift}
-    if name == "sde":
-        if not 0 < last_step < 1:
-            raise ValueError(f"the SDE's last step must be in (0, 1), got {last_step}")
-        settings["last_step"] = last_step
-    nfe = 2 * steps if name == "heun" else steps
-    return SamplerPlan(name, steps, flow, partial(FLOW_SAMPLERS[name], **settings), nfe)
+    if name == "dopri5":
+        sample = partial(sample_flow_dopri5, atol=settings.atol, rtol=settings.rtol)
+        return SamplerPlan(name, steps, flow, sample, None)
+    extra = {"last_step": settings.last_step} if name == "sde" else {}
+    sample = partial(FLOW_SAMPLERS[name], steps=steps, shift=settings.shift, **extra)
+    return SamplerPlan(name, steps, flow, sample, 2 * steps if name == "heun" else steps)
 
 
 def plan_for(objective: Diffusion | FlowMatching, name: str, steps: int, *, schedule: str = "linear",
-             eta: float = 0.0, shift: float = 1.0, last_step: float = 0.04) -> SamplerPlan:
+             eta: float = 0.0, flow: FlowSettings = FlowSettings()) -> SamplerPlan:
     """The plan of sampler `name` for a model trained with `objective` (on `schedule`'s betas, for DDPM)."""
     if objective.kind == "flow":
-        return plan_flow_sampler(name, steps, objective, shift, last_step)
+        return plan_flow_sampler(name, steps, objective, flow)
     if name in FLOW_SAMPLERS and name not in SAMPLERS:
         raise ValueError(f"sampler {name!r} samples flow-matching models, and this is a DDPM model "
                          f"(choose from {', '.join(SAMPLERS)})")

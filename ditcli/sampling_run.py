@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -27,12 +27,14 @@ from ditcli.model import PRESET_SHAPES, preset_names
 from ditcli.protocol import expand_preset
 from ditcli.ranks import Ranks, on_every_rank
 from ditcli.runtime import resolve_precision
-from ditcli.samplers import DIT_SAMPLING, GUIDED_CHANNELS, Guidance, SamplerPlan, plan_sampler
+from ditcli.objectives import ObjectiveSpec
+from ditcli.samplers import DIT_SAMPLING, FLOW_SAMPLING, GUIDED_CHANNELS, FlowSettings, Guidance, SamplerPlan
 from ditcli.state import Checkpoint, describe
 from ditcli.weights import KnownWeights, ProgressFn, file_sha256, known_weights, registry_models, resolve_weights
 from ditcli.writers import ImageDirWriter, NpzWriter
 
 DEFAULT_MODEL = "DiT-XL/2"
+DEFAULT_SAMPLING = {"ddpm": DIT_SAMPLING, "flow": FLOW_SAMPLING}  # for a file that records none, by objective
 DEFAULT_NUM = 16
 DEFAULT_CHANNELS = "paper"
 DEFAULT_PRECISION = "fp32"
@@ -79,6 +81,10 @@ class SampleRequest:
     force: bool = False
     preset: str | None = None
     weights: str | None = None
+    objective: ObjectiveSpec | None = None  # --objective/--time-direction, for a file that does not record them
+    time_shift: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
     notes: tuple[str, ...] = ()  # what --preset's expansion said, shown with the preset
 
     def check(self) -> None:
@@ -116,25 +122,27 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     r = request
     with ranks.zero_first():
         checkpoint_path, entry = find_checkpoint(r.model, r.image_size, r.ckpt, r.offline, download)
-    checkpoint = read_checkpoint(checkpoint_path, r.model, r.weights)
+    checkpoint = read_checkpoint(checkpoint_path, r.model, r.weights, r.objective or (entry and entry.objective))
     model_config = checkpoint.config
 
     # Check everything cheap (sampler, guidance, classes, sizes, outputs) before the codec loads.
-    defaults = checkpoint.sampling or (entry.sampling if entry else DIT_SAMPLING)
+    defaults = checkpoint.sampling or (entry.sampling if entry else DEFAULT_SAMPLING[checkpoint.objective.objective])
     guidance = make_guidance(r.cfg if r.cfg is not None else defaults.cfg, r.guidance_channels, r.guidance_interval,
                              model_config, defaults.interval)
+    check_flow_interval(checkpoint, guidance)
     sampler, steps = r.sampler or defaults.sampler, r.steps or defaults.steps
     if r.eta is not None and sampler != "ddim":
         raise UserError(f"--eta only applies to --sampler ddim, and this run uses {sampler}",
                         "add --sampler ddim, or drop --eta")
     eta = r.eta or 0.0
-    plan = plan_sampler(sampler, steps, model_config.learn_sigma, eta, schedule=checkpoint.schedule)
+    flow = flow_settings(r, checkpoint)
     notes = list(r.notes)
     vae = vae_choice(checkpoint, r.vae, r.vae_from_preset, notes)
     names = class_table(model_config.num_classes, checkpoint.class_names)
     labels, columns = plan_run(names, model_config.num_classes, list(r.classes), r.num_per_class, r.num, r.seed)
     config = GenerateConfig(tuple(labels), r.seed, sampler, steps, eta, guidance, r.batch_size, r.precision,
-                            r.compile, checkpoint.schedule)
+                            r.compile, checkpoint.schedule, checkpoint.objective, flow)
+    plan = config.plan(model_config.learn_sigma)
     given_size = r.image_size if r.ckpt is not None else None
     check_image_size(checkpoint, given_size, vae)
     warnings = stale_weights(checkpoint)
@@ -160,6 +168,19 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
         on_ready(config, codec, out, npz, notes)
     writers = make_writers(out, npz, names, config, run_key, r.force, provenance, columns, ranks)
     return SamplingRun(net, codec, config, plan, writers, provenance, out, npz, run_key, checkpoint.weights, warnings)
+
+
+def flow_settings(request: SampleRequest, checkpoint: Checkpoint) -> FlowSettings:
+    """--time-shift, --atol and --rtol: a flow sampler's, refused for a DDPM model, which would ignore them."""
+    given = {flag: value for flag, value in (("--time-shift", request.time_shift), ("--atol", request.atol),
+                                             ("--rtol", request.rtol)) if value is not None}
+    if checkpoint.objective.objective != "flow":
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to flow-matching models, and this is a DDPM model",
+                            f"drop {', '.join(given)}")
+        return FlowSettings()
+    base = FlowSettings()
+    return FlowSettings(request.time_shift or base.shift, request.atol or base.atol, request.rtol or base.rtol)
 
 
 def output_paths(request: SampleRequest, default: Path) -> tuple[Path | None, Path | None]:
@@ -242,9 +263,11 @@ def check_model_choice(model: str | None, image_size: int | None, ckpt: Path | N
         raise UserError(f"--model {model} comes in one size, so --image-size does not apply", "drop --image-size")
 
 
-def read_checkpoint(path: Path, model: str | None, weights: str | None) -> Checkpoint:
-    """The checkpoint, checked against a --model preset and the --weights asked for."""
-    checkpoint = load_checkpoint(path, num_heads=preset_heads(model), weights=weights)  # refuses a missing set
+def read_checkpoint(path: Path, model: str | None, weights: str | None,
+                    objective: ObjectiveSpec | None = None) -> Checkpoint:
+    """The checkpoint, checked against a --model preset, the --weights and the objective asked for."""
+    checkpoint = load_checkpoint(path, num_heads=preset_heads(model), weights=weights,  # refuses a missing set
+                                 objective=objective)
     check_preset(model, checkpoint)
     return checkpoint
 
@@ -322,6 +345,15 @@ def make_guidance(scale: float, channels: str, interval: str | None, model_confi
     return guidance
 
 
+def check_flow_interval(checkpoint: Checkpoint, guidance: Guidance) -> None:
+    """A flow model's guidance interval is in flow time, [0, 1]; training timesteps such as 0,700 would guide all."""
+    if checkpoint.objective.objective == "flow" and guidance.interval is not None and guidance.interval[1] > 1:
+        low, high = guidance.interval
+        raise UserError(f"--guidance-interval {low:g},{high:g} is not in flow time [0, 1]: this is a flow-matching "
+                        f"model ({checkpoint.objective.describe()})",
+                        "pass LOW,HIGH in [0, 1], e.g. 0,0.7 as REPA (on its data-to-noise time)")
+
+
 def parse_interval(text: str | None) -> tuple[float, float] | None:
     if text is None or text.strip().lower() == "none":
         return None
@@ -393,7 +425,7 @@ def png_text(provenance: dict) -> dict[str, str]:
 
 
 def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkpoint, config: GenerateConfig,
-                    nfe: int, codec, dtype: torch.dtype, device: torch.device, deterministic: bool, run_key: str,
+                    nfe: int | None, codec, dtype: torch.dtype, device: torch.device, deterministic: bool, run_key: str,
                     cfg_given: bool) -> dict:
     unconditional = checkpoint.config.num_classes == 0
     return {
@@ -405,6 +437,8 @@ def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkp
         "guidance_interval": list(config.guidance.interval) if config.guidance.interval else None,
         "nfe_convention": "model evaluations per image; one evaluation of a doubled CFG batch counts as one",
         "weights": checkpoint.weights, "schedule": checkpoint.schedule,
+        "objective": checkpoint.objective.to_metadata(),
+        **({"flow_sampler": asdict(config.flow)} if checkpoint.objective.objective == "flow" else {}),
         "codec": codec.to_dict(), "precision": str(dtype).removeprefix("torch."), "device": str(device),
         "deterministic": deterministic, "tf32": torch.backends.cuda.matmul.allow_tf32,
         "seed": config.seed, "num_images": config.num_images,

@@ -17,6 +17,7 @@ from ditcli.diffusion import BETA_SCHEDULES
 from ditcli.ema import EmaRecord
 from ditcli.errors import UserError
 from ditcli.model import PRESET_SHAPES, DiT, DiTConfig
+from ditcli.objectives import DDPM, ObjectiveSpec
 from ditcli.samplers import SamplingDefaults
 
 SAFETENSORS_FORMAT = "ditcli"
@@ -34,6 +35,10 @@ class Checkpoint:
     class_names: list[str] | None = None
     codec: dict | None = None
     schedule: str = "linear"  # the beta schedule it was trained with; every sampler must use the same
+    objective: ObjectiveSpec = DDPM  # what it predicts and in which time direction (ditcli.objectives)
+    objective_recorded: bool = False  # whether the file itself records the objective
+    flow_hint: str | None = None  # "SiT" or "REPA": a flow model from elsewhere, whose direction must be named
+    dropped: list[str] = field(default_factory=list)  # key groups of the file that the model does not use
     sampling: SamplingDefaults | None = None  # its own recommended sampler, steps and cfg
     ema: EmaRecord | None = None  # how its EMA was made, when known
     step: int | None = None  # the training step it was saved at (training checkpoints)
@@ -51,6 +56,10 @@ class Checkpoint:
             model = model.to(dtype)
         return model.eval().requires_grad_(False)
 
+    def process(self):
+        """The training process it was trained with: the `Diffusion` or `FlowMatching` its samplers run on."""
+        return self.objective.build(learn_sigma=self.config.learn_sigma, schedule=self.schedule)
+
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata that lets one file rebuild this model."""
         data = {"format": SAFETENSORS_FORMAT, "config": json.dumps(self.config.to_dict()), "weights": self.weights}
@@ -59,6 +68,7 @@ class Checkpoint:
         if self.codec is not None:
             data["codec"] = json.dumps(self.codec)
         data["schedule"] = self.schedule
+        data.update(self.objective.to_metadata())
         if self.sampling is not None:
             data["sampling"] = json.dumps(self.sampling.to_dict())
         if self.ema is not None:

@@ -16,6 +16,7 @@ from typing import Callable
 
 from ditcli.errors import UserError
 from ditcli.hub import HubId, fetch_dit, is_offline
+from ditcli.objectives import ObjectiveSpec
 from ditcli.samplers import SamplingDefaults
 from ditcli.version import __version__
 
@@ -44,6 +45,8 @@ class KnownWeights:
     interval: tuple[float, float] | None = None  # guidance interval in training timesteps; None guides every step
     licence: str = ""
     hub: str | None = None
+    objective: ObjectiveSpec | None = None  # for weights that do not record theirs: SiT's flow, say
+
 
     @property
     def sampling(self) -> SamplingDefaults:
@@ -52,11 +55,17 @@ class KnownWeights:
 
 
 DIT_RELEASE = "https://dl.fbaipublicfiles.com/DiT/models"
+SIT_RELEASE = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
+               "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0")  # the link of SiT's README and download.py
 REGISTRY: dict[tuple[str, int | None], KnownWeights] = {
     ("DiT-XL/2", 256): KnownWeights("DiT-XL/2", 256, "DiT-XL-2-256x256.pt", f"{DIT_RELEASE}/DiT-XL-2-256x256.pt",
                                     licence="CC-BY-NC 4.0", hub="facebook/DiT-XL-2-256"),
     ("DiT-XL/2", 512): KnownWeights("DiT-XL/2", 512, "DiT-XL-2-512x512.pt", f"{DIT_RELEASE}/DiT-XL-2-512x512.pt",
                                     licence="CC-BY-NC 4.0", hub="facebook/DiT-XL-2-512"),
+    # SiT (Ma et al., 2024): DiT-XL/2's exact layout (32 output channels, 4 used), trained as a flow from noise (t = 0)
+    # to data (t = 1), which the file does not say. Its sample.py defaults: SDE, 250 steps, cfg 4 (FID: cfg 1.5).
+    ("SiT-XL/2", 256): KnownWeights("SiT-XL/2", 256, "SiT-XL-2-256x256.pt", SIT_RELEASE, sampler="sde", steps=250,
+                                    cfg=4.0, licence="MIT", objective=ObjectiveSpec("flow", "noise-to-data")),
     # Shipped in the repository's weights/ folder; no URL. cfg 4 gave the lowest Fréchet distance of cfg 1, 2 and 4;
     # dpm++2m at 10 steps, guided only for t in [82, 578] (EDM2's sigma interval 0.28-5.42 on the linear betas), reached
     # DDPM-250's FD at a fraction of the time (docs/fashion-mnist.md, benchmarks/quality_per_second.py).

@@ -11,12 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 from ditcli.checkpoint import WEIGHT_CHOICES
-from ditcli.commands.options import JsonOpt
+from ditcli.commands.options import JsonOpt, ObjectiveOpt, TimeDirectionOpt
 from ditcli.conversion import OUTPUT_FORMATS, ConversionReport
 from ditcli.conversion import convert as convert_weights
 from ditcli.conversion import info as describe_file
 from ditcli.errors import UserError
 from ditcli.io import check_creatable
+from ditcli.objectives import ObjectiveSpec
 from ditcli.runtime import PRECISIONS
 
 SourceArg = Annotated[Path | None, typer.Argument(help="A released .pt, a train.py or ditcli checkpoint, our "
@@ -55,12 +56,15 @@ def convert(
     vae: VaeOpt = None,
     info: InfoOpt = None,
     json_out: JsonOpt = False,
+    objective: ObjectiveOpt = None,
+    time_direction: TimeDirectionOpt = None,
 ):
     """Convert DiT weights between official, training, safetensors and diffusers formats; check the result."""
+    spec = ObjectiveSpec.from_options(objective, time_direction)
     if info is not None:
         if src is not None or dst is not None:
             raise UserError("--info takes one FILE and no SRC/DST", "run `dit convert --info FILE` on its own")
-        _render_info(describe_file(info, num_heads=num_heads, weights=weights), json_out)
+        _render_info(describe_file(info, num_heads=num_heads, weights=weights, objective=spec), json_out)
         return
     if src is None or dst is None:
         raise UserError("convert needs SRC and DST", "run `dit convert SRC DST`, or `dit convert --info FILE`")
@@ -71,7 +75,7 @@ def convert(
         raise UserError("--vae only applies to --to diffusers: a .safetensors file holds the DiT alone",
                         "drop --vae, or write a diffusers folder with --to diffusers")
     report = convert_weights(src, dst, to=to, dtype=dtype, weights=weights, num_heads=num_heads,
-                             vae=None if vae == "none" else vae or "auto", force=force)
+                             vae=None if vae == "none" else vae or "auto", force=force, objective=spec)
     _render_report(report, json_out)
 
 
@@ -88,14 +92,22 @@ def _render_info(data: dict, json_out: bool) -> None:
             ("codec", json.dumps(data["codec"]) if data["codec"] else "none"),
             ("timestep convention", f"{data['timestep_convention']} ({data['convention_source']})"),
             ("schedule", data["schedule"]),
+            ("objective", f"{_objective(data['objective'])} ({data['objective_source']})"),
             ("sampling", json.dumps(data["sampling"]) if data["sampling"] else "not recorded"),
             ("EMA record", json.dumps(data["ema_record"]) if data["ema_record"] else "not recorded"),
             ("config", json.dumps(data["config"]))]
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+    for group in data["dropped"]:
+        console.print(f"dropped: {group}")
     for warning in data["warnings"]:
         console.print(f"warning: {warning}", style="yellow")
+
+
+def _objective(record: dict) -> str:
+    direction = record.get("time_direction")
+    return record["objective"] + (f", time {direction}" if direction else "")
 
 
 def _weights_parity(trip: dict) -> str:

@@ -10,13 +10,14 @@ import typer
 from rich.console import Console
 
 from ditcli.commands.options import (CheckpointOpt, CompileOpt, DeviceOpt, DistTimeoutOpt, ImageSizeOpt, JsonOpt,
-                                     ModelOpt, OfflineOpt, PrecisionOpt, SeedOpt)
+                                     ModelOpt, ObjectiveOpt, OfflineOpt, PrecisionOpt, SeedOpt, TimeDirectionOpt)
 from ditcli.generate import GenerateConfig, sample_run
 from ditcli.progress import ProgressBar, byte_progress
 from ditcli.protocol import PAPER_FID, SAMPLE_PRESETS
 from ditcli.ranks import DEFAULT_TIMEOUT_S, collectives, distributed, from_arguments, on_every_rank, rank_device
 from ditcli.runtime import resolve_device, set_backend_flags
-from ditcli.samplers import GUIDED_CHANNELS, SAMPLERS
+from ditcli.objectives import ObjectiveSpec
+from ditcli.samplers import FLOW_SAMPLER_NAMES, GUIDED_CHANNELS, SAMPLERS
 from ditcli.sampling_run import (DEFAULT_CHANNELS, DEFAULT_NUM, DEFAULT_PRECISION, SampleRequest, expand_sample_preset,
                                  prepare_run)
 from ditcli.writers import check_outputs
@@ -35,9 +36,19 @@ CfgOpt = Annotated[float | None, typer.Option(
 GuidedOpt = Annotated[str, typer.Option(
     "--guidance-channels", help=f"{' or '.join(GUIDED_CHANNELS)}: the first 3 latent channels, as published, or all.")]
 IntervalOpt = Annotated[str | None, typer.Option(
-    "--guidance-interval", help="LOW,HIGH: guide only for training timesteps in [LOW, HIGH], e.g. 0,700; 'none' "
+    "--guidance-interval", help="LOW,HIGH: guide only in [LOW, HIGH], in training timesteps (e.g. 0,700) or a flow "
+                                "model's time (e.g. 0,0.7); 'none' "
                                 "guides every step (default: the model's).")]
-SamplerOpt = Annotated[str | None, typer.Option("--sampler", help=f"{', '.join(SAMPLERS)} (default: the model's).")]
+SamplerOpt = Annotated[str | None, typer.Option(
+    "--sampler", help=f"DDPM models: {', '.join(SAMPLERS)}; flow models: {', '.join(FLOW_SAMPLER_NAMES)} (default: the "
+                      "model's).")]
+TimeShiftOpt = Annotated[float | None, typer.Option(
+    "--time-shift", help="Flow models: shift the step grid's noise levels s to S s / (1 + (S - 1) s) (> 0; > 1 puts "
+                         "more steps at high noise). Default: 1.", show_default=False)]
+AtolOpt = Annotated[float | None, typer.Option(
+    "--atol", help="dopri5's absolute tolerance (SiT's default 1e-6).", show_default=False)]
+RtolOpt = Annotated[float | None, typer.Option(
+    "--rtol", help="dopri5's relative tolerance (SiT's default 1e-3).", show_default=False)]
 EtaOpt = Annotated[float | None, typer.Option(
     "--eta", help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like. Only with --sampler ddim. Default: 0.",
     show_default=False)]
@@ -68,7 +79,8 @@ def sample(
     device: DeviceOpt = "auto", precision: PrecisionOpt = DEFAULT_PRECISION, compile: CompileOpt = False,
     json_output: JsonOpt = False, deterministic: DeterministicOpt = False, offline: OfflineOpt = False,
     force: ForceOpt = False, preset: PresetOpt = None, weights: SampleWeightsOpt = None,
-    dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT_S,
+    objective: ObjectiveOpt = None, time_direction: TimeDirectionOpt = None, time_shift: TimeShiftOpt = None,
+    atol: AtolOpt = None, rtol: RtolOpt = None, dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT_S,
 ):
     """Generate class-conditional images from a DiT checkpoint."""
     # Expand --preset (explicit options win), then check the numbers and the choice of model before any file is read
@@ -81,7 +93,8 @@ def sample(
             model, image_size, ckpt, tuple(class_ or ()), num_per_class, settings["num"], settings["steps"],
             settings["cfg"], settings["guidance_channels"], guidance_interval, settings["sampler"], eta, seed,
             batch_size, out, npz, settings["vae"], vae is None and settings["vae"] is not None,
-            settings["precision"], compile, deterministic, offline, force, preset, weights, tuple(notes))
+            settings["precision"], compile, deterministic, offline, force, preset, weights,
+            ObjectiveSpec.from_options(objective, time_direction), time_shift, atol, rtol, tuple(notes))
         request.check()
     torch_device = rank_device(resolve_device(device))
     set_backend_flags(deterministic=deterministic)
