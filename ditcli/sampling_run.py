@@ -180,7 +180,8 @@ def flow_settings(request: SampleRequest, checkpoint: Checkpoint) -> FlowSetting
                             f"drop {', '.join(given)}")
         return FlowSettings()
     base = FlowSettings()
-    return FlowSettings(request.time_shift or base.shift, request.atol or base.atol, request.rtol or base.rtol)
+    return FlowSettings(*(base_value if value is None else value for value, base_value in
+                          ((request.time_shift, base.shift), (request.atol, base.atol), (request.rtol, base.rtol))))
 
 
 def output_paths(request: SampleRequest, default: Path) -> tuple[Path | None, Path | None]:
