@@ -35,7 +35,7 @@ from ditcli.checkpoint import load_checkpoint
 from ditcli.codec import PixelCodec
 from ditcli.data import load_fashion_mnist
 from ditcli.diffusion import named_betas
-from ditcli.generate import GenerateConfig, class_labels, generate_images
+from ditcli.generate import GenerateConfig, class_labels, generate_images, mean_nfe
 from ditcli.judge import load_judge
 from ditcli.metrics import frechet_distance, kernel_inception_distance
 from ditcli.samplers import Guidance
@@ -51,7 +51,25 @@ SMALL_PER_CLASS = 10  # the DDPM-250 row's count per class; larger rows are also
 CFG = 4.0
 GUIDANCE_SIGMAS = (0.28, 5.42)  # EDM2-XXL's guidance interval in sigma = sqrt((1 - alpha_bar) / alpha_bar)
 SAMPLER_STEPS = {"ddpm": (250,), "ddim": (25, 50), "dpm++2m": (10, 15, 20, 25), "unipc": (10, 20), "heun": (10,)}
+# A flow model's rows (dopri5's steps do not apply: its row is "dopri5-1").
+FLOW_SAMPLER_STEPS = {"euler": (5, 10, 15, 25), "heun": (4, 5, 7, 10), "sde": (10, 15, 25, 50), "dopri5": (1,)}
 LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)", "unipc": "UniPC", "heun": "Heun"}
+FLOW_COLOURS = {"euler": "tab:purple", "heun": "tab:brown", "sde": "tab:pink", "dopri5": "tab:olive"}
+FLOW_LABELS = {"euler": "flow Euler", "heun": "flow Heun", "sde": "flow SDE (Euler-Maruyama)", "dopri5": "flow dopri5"}
+
+
+def flow_guidance_interval(flow, sigmas: tuple[float, float] = GUIDANCE_SIGMAS) -> tuple[float, float]:
+    """The flow times whose EDM sigma lies in `sigmas`: x_t / alpha = x + (s / (1 - s)) eps at noise level s, so
+    s = sigma / (1 + sigma)."""
+    ends = sorted(float(flow.time_at(sigma / (1 + sigma))) for sigma in sigmas)
+    return round(ends[0], 4), round(ends[1], 4)
+
+
+def interval_of(checkpoint) -> tuple[float, float]:
+    """GUIDANCE_SIGMAS on the model's own clock: training timesteps, or flow time."""
+    if checkpoint.objective.objective == "flow":
+        return flow_guidance_interval(checkpoint.process())
+    return guidance_interval(checkpoint.schedule)
 
 
 def guidance_interval(schedule: str = "linear", sigmas: tuple[float, float] = GUIDANCE_SIGMAS) -> tuple[int, int]:
@@ -75,17 +93,19 @@ def parse_row(name: str) -> dict:
     return {"sampler": "-".join(parts[:-1]), "steps": int(parts[-1]), "interval": interval, "precision": precision}
 
 
-def all_rows() -> list[str]:
-    rows = [row_name(s, n, False) for s, steps in SAMPLER_STEPS.items() for n in steps]
-    return rows + [row_name(s, n, True) for s, steps in SAMPLER_STEPS.items() for n in steps]
+def all_rows(objective: str = "ddpm") -> list[str]:
+    table = FLOW_SAMPLER_STEPS if objective == "flow" else SAMPLER_STEPS
+    rows = [row_name(s, n, False) for s, steps in table.items() for n in steps]
+    return rows + [row_name(s, n, True) for s, steps in table.items() for n in steps]
 
 
 def config_of(row: dict, seed: int, labels: list[int], batch_size: int, compile_model: bool,
-              schedule: str) -> GenerateConfig:
-    interval = guidance_interval(schedule) if row["interval"] else None
+              checkpoint) -> GenerateConfig:
+    interval = interval_of(checkpoint) if row["interval"] else None
     return GenerateConfig(labels=tuple(labels), seed=seed, sampler=row["sampler"], steps=row["steps"],
                           guidance=Guidance(CFG, "all", interval), batch_size=batch_size,
-                          precision=row["precision"], compile=compile_model, schedule=schedule)
+                          precision=row["precision"], compile=compile_model, schedule=checkpoint.schedule,
+                          objective=checkpoint.objective)
 
 
 def weights_dir(ckpt: Path) -> Path:
@@ -106,8 +126,8 @@ def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: i
     if record_path.exists():
         return json.loads(record_path.read_text())
     row = parse_row(name)
-    config = config_of(row, seed, class_labels(range(10), per_class), batch_size, compile_model, checkpoint.schedule)
-    chunks, seconds, nfe = [], 0.0, None
+    config = config_of(row, seed, class_labels(range(10), per_class), batch_size, compile_model, checkpoint)
+    chunks, seconds, counts = [], 0.0, []
     for start in range(0, config.num_images, batch_size):
         chunk = path.with_suffix(f".part{start:05d}.npz")
         if not chunk.exists():
@@ -118,21 +138,25 @@ def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: i
             np.savez(chunk, images=batch.images.numpy(), seconds=time.perf_counter() - started, nfe=batch.nfe)
         data = np.load(chunk)
         chunks.append(data["images"])
-        seconds, nfe = seconds + float(data["seconds"]), int(data["nfe"])
+        seconds = seconds + float(data["seconds"])
+        counts.append(int(data["nfe"]))
+    nfe = mean_nfe(counts)  # an adaptive solver's differs from batch to batch
     images = np.concatenate(chunks)  # (N, 28, 28, 1)
     np.savez(path, images=images, labels=np.array(config.labels))
-    record = {"row": name, **row, "seed": seed, "cfg": CFG, "interval_t": list(config.guidance.interval or []) or None,
-              "nfe": nfe, "forwards_per_image": forwards_per_image(config), "images": len(images),
+    record = {"row": name, **row, "objective": checkpoint.objective.objective, "seed": seed, "cfg": CFG, "interval_t": list(config.guidance.interval or []) or None,
+              "nfe": nfe, "forwards_per_image": forwards_per_image(config, nfe), "images": len(images),
               "seconds": seconds, "batch_size": batch_size, "compile": compile_model,
               "threads": torch.get_num_threads()}
     record_path.write_text(json.dumps(record, indent=1))
     return record
 
 
-def forwards_per_image(config: GenerateConfig) -> int:
-    """Model passes per image: 2 per guided step (cond + uncond), 1 per unguided step."""
+def forwards_per_image(config: GenerateConfig, nfe: int | float | None = None) -> int | float:
+    """Model passes per image: 2 per guided evaluation (cond + uncond), 1 per unguided one."""
     from ditcli.samplers import SOLVERS, make_scheduler, plan_sampler
 
+    if config.objective.objective == "flow":
+        return flow_forwards_per_image(config, nfe)
     plan = plan_sampler(config.sampler, config.steps, True, schedule=config.schedule)
     if config.sampler in SOLVERS:
         timesteps = [float(t) for t in make_scheduler(config.sampler, plan.process, config.steps).timesteps]
@@ -140,6 +164,18 @@ def forwards_per_image(config: GenerateConfig) -> int:
         timesteps = [float(t) for t in plan.process.model_timesteps(torch.arange(plan.process.num_steps))]
     assert len(timesteps) == plan.nfe, (config.sampler, len(timesteps), plan.nfe)
     return sum(2 if config.guidance.active(t) else 1 for t in timesteps)
+
+
+def flow_forwards_per_image(config: GenerateConfig, nfe: int | float | None) -> int | float:
+    """A flow sampler's passes: each step's evaluations (Heun's two) doubled where guidance is on at its start;
+    dopri5's measured NFE, doubled where guided (its evaluation times are not fixed in advance)."""
+    if config.sampler == "dopri5":  # its evaluation times are chosen as it runs: known only without an interval
+        return nfe * (1 if config.guidance.scale in (0, 1) else 2) if config.guidance.interval is None else None
+    plan = config.plan(learn_sigma=False)
+    grid = plan.process.time_grid(config.steps, config.flow.shift, config.flow.last_step if config.sampler == "sde"
+                                  else 0.0)
+    per_step = 2 if config.sampler == "heun" else 1
+    return sum(per_step * (2 if config.guidance.active(t) else 1) for t in grid[:-1])
 
 
 # Scoring.
@@ -302,7 +338,7 @@ def cmd_speed(model, checkpoint, args) -> None:
 
 
 def cmd_sweep(model, checkpoint, args) -> None:
-    for name in args.rows or all_rows():
+    for name in args.rows or all_rows(checkpoint.objective.objective):
         record = sample_row(model, checkpoint, weights_dir(args.ckpt), name, args.seed, args.per_class,
                             args.batch_size, args.compile)
         print(json.dumps(record), flush=True)
@@ -326,7 +362,8 @@ def cmd_score(args) -> None:
               flush=True)
     summary = {"checkpoint": str(args.ckpt), "weights": work.name, "cfg": CFG, "per_class": PER_CLASS,
                "reference": "fashion-mnist train split (60,000), judge features", "floor": floors, "rows": rows,
-               "guidance_interval_t": list(guidance_interval(load_checkpoint(args.ckpt).schedule)),
+               "objective": load_checkpoint(args.ckpt).objective.to_metadata(),
+               "guidance_interval_t": list(interval_of(load_checkpoint(args.ckpt))),
                "guidance_interval_sigma": list(GUIDANCE_SIGMAS)}
     for race in sorted(work.glob("race*.json")):  # race.json is the latest; race-N.json earlier runs kept by hand
         summary[race.stem] = json.loads(race.read_text())
@@ -386,7 +423,7 @@ def cmd_race(model, checkpoint, args) -> None:
     for name in ("winner_fp32", "winner_bf16"):
         result[f"{name}_vs_ddpm250"] = median[name] / median["ddpm-250"]
         result[f"{name}_vs_dit_pipeline"] = median[name] / median["dit_pipeline"]
-    result["winner"] = {"row": fp32, **parse_row(fp32), "interval_t": list(guidance_interval(checkpoint.schedule))}
+    result["winner"] = {"row": fp32, **parse_row(fp32), "interval_t": list(interval_of(checkpoint))}
     print(json.dumps(median), flush=True)
     print(f"wrote {save_json(weights_dir(args.ckpt), 'race.json', result)}")
 
@@ -398,20 +435,27 @@ def cmd_report(args) -> None:
     import matplotlib.pyplot as plt
 
     summary = json.loads(args.summary.read_text())
+    for extra in args.also or []:  # another model's summary (the flow model's), drawn and listed alongside
+        summary["rows"] += json.loads(extra.read_text())["rows"]
     rows = [r for r in summary["rows"] if r["precision"] == "fp32" and r["seed"] == 0]
     fig, (big, small) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
-    colours = dict(zip(LABELS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red")))
-    for sampler, label in LABELS.items():
+    colours = {"ddpm": dict(zip(LABELS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red"))),
+               "flow": FLOW_COLOURS}
+    for key, label in [*((("ddpm", s), l) for s, l in LABELS.items()),
+                       *((("flow", s), l) for s, l in FLOW_LABELS.items())]:
+        objective, sampler = key
         for interval, style in ((False, "-o"), (True, "--s")):
-            pts = sorted((r["nfe"], r) for r in rows if r["sampler"] == sampler and r["interval"] == interval)
+            pts = sorted((r["nfe"], r) for r in rows if r["sampler"] == sampler and r["interval"] == interval
+                         and r.get("objective", "ddpm") == objective)
             name = f"{label}{' + guidance interval' if interval else ''}"
+            colour = colours[objective][sampler]
             whole = [(n, r["fd"]) for n, r in pts if r["images"] >= 10 * PER_CLASS]
             if whole:
-                big.plot(*zip(*whole), style, color=colours[sampler], label=name)
+                big.plot(*zip(*whole), style, color=colour, label=name)
             sliced = [(n, *slice_fd(r)) for n, r in pts]
             if sliced:
                 nfe, mean, sd = zip(*sliced)
-                small.errorbar(nfe, mean, yerr=sd, fmt=style, color=colours[sampler], capsize=3, label=name)
+                small.errorbar(nfe, mean, yerr=sd, fmt=style, color=colour, capsize=3, label=name)
     for ddpm in (r for r in summary["rows"] if r["sampler"] == "ddpm" and r["images"] <= 10 * SMALL_PER_CLASS):
         small.plot(ddpm["nfe"], ddpm["fd"], "o", color="black")
     for axis, key, title in ((big, "fd", "FD, 1,000 samples"), (small, None, "FD at 100 samples (slices mean ± sd)")):
@@ -434,10 +478,13 @@ def cmd_report(args) -> None:
     for f in summary["floor"]:
         print(f"| floor: real test images | | | | | {f['seed']} | 1,000 | {f['fd']:.2f} | {small_fd(f)} | "
               f"{f['kid']:.1f} ± {f['kid_std']:.1f} | {f['accuracy'] * 100:.1f}% |")
-    for r in sorted(summary["rows"], key=lambda r: (r["interval"], list(LABELS).index(r["sampler"]), r["steps"],
+    def label(r: dict) -> str:
+        return (FLOW_LABELS if r.get("objective", "ddpm") == "flow" else LABELS)[r["sampler"]]
+
+    for r in sorted(summary["rows"], key=lambda r: (r.get("objective", "ddpm"), r["interval"], label(r), r["steps"],
                                                     r["precision"], r["seed"])):
         whole = f"{r['fd']:.2f}" if r["images"] >= 10 * PER_CLASS else "-"
-        print(f"| {LABELS[r['sampler']]}{' bf16' if r['precision'] == 'bf16' else ''} | {r['steps']} | "
+        print(f"| {label(r)}{' bf16' if r['precision'] == 'bf16' else ''} | {r['steps']} | "
               f"{'yes' if r['interval'] else 'no'} | {r['nfe']} | {r['forwards_per_image']} | {r['seed']} | "
               f"{r['images']:,} | {whole} | {small_fd(r)} | {r['kid']:.1f} ± {r['kid_std']:.1f} | "
               f"{r['accuracy'] * 100:.1f}% |")
@@ -474,6 +521,8 @@ def main():
     parser.add_argument("--ckpt", type=Path, default=CKPT, help="The weights to measure (default: the shipped ones).")
     parser.add_argument("--summary", type=Path, default=SUMMARY, help="Where score writes and report reads.")
     parser.add_argument("--plot", type=Path, default=PLOT, help="Where report draws FD against NFE.")
+    parser.add_argument("--also", type=Path, nargs="*", help="report: more summaries (another model's) to draw and "
+                                                              "list beside --summary's rows.")
     args = parser.parse_args()
     if args.command == "score":
         return cmd_score(args)

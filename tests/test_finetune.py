@@ -60,11 +60,11 @@ def fixed_loss(trainer: Trainer, model: DiT) -> float:
     generator = torch.Generator().manual_seed(0)
     indices = np.arange(16) % len(trainer.data)
     x_start = trainer.data.x_start(indices, np.zeros(16, np.int64), torch.zeros(16, 1, 8, 8))
-    t = torch.randint(0, trainer.diffusion.num_steps, (16,), generator=generator)
+    t = torch.randint(0, trainer.objective.num_steps, (16,), generator=generator)
     noise = torch.randn(x_start.shape, generator=generator)
-    x_t = trainer.diffusion.q_sample(x_start, t, noise)
+    x_t = trainer.objective.q_sample(x_start, t, noise)
     out = model.eval()(x_t, t, torch.from_numpy(trainer.images.labels[indices]), torch.zeros(16, dtype=torch.bool))
-    return trainer.diffusion.training_losses(out, x_start, x_t, t, noise)["loss"].mean().item()
+    return trainer.objective.training_losses(out, x_start, x_t, t, noise)["loss"].mean().item()
 
 
 def test_fine_tuning_starts_at_the_trained_loss_far_below_scratch(tmp_path):
