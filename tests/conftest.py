@@ -1,4 +1,6 @@
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,40 @@ def ok(*args):
     result = dit(*args)
     assert result.exit_code == 0, result.output
     return result
+
+
+class LoopbackServer:
+    """Serves `payload` on 127.0.0.1 with Range support, recording each request's Range header; the first `cuts`
+    responses stop halfway through. Never the network."""
+
+    def __init__(self, payload: bytes, cuts: int = 0, ranges: bool = True, name: str = "DiT-test.pt"):
+        self.cuts, self.ranges, self.requests = cuts, ranges, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                asked = self.headers.get("Range")
+                outer.requests.append(asked)
+                start = int(asked.removeprefix("bytes=").rstrip("-")) if asked and outer.ranges else 0
+                body = payload[start:]
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.cuts > 0:
+                    outer.cuts -= 1
+                    body = body[: len(body) // 2]
+                    self.close_connection = True
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -5,14 +5,12 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import dit, ok, perturbed, tiny_config
+from conftest import LoopbackServer, dit, ok, perturbed, tiny_config
 from safetensors import safe_open
 
 import ditcli.weights
@@ -187,36 +185,9 @@ def test_flow_model_is_never_exported_as_a_ddpm_pipeline(source, flow_safetensor
     assert not out.exists()
 
 
-class Server:
-    """Serves one payload over HTTP on 127.0.0.1, counting requests."""
-
-    def __init__(self, payload: bytes):
-        self.requests = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/SiT-XL-2-256.pt?dl=0"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def sit_server(sit_file):
-    server = Server(sit_file.read_bytes())
+    server = LoopbackServer(sit_file.read_bytes(), name="SiT-XL-2-256.pt?dl=0")
     yield server
     server.close()
 
@@ -234,12 +205,12 @@ def test_sit_registry_entry_downloads_and_samples_with_the_entrys_objective(sit_
     assert entry.objective == SIT and entry.sampler == "sde"
 
     path = resolve_weights(entry)
-    assert path == home / "SiT-XL-2-256x256.pt" and path.read_bytes() == payload and sit_server.requests == 1
+    assert path == home / "SiT-XL-2-256x256.pt" and path.read_bytes() == payload and len(sit_server.requests) == 1
 
     out = tmp_path / "out"
     ok("sample", "--model", "SiT-XL/2", "--vae", tiny_vae, "--steps", 3, "--class", 1, "--num-per-class", 2,
        "--out", out)
-    assert sit_server.requests == 1  # found in DIT_HOME, not fetched again
+    assert len(sit_server.requests) == 1  # found in DIT_HOME, not fetched again
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["model"] == "SiT-XL/2" and provenance["checkpoint"] == str(path)
     assert provenance["objective"] == {"objective": "flow", "time_direction": "noise-to-data"}

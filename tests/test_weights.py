@@ -1,10 +1,10 @@
 """Finding and downloading known weights, against a loopback HTTP server (never the network)."""
 
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from conftest import LoopbackServer
 
 import ditcli.weights as weights
 from ditcli.errors import UserError
@@ -13,48 +13,12 @@ from ditcli.weights import KnownWeights, download, known_weights, resolve_weight
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
 
-class Server:
-    """Serves PAYLOAD with Range support; the first `cuts` responses stop halfway through."""
-
-    def __init__(self, cuts: int = 0, ranges: bool = True):
-        self.cuts, self.ranges, self.requests = cuts, ranges, []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                asked = self.headers.get("Range")
-                outer.requests.append(asked)
-                start = int(asked.removeprefix("bytes=").rstrip("-")) if asked and outer.ranges else 0
-                body = PAYLOAD[start:]
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if outer.cuts > 0:
-                    outer.cuts -= 1
-                    body = body[: len(body) // 2]
-                    self.close_connection = True
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/DiT-test.pt"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
     servers = []
 
     def make(**kwargs):
-        servers.append(Server(**kwargs))
+        servers.append(LoopbackServer(PAYLOAD, **kwargs))
         return servers[-1]
 
     yield make
