@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU suite in one unattended call: tests/gpu (bf16 step, compile, SDPA kernel, bf16 sampling drift, one-process
-# NCCL train + resume, Inception CUDA vs CPU), then the DiT-XL/2 timings of bench_model.py against diffusers with
-# MFU. About 6 minutes on one H100/H200; every step has its own time limit, so one hang cannot eat the budget.
+# NCCL train + resume, Inception CUDA vs CPU; for flow models, four bf16 Trainer steps of DiT-XL/2 and the bf16
+# drift of Heun and Euler sampling of DiT-XL/2 at cfg 4), then the DiT-XL/2 timings of bench_model.py against
+# diffusers with MFU. About 6 minutes on one H100/H200; every step has its own time limit, so one hang cannot eat the
+# budget.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]     # default: $OUT, else benchmarks/results/gpu
 #
@@ -34,7 +36,7 @@ python -c "import diffusers" >/dev/null 2>&1 ||
 
 if [ "$cuda" = 1 ]; then
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$out/tests.log" 2>&1 || true
-    step tests 180 tests.log python -m pytest -q -rs -p no:cacheprovider tests/gpu
+    step tests 300 tests.log python -m pytest -q -rs -p no:cacheprovider tests/gpu
     step bench 300 bench.log python benchmarks/bench_model.py --device cuda --compile --repeats 5 \
         --models DiT-XL/2 --batch 64 --sample-model DiT-XL/2 --sample-batch 64 --sample-steps 25 \
         --train-model DiT-XL/2 --train-batch 32 --out "$out/model.json"
