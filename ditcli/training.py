@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ditcli import finetune
-from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES
+from ditcli.checkpoint import TRAIN_FORMAT, WEIGHT_CHOICES, train_ema_record
 from ditcli.codec import DEFAULT_VAE, LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, from_uint8, locate_vae
 from ditcli.data import ImageSet, LatentCache, check_source, load_images
 from ditcli.diffusion import BETA_SCHEDULES
@@ -37,6 +37,7 @@ from ditcli.ranks import (DEFAULT_TIMEOUT_S, SHARED_DISK_HINT, AgreedError, coll
                           on_every_rank)
 from ditcli.runtime import autocast, resolve_device, resolve_precision
 from ditcli.samplers import TRAINED_FLOW_SAMPLING, TRAINED_SAMPLING, SamplingDefaults, image_seed
+from ditcli.trackers import Trackers, check_trackers
 
 NO_VAE = "pass --vae none to train in pixel space"  # the offline way out when a VAE cannot be had
 # Fields that may change when resuming; any other difference needs --force.
@@ -47,7 +48,7 @@ MAX_HIDDEN_SIZE = 16384
 MAX_DEPTH = 512
 
 LR_SCHEDULES = ("constant", "cosine")
-RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "micro_batch", "compile",
+RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "log", "micro_batch", "compile",
                      "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights"}
 
 
@@ -88,12 +89,13 @@ class TrainConfig:
     keep_last: int = 3
     sample_every: int = 0
     log_every: int = 100
+    log: tuple[str, ...] = ("jsonl",)  # trackers besides metrics.jsonl, which is always written (ditcli.trackers)
     max_bad_steps: int = 10
     grad_checkpointing: bool = False
     compile: bool = False
     device: str = "auto"
     init_from: str | None = None  # start from these weights (ditcli.finetune) instead of a fresh model
-    init_weights: str = "ema"
+    init_weights: str | None = None  # "ema", "model", or None: the EMA unless it is stale (ditcli.finetune)
 
     def __post_init__(self):
         """Every option checked on its own, naming it, before any data is read or file written."""
@@ -114,7 +116,8 @@ class TrainConfig:
         if self.schedule not in BETA_SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}", f"choose from {', '.join(BETA_SCHEDULES)}")
         self.check_objective()
-        if self.init_weights not in WEIGHT_CHOICES:
+        check_trackers(tuple(self.log))
+        if self.init_weights is not None and self.init_weights not in WEIGHT_CHOICES:
             raise UserError(f"unknown --init-weights {self.init_weights!r}", f"choose {' or '.join(WEIGHT_CHOICES)}")
         if self.channels not in (1, 3):
             raise UserError(f"--channels {self.channels} is not supported", "pass 1 (grayscale) or 3 (RGB)")
@@ -387,6 +390,8 @@ class Trainer:
             yield
         finally:
             self.ddp = self.forward = None
+            if getattr(self, "trackers", None) is not None:
+                self.trackers.close()
             leave(self.dist)
 
     def doing(self) -> str:
@@ -415,6 +420,7 @@ class Trainer:
         # --init-from starts a run once; a resumed run takes its weights from the checkpoint. Before the codec, so a
         # bad source fails before any latent is encoded.
         self.init = None if resumed else self.initialize_from()
+        self.ema_from_source = self.init is not None  # a resume reads it from the checkpoint's record
         self.codec = self.load_codec()
         cache = self.prepare_cache()
         self.data = TrainingData(self.images, cache, config.flip)
@@ -434,6 +440,8 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
         self.out.mkdir(parents=True, exist_ok=True)
+        self.trackers = on_every_rank(lambda: Trackers(tuple(config.log), self.out, self.state.step,
+                                                       config.to_dict(), self.dist.rank))  # rank 0 opens them
 
     def initialize_from(self) -> finetune.InitFrom | None:
         """--init-from: the source's weights replace the fresh ones (once, before training); EMA copies them."""
@@ -442,6 +450,8 @@ class Trainer:
         init = finetune.init_from(self.config.init_from, self.model_config, self.model.state_dict(),
                                   self.images.class_names, self.config.init_weights)
         finetune.apply(self.model, init)
+        if init.note:
+            self.emit("warning", {"message": init.note})
         self.model_config = init.config
         return init
 
@@ -578,6 +588,7 @@ class Trainer:
         if self.dist.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.trackers.scalars(step, record)
         self.emit("step", record)
 
     def maybe_sample(self):
@@ -588,6 +599,7 @@ class Trainer:
 
         path = self.out / "samples" / f"step-{self.state.step:07d}.png"
         ema_preview(self.ema, self.codec, self.objective, self.config.schedule, path, self.config.seed)
+        self.trackers.image(self.state.step, "ema_preview", path)
         self.emit("sample", {"path": str(path), "step": self.state.step})
 
     # Checkpoints.
@@ -633,7 +645,8 @@ class Trainer:
                    "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                    "optimizer": self.optimizer.state_dict(), "rng": rng, "bad_steps": self.state.bad_steps,
                    "class_names": self.images.class_names, "codec": self.codec.to_dict(),
-                   "sampling": self.sampling_defaults().to_dict(), "data_fingerprint": self.images.fingerprint(),
+                   "sampling": self.sampling_defaults().to_dict(), "ema_record": self.ema_record().to_dict(),
+                   "data_fingerprint": self.images.fingerprint(),
                    "versions": {"torch": str(torch.__version__), "ditcli": _version()}}
         path = self.out / f"ckpt-{self.state.step:07d}.pt"
         atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
@@ -642,7 +655,7 @@ class Trainer:
         self.emit("checkpoint", {"path": str(path), "step": self.state.step})
 
     def ema_record(self) -> EmaRecord:
-        return EmaRecord(self.config.ema_decay, self.config.ema_warmup, self.state.step)
+        return EmaRecord(self.config.ema_decay, self.config.ema_warmup, self.state.step, self.ema_from_source)
 
     def sampling_defaults(self) -> SamplingDefaults:
         """What `dit sample` uses for this checkpoint unless told otherwise; no guidance without a null class."""
@@ -677,6 +690,7 @@ class Trainer:
         self.optimizer.load_state_dict(data["optimizer"])
         self.state.step, self.state.bad_steps = int(data["step"]), int(data.get("bad_steps", 0))
         self.saved_step = self.state.step
+        self.ema_from_source = bool((record := train_ema_record(data)) and record.from_source)
         self.restore_rng_states(data.get("rng") or [])
         if self.dist.rank == 0:
             trim_metrics(self.out / "metrics.jsonl", self.state.step)

@@ -88,6 +88,9 @@ CkptEveryOpt = Annotated[int | None, _opt("--ckpt-every", "Save a checkpoint eve
 KeepLastOpt = Annotated[int | None, _opt("--keep-last", "Checkpoints kept; older ones are deleted.", "keep_last")]
 SampleEveryOpt = Annotated[int | None, _opt("--sample-every", "EMA sample grid every N steps; 0 never.",
                                             "sample_every")]
+LogOpt = Annotated[list[str] | None, _opt(
+    "--log", "Experiment trackers besides metrics.jsonl (always written): tensorboard (OUT/tensorboard), wandb "
+             "(honours WANDB_MODE=offline); repeat for several. Default: jsonl.")]
 LogEveryOpt = Annotated[int | None, _opt("--log-every", "Append a metrics.jsonl row every N steps.", "log_every")]
 MaxBadOpt = Annotated[int | None, _opt("--max-bad-steps", "Stop after this many consecutive steps with a non-finite "
                                                           "loss or gradient.", "max_bad_steps")]
@@ -99,8 +102,9 @@ InitFromOpt = Annotated[str | None, _opt(
     "--init-from", "Fine-tune: start from these weights (a .pt, .safetensors, training checkpoint, diffusers folder "
                    "or hub id org/name[@rev]); same architecture, any image size and classes. Default: a fresh "
                    "model.")]
-InitWeightsOpt = Annotated[str | None, _opt("--init-weights", "From training checkpoints: ema or model.",
-                                            "init_weights")]
+InitWeightsOpt = Annotated[str | None, _opt(
+    "--init-weights", "Which weights of a dit train checkpoint --init-from reads: ema or model. Default: ema, or model "
+                      "when the EMA record says the EMA is still mostly the initial weights.", "init_weights")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even if the configuration differs.")]
 PrecisionOpt = Annotated[str | None, _opt("--precision", "fp32 or bf16 (autocast, fp32 master weights).",
                                           "precision")]
@@ -118,6 +122,7 @@ def train(
     time_sampling: TimeSamplingOpt = None, time_shift: TimeShiftOpt = None, learn_sigma: LearnSigmaOpt = None, class_dropout_prob: DropoutOpt = None,
     grad_clip: GradClipOpt = None, flip: FlipOpt = None, ckpt_every: CkptEveryOpt = None,
     keep_last: KeepLastOpt = None, sample_every: SampleEveryOpt = None, log_every: LogEveryOpt = None,
+    log: LogOpt = None,
     max_bad_steps: MaxBadOpt = None, grad_checkpointing: GradCkptOpt = None, resume: ResumeOpt = None,
     init_from: InitFromOpt = None, init_weights: InitWeightsOpt = None, force: ForceOpt = False,
     precision: PrecisionOpt = None, seed: SeedOpt = None, device: DeviceOpt = "auto", compile: CompileOpt = False,
@@ -136,6 +141,7 @@ def train(
             schedule=schedule, objective=objective, time_direction=time_direction, time_sampling=time_sampling,
             time_shift=time_shift, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, grad_clip=grad_clip,
             flip=flip, ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
+            log=tuple(dict.fromkeys(["jsonl", *log])) if log else None,
             max_bad_steps=max_bad_steps, grad_checkpointing=grad_checkpointing, precision=precision, seed=seed,
             device=device, compile=compile, init_from=init_from, init_weights=init_weights)
     set_backend_flags()  # TF32 and cuDNN autotuning, as the reference train.py enables them
