@@ -44,32 +44,51 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", nu
 
 
 def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, config: DiTConfig | None = None,
-                    weights: str | None = None, objective: ObjectiveSpec | None = None) -> Checkpoint:
+                    weights: str | None = None, objective: ObjectiveSpec | None = None,
+                    heads_given: bool = False) -> Checkpoint:
     """Read any supported weight file, or a hub id (`org/name[@rev]`); `config` (if given) is checked against it.
 
     `weights` picks the EMA or the raw model weights of a training checkpoint (None: its EMA). A file holding one set
     of weights must hold the set asked for: it is refused rather than silently given in its place. `objective` says
     what a file without a record was trained with (a SiT or REPA checkpoint); a file with a record must agree.
+    `num_heads` gives the heads of a file that does not record them (a bare state dict). With `heads_given` it is the
+    user's own --num-heads, and a file whose config records other heads is refused; without, it is a caller's guess
+    (a preset's heads), and a file's record wins.
     """
     if weights is not None and weights not in WEIGHT_CHOICES:
         raise UserError(f"unknown --weights {weights!r}", f"choose from {', '.join(WEIGHT_CHOICES)}")
     if num_heads is not None and num_heads < 1:
         raise UserError(f"--num-heads must be >= 1, got {num_heads}", "drop it to take the heads from the file")
     path = resolve_source(source)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}", "check the path, or pass --model to use a known checkpoint")
-    if path.is_dir():
-        return settle_objective(read_diffusers(path, config=config), objective, path)
-    if path.stat().st_size == 0:
-        raise UserError(f"{path} is empty", "the download or copy was interrupted; fetch the file again")
-    elif _is_safetensors(path):
-        checkpoint = _read_safetensors(path, num_heads, config)
-    else:
-        checkpoint = _read_torch(path, num_heads, config, weights or "ema")
+    checkpoint = _read_any(path, num_heads, config, weights)
     if weights is not None and checkpoint.weights != weights:
         raise UserError(f"--weights {weights}: {path} holds only its {checkpoint.weights} weights",
                         "drop --weights; only training checkpoints hold both ema and model weights")
+    if heads_given:
+        check_recorded_heads(checkpoint, num_heads, path)
     return settle_objective(checkpoint, objective, path)
+
+
+def _read_any(path: Path, num_heads: int | None, config: DiTConfig | None, weights: str | None) -> Checkpoint:
+    """The reader for what `path` is: a diffusers folder, a safetensors file or a torch file."""
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}", "check the path, or pass --model to use a known checkpoint")
+    if path.is_dir():
+        return read_diffusers(path, config=config)
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty", "the download or copy was interrupted; fetch the file again")
+    if _is_safetensors(path):
+        return _read_safetensors(path, num_heads, config)
+    return _read_torch(path, num_heads, config, weights or "ema")
+
+
+def check_recorded_heads(checkpoint: Checkpoint, num_heads: int | None, path: Path) -> None:
+    """The user's --num-heads against a file whose config records the heads: the same number passes, another is
+    refused (the file's config would silently win over it)."""
+    recorded = checkpoint.config.num_heads
+    if num_heads is not None and checkpoint.config_recorded and num_heads != recorded:
+        raise UserError(f"--num-heads {num_heads} contradicts {path}, whose config records num_heads {recorded}",
+                        "drop --num-heads: the file's own config gives the heads")
 
 
 def settle_objective(checkpoint: Checkpoint, given: ObjectiveSpec | None, path: Path) -> Checkpoint:
@@ -121,7 +140,7 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
                           objective_recorded=True,
                           sampling=read_record(metadata.get("sampling"), SamplingDefaults, path, "sampling"),
                           ema=read_record(metadata.get("ema"), EmaRecord, path, "ema"),
-                          convention_source=convention_source(fields), weights_recorded=True)
+                          convention_source=convention_source(fields), weights_recorded=True, config_recorded=True)
     return _from_bare_state(state, "safetensors (no ditcli metadata)", num_heads, config, str(path))
 
 
@@ -139,21 +158,32 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
         state = data[weights]
         check_state_dict(state, stored, str(path))
         train = data["config"].get("train", {})
-        ema = EmaRecord(float(train["ema_decay"]), bool(train.get("ema_warmup")), int(data.get("step") or 0)) \
-            if "ema_decay" in train else None
+        ema = train_ema_record(data)
         return Checkpoint(state, stored, "ditcli training checkpoint", weights, data.get("class_names"),
                           data.get("codec"), schedule=read_schedule(train.get("schedule"), path),
                           objective=ObjectiveSpec.from_record(train.get("objective"), train.get("time_direction"),
                                                               path), objective_recorded=True,
                           sampling=read_record(data.get("sampling"), SamplingDefaults, path, "sampling"), ema=ema,
                           step=data.get("step"), convention_source=convention_source(data["config"]["model"]),
-                          weights_recorded=True)
+                          weights_recorded=True, config_recorded=True)
     if "model" in data and "args" in data:
         return _from_reference_train(data, weights, num_heads, config, str(path))
     checkpoint = _from_bare_state(data, "official DiT state dict", num_heads, config, str(path))
     if checkpoint.flow_hint is None and SIT_RELEASE_NAME.match(path.name):
         checkpoint.flow_hint = "SiT"  # SiT's release has DiT's exact layout; only its name tells them apart
     return checkpoint
+
+
+def train_ema_record(data: dict) -> EmaRecord | None:
+    """How a training checkpoint's EMA was made: its own record, else (files from before it) its training config's,
+    where a run with `init_from` started its EMA from the source."""
+    if data.get("ema_record"):
+        return EmaRecord.from_dict(data["ema_record"])
+    train = data["config"].get("train", {})
+    if "ema_decay" not in train:
+        return None
+    return EmaRecord(float(train["ema_decay"]), bool(train.get("ema_warmup")), int(data.get("step") or 0),
+                     bool(train.get("init_from")))
 
 
 def _from_reference_train(data: dict, weights: str, num_heads: int | None, config: DiTConfig | None,
@@ -164,12 +194,14 @@ def _from_reference_train(data: dict, weights: str, num_heads: int | None, confi
     if weights not in data:
         raise UserError(f"{name} has no {weights!r} weights", f"it holds: {', '.join(sorted(data))}")
     family = flow_family(args, data[weights])
-    if config is None and args.get("model") and family is None:
+    named = config is None and bool(args.get("model")) and family is None  # args.model records the config
+    if named:
         latent = int(args.get("image_size", 256)) // LATENT_DOWNSAMPLE
         num_classes = int(args.get("num_classes", DiTConfig.num_classes))
         config = preset(args["model"], input_size=latent, num_classes=num_classes)
     fmt = f"{family} train.py checkpoint" if family else "reference train.py checkpoint"
     checkpoint = _from_bare_state(data[weights], fmt, num_heads, config, name)
+    checkpoint.config_recorded = named
     checkpoint.flow_hint = family
     checkpoint.weights = weights
     checkpoint.weights_recorded = True

@@ -234,6 +234,7 @@ def read_diffusers(path: str | Path, config: DiTConfig | None = None) -> Checkpo
     state = _read_weights(path if path.is_file() else _weights_file(folder))
     checkpoint = from_diffusers_state(state, stored)
     checkpoint.convention_source = why
+    checkpoint.config_recorded = True  # config.json gives the heads
     if index:
         _apply_pipeline_index(checkpoint, index, folder.parent)
     return checkpoint

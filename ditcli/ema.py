@@ -2,7 +2,8 @@
 
 EMA_t = d_t EMA_{t-1} + (1 - d_t) theta_t starts from the initial weights, which keep the weight prod_t d_t. With
 DiT's decay 0.9999 and no warm-up that is still 0.61 after 5,000 updates: the EMA of a short run is mostly its
-initialisation and samples noise. `EmaRecord` travels in checkpoints so sampling can say so.
+initialisation and samples noise. `EmaRecord` travels in checkpoints so sampling can say so. A fine-tune's EMA starts
+from its source's weights instead (`from_source`): the share it still gives its start is the source's, not noise.
 """
 
 from __future__ import annotations
@@ -40,20 +41,34 @@ class EmaRecord:
     decay: float
     warmup: bool
     steps: int
+    from_source: bool = False  # started as a copy of `--init-from`'s weights, not of a fresh initialisation
 
     @property
     def start_share(self) -> float:
         return start_share(self.decay, self.warmup, self.steps)
 
+    @property
+    def mostly_initial(self) -> bool:
+        """Whether the EMA is still mostly a fresh initialisation (never, when it started from a source's weights)."""
+        return not self.from_source and self.start_share > STALE_SHARE
+
+    def history(self) -> str:
+        """"followed only 150 steps at decay 0.9999 (without warm-up), so 99% of them are still the initial weights"."""
+        warm = "with" if self.warmup else "without"
+        start = "the --init-from source's weights" if self.from_source else "the initial weights"
+        return (f"followed only {self.steps:,} steps at decay {self.decay:g} ({warm} warm-up), so "
+                f"{self.start_share:.0%} of them are still {start}")
+
     def staleness(self) -> str | None:
         """A warning when the EMA is still mostly its starting weights; None when it has moved on."""
-        share = self.start_share
-        if share <= STALE_SHARE:
+        if self.start_share <= STALE_SHARE:
             return None
-        warm = "with" if self.warmup else "without"
-        return (f"the EMA weights have followed only {self.steps:,} steps at decay {self.decay:g} ({warm} warm-up), "
-                f"so {share:.0%} of them are still the initial weights and samples will look like noise; sample "
-                f"--weights model, train longer, or train with --ema-warmup")
+        if self.from_source:
+            return (f"the EMA weights have {self.history()}: samples show the source model more than "
+                    f"this fine-tune, which is fine for a short one; sample --weights model for the fine-tuned "
+                    f"weights, or train longer")
+        return (f"the EMA weights have {self.history()} and samples will look like noise; sample --weights model, "
+                f"train longer, or train with --ema-warmup")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,4 +77,4 @@ class EmaRecord:
     def from_dict(cls, data: dict | None) -> EmaRecord | None:
         if not data:
             return None
-        return cls(float(data["decay"]), bool(data["warmup"]), int(data["steps"]))
+        return cls(float(data["decay"]), bool(data["warmup"]), int(data["steps"]), bool(data.get("from_source")))

@@ -5,7 +5,10 @@ checkpoint, a diffusers folder, a hub id). The architecture must match the model
 differ: the fixed sin-cos `pos_embed` is rebuilt for the new grid. The class count may differ: label rows are carried
 over by class name when both sides have names (a 1000-class source without names is ImageNet-1k), else by id over the
 shared range; the others keep the fresh model's initialisation, and the source's null row becomes the new null row.
-Nothing here prints; `InitFrom.summary()` says what happened, for the start-up table.
+Unless `--init-weights` says which, the source's EMA is read, or its raw model weights where its EMA record says the
+EMA is still mostly the initial weights (a short run at DiT's decay 0.9999) and the source holds both sets.
+Nothing here prints; `InitFrom.summary()` says what happened, for the start-up table, and `InitFrom.note` is the one
+line to show before training when the EMA was stale.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from ditcli.checkpoint import load_checkpoint
 from ditcli.classes import IMAGENET_CLASSES, ClassTable, class_table, normalize
 from ditcli.codec import LATENT_CHANNELS
+from ditcli.ema import EmaRecord
 from ditcli.errors import UserError
 from ditcli.hub import parse_hub_id
 from ditcli.model import HEADS_BY_WIDTH, PRESET_SHAPES, DiT, DiTConfig
@@ -54,6 +58,8 @@ class InitFrom:
     state_dict: dict[str, torch.Tensor]
     labels: LabelPlan
     source_grid: int
+    stale_ema: EmaRecord | None = None  # the source's EMA record, when it says the EMA is mostly initial weights
+    note: str | None = None  # one line on the weights chosen over, or kept despite, a stale EMA
 
     def summary(self) -> dict[str, str]:
         """Rows of the training start-up table."""
@@ -61,20 +67,27 @@ class InitFrom:
         pos = "kept" if grid == old else f"rebuilt for {grid}x{grid} (source {old}x{old})"
         fresh = len(self.labels.rows) - self.labels.copied
         by = f" by {self.labels.matched_by}" if self.labels.copied else ""
-        return {"init_from": f"{self.source} ({self.format}, {self.weights} weights)",
+        stale = ""
+        if self.stale_ema is not None:
+            share = f"{self.stale_ema.start_share:.0%} initial weights"
+            stale = f": its EMA is {share}" if self.weights == "model" else f", {share}"
+        return {"init_from": f"{self.source} ({self.format}, {self.weights} weights{stale})",
                 "label_rows": f"{self.labels.copied} copied{by}, {fresh} fresh, null row {self.labels.null_row}",
                 "pos_embed": pos, "timestep_convention": self.config.timestep_convention}
 
 
 def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], class_names: list[str] | None,
-              weights: str = "ema") -> InitFrom:
-    """Load `source` and map it onto `target`, whose fresh initialisation `fresh` fills whatever is not carried."""
+              weights: str | None = None) -> InitFrom:
+    """Load `source` and map it onto `target`, whose fresh initialisation `fresh` fills whatever is not carried.
+
+    `weights` is "ema" or "model" as asked, or None: the EMA unless `read_source` finds it stale.
+    """
     if not Path(source).exists() and parse_hub_id(str(source)) is None:
         raise UserError(f"--init-from {source} not found",
                         "pass a checkpoint file, a diffusers folder or a hub id org/name[@revision]")
     # Heads cannot be read from a bare state dict: a preset width gives them, else the model to train does.
     heads = None if target.hidden_size in HEADS_BY_WIDTH else target.num_heads
-    checkpoint = load_checkpoint(source, num_heads=heads, weights=weights)
+    checkpoint, stale, note = read_source(source, heads, weights)
     check_architecture(checkpoint.config, target, source)
     config = replace(target, timestep_convention=checkpoint.config.timestep_convention,
                      norm_eps=checkpoint.config.norm_eps)
@@ -84,7 +97,30 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
     if checkpoint.config.input_size != target.input_size:
         state["pos_embed"] = fresh["pos_embed"].clone()  # the fixed sin-cos table of the new grid
     state[LABEL_TABLE] = map_label_rows(state[LABEL_TABLE], fresh[LABEL_TABLE], plan, checkpoint.config, target)
-    return InitFrom(str(source), checkpoint.format, checkpoint.weights, config, state, plan, source_grid)
+    return InitFrom(str(source), checkpoint.format, checkpoint.weights, config, state, plan, source_grid, stale, note)
+
+
+def read_source(source: str, heads: int | None, weights: str | None
+                ) -> tuple[Checkpoint, EmaRecord | None, str | None]:
+    """The source's weights, the EMA record that says they are mostly initial weights (or None), and the line to say.
+
+    A stale EMA is swapped for the model weights when `weights` is None and the source holds them (a `dit train`
+    checkpoint, the one source with a step and both sets); asked for, or the only set, it is kept with a warning.
+    """
+    checkpoint = load_checkpoint(source, num_heads=heads, weights=weights)
+    record = checkpoint.ema if checkpoint.weights == "ema" else None
+    if record is None or not record.mostly_initial:
+        return checkpoint, None, None
+    both = checkpoint.step is not None
+    if weights is None and both:
+        return (load_checkpoint(source, num_heads=heads, weights="model"), record,
+                f"warning: --init-from {source}: starting from its model weights, not its EMA weights, which have "
+                f"{record.history()}; pass --init-weights ema to start from the EMA anyway")
+    fix = ("pass --init-weights model, or train the source longer" if both else
+           "train the source longer, or --init-from its dit train checkpoint with --init-weights model")
+    held = "its EMA weights (--init-weights ema)" if both else "only EMA weights"
+    return (checkpoint, record, f"warning: --init-from {source} gives {held}, which have {record.history()}, so the "
+                                f"fine-tune starts near scratch; {fix}")
 
 
 def check_architecture(source: DiTConfig, target: DiTConfig, name: str) -> None:

@@ -188,6 +188,11 @@ class TrainProgress:
             self.progress.console.print(f"stop requested: every rank stops after step {data['step']}")
         if kind == "checkpoint":
             self.last_checkpoint = data["path"]
+        if kind == "eval" and not self.quiet:
+            kid = "" if data.get("kid") is None else f", KID {data['kid']:.4g}"
+            self.progress.console.print(f"eval: step {data['step']}, FD {data['fd']:.4g}{kid} ({data['eval_num']} "
+                                        f"images, {data['eval_features']} features, {data['eval_seconds']:.0f} s)",
+                                        highlight=False)
         if kind in ("checkpoint", "sample", "resume", "cache", "warning", "skip") and not self.quiet:
             message = data.get("message") or f"{kind}: {data.get('path', '')} (step {data.get('step')})"
             self.progress.console.print(message, soft_wrap=True, highlight=False)

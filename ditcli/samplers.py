@@ -168,24 +168,31 @@ FLOW_SAMPLER_NAMES = ("euler", "heun", "dopri5", "sde")  # the keys of FLOW_SAMP
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """A checkpoint's own recommended sampler, steps, guidance scale and guidance interval (training timesteps, or
-    None to guide every step); `dit sample` options override them."""
+    """A checkpoint's own recommended sampler, steps, guidance scale, guidance interval (training timesteps, or None
+    to guide every step) and guided channels (None: not recorded, so "paper"); `dit sample` options override them."""
 
     sampler: str = "ddpm"
     steps: int = 250
     cfg: float = 4.0
     interval: tuple[float, float] | None = None
+    channels: str | None = None
 
     def __post_init__(self):
         if self.sampler not in (*SAMPLERS, *FLOW_SAMPLER_NAMES) or self.steps < 1 or not 0 <= self.cfg < float("inf"):
             raise ValueError(f"unusable sampling defaults {self.sampler!r}, {self.steps} steps, cfg {self.cfg}")
         if self.interval is not None and not (len(self.interval) == 2 and 0 <= self.interval[0] <= self.interval[1]):
             raise ValueError(f"unusable guidance interval {self.interval!r} (expected [low, high], 0 <= low <= high)")
+        if self.channels is not None and self.channels not in GUIDED_CHANNELS:
+            raise ValueError(f"unknown guided channels {self.channels!r} (expected {' or '.join(GUIDED_CHANNELS)})")
 
     def to_dict(self) -> dict:
-        """The record; files without an interval keep the three keys they always had."""
+        """The record; an interval and channels only when set, so older files keep the exact keys they had."""
         data = {"sampler": self.sampler, "steps": self.steps, "cfg": self.cfg}
-        return data if self.interval is None else {**data, "interval": list(self.interval)}
+        if self.interval is not None:
+            data["interval"] = list(self.interval)
+        if self.channels is not None:
+            data["channels"] = self.channels
+        return data
 
     @classmethod
     def from_dict(cls, data: dict | None) -> SamplingDefaults | None:
@@ -195,7 +202,8 @@ class SamplingDefaults:
         if raw is not None and len(raw) != 2:
             raise ValueError(f"the interval needs two numbers, got {raw!r}")
         interval = None if raw is None else (float(raw[0]), float(raw[1]))
-        return cls(str(data["sampler"]), int(data["steps"]), float(data["cfg"]), interval)
+        channels = None if data.get("channels") is None else str(data["channels"])
+        return cls(str(data["sampler"]), int(data["steps"]), float(data["cfg"]), interval, channels)
 
 
 # DiT's published evaluation settings (DDPM, 250 steps, guidance 4 for samples): the default for a file that names none.
@@ -208,6 +216,8 @@ TRAINED_SAMPLING = SamplingDefaults("dpm++2m", 25, 4.0)
 FLOW_SAMPLING = SamplingDefaults("dopri5", 50, 4.0)
 # What `dit train --objective flow` records: Heun at 25 steps (50 evaluations), half of SiT's dopri5 budget.
 TRAINED_FLOW_SAMPLING = SamplingDefaults("heun", 25, 4.0)
+# What a file that records no defaults samples with, by its objective.
+DEFAULT_SAMPLING = {"ddpm": DIT_SAMPLING, "flow": FLOW_SAMPLING}
 
 
 def make_scheduler(name: str, diffusion: Diffusion, steps: int):

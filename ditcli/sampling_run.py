@@ -28,15 +28,14 @@ from ditcli.protocol import expand_preset
 from ditcli.ranks import Ranks, on_every_rank
 from ditcli.runtime import resolve_precision
 from ditcli.objectives import ObjectiveSpec
-from ditcli.samplers import DIT_SAMPLING, FLOW_SAMPLING, GUIDED_CHANNELS, FlowSettings, Guidance, SamplerPlan
+from ditcli.samplers import DEFAULT_SAMPLING, GUIDED_CHANNELS, FlowSettings, Guidance, SamplerPlan
 from ditcli.state import Checkpoint, describe
 from ditcli.weights import KnownWeights, ProgressFn, file_sha256, known_weights, registry_models, resolve_weights
 from ditcli.writers import ImageDirWriter, NpzWriter
 
 DEFAULT_MODEL = "DiT-XL/2"
-DEFAULT_SAMPLING = {"ddpm": DIT_SAMPLING, "flow": FLOW_SAMPLING}  # for a file that records none, by objective
 DEFAULT_NUM = 16
-DEFAULT_CHANNELS = "paper"
+DEFAULT_CHANNELS = "paper"  # for a file that records no guided channels
 DEFAULT_PRECISION = "fp32"
 DownloadProgress = Callable[[str], ContextManager[ProgressFn]] | None
 
@@ -64,7 +63,7 @@ class SampleRequest:
     num: int | None = None
     steps: int | None = None
     cfg: float | None = None
-    guidance_channels: str = DEFAULT_CHANNELS
+    guidance_channels: str | None = None  # None: the model's, else DEFAULT_CHANNELS
     guidance_interval: str | None = None
     sampler: str | None = None
     eta: float | None = None
@@ -127,7 +126,8 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
 
     # Check everything cheap (sampler, guidance, classes, sizes, outputs) before the codec loads.
     defaults = checkpoint.sampling or (entry.sampling if entry else DEFAULT_SAMPLING[checkpoint.objective.objective])
-    guidance = make_guidance(r.cfg if r.cfg is not None else defaults.cfg, r.guidance_channels, r.guidance_interval,
+    channels = r.guidance_channels or defaults.channels or DEFAULT_CHANNELS
+    guidance = make_guidance(r.cfg if r.cfg is not None else defaults.cfg, channels, r.guidance_interval,
                              model_config, defaults.interval)
     check_flow_interval(checkpoint, guidance)
     sampler, steps = r.sampler or defaults.sampler, r.steps or defaults.steps
@@ -204,9 +204,7 @@ def expand_sample_preset(preset: str | None, **options) -> tuple[dict, list[str]
     """The options with --preset filled in under them; options left at their defaults count as not given."""
     if preset is None:
         return options, []
-    given = {**options, "guidance_channels": None if options["guidance_channels"] == DEFAULT_CHANNELS
-             else options["guidance_channels"],
-             "precision": None if options["precision"] == DEFAULT_PRECISION else options["precision"]}
+    given = {**options, "precision": None if options["precision"] == DEFAULT_PRECISION else options["precision"]}
     return expand_preset(preset, given)
 
 
@@ -240,14 +238,14 @@ def check_per_class_total(num_per_class: int, num_classes: int) -> None:
 
 
 def check_numbers(cfg: float | None, eta: float | None, seed: int, interval: str | None,
-                  guidance_channels: str = "paper") -> None:
+                  guidance_channels: str | None = None) -> None:
     """The float options and the seed, each named, before anything is loaded."""
     if cfg is not None and not (math.isfinite(cfg) and 0 <= cfg <= MAX_CFG):
         raise UserError(f"--cfg {cfg:g} is out of range",
                         f"pass a scale in [0, {MAX_CFG:g}]: 1 disables guidance, 0 is unconditional, DiT uses 1.5-4")
     if eta is not None and not (math.isfinite(eta) and 0 <= eta <= 1):
         raise UserError(f"--eta {eta:g} is out of range", "pass a number in [0, 1]: 0 is deterministic DDIM")
-    if guidance_channels not in GUIDED_CHANNELS:
+    if guidance_channels is not None and guidance_channels not in GUIDED_CHANNELS:
         raise UserError(f"unknown --guidance-channels {guidance_channels!r}", f"choose {' or '.join(GUIDED_CHANNELS)}")
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}", "pass e.g. --seed 0")

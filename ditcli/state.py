@@ -44,6 +44,7 @@ class Checkpoint:
     step: int | None = None  # the training step it was saved at (training checkpoints)
     convention_source: str | None = None  # how the timestep convention was established, in words
     weights_recorded: bool = False  # whether the file itself says which weights (EMA or not) it holds
+    config_recorded: bool = False  # whether the file records its config (heads included), not only tensor shapes
     warnings: list[str] = field(default_factory=list)  # what reading it found, for the caller to show
 
     def build(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> DiT:

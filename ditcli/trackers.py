@@ -19,7 +19,7 @@ import numpy as np
 from ditcli.errors import UserError
 
 TRACKERS = ("jsonl", "tensorboard", "wandb")
-SCALARS = ("loss", "mse", "vb", "grad_norm", "lr", "img_per_s", "bad_steps", "skipped", "fd", "kid")
+SCALARS = ("loss", "mse", "vb", "grad_norm", "lr", "img_per_s", "bad_steps", "skipped", "fd", "kid", "eval_seconds")
 WANDB_ID_FILE = "wandb-run-id.txt"
 
 
@@ -54,9 +54,9 @@ class TensorBoard:
                 self.writer.file_writer.add_summary(summary)
             self.writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```")
 
-    def scalars(self, step: int, values: dict) -> None:
+    def scalars(self, step: int, values: dict, group: str) -> None:
         for key, value in values.items():
-            self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.add_scalar(f"{group}/{key}", value, step)
         self.writer.flush()
 
     def image(self, step: int, name: str, pixels: np.ndarray) -> None:
@@ -78,8 +78,8 @@ class Wandb:
         self.run = self.wandb.init(id=run_id, resume="allow", dir=str(folder), config=config,
                                    name=Path(config.get("out", "run")).name)
 
-    def scalars(self, step: int, values: dict) -> None:
-        self.run.log({f"train/{k}": v for k, v in values.items()}, step=step)
+    def scalars(self, step: int, values: dict, group: str) -> None:
+        self.run.log({f"{group}/{k}": v for k, v in values.items()}, step=step)
 
     def image(self, step: int, name: str, pixels: np.ndarray) -> None:
         self.run.log({name: self.wandb.Image(pixels)}, step=step)
@@ -105,10 +105,11 @@ class Trackers:
         if "wandb" in names:
             self.open.append(Wandb(out, start_step, config))
 
-    def scalars(self, step: int, record: dict) -> None:
+    def scalars(self, step: int, record: dict, group: str = "train") -> None:
+        """The known scalars of a metrics.jsonl record, under `group/` (train/loss, eval/fd)."""
         values = {k: float(record[k]) for k in SCALARS if isinstance(record.get(k), (int, float))}
         for tracker in self.open:
-            tracker.scalars(step, values)
+            tracker.scalars(step, values, group)
 
     def image(self, step: int, name: str, path: Path) -> None:
         if not self.open:

@@ -28,11 +28,12 @@ from ditcli.data import ImageSet, LatentCache, check_source, load_images
 from ditcli.diffusion import BETA_SCHEDULES
 from ditcli.ema import EmaRecord, ema_decay_at
 from ditcli.errors import UserError
+from ditcli.evaluation import EvalRequest, eval_config, evaluate_ema
 from ditcli.flow import TIME_DIRECTIONS, TIME_SAMPLINGS
 from ditcli.hub import is_offline
 from ditcli.io import atomic_write, check_creatable, safe_torch_load
 from ditcli.model import DiT, DiTConfig, count_parameters, preset, preset_names, training_flops
-from ditcli.objectives import DEFAULT_TIME_DIRECTION, OBJECTIVES, build_objective
+from ditcli.objectives import DEFAULT_TIME_DIRECTION, OBJECTIVES, ObjectiveSpec, build_objective
 from ditcli.ranks import (DEFAULT_TIMEOUT_S, SHARED_DISK_HINT, AgreedError, collectives, from_rank0, join, leave,
                           on_every_rank)
 from ditcli.runtime import autocast, resolve_device, resolve_precision
@@ -48,7 +49,8 @@ MAX_HIDDEN_SIZE = 16384
 MAX_DEPTH = 512
 
 LR_SCHEDULES = ("constant", "cosine")
-RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "log", "micro_batch", "compile",
+RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "log", "eval_every", "eval_ref",
+                     "eval_num", "eval_features", "micro_batch", "compile",
                      "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights"}
 
 
@@ -90,6 +92,10 @@ class TrainConfig:
     sample_every: int = 0
     log_every: int = 100
     log: tuple[str, ...] = ("jsonl",)  # trackers besides metrics.jsonl, which is always written (ditcli.trackers)
+    eval_every: int = 0  # FID of the EMA every N steps (ditcli.evaluation); 0 never
+    eval_ref: str | None = None
+    eval_num: int = 1000
+    eval_features: str = "inception"
     max_bad_steps: int = 10
     grad_checkpointing: bool = False
     compile: bool = False
@@ -117,6 +123,9 @@ class TrainConfig:
             raise UserError(f"unknown --schedule {self.schedule!r}", f"choose from {', '.join(BETA_SCHEDULES)}")
         self.check_objective()
         check_trackers(tuple(self.log))
+        if self.eval_every and not self.eval_ref:
+            raise UserError("--eval-every needs --eval-ref", "pass the reference .npz to score against "
+                            "(`dit fid --make-ref DATA -o REF.npz`), or drop --eval-every")
         if self.init_weights is not None and self.init_weights not in WEIGHT_CHOICES:
             raise UserError(f"unknown --init-weights {self.init_weights!r}", f"choose {' or '.join(WEIGHT_CHOICES)}")
         if self.channels not in (1, 3):
@@ -161,6 +170,7 @@ class TrainConfig:
                 ("--num-heads", self.num_heads, 1, MAX_HIDDEN_SIZE), ("--keep-last", self.keep_last, 1, 10**6),
                 ("--log-every", self.log_every, 1, 10**12), ("--ckpt-every", self.ckpt_every, 1, 10**12),
                 ("--sample-every", self.sample_every, 0, 10**12), ("--max-bad-steps", self.max_bad_steps, 1, 10**6),
+                ("--eval-every", self.eval_every, 0, 10**12), ("--eval-num", self.eval_num, 2, 10**7),
                 ("--lr-warmup", self.lr_warmup, 0, max(0, self.steps - 1)), ("--seed", self.seed, 0, 2**63 - 1)]
 
     def float_checks(self) -> list[tuple[str, float | None, Callable[[float], bool], str, str]]:
@@ -365,9 +375,10 @@ class Trainer:
             while self.state.step < self.config.steps and not self.stopping:
                 metrics = self.train_step()
                 images_seen += self.config.global_batch
-                metrics["img_per_s"] = images_seen / (time.perf_counter() - started)
+                metrics["img_per_s"] = images_seen / (time.perf_counter() - started - self.eval_seconds)
                 self.log_metrics(metrics)
                 self.maybe_sample()
+                self.maybe_evaluate()
                 if self.state.step % self.config.ckpt_every == 0:
                     self.save_checkpoint()
             if self.stopping:
@@ -440,6 +451,11 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
         self.out.mkdir(parents=True, exist_ok=True)
+        self.eval_seconds = 0.0
+        self.evaluation = None if not config.eval_every else EvalRequest(
+            config.eval_every, Path(config.eval_ref), config.eval_num, config.eval_features)
+        if self.evaluation is not None:
+            on_every_rank(self.evaluation.check, "cannot read --eval-ref", SHARED_DISK_HINT)
         self.trackers = on_every_rank(lambda: Trackers(tuple(config.log), self.out, self.state.step,
                                                        config.to_dict(), self.dist.rank))  # rank 0 opens them
 
@@ -601,6 +617,24 @@ class Trainer:
         ema_preview(self.ema, self.codec, self.objective, self.config.schedule, path, self.config.seed)
         self.trackers.image(self.state.step, "ema_preview", path)
         self.emit("sample", {"path": str(path), "step": self.state.step})
+
+    def maybe_evaluate(self):
+        """FD (and KID) of the EMA at every --eval-every step, on every rank; its time is kept out of img/s."""
+        if self.evaluation is None or not self.evaluation.due(self.state.step):
+            return
+        started, step = time.perf_counter(), self.state.step
+        config = eval_config(self.model_config.num_classes, self.sampling_defaults(),
+                             ObjectiveSpec.from_record(self.config.objective, self.config.time_direction, "run"),
+                             self.config.schedule, self.config.eval_num, self.config.seed)
+        path = self.out / "eval" / f"step-{step:07d}.npz"
+        record = evaluate_ema(self.ema, self.codec, config, self.evaluation, path, self.dist, self.device, step)
+        self.eval_seconds += time.perf_counter() - started
+        if record is None:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.trackers.scalars(step, record, "eval")
+        self.emit("eval", record)
 
     # Checkpoints.
 

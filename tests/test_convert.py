@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import GOLDEN, perturbed, tiny_config
+from conftest import GOLDEN, ok, perturbed, tiny_config
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -369,3 +369,151 @@ def test_an_exported_folder_has_the_permissions_of_plain_files(exported):
     files = [p for p in exported[1].rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in files)
     assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o666 & ~umask for p in files}
+
+
+# Options that contradict the file's record, and the sampling defaults `dit convert` records (issue 22).
+
+def _train_checkpoint(path, source: Checkpoint):
+    torch.save({"format": TRAIN_FORMAT, "step": 7, "config": {"model": source.config.to_dict(), "train": {}},
+                "model": source.state_dict, "ema": source.state_dict, "class_names": None, "codec": None}, path)
+    return path
+
+
+def _one_line_error(code: int, output: str, *needles: str) -> None:
+    assert code == 2 and output.startswith("error:") and output.count("\n") == 1, output
+    assert all(needle in output for needle in needles), output
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "train", "diffusers"])
+def test_num_heads_contradicting_the_recorded_config_is_refused(tmp_path, kind):
+    from ditcli.diffusers_format import to_diffusers
+
+    source = tiny_checkpoint()  # records num_heads 2
+    if kind == "safetensors":
+        save_safetensors(source, src := tmp_path / "src.safetensors")
+    elif kind == "train":
+        src = _train_checkpoint(tmp_path / "ckpt.pt", source)
+    else:
+        to_diffusers(source, src := tmp_path / "pipe", vae=None)
+    out = tmp_path / "out.safetensors"
+    _one_line_error(*run(src, out, "--num-heads", 4), "--num-heads 4", "num_heads 2", "drop --num-heads")
+    assert not out.exists()
+    _one_line_error(*run("--info", src, "--num-heads", 4), "--num-heads 4", "num_heads 2")
+    code, output = run(src, out, "--num-heads", 2)  # the recorded number itself is fine
+    assert code == 0, output
+    assert load_checkpoint(out).config.num_heads == 2
+
+
+def test_weights_contradicting_a_diffusers_folder_record_are_refused(exported, tmp_path):
+    _, pipe, _ = exported  # records ema weights
+    _one_line_error(*run(pipe, tmp_path / "out.safetensors", "--weights", "model"), "--weights model", "ema")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_info_refuses_the_options_of_a_conversion(tmp_path):
+    save_safetensors(tiny_checkpoint(), tmp_path / "src.safetensors")
+    _one_line_error(*run("--info", tmp_path / "src.safetensors", "--dtype", "fp16", "--steps", 10), "--info",
+                    "--steps", "--dtype")
+
+
+def test_sampling_options_are_recorded_and_read_back(tmp_path):
+    from safetensors import safe_open
+
+    from ditcli.samplers import DIT_SAMPLING, SamplingDefaults
+
+    save_safetensors(tiny_checkpoint(), tmp_path / "src.safetensors")  # records no sampling defaults
+    code, output = run(tmp_path / "src.safetensors", tmp_path / "a.safetensors", "--sampler", "dpm++2m", "--steps",
+                       10, "--cfg", 4, "--guidance-interval", "82,578", "--guidance-channels", "all")
+    assert code == 0, output
+    recorded = SamplingDefaults("dpm++2m", 10, 4.0, (82.0, 578.0), "all")
+    assert load_checkpoint(tmp_path / "a.safetensors").sampling == recorded
+    # Options not given keep the source's record; 'none' drops the interval.
+    code, output = run(tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--steps", 20, "--guidance-interval",
+                       "none")
+    assert code == 0, output
+    assert load_checkpoint(tmp_path / "b.safetensors").sampling == replace(recorded, steps=20, interval=None)
+    # A source without a record starts from what `dit sample` gives it.
+    code, output = run(tmp_path / "src.safetensors", tmp_path / "c.safetensors", "--cfg", 1.5)
+    assert code == 0, output
+    assert load_checkpoint(tmp_path / "c.safetensors").sampling == replace(DIT_SAMPLING, cfg=1.5)
+    # Without the options the record is copied exactly: no channels key where none was set.
+    code, output = run(tmp_path / "c.safetensors", tmp_path / "d.safetensors")
+    assert code == 0, output
+    texts = [safe_open(str(tmp_path / f"{name}.safetensors"), "pt").metadata()["sampling"] for name in "cd"]
+    assert texts[0] == texts[1] == json.dumps({"sampler": "ddpm", "steps": 250, "cfg": 1.5})
+    assert SamplingDefaults.from_dict(recorded.to_dict()) == recorded
+
+
+def _flow_file(path):
+    from ditcli.objectives import ObjectiveSpec
+
+    source = tiny_checkpoint()
+    source.objective = ObjectiveSpec("flow", "noise-to-data")
+    save_safetensors(source, path)
+    return path
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--sampler", "dopri5"], ["--sampler dopri5", "DDPM model", "dpm++2m"]),
+    (["--sampler", "plms"], ["--sampler 'plms'"]),
+    (["--steps", 0], ["--steps", ">= 1"]),
+    (["--cfg", -1], ["--cfg -1"]),
+    (["--cfg", "inf"], ["--cfg inf"]),
+    (["--guidance-interval", "578,82"], ["--guidance-interval", "LOW <= HIGH"]),
+    (["--guidance-interval", "82"], ["--guidance-interval", "LOW,HIGH"]),
+    (["--guidance-channels", "half"], ["--guidance-channels 'half'", "paper or all"]),
+    (["--steps", 10, "--to", "diffusers", "--vae", "none"], ["--steps", ".safetensors"]),
+    (["flow", "--sampler", "ddpm"], ["--sampler ddpm", "flow-matching", "dopri5"]),
+    (["flow", "--guidance-interval", "82,578"], ["--guidance-interval 82,578", "[0, 1]"]),
+    (["nodrop", "--cfg", 4], ["--cfg 4", "null class"]),
+])
+def test_bad_sampling_values_are_one_line_errors(tmp_path, args, needles):
+    if args[0] == "flow":
+        src = _flow_file(tmp_path / "src.safetensors")
+    else:
+        save_safetensors(tiny_checkpoint(**({"class_dropout_prob": 0.0} if args[0] == "nodrop" else {})),
+                         src := tmp_path / "src.safetensors")
+    args = args[1:] if args[0] in ("flow", "nodrop") else args
+    out = tmp_path / ("pipe" if "diffusers" in args else "out.safetensors")
+    _one_line_error(*run(src, out, *args), *needles)
+    assert not out.exists()
+
+
+def test_a_flow_model_records_flow_samplers_and_flow_time(tmp_path):
+    from ditcli.samplers import SamplingDefaults
+
+    code, output = run(_flow_file(tmp_path / "src.safetensors"), tmp_path / "out.safetensors", "--sampler", "heun",
+                       "--guidance-interval", "0,0.7")
+    assert code == 0, output
+    # Flow samplers and flow time fit; the steps not given are those `dit sample` gives a flow model (dopri5's 50).
+    assert load_checkpoint(tmp_path / "out.safetensors").sampling == SamplingDefaults("heun", 50, 4.0, (0.0, 0.7))
+
+
+def test_converting_a_file_onto_itself_rewrites_it_atomically(tmp_path):
+    source = tiny_checkpoint()
+    save_safetensors(source, path := tmp_path / "fm.safetensors")
+    before = path.read_bytes()
+    _one_line_error(*run(path, path, "--steps", 10), "SRC itself", "--force")
+    assert path.read_bytes() == before
+    code, output = run(path, path, "--force", "--sampler", "dpm++2m", "--steps", 10, "--cfg", 4,
+                       "--guidance-interval", "82,578")
+    assert code == 0, output
+    back = load_checkpoint(path)
+    assert (back.sampling.sampler, back.sampling.steps, back.sampling.interval) == ("dpm++2m", 10, (82.0, 578.0))
+    assert all(torch.equal(back.state_dict[k], v) for k, v in source.state_dict.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["fm.safetensors"]  # no temporary leftovers
+
+
+def test_sample_guides_the_channels_a_file_records_unless_told(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
+    source = tiny_checkpoint(in_channels=1)
+    source.codec = {"kind": "pixel", "channels": 1}
+    save_safetensors(source, tmp_path / "src.safetensors")
+    code, output = run(tmp_path / "src.safetensors", tmp_path / "all.safetensors", "--guidance-channels", "all")
+    assert code == 0, output
+    common = ["sample", "--ckpt", tmp_path / "all.safetensors", "--num", 1, "--steps", 1, "--sampler", "ddim",
+              "--device", "cpu"]
+    for extra, channels in (([], "all"), (["--guidance-channels", "paper"], "paper")):
+        out = tmp_path / f"out-{channels}"
+        ok(*common, *extra, "--out", out)
+        assert json.loads((out / "provenance.json").read_text())["guidance_channels"] == channels

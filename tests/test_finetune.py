@@ -1,4 +1,5 @@
-"""dit train --init-from: loss continuity, label rows by name or id, image size, architecture checks, resume rules."""
+"""dit train --init-from: loss continuity, label rows by name or id, image size, architecture checks, resume rules,
+and a source whose EMA is still mostly its initial weights."""
 
 import json
 from dataclasses import replace
@@ -12,8 +13,10 @@ from typer.testing import CliRunner
 from ditcli.checkpoint import load_checkpoint, save_safetensors
 from ditcli.cli import app
 from ditcli.diffusers_format import to_diffusers
+from ditcli.ema import EmaRecord
 from ditcli.errors import UserError
 from ditcli.model import DiT, DiTConfig, sincos_2d
+from ditcli.sampling_run import stale_weights
 from ditcli.state import Checkpoint
 from ditcli.training import TrainConfig, Trainer
 
@@ -43,13 +46,13 @@ def trainer(tmp_path, data, name, **overrides) -> Trainer:
     return trainer
 
 
-def source_file(path, names=NAMES, **overrides) -> Checkpoint:
-    """A tiny 10-class pixel DiT (weights off the zero init) saved as our .safetensors."""
+def source_file(path, names=NAMES, ema: EmaRecord | None = None, **overrides) -> Checkpoint:
+    """A tiny 10-class pixel DiT (weights off the zero init) saved as our .safetensors, with `ema` as its record."""
     config = DiTConfig(**{**dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
                                  num_classes=len(names or NAMES)), **overrides})
     model = perturbed(DiT(config), seed=1)
     checkpoint = Checkpoint(model.state_dict(), config, "safetensors", class_names=names,
-                            codec={"kind": "pixel", "channels": 1})
+                            codec={"kind": "pixel", "channels": 1}, ema=ema)
     save_safetensors(checkpoint, path)
     return checkpoint
 
@@ -238,3 +241,107 @@ def test_every_source_format_gives_the_same_start(tmp_path):
         assert torch.equal(init.state_dict[TABLE][:4], state[TABLE][:4]) and torch.equal(init.state_dict[TABLE][4],
                                                                                            state[TABLE][10])
         assert all(torch.equal(init.state_dict[k], v) for k, v in state.items() if k != TABLE), name
+
+
+# A source whose EMA is still mostly its initial weights: 30 steps at DiT's decay 0.9999 leave it 99.7% initial.
+
+def watched(tmp_path, data, name, **overrides) -> tuple[Trainer, list[str]]:
+    """A Trainer that records the messages of its warning events."""
+    events = []
+    config = TrainConfig(data=str(data), out=str(tmp_path / name), **{**TINY, "steps": 1, **overrides})
+    return Trainer(config, on_event=lambda kind, info: events.append((kind, info))), events
+
+
+def warnings(events: list) -> list[str]:
+    return [info["message"] for kind, info in events if kind == "warning"]
+
+
+@pytest.fixture(scope="module")
+def stale_base(tmp_path_factory):
+    """A short base run at decay 0.9999: (its data, the trained Trainer, its checkpoint, its warnings)."""
+    root = tmp_path_factory.mktemp("base")
+    data = npz(root / "x.npz", ["a", "b", "c"])
+    base, events = watched(root, data, "run", steps=30, lr=3e-3, ema_decay=0.9999)
+    base.run()
+    return data, base, str(root / "run" / "ckpt-0000030.pt"), warnings(events)
+
+
+def test_a_stale_ema_source_starts_from_its_model_weights_and_says_so(stale_base, tmp_path):
+    data, base, ckpt, _ = stale_base
+    tuned, events = watched(tmp_path, data, "tuned", init_from=ckpt)
+    tuned.setup()
+    scratch = trainer(tmp_path, data, "scratch")
+    assert tuned.config.init_weights is None and tuned.init.weights == "model"
+    tuned_loss, scratch_loss = fixed_loss(tuned, tuned.model), fixed_loss(scratch, scratch.model)
+    assert tuned_loss == pytest.approx(fixed_loss(base, base.model), rel=1e-5)  # where the base run ended
+    assert tuned_loss < 0.5 * scratch_loss, (tuned_loss, scratch_loss)
+    assert fixed_loss(base, base.ema) > 0.8 * scratch_loss  # what the EMA would have given: nearly scratch
+    [line] = warnings(events)
+    assert line.startswith(f"warning: --init-from {ckpt}: starting from its model weights, not its EMA weights, "
+                           "which have followed only 30 steps at decay 0.9999") and "--init-weights ema" in line
+    assert tuned.summary()["init_from"] == f"{ckpt} (ditcli training checkpoint, model weights: its EMA is 100% " \
+                                           "initial weights)"
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "cli"), "--model", "DiT-S/2", "--hidden-size",
+            "32", "--depth", "2", "--num-heads", "2", "--image-size", "8", "--vae", "none", "--channels", "1",
+            "--global-batch", "8", "--steps", "1", "--init-from", ckpt]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and result.output.count("starting from its model weights") == 1, result.output
+
+
+def test_an_explicit_ema_choice_is_kept_with_a_warning(stale_base, tmp_path):
+    data, base, ckpt, _ = stale_base
+    kept, events = watched(tmp_path, data, "kept", init_from=ckpt, init_weights="ema")
+    kept.setup()
+    assert kept.init.weights == "ema"
+    assert fixed_loss(kept, kept.model) == pytest.approx(fixed_loss(base, base.ema), rel=1e-5)
+    [line] = warnings(events)
+    assert "gives its EMA weights (--init-weights ema), which have followed only 30 steps" in line
+    assert line.endswith("so the fine-tune starts near scratch; pass --init-weights model, or train the source longer")
+    assert kept.summary()["init_from"].endswith("(ditcli training checkpoint, ema weights, 100% initial weights)")
+    raw, events = watched(tmp_path, data, "raw", init_from=ckpt, init_weights="model")
+    raw.setup()
+    assert raw.init.weights == "model" and warnings(events) == []
+
+
+def test_a_single_weights_source_with_a_stale_ema_keeps_it_and_warns(tmp_path):
+    source = source_file(tmp_path / "stale.safetensors", ema=EmaRecord(0.9999, False, 30))
+    data = npz(tmp_path / "x.npz", NAMES)
+    tuned, events = watched(tmp_path, data, "tuned", init_from=str(tmp_path / "stale.safetensors"))
+    tuned.setup()
+    assert tuned.init.weights == "ema"
+    assert all(torch.equal(tuned.model.state_dict()[k], v) for k, v in source.state_dict.items())
+    [line] = warnings(events)
+    assert "stale.safetensors gives only EMA weights, which have followed only 30 steps at decay 0.9999" in line
+    assert "train the source longer" in line and "--init-weights model" in line
+    assert tuned.summary()["init_from"].endswith("(safetensors, ema weights, 100% initial weights)")
+    # An EMA that has moved on, or one that started from its own source's weights, is no reason to warn.
+    for ema in (EmaRecord(0.9999, False, 50_000), EmaRecord(0.9999, False, 30, from_source=True)):
+        source_file(tmp_path / "ok.safetensors", ema=ema)
+        fine, events = watched(tmp_path, data, "fine", init_from=str(tmp_path / "ok.safetensors"))
+        fine.setup()
+        assert warnings(events) == [] and fine.summary()["init_from"].endswith("(safetensors, ema weights)")
+        (tmp_path / "ok.safetensors").unlink()
+
+
+def test_a_fine_tunes_ema_counts_from_its_source_not_from_noise(stale_base, tmp_path):
+    data, _, ckpt, base_warnings = stale_base
+    noise = "samples will look like noise"
+    assert any(noise in line for line in base_warnings)  # from scratch, the short run does warn
+    assert noise in stale_weights(load_checkpoint(ckpt))[0]
+    config = TrainConfig(data=str(data), out=str(tmp_path / "tuned"), init_from=ckpt,
+                         **{**TINY, "steps": 3, "ema_decay": 0.9999})
+    events = []
+    Trainer(config, on_event=lambda kind, info: events.append((kind, info)), resume="auto").run()
+    assert not any(noise in line for line in warnings(events))
+    assert "so 100% of them are still the --init-from source's weights" in warnings(events)[-1]  # the end's line
+    tuned = tmp_path / "tuned" / "ckpt-0000003.pt"
+    assert load_checkpoint(tuned).ema == EmaRecord(0.9999, False, 3, from_source=True)
+    assert noise not in stale_weights(load_checkpoint(tuned))[0]
+    # A resume without --init-from, and a conversion, keep the record.
+    events.clear()
+    Trainer(TrainConfig(**{**config.to_dict(), "init_from": None, "steps": 4}),
+            on_event=lambda kind, info: events.append((kind, info)), resume="auto").run()
+    assert [noise in line for line in warnings(events)] == [False]
+    save_safetensors(load_checkpoint(tmp_path / "tuned" / "ckpt-0000004.pt"), tmp_path / "tuned.safetensors")
+    converted = load_checkpoint(tmp_path / "tuned.safetensors")
+    assert converted.ema == EmaRecord(0.9999, False, 4, from_source=True) and noise not in stale_weights(converted)[0]

@@ -12,13 +12,15 @@ from rich.table import Table
 
 from ditcli.checkpoint import WEIGHT_CHOICES
 from ditcli.commands.options import JsonOpt, ObjectiveOpt, TimeDirectionOpt
-from ditcli.conversion import OUTPUT_FORMATS, ConversionReport
+from ditcli.conversion import OUTPUT_FORMATS, ConversionReport, SamplingChoice
 from ditcli.conversion import convert as convert_weights
 from ditcli.conversion import info as describe_file
 from ditcli.errors import UserError
 from ditcli.io import check_creatable
 from ditcli.objectives import ObjectiveSpec
 from ditcli.runtime import PRECISIONS
+from ditcli.samplers import FLOW_SAMPLER_NAMES, GUIDED_CHANNELS, SAMPLERS
+from ditcli.sampling_run import DEFAULT_CHANNELS, parse_interval
 
 SourceArg = Annotated[Path | None, typer.Argument(help="A released .pt, a train.py or ditcli checkpoint, our "
                                                        ".safetensors, a diffusers folder or file, or a hub id "
@@ -28,19 +30,36 @@ DestArg = Annotated[Path | None, typer.Argument(help="The .safetensors file or d
                                                 show_default=False)]
 ToOpt = Annotated[str | None, typer.Option("--to", help=f"{' or '.join(OUTPUT_FORMATS)}; by default from DST's "
                                                         "name (*.safetensors).", show_default=False)]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help=f"Stored dtype: {', '.join(PRECISIONS)}.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=f"Stored dtype: {', '.join(PRECISIONS)}. Default: fp32.",
+                                              show_default=False)]
 WeightsOpt = Annotated[str | None, typer.Option(
     "--weights", help=f"From training checkpoints: {' or '.join(WEIGHT_CHOICES)}. A file with one set of weights must "
                       "hold the set named. Default: ema.", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing DST.")]
-NumHeadsOpt = Annotated[int | None, typer.Option("--num-heads", help="Attention heads, for widths outside the presets.",
-                                                 show_default=False)]
+NumHeadsOpt = Annotated[int | None, typer.Option(
+    "--num-heads", help="Attention heads of a bare state dict, for widths outside the presets; a file whose config "
+                        "records its heads must agree.", show_default=False)]
 VaeOpt = Annotated[str | None, typer.Option(
     "--vae", help="With --to diffusers: the VAE to include (a local AutoencoderKL folder, a hub id, ema or mse), "
                   "'auto' for the checkpoint's own, or 'none'. Default: auto.", show_default=False)]
 InfoOpt = Annotated[Path | None, typer.Option("--info", metavar="FILE", help="Describe FILE or a hub id instead of "
                                                                           "converting.",
                                               show_default=False)]
+
+SamplerOpt = Annotated[str | None, typer.Option(
+    "--sampler", help=f"Record the sampler `dit sample` uses by default (DDPM models: {', '.join(SAMPLERS)}; flow "
+                      f"models: {', '.join(FLOW_SAMPLER_NAMES)}). Default: the source's.", show_default=False)]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Record the default sampling steps (>= 1). Default: the "
+                                                              "source's.", show_default=False)]
+CfgOpt = Annotated[float | None, typer.Option("--cfg", help="Record the default guidance scale (>= 0; 1 is none). "
+                                                            "Default: the source's.", show_default=False)]
+IntervalOpt = Annotated[str | None, typer.Option(
+    "--guidance-interval", help="Record the default guidance interval: LOW,HIGH in training timesteps (a flow model's "
+                                "time in [0, 1]), or 'none' to guide every step. Default: the source's.",
+    show_default=False)]
+ChannelsOpt = Annotated[str | None, typer.Option(
+    "--guidance-channels", help=f"Record the default guided channels: {' or '.join(GUIDED_CHANNELS)}. Default: the "
+                                f"source's (none recorded: {DEFAULT_CHANNELS}).", show_default=False)]
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -49,7 +68,7 @@ def convert(
     src: SourceArg = None,
     dst: DestArg = None,
     to: ToOpt = None,
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = None,
     weights: WeightsOpt = None,
     force: ForceOpt = False,
     num_heads: NumHeadsOpt = None,
@@ -58,12 +77,22 @@ def convert(
     json_out: JsonOpt = False,
     objective: ObjectiveOpt = None,
     time_direction: TimeDirectionOpt = None,
+    sampler: SamplerOpt = None,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    guidance_interval: IntervalOpt = None,
+    guidance_channels: ChannelsOpt = None,
 ):
     """Convert DiT weights between official, training, safetensors and diffusers formats; check the result."""
     spec = ObjectiveSpec.from_options(objective, time_direction)
+    sampling = SamplingChoice(sampler=sampler, steps=steps, cfg=cfg, interval=parse_interval(guidance_interval),
+                              set_interval=guidance_interval is not None, channels=guidance_channels)
     if info is not None:
         if src is not None or dst is not None:
             raise UserError("--info takes one FILE and no SRC/DST", "run `dit convert --info FILE` on its own")
+        _refuse_with_info(sampling.given() + [flag for flag, value in (("--to", to), ("--dtype", dtype),
+                                                                        ("--vae", vae), ("--force", force or None))
+                                              if value is not None])
         _render_info(describe_file(info, num_heads=num_heads, weights=weights, objective=spec), json_out)
         return
     if src is None or dst is None:
@@ -74,9 +103,18 @@ def convert(
     if vae not in (None, "none") and fmt == "safetensors":
         raise UserError("--vae only applies to --to diffusers: a .safetensors file holds the DiT alone",
                         "drop --vae, or write a diffusers folder with --to diffusers")
-    report = convert_weights(src, dst, to=to, dtype=dtype, weights=weights, num_heads=num_heads,
-                             vae=None if vae == "none" else vae or "auto", force=force, objective=spec)
+    report = convert_weights(src, dst, to=to, dtype=dtype or "fp32", weights=weights, num_heads=num_heads,
+                             vae=None if vae == "none" else vae or "auto", force=force, objective=spec,
+                             sampling=sampling)
     _render_report(report, json_out)
+
+
+def _refuse_with_info(given: list[str]) -> None:
+    """--info reads a file and writes nothing, so the options of a conversion do not apply to it."""
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise UserError(f"--info describes a file and writes nothing, so {', '.join(given)} {verb} not apply",
+                        f"drop {', '.join(given)}, or convert with `dit convert SRC DST`")
 
 
 def _render_info(data: dict, json_out: bool) -> None:

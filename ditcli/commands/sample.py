@@ -33,8 +33,9 @@ NumOpt = Annotated[int | None, typer.Option(
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's; DiT-XL/2: 250).")]
 CfgOpt = Annotated[float | None, typer.Option(
     "--cfg", help="Classifier-free guidance scale: 1 off, 0 unconditional (DiT-XL/2 default 4; 1.5 for FID).")]
-GuidedOpt = Annotated[str, typer.Option(
-    "--guidance-channels", help=f"{' or '.join(GUIDED_CHANNELS)}: the first 3 latent channels, as published, or all.")]
+GuidedOpt = Annotated[str | None, typer.Option(
+    "--guidance-channels", help=f"{' or '.join(GUIDED_CHANNELS)}: the first 3 latent channels, as published, or all "
+                                f"(default: the model's, else {DEFAULT_CHANNELS}).", show_default=False)]
 IntervalOpt = Annotated[str | None, typer.Option(
     "--guidance-interval", help="LOW,HIGH: guide only in [LOW, HIGH], in training timesteps (e.g. 0,700) or a flow "
                                 "model's time (e.g. 0,0.7); 'none' "
@@ -73,7 +74,7 @@ PresetOpt = Annotated[str | None, typer.Option(
 def sample(
     model: ModelOpt = None, image_size: ImageSizeOpt = None, ckpt: CheckpointOpt = None,
     class_: ClassOpt = None, num_per_class: NumPerClassOpt = None, num: NumOpt = None,
-    steps: StepsOpt = None, cfg: CfgOpt = None, guidance_channels: GuidedOpt = DEFAULT_CHANNELS,
+    steps: StepsOpt = None, cfg: CfgOpt = None, guidance_channels: GuidedOpt = None,
     guidance_interval: IntervalOpt = None, sampler: SamplerOpt = None, eta: EtaOpt = None, seed: SeedOpt = 0,
     batch_size: BatchOpt = 32, out: OutOpt = None, npz: NpzOpt = None, vae: VaeOpt = None,
     device: DeviceOpt = "auto", precision: PrecisionOpt = DEFAULT_PRECISION, compile: CompileOpt = False,

@@ -91,6 +91,14 @@ SampleEveryOpt = Annotated[int | None, _opt("--sample-every", "EMA sample grid e
 LogOpt = Annotated[list[str] | None, _opt(
     "--log", "Experiment trackers besides metrics.jsonl (always written): tensorboard (OUT/tensorboard), wandb "
              "(honours WANDB_MODE=offline); repeat for several. Default: jsonl.")]
+EvalEveryOpt = Annotated[int | None, _opt(
+    "--eval-every", "Every N steps, sample --eval-num images from the EMA with the model's default sampler and log "
+                    "their FD and KID against --eval-ref (dit fid's code); 0 never.", "eval_every")]
+EvalRefOpt = Annotated[str | None, _opt("--eval-ref", "The reference .npz for --eval-every (dit fid --make-ref). "
+                                                   "Default: none.")]
+EvalNumOpt = Annotated[int | None, _opt("--eval-num", "Images per evaluation.", "eval_num")]
+EvalFeaturesOpt = Annotated[str | None, _opt(
+    "--eval-features", "Feature extractor, as dit fid --features (fashion-judge for Fashion-MNIST).", "eval_features")]
 LogEveryOpt = Annotated[int | None, _opt("--log-every", "Append a metrics.jsonl row every N steps.", "log_every")]
 MaxBadOpt = Annotated[int | None, _opt("--max-bad-steps", "Stop after this many consecutive steps with a non-finite "
                                                           "loss or gradient.", "max_bad_steps")]
@@ -122,7 +130,8 @@ def train(
     time_sampling: TimeSamplingOpt = None, time_shift: TimeShiftOpt = None, learn_sigma: LearnSigmaOpt = None, class_dropout_prob: DropoutOpt = None,
     grad_clip: GradClipOpt = None, flip: FlipOpt = None, ckpt_every: CkptEveryOpt = None,
     keep_last: KeepLastOpt = None, sample_every: SampleEveryOpt = None, log_every: LogEveryOpt = None,
-    log: LogOpt = None,
+    log: LogOpt = None, eval_every: EvalEveryOpt = None, eval_ref: EvalRefOpt = None, eval_num: EvalNumOpt = None,
+    eval_features: EvalFeaturesOpt = None,
     max_bad_steps: MaxBadOpt = None, grad_checkpointing: GradCkptOpt = None, resume: ResumeOpt = None,
     init_from: InitFromOpt = None, init_weights: InitWeightsOpt = None, force: ForceOpt = False,
     precision: PrecisionOpt = None, seed: SeedOpt = None, device: DeviceOpt = "auto", compile: CompileOpt = False,
@@ -141,7 +150,8 @@ def train(
             schedule=schedule, objective=objective, time_direction=time_direction, time_sampling=time_sampling,
             time_shift=time_shift, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, grad_clip=grad_clip,
             flip=flip, ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
-            log=tuple(dict.fromkeys(["jsonl", *log])) if log else None,
+            log=tuple(dict.fromkeys(["jsonl", *log])) if log else None, eval_every=eval_every, eval_ref=eval_ref,
+            eval_num=eval_num, eval_features=eval_features,
             max_bad_steps=max_bad_steps, grad_checkpointing=grad_checkpointing, precision=precision, seed=seed,
             device=device, compile=compile, init_from=init_from, init_weights=init_weights)
     set_backend_flags()  # TF32 and cuDNN autotuning, as the reference train.py enables them
