@@ -7,7 +7,11 @@ the images an earlier run finished. Nothing here prints; progress goes through c
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
+import os
+import statistics
 import json
 import re
 import time
@@ -20,12 +24,13 @@ import torch
 
 from ditcli.codec import to_uint8
 from ditcli.errors import UserError
-from ditcli.model import DiTConfig
+from ditcli.model import DiTConfig, forward_macs
+from ditcli.objectives import DDPM, ObjectiveSpec
 from ditcli.ranks import Ranks, from_rank0, on_every_rank
 from ditcli.runtime import autocast, resolve_precision
-from ditcli.objectives import DDPM, ObjectiveSpec
 from ditcli.samplers import (CountingModelFn, FlowSettings, Guidance, ImageNoise, SamplerPlan, guided_model_fn,
                              image_seed, plan_for, unconditional_model_fn)
+from ditcli.weights import home_dir
 
 ADDED_FIELDS = ("objective", "flow")
 LABEL_STREAM = 0x1ABE1  # keeps the label draws apart from the noise draws of the same (seed, index)
@@ -101,20 +106,94 @@ class Batch:
     nfe: int
 
 
+class CastWeights(torch.nn.Module):
+    """A DiT run from weights cast once to bf16 or fp16, with no per-forward autocast.
+
+    Its input is cast on the way in and its output returned in float32, so the sampler's state and the guidance
+    arithmetic stay fp32; the timestep features are computed in fp32 inside the embedder, before its first linear.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner = model if weights_dtype(model) == dtype else copy.deepcopy(model).to(dtype)
+        self.config, self.dtype = model.config, dtype
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(self.dtype), t, y).float()
+
+
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def inference_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The model a run of `precision` calls: itself in fp32, else a `CastWeights` copy (made once per run)."""
+    dtype = resolve_precision(precision)
+    return model if dtype == torch.float32 else CastWeights(model, dtype)
+
+
+# `--compile auto`: compile when the eager forwards of the job are long enough to repay a compilation. The figures are
+# measured on a 2-core Xeon with AMX (docs/benchmarks.md): a cold compile of a DiT forward with inductor freezing takes
+# about 30 s, and saves a third of an eager bf16 forward (DiT-B/2, batch 4: 442 -> 294 ms); eager forwards run at
+# about 200 GMAC/s in bf16 and 85 in fp32 there. GPUs are credited 100x the CPU's rate, and their compile 60 s.
+COMPILE_SECONDS = {"cpu": 30.0, "cuda": 60.0}
+COMPILE_SAVING = 1 / 3
+EAGER_MACS_PER_S = {"bf16": 200e9, "fp16": 200e9, "fp32": 85e9}
+GPU_SPEEDUP = 100.0
+
+
+def compile_pays(config: GenerateConfig, model_config: DiTConfig, nfe: int | None, device: torch.device
+                 ) -> tuple[bool, str]:
+    """Whether `--compile auto` compiles this job, and why, from the job's forward MACs at the measured rates."""
+    passes = 2 if config.guidance.scale not in (0.0, 1.0) else 1  # a guided step runs the doubled batch
+    rows = -(-config.num_images // batch_width(config)) * batch_width(config) * passes
+    macs = forward_macs(model_config) * rows * (nfe or config.steps)
+    rate = EAGER_MACS_PER_S.get(config.precision, EAGER_MACS_PER_S["fp32"])
+    rate *= GPU_SPEEDUP if device.type == "cuda" else 1.0
+    eager = macs / rate
+    cost = COMPILE_SECONDS.get(device.type, COMPILE_SECONDS["cuda"])
+    saved = eager * COMPILE_SAVING
+    verdict = saved > cost
+    return verdict, (f"{'compiled' if verdict else 'eager'}: the job's forwards take about {eager:.0f} s eager, "
+                     f"compiling would save about {saved:.0f} s for about {cost:.0f} s of compilation")
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile for sampling: inductor freezing folds the (inference-only) weights into the graph; compiled
+    artifacts are cached in the user cache folder (TORCHINDUCTOR_CACHE_DIR, unless set), so a rerun pays less."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its own default into the variable the first time it looks, so that value counts as unset.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(home_dir() / "inductor")
+    return torch.compile(model, options={"freezing": True})
+
+
 def make_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion, guidance: Guidance, precision: str,
                   device: torch.device) -> CountingModelFn:
-    """The counted model_fn: CFG for class-conditional models, the null class for unconditional ones, under autocast."""
+    """The counted model_fn: CFG for class-conditional models, the null class for unconditional ones.
+
+    A model whose weights are fp32 asked to run in bf16/fp16 (a caller that skipped `inference_model`) runs under
+    autocast; `CastWeights` and fp32 runs need no context.
+    """
     if model.config.num_classes == 0:
         inner = unconditional_model_fn(model, diffusion)
     else:
         inner = guided_model_fn(model, labels, diffusion, guidance, null_class=model.config.num_classes)
     dtype = resolve_precision(precision)
+    cast = dtype != torch.float32 and not isinstance(_unwrapped(model), CastWeights)
+    context = (lambda: autocast(device, dtype)) if cast else contextlib.nullcontext
 
     def model_fn(x: torch.Tensor, index: torch.Tensor, *step_index: torch.Tensor) -> torch.Tensor:
-        with autocast(device, dtype):
+        with context():
             return inner(x, index, *step_index).float()
 
     return CountingModelFn(model_fn)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under a torch.compile wrapper."""
+    return getattr(model, "_orig_mod", model)
 
 
 def check_guidance(config: DiTConfig, guidance: Guidance) -> None:
@@ -164,7 +243,8 @@ def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indic
     if plan is None:
         check_guidance(model.config, config.guidance)
         plan = config.plan(model.config.learn_sigma)
-    net = torch.compile(model) if config.compile else model
+    net = inference_model(model, config.precision)
+    net = compiled(net) if config.compile else net
     width = batch_width(config)
     for start in range(0, len(indices), width):
         chunk = [int(i) for i in indices[start:start + width]]
@@ -184,6 +264,7 @@ class RunSummary:
     nfe: int | None
     seconds: float
     files: list[str] = field(default_factory=list)
+    compile_seconds: float | None = None  # a compiled run's first batch less the median of the others
 
     @property
     def images_per_second(self) -> float | None:
@@ -212,16 +293,18 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
         on_plan(len(mine))
 
     # Sample and write.
-    start, counts = time.perf_counter(), []
+    start, counts, times = time.perf_counter(), [], []
     for batch in generate_images(model, codec, config, mine, device, on_step, plan):
         for writer in writers:
             writer.write(batch)
         counts.append(batch.nfe)
+        times.append(time.perf_counter() - start - sum(times))
         if on_batch is not None:
             on_batch(batch)
     seconds = time.perf_counter() - start
     nfe = mean_nfe(counts)
-    summary = RunSummary(config.num_images, len(mine), len(done), nfe, seconds)
+    compile_seconds = round(times[0] - statistics.median(times[1:]), 3) if config.compile and len(times) > 1 else None
+    summary = RunSummary(config.num_images, len(mine), len(done), nfe, seconds, compile_seconds=compile_seconds)
 
     # Rank 0 merges and records what was made; a rank that could not write its shards shows up as missing images.
     def finish() -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -20,7 +20,8 @@ from ditcli.checkpoint import load_checkpoint
 from ditcli.classes import ClassTable, class_table, slug
 from ditcli.codec import LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict, default_codec_spec
 from ditcli.errors import UserError
-from ditcli.generate import GenerateConfig, check_guidance, class_labels, default_out_dir, random_labels
+from ditcli.generate import (GenerateConfig, check_guidance, class_labels, compile_pays, default_out_dir,
+                             random_labels)
 from ditcli.hub import is_offline, resolve_source
 from ditcli.images import GRID_MAX
 from ditcli.model import PRESET_SHAPES, preset_names
@@ -74,7 +75,7 @@ class SampleRequest:
     vae: str | None = None
     vae_from_preset: bool = False
     precision: str = DEFAULT_PRECISION
-    compile: bool = False
+    compile: bool | None = None  # None: compile only where the job repays it (`generate.compile_pays`)
     deterministic: bool = False
     offline: bool = False
     force: bool = False
@@ -141,8 +142,12 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     names = class_table(model_config.num_classes, checkpoint.class_names)
     labels, columns = plan_run(names, model_config.num_classes, list(r.classes), r.num_per_class, r.num, r.seed)
     config = GenerateConfig(tuple(labels), r.seed, sampler, steps, eta, guidance, r.batch_size, r.precision,
-                            r.compile, checkpoint.schedule, checkpoint.objective, flow)
+                            bool(r.compile), checkpoint.schedule, checkpoint.objective, flow)
     plan = config.plan(model_config.learn_sigma)
+    compile_choice = f"{'--compile' if r.compile else '--no-compile'} given"
+    if r.compile is None:
+        choice, compile_choice = compile_pays(config, model_config, plan.nfe, device)
+        config = replace(config, compile=choice)
     given_size = r.image_size if r.ckpt is not None else None
     check_image_size(checkpoint, given_size, vae)
     warnings = stale_weights(checkpoint)
@@ -164,6 +169,7 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
                                  checkpoint, config, plan.nfe, codec, resolve_precision(r.precision), device,
                                  r.deterministic, run_key, r.cfg is not None)
     provenance["preset"] = r.preset
+    provenance["compile"] = {"compiled": config.compile, "why": compile_choice}
     if on_ready is not None:
         on_ready(config, codec, out, npz, notes)
     writers = make_writers(out, npz, names, config, run_key, r.force, provenance, columns, ranks)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ditcli.commands.options import (CheckpointOpt, CompileOpt, DeviceOpt, DistTimeoutOpt, ImageSizeOpt, JsonOpt,
+from ditcli.commands.options import (CheckpointOpt, DeviceOpt, DistTimeoutOpt, ImageSizeOpt, JsonOpt,
                                      ModelOpt, ObjectiveOpt, OfflineOpt, PrecisionOpt, SeedOpt, TimeDirectionOpt)
 from ditcli.generate import GenerateConfig, sample_run
 from ditcli.progress import ProgressBar, byte_progress
@@ -66,6 +66,10 @@ DeterministicOpt = Annotated[bool, typer.Option(
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs of a different run instead of refusing.")]
 SampleWeightsOpt = Annotated[str | None, typer.Option(
     "--weights", help="ema or model: which weights of a training checkpoint to sample (default ema).")]
+SampleCompileOpt = Annotated[bool | None, typer.Option(
+    "--compile/--no-compile", help="torch.compile the model with inductor freezing (compiled graphs cached in the "
+                                   "user cache folder). Default: only when the job's forwards repay the compile time "
+                                   "(provenance.json says which and why).", show_default=False)]
 PresetOpt = Annotated[str | None, typer.Option(
     "--preset", help=f"A named protocol ({', '.join(SAMPLE_PRESETS)}: {PAPER_FID.describe()}, into an .npz); options "
                      "given explicitly override it.")]
@@ -77,7 +81,7 @@ def sample(
     steps: StepsOpt = None, cfg: CfgOpt = None, guidance_channels: GuidedOpt = None,
     guidance_interval: IntervalOpt = None, sampler: SamplerOpt = None, eta: EtaOpt = None, seed: SeedOpt = 0,
     batch_size: BatchOpt = 32, out: OutOpt = None, npz: NpzOpt = None, vae: VaeOpt = None,
-    device: DeviceOpt = "auto", precision: PrecisionOpt = DEFAULT_PRECISION, compile: CompileOpt = False,
+    device: DeviceOpt = "auto", precision: PrecisionOpt = DEFAULT_PRECISION, compile: SampleCompileOpt = None,
     json_output: JsonOpt = False, deterministic: DeterministicOpt = False, offline: OfflineOpt = False,
     force: ForceOpt = False, preset: PresetOpt = None, weights: SampleWeightsOpt = None,
     objective: ObjectiveOpt = None, time_direction: TimeDirectionOpt = None, time_shift: TimeShiftOpt = None,
@@ -143,6 +147,7 @@ def report(summary, out: Path | None, npz: Path | None, run_key: str, json_outpu
     result = {"out": str(out) if out else None, "npz": str(npz) if npz else None, "images": summary.total,
               "generated": summary.generated, "skipped": summary.skipped, "nfe": summary.nfe,
               "seconds": round(summary.seconds, 3), "images_per_second": summary.images_per_second,
+              "compile_seconds": summary.compile_seconds,
               "files": summary.files, "run_key": run_key, "weights": weights, "warnings": warnings}
     if json_output:
         typer.echo(json.dumps(result))
