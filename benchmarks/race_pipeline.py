@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench_precision import cpu_model, matmul_peak
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PIPELINE_SCRIPT = """
@@ -36,26 +37,6 @@ out = pipe(class_labels=[207] * images, num_inference_steps=steps, guidance_scal
 assert out.images.shape[0] == images
 """
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-
-
-def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048, 4096)) -> float:
-    """The best GFLOP/s of square matmuls over several sizes: a robust peak on a shared machine."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        for _ in range(3):
-            start = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def make_files(root: Path, model: str) -> tuple[Path, Path, Path]:

@@ -144,10 +144,7 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     config = GenerateConfig(tuple(labels), r.seed, sampler, steps, eta, guidance, r.batch_size, r.precision,
                             bool(r.compile), checkpoint.schedule, checkpoint.objective, flow)
     plan = config.plan(model_config.learn_sigma)
-    compile_choice = f"{'--compile' if r.compile else '--no-compile'} given"
-    if r.compile is None:
-        choice, compile_choice = compile_pays(config, model_config, plan.nfe, device)
-        config = replace(config, compile=choice)
+    config, compile_choice = choose_compile(r.compile, config, model_config, plan, device)
     given_size = r.image_size if r.ckpt is not None else None
     check_image_size(checkpoint, given_size, vae)
     warnings = stale_weights(checkpoint)
@@ -174,6 +171,15 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
         on_ready(config, codec, out, npz, notes)
     writers = make_writers(out, npz, names, config, run_key, r.force, provenance, columns, ranks)
     return SamplingRun(net, codec, config, plan, writers, provenance, out, npz, run_key, checkpoint.weights, warnings)
+
+
+def choose_compile(given: bool | None, config: GenerateConfig, model_config, plan: SamplerPlan,
+                   device: torch.device) -> tuple[GenerateConfig, str]:
+    """--compile/--no-compile as given, else what `compile_pays` says for this job; and why, for the provenance."""
+    if given is not None:
+        return replace(config, compile=given), f"{'--compile' if given else '--no-compile'} given"
+    choice, why = compile_pays(config, model_config, plan.nfe, device)
+    return replace(config, compile=choice), why
 
 
 def flow_settings(request: SampleRequest, checkpoint: Checkpoint) -> FlowSettings:
