@@ -17,7 +17,7 @@ import torch
 
 from ditcli.errors import UserError
 from ditcli.generate import GenerateConfig, random_labels, sample_run
-from ditcli.metrics import FidConfig, evaluate
+from ditcli.metrics import FidConfig, evaluate, reference_activations
 from ditcli.objectives import ObjectiveSpec
 from ditcli.runtime import set_backend_flags
 from ditcli.samplers import Guidance, SamplingDefaults
@@ -66,8 +66,12 @@ def provenance_of(config: GenerateConfig, model, codec, step: int) -> dict:
 
 
 def evaluate_ema(model, codec, config: GenerateConfig, request: EvalRequest, path: Path, ranks, device,
-                 step: int) -> dict | None:
-    """Sample `config` into `path` across the ranks, then score it on rank 0; rank 0 gets the record, others None."""
+                 step: int, reference: dict | None = None) -> dict | None:
+    """Sample `config` into `path` across the ranks, then score it on rank 0; rank 0 gets the record, others None.
+
+    `reference` is the caller's cache of the reference's activations, kept between evaluations: a 60,000-image
+    reference is read through the feature extractor once per run, not once per evaluation.
+    """
     started = time.perf_counter()
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -84,7 +88,11 @@ def evaluate_ema(model, codec, config: GenerateConfig, request: EvalRequest, pat
         return None
     set_backend_flags(allow_tf32=False, autotune=False)  # as `dit fid` scores
     try:
-        result = evaluate(FidConfig(path, request.ref, features=request.features), device)
+        fid_config = FidConfig(path, request.ref, features=request.features)
+        cache = {} if reference is None else reference
+        if "activations" not in cache:
+            cache["activations"] = reference_activations(fid_config, device)
+        result = evaluate(fid_config, device, ref_acts=cache["activations"])
     finally:
         set_backend_flags()  # back to training's TF32 and autotuning
     return {"step": step, "fd": result.fid, "kid": result.kid, "eval_num": result.num_samples,

@@ -540,8 +540,13 @@ class FidResult:
         return {**asdict(self), "warnings": list(self.warnings)}
 
 
-def evaluate(config: FidConfig, device: torch.device, progress: Progress | None = None) -> FidResult:
-    """Score samples against a reference with ADM's metrics; inputs are checked before any network loads."""
+def evaluate(config: FidConfig, device: torch.device, progress: Progress | None = None,
+             ref_acts: Activations | None = None) -> FidResult:
+    """Score samples against a reference with ADM's metrics; inputs are checked before any network loads.
+
+    `ref_acts`: the reference's activations from an earlier call with the same reference and features (training
+    evaluates against one reference many times), instead of extracting them again.
+    """
     if config.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
     samples = open_images(config.samples, config.resize, config.num_workers)
@@ -553,8 +558,7 @@ def evaluate(config: FidConfig, device: torch.device, progress: Progress | None 
                         f"score with --features {ref.features}, or give a reference with arr_0")
 
     # Extract reference then sample features, as ADM does.
-    ref_acts = None
-    if ref.images is not None:
+    if ref_acts is None and ref.images is not None:
         ref_acts = extract(ref.images.batches(config.batch_size), extractor, device,
                            progress=_stage(progress, "reference", ref.images.num_images))
     sample_acts = extract(samples.batches(config.batch_size), extractor, device,
@@ -586,6 +590,16 @@ def evaluate(config: FidConfig, device: torch.device, progress: Progress | None 
                      sample_acts.count, ref_acts.count if ref_acts else None, ref_stats, features,
                      (*_warnings(samples, ref, sample_acts, ref_acts, use_stored), *off_protocol), protocol, kid,
                      kid_std)
+
+
+def reference_activations(config: FidConfig, device: torch.device) -> Activations | None:
+    """The reference's activations in `config.features`, for later `evaluate(..., ref_acts=)` calls; None when the
+    reference holds statistics only."""
+    ref = open_reference(config.ref, config.resize, config.num_workers)
+    if ref.images is None:
+        return None
+    extractor, _ = load_feature_extractor(config.features, device, config.inception_weights)
+    return extract(ref.images.batches(config.batch_size), extractor, device)
 
 
 def _stage(progress: Progress | None, stage: str, total: int) -> Callable[[int], None] | None:

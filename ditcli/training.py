@@ -451,7 +451,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
         self.out.mkdir(parents=True, exist_ok=True)
-        self.eval_seconds = 0.0
+        self.eval_seconds, self.eval_reference = 0.0, {}  # the reference's activations, extracted once
         self.evaluation = None if not config.eval_every else EvalRequest(
             config.eval_every, Path(config.eval_ref), config.eval_num, config.eval_features)
         if self.evaluation is not None:
@@ -627,7 +627,8 @@ class Trainer:
                              ObjectiveSpec.from_record(self.config.objective, self.config.time_direction, "run"),
                              self.config.schedule, self.config.eval_num, self.config.seed)
         path = self.out / "eval" / f"step-{step:07d}.npz"
-        record = evaluate_ema(self.ema, self.codec, config, self.evaluation, path, self.dist, self.device, step)
+        record = evaluate_ema(self.ema, self.codec, config, self.evaluation, path, self.dist, self.device, step,
+                              self.eval_reference)
         self.eval_seconds += time.perf_counter() - started
         if record is None:
             return
