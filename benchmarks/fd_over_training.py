@@ -24,7 +24,7 @@ from ditcli.ranks import Ranks
 from ditcli.samplers import SamplingDefaults
 
 
-def evaluate_checkpoint(path: Path, args) -> dict:
+def evaluate_checkpoint(path: Path, args, reference: dict) -> dict:
     record_path = path.parent / "eval" / f"{path.stem}-n{args.num}.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
@@ -39,7 +39,7 @@ def evaluate_checkpoint(path: Path, args) -> dict:
                          int(train.get("seed", 0)))
     request = EvalRequest(1, args.ref, args.num, args.features)
     record = evaluate_ema(model, codec, config, request, path.parent / "eval" / f"{path.stem}-n{args.num}.npz",
-                          Ranks(), torch.device("cpu"), int(checkpoint.step or 0))
+                          Ranks(), torch.device("cpu"), int(checkpoint.step or 0), reference)
     record.update(sampler=sampling.sampler, steps=sampling.steps, cfg=sampling.cfg)
     record_path.write_text(json.dumps(record, indent=1))
     return record
@@ -55,7 +55,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    records = [evaluate_checkpoint(path, args) for path in sorted(args.run.glob("ckpt-*.pt"))]
+    reference = {}  # the reference's activations, extracted once for every checkpoint
+    records = [evaluate_checkpoint(path, args, reference) for path in sorted(args.run.glob("ckpt-*.pt"))]
     for record in records:
         print(json.dumps({k: record[k] for k in ("step", "fd", "kid", "eval_seconds", "sampler", "steps")}))
     if args.plot and records:

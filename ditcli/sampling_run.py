@@ -374,8 +374,9 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
         raise UserError(f"--guidance-interval {text!r} is not LOW,HIGH", "for example --guidance-interval 0,700") \
             from None
     if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
-        raise UserError(f"--guidance-interval {text!r} is not an interval of training timesteps",
-                        "pass LOW,HIGH with 0 <= LOW <= HIGH, for example --guidance-interval 0,700")
+        raise UserError(f"--guidance-interval {text!r} is not an interval",
+                        "pass LOW,HIGH with 0 <= LOW <= HIGH: training timesteps such as 0,700, or a flow model's "
+                        "time such as 0,0.7")
     return low, high
 
 
