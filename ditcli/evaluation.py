@@ -88,7 +88,7 @@ def evaluate_ema(model, codec, config: GenerateConfig, request: EvalRequest, pat
         return None
     set_backend_flags(allow_tf32=False, autotune=False)  # as `dit fid` scores
     try:
-        fid_config = FidConfig(path, request.ref, features=request.features)
+        fid_config = FidConfig(path, request.ref, features=request.features, precision_recall=False)
         cache = {} if reference is None else reference
         if "activations" not in cache:
             cache["activations"] = reference_activations(fid_config, device)

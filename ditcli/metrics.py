@@ -518,6 +518,7 @@ class FidConfig:
     inception_weights: Path | None = None
     resize: int | None = None
     num_workers: int = 4
+    precision_recall: bool = True  # off for FID while training: its k-NN radii of a large reference cost minutes
 
 
 @dataclass(frozen=True)
@@ -578,7 +579,7 @@ def evaluate(config: FidConfig, device: torch.device, progress: Progress | None 
     if sample_acts.spatial is not None and ref_spatial is not None:
         sfid = frechet_distance(*sample_acts.spatial.stats(), *ref_spatial)
     precision = recall = None
-    if ref_acts is not None and min(ref_acts.count, sample_acts.count) > NEAREST_K:
+    if config.precision_recall and ref_acts is not None and min(ref_acts.count, sample_acts.count) > NEAREST_K:
         precision, recall = precision_recall(ref_acts.pool_features, sample_acts.pool_features)
     kid = kid_std = None
     if ref_acts is not None and min(ref_acts.count, sample_acts.count) >= 2:
