@@ -54,6 +54,7 @@ def main():
     parser.add_argument("--sampler", default=None, help="Instead of each checkpoint's own default sampler.")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--title", default=None)
     args = parser.parse_args()
     reference = {}  # the reference's activations, extracted once for every checkpoint
     records = [evaluate_checkpoint(path, args, reference) for path in sorted(args.run.glob("ckpt-*.pt"))]
@@ -69,7 +70,7 @@ def main():
         axis.plot([r["step"] for r in records], [r["fd"] for r in records], "-o", ms=3)
         axis.set_xlabel("training step")
         axis.set_ylabel(f"FD ({args.features} features, {args.num} images)")
-        axis.set_title(f"{args.run.name}: FD of the EMA over training", fontsize=10)
+        axis.set_title(args.title or f"{args.run.name}: FD of the EMA over training", fontsize=10)
         axis.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=100)
