@@ -214,7 +214,8 @@ TRAINED_SAMPLING = SamplingDefaults("dpm++2m", 25, 4.0)
 # A flow model that records no defaults (a SiT or REPA file): SiT's default ODE solver, dopri5 at atol 1e-6, rtol 1e-3
 # (its steps do not apply), cfg 4 as SiT's sample.py.
 FLOW_SAMPLING = SamplingDefaults("dopri5", 50, 4.0)
-# What `dit train --objective flow` records: Heun at 25 steps (50 evaluations), half of SiT's dopri5 budget.
+# What `dit train --objective flow` records: Heun at 25 steps (50 evaluations per image), not yet tuned on a trained
+# flow model (docs/flow.md).
 TRAINED_FLOW_SAMPLING = SamplingDefaults("heun", 25, 4.0)
 # What a file that records no defaults samples with, by its objective.
 DEFAULT_SAMPLING = {"ddpm": DIT_SAMPLING, "flow": FLOW_SAMPLING}
