@@ -7,6 +7,7 @@ NFE for each sampler, and the fastest configuration that reaches DDPM-250's qual
     python benchmarks/quality_per_second.py score            # FD, KID and judge accuracy of every cached row
     python benchmarks/quality_per_second.py compare          # DDPM-250's seeds pooled against equal-count slices
     python benchmarks/quality_per_second.py race --winner dpm++2m-15-gi   # (a) and (b) side by side
+    python benchmarks/quality_per_second.py cache --rows dpm++2m-25-gi-c0.1   # img/s with and without --cache
     python benchmarks/quality_per_second.py report           # table (stdout) and docs/images/fashion-mnist-fd-nfe.png
 
 Every row's images and scores are cached under benchmarks/results/scratch/quality/<weights>-<sha256>/ (git-ignored),
@@ -80,17 +81,22 @@ def guidance_interval(schedule: str = "linear", sigmas: tuple[float, float] = GU
     return int(inside[0]), int(inside[-1])
 
 
-def row_name(sampler: str, steps: int, interval: bool, precision: str = "fp32") -> str:
-    return f"{sampler}-{steps}{'-gi' if interval else ''}{'-bf16' if precision != 'fp32' else ''}"
+def row_name(sampler: str, steps: int, interval: bool, precision: str = "fp32", cache: float | None = None) -> str:
+    """sampler-steps[-gi][-c<threshold>][-bf16], e.g. dpm++2m-25-gi-c0.1."""
+    return (f"{sampler}-{steps}{'-gi' if interval else ''}{f'-c{cache:g}' if cache is not None else ''}"
+            f"{'-bf16' if precision != 'fp32' else ''}")
 
 
 def parse_row(name: str) -> dict:
     parts = name.split("-")
     precision = "bf16" if parts[-1] == "bf16" else "fp32"
     parts = parts[:-1] if precision == "bf16" else parts
+    cache = float(parts[-1][1:]) if parts[-1][:1] == "c" and parts[-1][1:2].isdigit() else None
+    parts = parts[:-1] if cache is not None else parts
     interval = parts[-1] == "gi"
     parts = parts[:-1] if interval else parts
-    return {"sampler": "-".join(parts[:-1]), "steps": int(parts[-1]), "interval": interval, "precision": precision}
+    return {"sampler": "-".join(parts[:-1]), "steps": int(parts[-1]), "interval": interval, "precision": precision,
+            "cache": cache}
 
 
 def all_rows(objective: str = "ddpm") -> list[str]:
@@ -104,8 +110,8 @@ def config_of(row: dict, seed: int, labels: list[int], batch_size: int, compile_
     interval = interval_of(checkpoint) if row["interval"] else None
     return GenerateConfig(labels=tuple(labels), seed=seed, sampler=row["sampler"], steps=row["steps"],
                           guidance=Guidance(CFG, "all", interval), batch_size=batch_size,
-                          precision=row["precision"], compile=compile_model, schedule=checkpoint.schedule,
-                          objective=checkpoint.objective)
+                          precision=row["precision"], compile=compile_model and row.get("cache") is None,
+                          schedule=checkpoint.schedule, objective=checkpoint.objective, cache=row.get("cache"))
 
 
 def weights_dir(ckpt: Path) -> Path:
@@ -127,7 +133,7 @@ def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: i
         return json.loads(record_path.read_text())
     row = parse_row(name)
     config = config_of(row, seed, class_labels(range(10), per_class), batch_size, compile_model, checkpoint)
-    chunks, seconds, counts = [], 0.0, []
+    chunks, seconds, counts, reused = [], 0.0, [], []
     for start in range(0, config.num_images, batch_size):
         chunk = path.with_suffix(f".part{start:05d}.npz")
         if not chunk.exists():
@@ -135,17 +141,20 @@ def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: i
             indices = range(start, min(start + batch_size, config.num_images))
             batch = next(generate_images(model, PixelCodec(1), config, indices, torch.device("cpu")))
             chunk.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(chunk, images=batch.images.numpy(), seconds=time.perf_counter() - started, nfe=batch.nfe)
+            np.savez(chunk, images=batch.images.numpy(), seconds=time.perf_counter() - started, nfe=batch.nfe,
+                     reused=batch.reused)
         data = np.load(chunk)
         chunks.append(data["images"])
         seconds = seconds + float(data["seconds"])
         counts.append(int(data["nfe"]))
+        reused.append(int(data["reused"]) if "reused" in data else 0)
     nfe = mean_nfe(counts)  # an adaptive solver's differs from batch to batch
     images = np.concatenate(chunks)  # (N, 28, 28, 1)
     np.savez(path, images=images, labels=np.array(config.labels))
     record = {"row": name, **row, "objective": checkpoint.objective.objective, "seed": seed, "cfg": CFG, "interval_t": list(config.guidance.interval or []) or None,
               "nfe": nfe, "forwards_per_image": forwards_per_image(config, nfe), "images": len(images),
-              "seconds": seconds, "batch_size": batch_size, "compile": compile_model,
+              "seconds": seconds, "batch_size": batch_size, "compile": config.compile,
+              "reused_share": round(sum(reused) / sum(counts), 4) if config.cache is not None else None,
               "threads": torch.get_num_threads()}
     record_path.write_text(json.dumps(record, indent=1))
     return record
@@ -260,7 +269,7 @@ def time_config(model, checkpoint, name: str, images: int, batch_size: int, comp
     """Median images/second of row `name` over `repeats` runs (after one warm-up run only when compiled)."""
     row = parse_row(name)
     labels = class_labels(range(10), -(-images // 10))[:images]
-    config = config_of(row, 0, labels, batch_size, False, checkpoint.schedule)  # compiled once here, not per call
+    config = config_of(row, 0, labels, batch_size, False, checkpoint)  # compiled once here, not per call
     net = torch.compile(model) if compile_model else model
     times = []
     for _ in range(repeats + int(compile_model)):
@@ -337,6 +346,25 @@ def cmd_speed(model, checkpoint, args) -> None:
     print(f"wrote {save_json(weights_dir(args.ckpt), 'speed.json', result)}")
 
 
+def cmd_cache(model, checkpoint, args) -> None:
+    """Images/second of each --rows row with and without its cache, alternating in rounds, in one process."""
+    result = {"machine": machine(), "peaks_before": matmul_peaks(), "images": args.images,
+              "batch_size": args.batch_size, "rounds": args.rounds, "rows": []}
+    for name in args.rows:
+        row = parse_row(name)
+        plain = row_name(row["sampler"], row["steps"], row["interval"], row["precision"])
+        rates = {plain: [], name: []}
+        for _ in range(args.rounds):
+            for timed in (plain, name):
+                rates[timed].append(time_config(model, checkpoint, timed, args.images, args.batch_size, False))
+        medians = {key: statistics.median(values) for key, values in rates.items()}
+        result["rows"].append({"row": name, "uncached": plain, "img_per_s": medians, "rates": rates,
+                               "speedup": medians[name] / medians[plain]})
+        print(json.dumps(result["rows"][-1]), flush=True)
+    result["peaks_after"] = matmul_peaks()
+    print(f"wrote {save_json(weights_dir(args.ckpt), 'cache.json', result)}")
+
+
 def cmd_sweep(model, checkpoint, args) -> None:
     for name in args.rows or all_rows(checkpoint.objective.objective):
         record = sample_row(model, checkpoint, weights_dir(args.ckpt), name, args.seed, args.per_class,
@@ -367,7 +395,7 @@ def cmd_score(args) -> None:
                "guidance_interval_sigma": list(GUIDANCE_SIGMAS)}
     for race in sorted(work.glob("race*.json")):  # race.json is the latest; race-N.json earlier runs kept by hand
         summary[race.stem] = json.loads(race.read_text())
-    for name in ("speed", "compare"):
+    for name in ("speed", "compare", "cache"):
         if (work / f"{name}.json").exists():
             summary[name] = json.loads((work / f"{name}.json").read_text())
     args.summary.write_text(json.dumps(summary, indent=1))
@@ -508,7 +536,7 @@ def small_fd(record: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["speed", "sweep", "score", "compare", "race", "report"])
+    parser.add_argument("command", choices=["speed", "sweep", "score", "compare", "race", "cache", "report"])
     parser.add_argument("--rows", nargs="*", help=f"Rows to sample (default: all): {' '.join(all_rows())}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-class", type=int, default=PER_CLASS, help="Images per class in each sweep row.")
@@ -532,7 +560,8 @@ def main():
         return cmd_compare(args)
     checkpoint = load_checkpoint(args.ckpt)
     model = checkpoint.build("cpu").eval()
-    {"speed": cmd_speed, "sweep": cmd_sweep, "race": cmd_race}[args.command](model, checkpoint, args)
+    {"speed": cmd_speed, "sweep": cmd_sweep, "race": cmd_race, "cache": cmd_cache}[args.command](model, checkpoint,
+                                                                                                 args)
 
 
 if __name__ == "__main__":

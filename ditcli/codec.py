@@ -6,6 +6,7 @@ dict (`Codec.to_dict()`), so sampling picks the right one by itself.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ DEFAULT_VAE = VAE_ALIASES["ema"]  # the SD VAE the reference DiT checkpoints wer
 LATENT_CHANNELS = 4  # the SD VAEs' latent channels: a 4-channel DiT without a codec record is a latent model
 LATENT_DOWNSAMPLE = 8  # the SD VAEs' spatial downsampling (image size / latent size)
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# The VAE's dtype in a run of each precision. bf16 runs decode in bf16 (docs/benchmarks.md states the error); fp16
+# runs decode in fp32, since SD VAEs can overflow fp16 in their last up-blocks.
+DECODE_DTYPES = {torch.bfloat16: torch.bfloat16}
 
 
 @dataclass
@@ -42,6 +46,9 @@ class PixelCodec:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1, 1)
+
+    def decoding_in(self, dtype: torch.dtype) -> PixelCodec:
+        return self
 
     def to_dict(self) -> dict:
         return {"kind": "pixel", "channels": self.channels}
@@ -97,6 +104,13 @@ class VaeCodec:
         chunks = [self.vae.decode((z / self.scale).to(param.device, param.dtype)).sample.float().clamp(-1, 1)
                   for z in latents.split(self.decode_batch)]
         return torch.cat(chunks)
+
+    def decoding_in(self, dtype: torch.dtype) -> VaeCodec:
+        """This codec, or a copy whose VAE is cast to bf16 for a bf16 run (see DECODE_DTYPES)."""
+        decode_dtype = DECODE_DTYPES.get(dtype, torch.float32)
+        if decode_dtype == next(self.vae.parameters()).dtype:
+            return self
+        return VaeCodec(copy.deepcopy(self.vae).to(decode_dtype), self.name, self.decode_batch)
 
     def to_dict(self) -> dict:
         return {"kind": "vae", "vae": self.name, "scale": self.scale}

@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ditcli.cache import BlockCache, check_threshold
 from ditcli.codec import to_uint8
 from ditcli.errors import UserError
 from ditcli.model import DiTConfig, forward_macs
@@ -32,7 +33,7 @@ from ditcli.samplers import (CountingModelFn, FlowSettings, Guidance, ImageNoise
                              image_seed, plan_for, unconditional_model_fn)
 from ditcli.weights import home_dir
 
-ADDED_FIELDS = ("objective", "flow")
+ADDED_FIELDS = ("objective", "flow", "cache")
 LABEL_STREAM = 0x1ABE1  # keeps the label draws apart from the noise draws of the same (seed, index)
 StepFn = Callable[[int, int], None] | None
 
@@ -53,6 +54,7 @@ class GenerateConfig:
     schedule: str = "linear"  # the checkpoint's training betas
     objective: ObjectiveSpec = DDPM  # the checkpoint's objective and time direction
     flow: FlowSettings = FlowSettings()  # a flow sampler's time shift, tolerances and last step
+    cache: float | None = None  # `BlockCache`'s threshold; None runs every block without it
 
     def __post_init__(self):
         if not self.labels:
@@ -63,6 +65,9 @@ class GenerateConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        check_threshold(self.cache)
+        if self.cache is not None and self.compile:
+            raise ValueError("--cache runs the blocks one at a time, eagerly: drop --compile")
 
     @property
     def num_images(self) -> int:
@@ -77,8 +82,9 @@ class GenerateConfig:
         """A digest of what decides the pixels; a re-run resumes only a run with the same key."""
         fields = asdict(self)
         fields.pop("batch_size"), fields.pop("compile")
+        fields["cache"] = self.cache or None  # threshold 0 gives the uncached pixels
         for name in ADDED_FIELDS:  # hashed only where set, so runs from before them keep their keys
-            if getattr(self, name) == GenerateConfig.__dataclass_fields__[name].default:
+            if fields[name] == GenerateConfig.__dataclass_fields__[name].default:
                 fields.pop(name)
         fields["labels"] = hashlib.sha256(np.asarray(self.labels, dtype=np.int64).tobytes()).hexdigest()
         fields.update(checkpoint=checkpoint_sha256, codec=codec)
@@ -104,6 +110,7 @@ class Batch:
     labels: list[int]
     images: torch.Tensor
     nfe: int
+    reused: int = 0  # of the `nfe` evaluations, those that reused `BlockCache`'s deep blocks
 
 
 class CastWeights(torch.nn.Module):
@@ -217,9 +224,11 @@ def batch_width(config: GenerateConfig) -> int:
 
 
 def sample_latents(model: torch.nn.Module, plan, config: GenerateConfig, indices: list[int], width: int,
-                   device: torch.device, on_step: StepFn = None) -> tuple[torch.Tensor, int]:
-    """Denoise images `indices`, padded to `width` by repeating the last one; (width, C, H, W) latents and the NFE."""
+                   device: torch.device, on_step: StepFn = None) -> tuple[torch.Tensor, int, int]:
+    """Denoise images `indices`, padded to `width` by repeating the last one: (width, C, H, W) latents, the NFE and
+    how many of those evaluations reused the cache (a fresh one per batch)."""
     padded = indices + indices[-1:] * (width - len(indices))
+    model = model if config.cache is None else BlockCache(model, config.cache)
     labels = torch.tensor([config.labels[i] for i in padded], device=device)
     noise = ImageNoise(config.seed, padded)
     model_fn = make_model_fn(model, labels, plan.process, config.guidance, config.precision, device)
@@ -228,7 +237,7 @@ def sample_latents(model: torch.nn.Module, plan, config: GenerateConfig, indices
     callback = None if on_step is None else (lambda step, num_steps, x: on_step(step, num_steps))
     with torch.no_grad():
         latents = plan.sample(model_fn, x, plan.process, noise, callback)
-    return latents.float(), model_fn.calls
+    return latents.float(), model_fn.calls, getattr(model, "reused", 0)
 
 
 def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indices: Sequence[int],
@@ -245,13 +254,14 @@ def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indic
         plan = config.plan(model.config.learn_sigma)
     net = inference_model(model, config.precision)
     net = compiled(net) if config.compile else net
+    decoder = codec.decoding_in(resolve_precision(config.precision))
     width = batch_width(config)
     for start in range(0, len(indices), width):
         chunk = [int(i) for i in indices[start:start + width]]
-        latents, nfe = sample_latents(net, plan, config, chunk, width, device, on_step)
+        latents, nfe, reused = sample_latents(net, plan, config, chunk, width, device, on_step)
         with torch.no_grad():
-            images = to_uint8(codec.decode(latents))[: len(chunk)]  # (n, H, W, C)
-        yield Batch(chunk, [config.labels[i] for i in chunk], images.cpu(), nfe)
+            images = to_uint8(decoder.decode(latents))[: len(chunk)]  # (n, H, W, C)
+        yield Batch(chunk, [config.labels[i] for i in chunk], images.cpu(), nfe, reused)
 
 
 # The run: split, skip, sample, write, finish.
@@ -265,6 +275,7 @@ class RunSummary:
     seconds: float
     files: list[str] = field(default_factory=list)
     compile_seconds: float | None = None  # a compiled run's first batch less the median of the others
+    reused_share: float | None = None  # with --cache, the share of evaluations that skipped the deep blocks
 
     @property
     def images_per_second(self) -> float | None:
@@ -293,11 +304,12 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
         on_plan(len(mine))
 
     # Sample and write.
-    start, counts, times = time.perf_counter(), [], []
+    start, counts, reused, times = time.perf_counter(), [], [], []
     for batch in generate_images(model, codec, config, mine, device, on_step, plan):
         for writer in writers:
             writer.write(batch)
         counts.append(batch.nfe)
+        reused.append(batch.reused)
         times.append(time.perf_counter() - start - sum(times))
         if on_batch is not None:
             on_batch(batch)
@@ -305,6 +317,8 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
     nfe = mean_nfe(counts)
     compile_seconds = round(times[0] - statistics.median(times[1:]), 3) if config.compile and len(times) > 1 else None
     summary = RunSummary(config.num_images, len(mine), len(done), nfe, seconds, compile_seconds=compile_seconds)
+    if config.cache is not None and counts:
+        summary.reused_share = round(sum(reused) / sum(counts), 4)
 
     # Rank 0 merges and records what was made; a rank that could not write its shards shows up as missing images.
     def finish() -> list[str]:

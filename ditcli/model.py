@@ -313,13 +313,22 @@ class DiT(nn.Module):
         `drop_mask` replaces labels by the null class. Left as None in training mode, labels are dropped with
         probability `class_dropout_prob` from the global RNG, as the reference does; in eval mode never.
         """
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, drop_mask)  # (N, D)
+        x, c = self.embed(x, t, y, drop_mask)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)  # (N, T, D)
+        return self.head(x, c)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+              drop_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens with positions, and the conditioning vector c = t_embed + y_embed."""
+        tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        return tokens, self.t_embedder(t) + self.y_embedder(y, drop_mask)  # (N, D)
+
+    def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The last block's tokens to the model's output image."""
         return self.unpatchify(self.final_layer(x, c))  # (N, C_out, H, W)
 
 

@@ -18,7 +18,7 @@ import torch
 from ditcli import __version__
 from ditcli.checkpoint import load_checkpoint
 from ditcli.classes import ClassTable, class_table, slug
-from ditcli.codec import LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict, default_codec_spec
+from ditcli.codec import DECODE_DTYPES, LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict, default_codec_spec
 from ditcli.errors import UserError
 from ditcli.generate import (GenerateConfig, check_guidance, class_labels, compile_pays, default_out_dir,
                              random_labels)
@@ -85,6 +85,7 @@ class SampleRequest:
     time_shift: float | None = None
     atol: float | None = None
     rtol: float | None = None
+    cache: float | None = None  # `BlockCache`'s threshold; None: every block at every step
     notes: tuple[str, ...] = ()  # what --preset's expansion said, shown with the preset
 
     def check(self) -> None:
@@ -93,6 +94,7 @@ class SampleRequest:
         check_numbers(self.cfg, self.eta, self.seed, self.guidance_interval, self.guidance_channels)
         check_model_choice(self.model, self.image_size, self.ckpt)
         resolve_precision(self.precision)
+        check_cache(self.cache, self.compile)
 
 
 @dataclass
@@ -142,7 +144,7 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     names = class_table(model_config.num_classes, checkpoint.class_names)
     labels, columns = plan_run(names, model_config.num_classes, list(r.classes), r.num_per_class, r.num, r.seed)
     config = GenerateConfig(tuple(labels), r.seed, sampler, steps, eta, guidance, r.batch_size, r.precision,
-                            bool(r.compile), checkpoint.schedule, checkpoint.objective, flow)
+                            False, checkpoint.schedule, checkpoint.objective, flow, r.cache)
     plan = config.plan(model_config.learn_sigma)
     config, compile_choice = choose_compile(r.compile, config, model_config, plan, device)
     given_size = r.image_size if r.ckpt is not None else None
@@ -178,6 +180,8 @@ def choose_compile(given: bool | None, config: GenerateConfig, model_config, pla
     """--compile/--no-compile as given, else what `compile_pays` says for this job; and why, for the provenance."""
     if given is not None:
         return replace(config, compile=given), f"{'--compile' if given else '--no-compile'} given"
+    if config.cache is not None:
+        return config, "eager: --cache runs the blocks one at a time"
     choice, why = compile_pays(config, model_config, plan.nfe, device)
     return replace(config, compile=choice), why
 
@@ -226,6 +230,15 @@ def vae_choice(checkpoint: Checkpoint, vae: str | None, from_preset: bool, notes
         notes.append(f"the model is pixel-space, so the preset's {vae} VAE does not apply")
         return None
     return vae
+
+
+def check_cache(threshold: float | None, compile_model: bool | None) -> None:
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise UserError(f"--cache must be a threshold >= 0, got {threshold:g}",
+                        "0 runs every block; 0.05 to 0.3 skips more the higher it is (docs/sampling.md)")
+    if threshold is not None and compile_model:
+        raise UserError("--cache runs the blocks one at a time, eagerly, so it cannot be compiled",
+                        "drop --compile, or drop --cache")
 
 
 def check_counts(num: int | None, num_per_class: int | None, batch_size: int, steps: int | None,
@@ -436,6 +449,13 @@ def png_text(provenance: dict) -> dict[str, str]:
             for key in keys}
 
 
+def codec_dtype(codec, dtype: torch.dtype) -> str | None:
+    """The dtype the VAE decodes in for a run in `dtype`; None for pixel models."""
+    if codec.to_dict()["kind"] != "vae":
+        return None
+    return str(DECODE_DTYPES.get(dtype, torch.float32)).removeprefix("torch.")
+
+
 def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkpoint, config: GenerateConfig,
                     nfe: int | None, codec, dtype: torch.dtype, device: torch.device, deterministic: bool, run_key: str,
                     cfg_given: bool) -> dict:
@@ -452,6 +472,7 @@ def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkp
         "objective": checkpoint.objective.to_metadata(),
         **({"flow_sampler": asdict(config.flow)} if checkpoint.objective.objective == "flow" else {}),
         "codec": codec.to_dict(), "precision": str(dtype).removeprefix("torch."), "device": str(device),
+        "vae_dtype": codec_dtype(codec, dtype), "cache": config.cache,
         "deterministic": deterministic, "tf32": torch.backends.cuda.matmul.allow_tf32,
         "seed": config.seed, "num_images": config.num_images,
         "image_seeds": "image i: noise from torch.Generator().manual_seed(ditcli.samplers.image_seed(seed, i)), "

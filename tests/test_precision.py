@@ -24,9 +24,8 @@ def model():
 def latents(model, sampler: str, steps: int, precision: str) -> torch.Tensor:
     config = GenerateConfig(labels=tuple(range(8)), seed=0, sampler=sampler, steps=steps, guidance=Guidance(4.0),
                             precision=precision)
-    out, _ = sample_latents(inference_model(model, precision), config.plan(model.config.learn_sigma), config,
-                            list(range(8)), 8, torch.device("cpu"))
-    return out
+    return sample_latents(inference_model(model, precision), config.plan(model.config.learn_sigma), config,
+                          list(range(8)), 8, torch.device("cpu"))[0]
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddpm", 50), ("ddim", 10), ("dpm++2m", 10)])

@@ -70,6 +70,10 @@ SampleCompileOpt = Annotated[bool | None, typer.Option(
     "--compile/--no-compile", help="torch.compile the model with inductor freezing (compiled graphs cached in the "
                                    "user cache folder). Default: only when the job's forwards repay the compile time "
                                    "(provenance.json says which and why).", show_default=False)]
+CacheOpt = Annotated[float | None, typer.Option(
+    "--cache", help="Feature caching: skip all blocks but the first while its output's relative change, summed since "
+                    "the last full forward, stays under this threshold, and reuse what they added then (0 runs every "
+                    "block; 0.1-0.3 is where it pays, docs/sampling.md). Runs eagerly.", show_default=False)]
 PresetOpt = Annotated[str | None, typer.Option(
     "--preset", help=f"A named protocol ({', '.join(SAMPLE_PRESETS)}: {PAPER_FID.describe()}, into an .npz); options "
                      "given explicitly override it.")]
@@ -85,7 +89,7 @@ def sample(
     json_output: JsonOpt = False, deterministic: DeterministicOpt = False, offline: OfflineOpt = False,
     force: ForceOpt = False, preset: PresetOpt = None, weights: SampleWeightsOpt = None,
     objective: ObjectiveOpt = None, time_direction: TimeDirectionOpt = None, time_shift: TimeShiftOpt = None,
-    atol: AtolOpt = None, rtol: RtolOpt = None, dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT_S,
+    atol: AtolOpt = None, rtol: RtolOpt = None, cache: CacheOpt = None, dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT_S,
 ):
     """Generate class-conditional images from a DiT checkpoint."""
     # Expand --preset (explicit options win), then check the numbers and the choice of model before any file is read
@@ -99,7 +103,7 @@ def sample(
             settings["cfg"], settings["guidance_channels"], guidance_interval, settings["sampler"], eta, seed,
             batch_size, out, npz, settings["vae"], vae is None and settings["vae"] is not None,
             settings["precision"], compile, deterministic, offline, force, preset, weights,
-            ObjectiveSpec.from_options(objective, time_direction), time_shift, atol, rtol, tuple(notes))
+            ObjectiveSpec.from_options(objective, time_direction), time_shift, atol, rtol, cache, tuple(notes))
         request.check()
     torch_device = rank_device(resolve_device(device))
     set_backend_flags(deterministic=deterministic)
@@ -147,7 +151,7 @@ def report(summary, out: Path | None, npz: Path | None, run_key: str, json_outpu
     result = {"out": str(out) if out else None, "npz": str(npz) if npz else None, "images": summary.total,
               "generated": summary.generated, "skipped": summary.skipped, "nfe": summary.nfe,
               "seconds": round(summary.seconds, 3), "images_per_second": summary.images_per_second,
-              "compile_seconds": summary.compile_seconds,
+              "compile_seconds": summary.compile_seconds, "cache_reused": summary.reused_share,
               "files": summary.files, "run_key": run_key, "weights": weights, "warnings": warnings}
     if json_output:
         typer.echo(json.dumps(result))
@@ -156,6 +160,7 @@ def report(summary, out: Path | None, npz: Path | None, run_key: str, json_outpu
     rate = f", {summary.images_per_second:.3g} img/s" if summary.images_per_second else ""
     skipped = f" ({summary.skipped} already done)" if summary.skipped else ""
     nfe = f", NFE {summary.nfe} per image" if summary.nfe else ""
+    nfe += f" ({summary.reused_share:.0%} reused the cache)" if summary.reused_share is not None else ""
     source = "EMA" if weights == "ema" else "raw (non-EMA)"
     Console(highlight=False, soft_wrap=True).print(
         f"wrote {summary.total} images to {where}{skipped}{nfe}{rate}, from the {source} weights", markup=False)

@@ -202,7 +202,7 @@ def test_bf16_sampling_drift_against_fp32(report):
     latents = {}
     for precision in ("fp32", "bf16"):
         config = GenerateConfig(labels=tuple(range(8)), seed=0, sampler="ddim", steps=steps, precision=precision)
-        latents[precision], _ = sample_latents(model, plan, config, list(range(8)), 8, DEVICE)
+        latents[precision] = sample_latents(model, plan, config, list(range(8)), 8, DEVICE)[0]
     rms = latents["fp32"].pow(2).mean().sqrt().item()
     drift = (latents["bf16"] - latents["fp32"]).pow(2).mean().sqrt().item()
     report(steps=steps, rms_fp32=rms, rms_drift=drift, relative_drift=drift / rms)
@@ -218,7 +218,7 @@ def flow_sample(model: DiT, sampler: str, steps: int, precision: str) -> tuple[t
     plan = config.plan(model.config.learn_sigma)
     synchronize()
     start = time.perf_counter()
-    latents, _ = sample_latents(model, plan, config, list(range(8)), 8, DEVICE)
+    latents = sample_latents(model, plan, config, list(range(8)), 8, DEVICE)[0]
     synchronize()
     return latents, 1e3 * (time.perf_counter() - start) / steps
 
