@@ -21,6 +21,8 @@ from types import SimpleNamespace
 import torch
 
 from ditcli.diffusion import Diffusion, named_betas
+from ditcli.generate import compiled as freezing_compile
+from ditcli.generate import inference_model
 from ditcli.model import DiT, count_parameters, forward_macs, preset, training_flops
 from ditcli.samplers import Guidance, ImageNoise, guided_model_fn, plan_sampler
 
@@ -125,11 +127,19 @@ def bench_forward(name: str, batch: int, device: torch.device, repeats: int, com
         if bf16_viable(peaks):
             variants += [("diffusers", "bf16", lambda: _autocast(device, lambda: twin(x, timestep=t, class_labels=y))),
                          ("ours", "bf16", lambda: _autocast(device, lambda: model(x, t, y)))]
+        if bf16_viable(peaks):  # the inference path of `dit sample --precision bf16`: weights cast once
+            cast = inference_model(model, "bf16")
+            variants.append(("ours-cast", "bf16", lambda: cast(x, t, y)))
         if compile_model:
             compiled = torch.compile(model)
             variants.append(("ours+compile", "fp32", lambda: compiled(x, t, y)))
             if bf16_viable(peaks):
                 variants.append(("ours+compile", "bf16", lambda: _autocast(device, lambda: compiled(x, t, y))))
+                frozen = freezing_compile(inference_model(model, "bf16"))
+                variants.append(("ours-cast+freeze", "bf16", lambda: frozen(x, t, y)))
+            if bf16_viable(peaks) and device.type == "cuda":
+                tuned = freezing_compile(inference_model(model, "bf16"), autotune=True)
+                variants.append(("ours-cast+max-autotune", "bf16", lambda: tuned(x, t, y)))
         timed = interleaved_seconds({(impl, precision): fn for impl, precision, fn in variants}, device, repeats,
                                     warmup=2 if compile_model else 1)
         for impl, precision, fn in variants:

@@ -72,14 +72,24 @@ def summarise(out: Path) -> dict:
             "targets": {"train_mfu": TARGETS["train_mfu"], "train_met": meets(train, TARGETS["train_mfu"]),
                         "sampling_mfu": TARGETS["sampling_mfu"],
                         "sampling_met": meets(sampling["cfg4"], TARGETS["sampling_mfu"])},
+            "race": race_ratio(_read_json(out / "race.json")),
             "tests": counts, "test_figures": _read_json(out / "gpu-tests.json"), "steps": steps}
+
+
+def race_ratio(race: dict | None) -> dict | None:
+    """DiTPipeline's seconds over ours, per precision, from race_pipeline.py (> 1: `dit sample` is faster)."""
+    if race is None:
+        return None
+    return {precision: round(race[precision]["ratio_of_medians"], 3) for precision in ("bf16", "fp32")
+            if precision in race}
 
 
 def main():
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/gpu")
     summary = summarise(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: summary[k] for k in ("device", "train_step", "sampling", "targets", "tests")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("device", "train_step", "sampling", "race", "targets", "tests")},
+                     indent=1))
 
 
 if __name__ == "__main__":

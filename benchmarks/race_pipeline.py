@@ -2,6 +2,7 @@
 included, on the same weights, in alternating rounds.
 
     python benchmarks/race_pipeline.py --model DiT-B/2 --rounds 3 --precision bf16 fp32
+    python benchmarks/race_pipeline.py --model DiT-XL/2 --vae-layout sd --device cuda --rounds 2   # the GPU suite's
 
 Both sides use the same random DiT (perturbed so it is not the zero init), written once as our .safetensors and,
 through `dit convert --to diffusers`, as a DiTPipeline folder. Both use the same small random AutoencoderKL at
@@ -30,16 +31,21 @@ PIPELINE_SCRIPT = """
 import sys, torch
 from diffusers import DDIMScheduler, DiTPipeline
 folder, dtype, steps, images = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-pipe = DiTPipeline.from_pretrained(folder, torch_dtype=dtype)
+pipe = DiTPipeline.from_pretrained(folder, torch_dtype=dtype).to(sys.argv[5])
 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 out = pipe(class_labels=[207] * images, num_inference_steps=steps, guidance_scale=4.0,
            generator=torch.Generator().manual_seed(0), output_type="np")
 assert out.images.shape[0] == images
 """
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+# AutoencoderKL layouts: "small" keeps a CPU race short; "sd" is sd-vae-ft-ema's (84M parameters), with random weights.
+VAE_LAYOUTS = {
+    "small": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1),
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.18215),
+}
 
 
-def make_files(root: Path, model: str) -> tuple[Path, Path, Path]:
+def make_files(root: Path, model: str, layout: str = "small", image_size: int = 256) -> tuple[Path, Path, Path]:
     """Our .safetensors (with the VAE folder as its codec), the VAE folder and the DiTPipeline folder."""
     from diffusers import AutoencoderKL
 
@@ -48,11 +54,11 @@ def make_files(root: Path, model: str) -> tuple[Path, Path, Path]:
     from ditcli.state import Checkpoint
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64, 64),
-                        layers_per_block=1, norm_num_groups=32, sample_size=256,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32, sample_size=image_size,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        **VAE_LAYOUTS[layout])
     vae.save_pretrained(root / "vae")
-    dit = DiT(preset(model, input_size=32))
+    dit = DiT(preset(model, input_size=image_size // 8))
     with torch.no_grad():
         for name, p in dit.named_parameters():
             if name != "pos_embed":
@@ -63,6 +69,19 @@ def make_files(root: Path, model: str) -> tuple[Path, Path, Path]:
     subprocess.run([sys.executable, "-m", "ditcli", "convert", str(weights), str(root / "pipe"), "--to", "diffusers",
                     "--vae", str(root / "vae")], check=True, capture_output=True)
     return weights, root / "vae", root / "pipe"
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
+
+
+def peaks(device: str) -> dict:
+    """The bf16 and fp32 matmul peaks (GFLOP/s) of the device that races."""
+    if device == "cuda":
+        from bench_model import measure_peaks
+
+        return measure_peaks(torch.device("cuda"))
+    return {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
 
 
 def timed(command: list[str]) -> float:
@@ -79,23 +98,27 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--extra", nargs="*", default=[], help="More `dit sample` options, e.g. --compile.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for both sides.")
+    parser.add_argument("--vae-layout", default="small", choices=list(VAE_LAYOUTS))
+    parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=RESULTS / "race-cpu.json")
     args = parser.parse_args()
     result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "model": args.model, "images": args.images,
-              "steps": args.steps, "extra": args.extra, "torch": torch.__version__,
-              "peaks_before": {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}}
+              "steps": args.steps, "extra": args.extra, "torch": torch.__version__, "device": device_name(args.device),
+              "vae_layout": args.vae_layout, "image_size": args.image_size, "peaks_before": peaks(args.device)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        weights, vae, pipe = make_files(root, args.model)
+        weights, vae, pipe = make_files(root, args.model, args.vae_layout, args.image_size)
         for precision in args.precision:
             rounds = []
             for i in range(args.rounds):
                 ours = timed([sys.executable, "-m", "ditcli", "sample", "--ckpt", str(weights), "--vae", str(vae),
                               "--sampler", "ddim", "--steps", str(args.steps), "--cfg", "4", "--guidance-channels",
                               "all", "--num-images", str(args.images), "--batch-size", str(args.images),
-                              "--precision", precision, "--out", str(root / f"ours-{precision}-{i}"), *args.extra])
+                              "--precision", precision, "--device", args.device,
+                              "--out", str(root / f"ours-{precision}-{i}"), *args.extra])
                 theirs = timed([sys.executable, "-c", PIPELINE_SCRIPT, str(pipe), DTYPES[precision],
-                                str(args.steps), str(args.images)])
+                                str(args.steps), str(args.images), args.device])
                 rounds.append({"dit_sample_s": ours, "dit_pipeline_s": theirs, "ratio": theirs / ours})
                 print(json.dumps({"precision": precision, **rounds[-1]}), flush=True)
             result[precision] = {"rounds": rounds,
@@ -103,7 +126,7 @@ def main():
                                  "median_dit_pipeline_s": statistics.median(r["dit_pipeline_s"] for r in rounds)}
             result[precision]["ratio_of_medians"] = (result[precision]["median_dit_pipeline_s"]
                                                      / result[precision]["median_dit_sample_s"])
-    result["peaks_after"] = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    result["peaks_after"] = peaks(args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k]["ratio_of_medians"] for k in args.precision}), f"wrote {args.out}")

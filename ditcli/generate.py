@@ -165,15 +165,18 @@ def compile_pays(config: GenerateConfig, model_config: DiTConfig, nfe: int | Non
                      f"compiling would save about {saved:.0f} s for about {cost:.0f} s of compilation")
 
 
-def compiled(model: torch.nn.Module) -> torch.nn.Module:
+def compiled(model: torch.nn.Module, autotune: bool = False) -> torch.nn.Module:
     """torch.compile for sampling: inductor freezing folds the (inference-only) weights into the graph; compiled
-    artifacts are cached in the user cache folder (TORCHINDUCTOR_CACHE_DIR, unless set), so a rerun pays less."""
+    artifacts are cached in the user cache folder (TORCHINDUCTOR_CACHE_DIR, unless set), so a rerun pays less.
+    `autotune` adds what mode="max-autotune" turns on, kernel autotuning and CUDA graphs (GPU benchmarks only: its
+    compile time is not yet measured, so `dit sample` does not use it)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     # torch writes its own default into the variable the first time it looks, so that value counts as unset.
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(home_dir() / "inductor")
-    return torch.compile(model, options={"freezing": True})
+    tuning = {"max_autotune": True, "triton.cudagraphs": True} if autotune else {}
+    return torch.compile(model, options={"freezing": True, **tuning})
 
 
 def make_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion, guidance: Guidance, precision: str,
