@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -56,3 +57,21 @@ def test_judge_classifies_real_test_images():
     with torch.no_grad():
         accuracy = (judge(x).argmax(1).numpy() == test.labels[:500]).mean()
     assert accuracy > 0.88
+
+
+def test_the_shipped_flow_model_samples_offline_by_its_name_and_the_judge_knows_its_classes(tmp_path, monkeypatch):
+    flow = WEIGHTS.with_name("fashion-mnist-flow.safetensors")
+    assert flow.stat().st_size <= 10 * 2**20
+    checkpoint = load_checkpoint(flow)
+    assert (checkpoint.objective.objective, checkpoint.config.out_channels) == ("flow", 1)
+    assert checkpoint.sampling.sampler == "euler" and checkpoint.sampling.interval == (0.156, 0.781)
+    monkeypatch.setenv("DIT_OFFLINE", "1")
+    monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["sample", "--model", "fashion-mnist-flow", "--class", "trouser", "--class",
+                                      "bag", "--num-per-class", 5, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    images = [np.asarray(Image.open(path).convert("L")) for path in sorted((tmp_path / "out").glob("0*.png"))]
+    x = torch.from_numpy(np.stack(images)).unsqueeze(1).float() / 127.5 - 1  # (10, 1, 28, 28)
+    with torch.no_grad():
+        judged = load_judge(JUDGE_FILE)(x).argmax(1).tolist()
+    assert judged[:5].count(1) >= 4 and judged[5:].count(8) >= 4  # trousers, then bags
