@@ -82,9 +82,9 @@ class GenerateConfig:
         """A digest of what decides the pixels; a re-run resumes only a run with the same key."""
         fields = asdict(self)
         fields.pop("batch_size"), fields.pop("compile")
-        fields["cache"] = self.cache or None  # threshold 0 gives the uncached pixels
+        unset = {"cache": not self.cache}  # threshold 0 gives the uncached pixels
         for name in ADDED_FIELDS:  # hashed only where set, so runs from before them keep their keys
-            if fields[name] == GenerateConfig.__dataclass_fields__[name].default:
+            if unset.get(name, getattr(self, name) == GenerateConfig.__dataclass_fields__[name].default):
                 fields.pop(name)
         fields["labels"] = hashlib.sha256(np.asarray(self.labels, dtype=np.int64).tobytes()).hexdigest()
         fields.update(checkpoint=checkpoint_sha256, codec=codec)

@@ -1,6 +1,8 @@
 """Feature caching (`--cache`): threshold 0 is the uncached run bit for bit; a threshold reuses the deep blocks and
 says how often; the state never crosses batches; the run key and provenance name it."""
 
+import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -12,7 +14,7 @@ from conftest import ok, perturbed, tiny_config
 from ditcli.cache import BlockCache
 from ditcli.checkpoint import save_safetensors
 from ditcli.codec import PixelCodec
-from ditcli.generate import GenerateConfig, generate_images, inference_model
+from ditcli.generate import ADDED_FIELDS, GenerateConfig, generate_images, inference_model
 from ditcli.model import DiT
 from ditcli.samplers import Guidance
 from ditcli.state import Checkpoint
@@ -73,6 +75,12 @@ def test_the_run_key_changes_with_a_threshold_only_where_pixels_do():
     key = lambda **kw: GenerateConfig(labels=(0, 1), steps=10, **kw).run_key("sha", {})  # noqa: E731
     assert key() == base.run_key("sha", {}) == key(cache=0.0)
     assert key(cache=0.1) != key() and key(cache=0.1) != key(cache=0.2)
+    fields = {**{k: v for k, v in dataclasses.asdict(base).items() if k not in ADDED_FIELDS},
+              "labels": hashlib.sha256(np.arange(2, dtype=np.int64).tobytes()).hexdigest(),
+              "checkpoint": "sha", "codec": {}}
+    fields.pop("batch_size"), fields.pop("compile")
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    assert key() == digest  # a DDPM run without a cache keeps the key it had before these fields existed
 
 
 def test_a_cached_config_cannot_be_compiled_or_negative():
