@@ -151,7 +151,8 @@ def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: i
     nfe = mean_nfe(counts)  # an adaptive solver's differs from batch to batch
     images = np.concatenate(chunks)  # (N, 28, 28, 1)
     np.savez(path, images=images, labels=np.array(config.labels))
-    record = {"row": name, **row, "objective": checkpoint.objective.objective, "seed": seed, "cfg": CFG, "interval_t": list(config.guidance.interval or []) or None,
+    record = {"row": name, **row, "objective": checkpoint.objective.objective, "seed": seed, "cfg": CFG,
+              "interval_t": list(config.guidance.interval or []) or None,
               "nfe": nfe, "forwards_per_image": forwards_per_image(config, nfe), "images": len(images),
               "seconds": seconds, "batch_size": batch_size, "compile": config.compile,
               "reused_share": round(sum(reused) / sum(counts), 4) if config.cache is not None else None,

@@ -28,6 +28,11 @@ VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DECODE_DTYPES = {torch.bfloat16: torch.bfloat16}
 
 
+def decode_dtype(run_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a VAE decodes in during a run of `run_dtype`."""
+    return DECODE_DTYPES.get(run_dtype, torch.float32)
+
+
 @dataclass
 class PixelCodec:
     """The identity codec of pixel-space models: the model sees images in [-1, 1] directly."""
@@ -107,10 +112,10 @@ class VaeCodec:
 
     def decoding_in(self, dtype: torch.dtype) -> VaeCodec:
         """This codec, or a copy whose VAE is cast to bf16 for a bf16 run (see DECODE_DTYPES)."""
-        decode_dtype = DECODE_DTYPES.get(dtype, torch.float32)
-        if decode_dtype == next(self.vae.parameters()).dtype:
+        wanted = decode_dtype(dtype)
+        if wanted == next(self.vae.parameters()).dtype:
             return self
-        return VaeCodec(copy.deepcopy(self.vae).to(decode_dtype), self.name, self.decode_batch)
+        return VaeCodec(copy.deepcopy(self.vae).to(wanted), self.name, self.decode_batch)
 
     def to_dict(self) -> dict:
         return {"kind": "vae", "vae": self.name, "scale": self.scale}

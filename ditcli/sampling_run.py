@@ -18,7 +18,9 @@ import torch
 from ditcli import __version__
 from ditcli.checkpoint import load_checkpoint
 from ditcli.classes import ClassTable, class_table, slug
-from ditcli.codec import DECODE_DTYPES, LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict, default_codec_spec
+from ditcli.cache import check_threshold
+from ditcli.codec import (LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, codec_from_dict, decode_dtype,
+                          default_codec_spec)
 from ditcli.errors import UserError
 from ditcli.generate import (GenerateConfig, check_guidance, class_labels, compile_pays, default_out_dir,
                              random_labels)
@@ -233,9 +235,12 @@ def vae_choice(checkpoint: Checkpoint, vae: str | None, from_preset: bool, notes
 
 
 def check_cache(threshold: float | None, compile_model: bool | None) -> None:
-    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
-        raise UserError(f"--cache must be a threshold >= 0, got {threshold:g}",
-                        "0 runs every block; 0.05 to 0.3 skips more the higher it is (docs/sampling.md)")
+    try:
+        check_threshold(threshold)
+    except ValueError:
+        raise UserError(f"--cache must be a finite threshold >= 0, got {threshold:g}",
+                        "0 runs every block; 0.05-0.1 kept FD within its noise on the embedded model "
+                        "(docs/sampling.md)") from None
     if threshold is not None and compile_model:
         raise UserError("--cache runs the blocks one at a time, eagerly, so it cannot be compiled",
                         "drop --compile, or drop --cache")
@@ -453,7 +458,7 @@ def codec_dtype(codec, dtype: torch.dtype) -> str | None:
     """The dtype the VAE decodes in for a run in `dtype`; None for pixel models."""
     if codec.to_dict()["kind"] != "vae":
         return None
-    return str(DECODE_DTYPES.get(dtype, torch.float32)).removeprefix("torch.")
+    return str(decode_dtype(dtype)).removeprefix("torch.")
 
 
 def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkpoint, config: GenerateConfig,
