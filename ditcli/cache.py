@@ -22,8 +22,10 @@ def check_threshold(threshold: float | None) -> None:
 class BlockCache(nn.Module):
     """A DiT (or its `CastWeights` copy) that skips blocks 2..depth while the first block barely changes.
 
-    Make one per batch: its state is the previous evaluation of that batch's images. `full` and `reused` count the
-    evaluations that ran every block and those that reused the cache.
+    Each row (image, or its unguided half) decides for itself, so an image's pixels do not depend on the batch it
+    shares: the blocks run when any row needs them, and a row under its threshold keeps its cached residual even
+    then. Make one per batch: its state is the previous evaluation of that batch. `full` and `reused` count the
+    evaluations that ran the deep blocks and those that skipped them.
     """
 
     def __init__(self, net: nn.Module, threshold: float):
@@ -33,28 +35,37 @@ class BlockCache(nn.Module):
         self.config, self.threshold = net.config, threshold
         self.dtype = next(self.dit.parameters()).dtype
         self.previous: torch.Tensor | None = None  # the first block's residual at the last evaluation
-        self.tail: torch.Tensor | None = None  # what blocks 2..depth added at the last full evaluation
-        self.drift, self.full, self.reused = 0.0, 0, 0
+        self.tail: torch.Tensor | None = None  # per row, what blocks 2..depth added at its last full evaluation
+        self.drift: torch.Tensor | None = None  # per row, the relative changes summed since then
+        self.full, self.reused = 0, 0
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h, c = self.dit.embed(x.to(self.dtype), t, y)  # (N, T, D), (N, D)
         first = self.dit.blocks[0](h, c)  # (N, T, D)
         residual = first - h
-        if self.may_reuse(residual):
+        reuse = self.may_reuse(residual)  # (N,)
+        if bool(reuse.all()):
             out, self.reused = first + self.tail, self.reused + 1
         else:
             out = first
             for block in self.dit.blocks[1:]:
                 out = block(out, c)  # (N, T, D)
-            self.tail, self.drift, self.full = out - first, 0.0, self.full + 1
+            tail = out - first
+            if bool(reuse.any()):  # the rows under their threshold keep their cache
+                keep = reuse.view(-1, 1, 1)  # (N, 1, 1)
+                out, tail = torch.where(keep, first + self.tail, out), torch.where(keep, self.tail, tail)
+            self.tail, self.full = tail, self.full + 1
+        self.drift = torch.where(reuse, self.drift, 0.0)
         self.previous = residual
         return self.dit.head(out, c).float()
 
-    def may_reuse(self, residual: torch.Tensor) -> bool:
-        """Add this evaluation's relative change of the first block's residual (the mean absolute difference over
-        the previous one's mean magnitude) to the drift; reuse while the drift stays under the threshold."""
+    def may_reuse(self, residual: torch.Tensor) -> torch.Tensor:
+        """Per row: add this evaluation's relative change of the first block's residual (the mean absolute
+        difference over the previous one's mean magnitude) to the drift; reuse while it stays under the threshold."""
         if self.previous is None or self.previous.shape != residual.shape:  # a new batch, or guidance's half batch
-            return False
-        change = (residual - self.previous).abs().mean() / self.previous.abs().mean().clamp_min(1e-12)
-        self.drift += float(change)
+            self.drift = residual.new_zeros(residual.shape[0], dtype=torch.float32)
+            return torch.zeros_like(self.drift, dtype=torch.bool)
+        change = ((residual - self.previous).flatten(1).abs().mean(1)
+                  / self.previous.flatten(1).abs().mean(1).clamp_min(1e-12))  # (N,)
+        self.drift = self.drift + change.float()
         return self.drift < self.threshold
