@@ -239,8 +239,8 @@ def check_cache(threshold: float | None, compile_model: bool | None) -> None:
         check_threshold(threshold)
     except ValueError:
         raise UserError(f"--cache must be a finite threshold >= 0, got {threshold:g}",
-                        "0 runs every block; 0.05-0.1 kept FD within its noise on the embedded model "
-                        "(docs/sampling.md)") from None
+                        "0 runs every block; 0.05-0.1 kept FD near the uncached one on the embedded model, "
+                        "see docs/sampling.md") from None
     if threshold is not None and compile_model:
         raise UserError("--cache runs the blocks one at a time, eagerly, so it cannot be compiled",
                         "drop --compile, or drop --cache")
