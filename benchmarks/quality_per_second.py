@@ -147,7 +147,7 @@ def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: i
         chunks.append(data["images"])
         seconds = seconds + float(data["seconds"])
         counts.append(int(data["nfe"]))
-        reused.append(int(data["reused"]) if "reused" in data else 0)
+        reused.append(float(data["reused"]) if "reused" in data else 0.0)
     nfe = mean_nfe(counts)  # an adaptive solver's differs from batch to batch
     images = np.concatenate(chunks)  # (N, 28, 28, 1)
     np.savez(path, images=images, labels=np.array(config.labels))

@@ -50,4 +50,7 @@ def set_backend_flags(deterministic: bool = False, allow_tf32: bool = True, auto
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = autotune and not deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        # The call imports torch's compiler config (1-2 s of start-up on a CPU), so it is made only when it changes
+        # something.
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)

@@ -33,7 +33,8 @@ from ditcli.runtime import resolve_precision
 from ditcli.objectives import ObjectiveSpec
 from ditcli.samplers import DEFAULT_SAMPLING, GUIDED_CHANNELS, FlowSettings, Guidance, SamplerPlan
 from ditcli.state import Checkpoint, describe
-from ditcli.weights import KnownWeights, ProgressFn, file_sha256, known_weights, registry_models, resolve_weights
+from ditcli.weights import (KnownWeights, ProgressFn, known_weights, registry_models, remembered_sha256,
+                            resolve_weights)
 from ditcli.writers import ImageDirWriter, NpzWriter
 
 DEFAULT_MODEL = "DiT-XL/2"
@@ -163,7 +164,7 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
 
     # Build the model, name the outputs and record how they are made.
     net = checkpoint.build(device)
-    sha256 = file_sha256(checkpoint_path)
+    sha256 = remembered_sha256(checkpoint_path)
     run_key = config.run_key(sha256, codec.to_dict())
     out, npz = output_paths(r, default_out_dir(entry.model if entry else checkpoint_path.stem, config, run_key))
     provenance = make_provenance(entry.model if entry else describe(model_config), checkpoint_path, sha256,

@@ -112,3 +112,25 @@ def test_a_cached_image_does_not_depend_on_the_batch_it_shares(model, threshold)
     apart = run(model, threshold, labels=tuple(range(8)), batch_size=4)
     assert sum(b.reused for b in together) > 0
     assert torch.equal(together[0].images, torch.cat([b.images for b in apart]))
+
+
+def test_only_the_rows_over_their_threshold_run_the_deep_blocks(model):
+    cache = BlockCache(model, 0.05)
+    size = (model.config.in_channels, model.config.input_size, model.config.input_size)
+    x, t, y = torch.randn(8, *size), torch.full((8,), 500.0), torch.arange(8)
+    cache(x, t, y)
+    moved = x.clone()
+    moved[:3] = torch.randn(3, *size)  # rows 0-2 change, rows 3-7 do not
+    shapes = []
+    hook = model.blocks[1].register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape[0]))
+    try:
+        out = cache(moved, t, y)
+    finally:
+        hook.remove()
+    assert shapes == [4]  # three rows, padded to the 4-row quantum
+    assert (cache.full, cache.reused) == (2, 5 / 8)
+    with torch.no_grad():
+        plain = model(moved, t, y)
+        first = model(x, t, y)
+    assert torch.equal(out[:3], plain[:3])  # a row that runs gets the model's own output
+    torch.testing.assert_close(out[3:], first[3:])  # a row that skips keeps its cached tail on an unchanged input

@@ -6,6 +6,7 @@ The heavy calls are patched; each test asserts the config (or backend flags) the
 import json
 
 import pytest
+import torch
 from conftest import perturbed, tiny_config
 from typer.testing import CliRunner
 
@@ -122,3 +123,17 @@ def test_train_preset_is_filled_in_under_explicit_options(trained):
     assert (config.data, config.model, config.hidden_size, config.steps, config.precision) == (
         "fashion-mnist", "DiT-S/4", 192, 7, "bf16")
     assert config.vae is None and config.channels == 1
+
+
+def test_backend_flags_turn_deterministic_algorithms_on_and_back_off():
+    from ditcli.runtime import set_backend_flags
+
+    try:
+        set_backend_flags(deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark
+        set_backend_flags()
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -47,6 +47,9 @@ def test_the_bf16_path_runs_cast_weights_without_autocast_and_leaves_the_callers
     sample_latents(net, config.plan(True), config, [0, 1, 2, 3], 4, torch.device("cpu"))
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, False)}
     assert next(model.parameters()).dtype == torch.float32
+    cast = dict(net.inner.named_parameters())
+    assert cast.keys() == dict(model.named_parameters()).keys()
+    assert all(torch.equal(cast[k], p.to(torch.bfloat16)) and cast[k] is not p for k, p in model.named_parameters())
     assert inference_model(model, "fp32") is model
 
 

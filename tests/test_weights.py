@@ -1,6 +1,7 @@
 """Finding and downloading known weights, against a loopback HTTP server (never the network)."""
 
 import hashlib
+import json
 
 import pytest
 
@@ -126,3 +127,19 @@ def test_sha256_of_a_file_and_of_a_folder_checkpoint(tmp_path):
     before = weights.file_sha256(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model_index.json").write_text("{}")
     assert weights.file_sha256(tmp_path / "ckpt") != before
+
+
+def test_a_remembered_sha256_is_reused_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(PAYLOAD)
+    assert weights.remembered_sha256(path) == hashlib.sha256(PAYLOAD).hexdigest()
+    reads = []
+    monkeypatch.setattr(weights, "file_sha256", lambda p: reads.append(p) or "fresh")
+    assert weights.remembered_sha256(path) == hashlib.sha256(PAYLOAD).hexdigest()
+    assert reads == []
+    path.write_bytes(PAYLOAD + b"more")  # a new size and modification time
+    assert weights.remembered_sha256(path) == "fresh"
+    assert len(reads) == 1
+    memo = json.loads((tmp_path / "home" / "sha256.json").read_text())
+    assert list(memo.values()) == ["fresh"]  # the stale entry for the same path is gone
