@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from ditcli.errors import UserError
+from ditcli.hub import hub_unreachable
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 DEFAULT_VAE = VAE_ALIASES["ema"]  # the SD VAE the reference DiT checkpoints were trained with
@@ -152,21 +151,6 @@ def locate_vae(name: str, offline: bool = False, alternative: str | None = None)
         raise UserError(f"cannot load the VAE {repo!r}: it is not in the Hugging Face cache and the hub cannot be "
                         f"reached ({unreachable})", _vae_hint(alternative))
     return repo, False
-
-
-def hub_unreachable(timeout: float = 5.0) -> str | None:
-    """Why the Hugging Face hub cannot be reached, from one TCP connection; None when it answers or a proxy is set.
-
-    huggingface_hub retries a dead network for about 30 s before giving up; this fails in a moment instead.
-    """
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
-    except OSError as exc:
-        return f"{endpoint.hostname}: {exc.strerror or exc}"
-    return None
 
 
 def looks_like_path(text: str) -> bool:

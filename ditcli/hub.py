@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ditcli.errors import UserError
 
@@ -76,26 +78,30 @@ def is_offline(offline: bool = False) -> bool:
 def fetch_dit(hub_id: HubId, offline: bool | None = None) -> Path:
     """The snapshot folder holding a diffusers DiT's index, transformer config and weights; fetched if not cached."""
     offline = is_offline() if offline is None else offline
-    if offline:
+    unreachable = None if offline else hub_unreachable()
+    why = "downloads are off (offline)" if offline else f"the hub cannot be reached ({unreachable})"
+    local = offline or unreachable is not None  # a dead network answers from the cache at once, with no retries
+    if local:
         _check_cached(hub_id)
-    index = _download(hub_id, PIPELINE_INDEX, offline, required=False)
+    index = _download(hub_id, PIPELINE_INDEX, local, why, required=False)
     prefix = "transformer/" if index is not None else ""  # a DiTPipeline repo, or a bare DiTTransformer2DModel repo
-    config = _download(hub_id, f"{prefix}config.json", offline)
+    config = _download(hub_id, f"{prefix}config.json", local, why)
     safetensors, pickled = (prefix + name for name in WEIGHT_FILES)
-    if _download(hub_id, safetensors, offline, required=False) is None:  # the .bin only where there is no other
-        _download(hub_id, pickled, offline)
+    if _download(hub_id, safetensors, local, why, required=False) is None:  # the .bin only where there is no other
+        _download(hub_id, pickled, local, why)
     return config.parent.parent if prefix else config.parent
 
 
-def _download(hub_id: HubId, filename: str, offline: bool, required: bool = True) -> Path | None:
-    """One file through hf_hub_download; None for an absent optional file, one-line errors otherwise."""
+def _download(hub_id: HubId, filename: str, local: bool, why: str, required: bool = True) -> Path | None:
+    """One file through hf_hub_download (from the cache only when `local`); None for an absent optional file,
+    one-line errors otherwise, which say `why` a file that is not cached cannot be fetched."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError,
                                         LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
         return Path(hf_hub_download(hub_id.repo, filename, revision=hub_id.revision, cache_dir=cache_dir(),
-                                    local_files_only=offline))
+                                    local_files_only=local))
     except RepositoryNotFoundError:
         raise UserError(f"hub repo {hub_id.repo} not found, and there is no local path {hub_id}",
                         "check the id; private or gated repos need `hf auth login`") from None
@@ -106,7 +112,6 @@ def _download(hub_id: HubId, filename: str, offline: bool, required: bool = True
         if not required:
             return None
         _check_cached(hub_id)
-        why = "downloads are off (offline)" if offline else "the hub cannot be reached"
         raise UserError(f"{filename} of {hub_id} is not in the Hugging Face cache at {cache_dir()} and {why}",
                         "connect, and unset HF_HUB_OFFLINE / DIT_OFFLINE, once to fetch it") from None
     except EntryNotFoundError:
@@ -142,3 +147,18 @@ def _check_cached(hub_id: HubId) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, from one TCP connection; None when it answers or a proxy is set.
+
+    huggingface_hub retries a dead network for about 30 s before giving up; this fails in a moment instead.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"{endpoint.hostname}: {exc.strerror or exc}"
+    return None

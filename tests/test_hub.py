@@ -16,6 +16,7 @@ import torch
 from conftest import perturbed, tiny_config
 from typer.testing import CliRunner
 
+import ditcli.hub
 import ditcli.weights
 from ditcli.checkpoint import load_checkpoint
 from ditcli.cli import app
@@ -214,3 +215,22 @@ def test_a_pipeline_whose_own_vae_was_not_fetched_says_which_vae_is_assumed(tmp_
     assert custom.codec == {"kind": "vae", "vae": "stabilityai/sd-vae-ft-ema"}
     assert any("the SD VAE ema is assumed: pass --vae" in w for w in custom.warnings)
     assert not load_checkpoint("facebook/DiT-XL-2-512").warnings
+
+
+def test_a_dead_network_answers_from_the_cache_at_once(tiny_repo, monkeypatch):
+    """Not offline, but no connection: the cache serves, and what it lacks fails at once, without hub retries."""
+    def refuse(*args, **kwargs):
+        raise OSError(-2, "Name or service not known")
+
+    asked = []
+    real = huggingface_hub.hf_hub_download
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ditcli.hub.socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *args, **kwargs: asked.append(kwargs["local_files_only"]) or real(*args, **kwargs))
+    assert same_weights(load_checkpoint("org/tiny-dit"), tiny_repo["source"])
+    assert asked and all(asked)
+    with pytest.raises(UserError, match="out of reach"):
+        load_checkpoint("org/missing")

@@ -333,7 +333,7 @@ def test_train_without_a_reachable_vae_fails_before_reading_data_and_names_vae_n
 
 
 def test_an_unreachable_hub_is_reported_at_once(monkeypatch):
-    from ditcli import codec
+    from ditcli import codec, hub
 
     def refuse(*args, **kwargs):
         raise OSError(-2, "Name or service not known")
@@ -341,7 +341,7 @@ def test_an_unreachable_hub_is_reported_at_once(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(codec.socket, "create_connection", refuse)
+    monkeypatch.setattr(hub.socket, "create_connection", refuse)
     with pytest.raises(Exception, match="hub cannot be reached .*Name or service not known.*--vae none"):
         codec.locate_vae("stabilityai/no-such-vae-in-any-cache", alternative="pass --vae none")
     assert os.environ.get("HF_HUB_OFFLINE") is None
