@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ditcli.aot import AotCompiled
 from ditcli.cache import ROW_QUANTUM, BlockCache, check_threshold
 from ditcli.codec import to_uint8
 from ditcli.errors import UserError
@@ -150,11 +151,13 @@ def inference_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     return model if dtype == torch.float32 else CastWeights(model, dtype)
 
 
-# `--compile auto`: compile when the eager forwards of the job are long enough to repay a compilation. The figures are
-# measured on a 2-core Xeon with AMX (docs/benchmarks.md): a cold compile of a DiT forward with inductor freezing takes
-# about 30 s, and saves a third of an eager bf16 forward (DiT-B/2, batch 4: 442 -> 294 ms); eager forwards run at
-# about 200 GMAC/s in bf16 and 85 in fp32 there. GPUs are credited 100x the CPU's rate, and their compile 60 s.
-COMPILE_SECONDS = {"cpu": 30.0, "cuda": 60.0}
+# `--compile auto`: compile when the eager forwards of the job are long enough to repay a cold compilation. The figures
+# are measured on 2-core CPUs (docs/benchmarks.md): building the AOTInductor package of a DiT forward took 45 s for
+# the embedded model and 42 s for DiT-B/2 on an AMD EPYC; freezing saves a third of an eager bf16 forward on a Xeon
+# with AMX (DiT-B/2, batch 4: 442 -> 294 ms), 13% on the EPYC; eager forwards run at about 200 GMAC/s in bf16 and 85
+# in fp32 on the Xeon. GPUs are credited 100x the CPU's rate, and their compile 60 s. A package already built makes a
+# later `--compile` nearly free, but the choice here assumes none.
+COMPILE_SECONDS = {"cpu": 45.0, "cuda": 60.0}
 COMPILE_SAVING = 1 / 3
 EAGER_MACS_PER_S = {"bf16": 200e9, "fp16": 200e9, "fp32": 85e9}
 GPU_SPEEDUP = 100.0
@@ -181,13 +184,27 @@ def compiled(model: torch.nn.Module, autotune: bool = False) -> torch.nn.Module:
     artifacts are cached in the user cache folder (TORCHINDUCTOR_CACHE_DIR, unless set), so a rerun pays less.
     `autotune` adds what mode="max-autotune" turns on, kernel autotuning and CUDA graphs (GPU benchmarks only: its
     compile time is not yet measured, so `dit sample` does not use it)."""
+    inductor_cache_in_home()
+    tuning = {"max_autotune": True, "triton.cudagraphs": True} if autotune else {}
+    return torch.compile(model, options={"freezing": True, **tuning})
+
+
+def compiled_for(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The compiled forward of a sampling run: on a CPU an AOTInductor package kept in the home directory across
+    runs (`ditcli.aot`: built once, then loaded in seconds), elsewhere `compiled`."""
+    if device.type == "cpu":
+        inductor_cache_in_home()
+        return AotCompiled(model, home_dir() / "aoti")
+    return compiled(model)
+
+
+def inductor_cache_in_home() -> None:
+    """Inductor's caches go to the home directory (TORCHINDUCTOR_CACHE_DIR, unless the user set it)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     # torch writes its own default into the variable the first time it looks, so that value counts as unset.
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(home_dir() / "inductor")
-    tuning = {"max_autotune": True, "triton.cudagraphs": True} if autotune else {}
-    return torch.compile(model, options={"freezing": True, **tuning})
 
 
 def make_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion, guidance: Guidance, precision: str,
@@ -213,8 +230,8 @@ def make_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion, guida
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under a torch.compile wrapper."""
-    return getattr(model, "_orig_mod", model)
+    """The module under a torch.compile wrapper or an AOTInductor package."""
+    return model.model if isinstance(model, AotCompiled) else getattr(model, "_orig_mod", model)
 
 
 def check_guidance(config: DiTConfig, guidance: Guidance) -> None:
@@ -264,7 +281,7 @@ def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indic
         check_guidance(model.config, config.guidance)
         plan = config.plan(model.config.learn_sigma)
     net = inference_model(model, config.precision)
-    net = compiled(net) if config.compile else net
+    net = compiled_for(net, device) if config.compile else net
     decoder = codec.decoding_in(resolve_precision(config.precision))
     width = batch_width(config)
     for start in range(0, len(indices), width):

@@ -1,0 +1,88 @@
+"""`--compile` on a CPU: an AOTInductor package, built once, loaded by later runs, keyed by what decides its code."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ok, perturbed, tiny_config
+from ditcli.aot import AotCompiled, package_key
+from ditcli.checkpoint import save_safetensors
+from ditcli.generate import CastWeights
+from ditcli.model import DiT
+from ditcli.state import Checkpoint
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return perturbed(DiT(tiny_config(depth=2)), seed=1, std=0.05).eval()
+
+
+def inputs(model, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    config = model.config
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, config.in_channels, config.input_size, config.input_size, generator=generator)
+    t = torch.rand(rows, generator=generator) * 999
+    return x, t, torch.randint(0, config.num_classes, (rows,), generator=generator)
+
+
+@pytest.fixture(scope="module")
+def built(model, tmp_path_factory):
+    """One bf16 package, built by a first run (about 20 s on one thread)."""
+    folder = tmp_path_factory.mktemp("aoti")
+    net = CastWeights(model, torch.bfloat16)
+    first = AotCompiled(net, folder)
+    with torch.no_grad():
+        out = first(*inputs(model, 8))
+    return folder, net, first, out
+
+
+def test_a_package_is_built_once_and_loaded_by_a_later_run(model, built):
+    folder, net, first, out = built
+    assert first.built is True and len(list(folder.glob("*.pt2"))) == 1
+    assert not list(folder.glob(".*"))  # no temporary file is left behind
+    again = AotCompiled(net, folder)
+    with torch.no_grad():
+        assert torch.equal(again(*inputs(model, 8)), out)
+    assert again.built is False and len(list(folder.glob("*.pt2"))) == 1
+
+
+@pytest.mark.parametrize("rows", [4, 12])
+def test_a_package_takes_any_batch_and_matches_the_eager_forward(model, built, rows):
+    _, net, first, _ = built
+    with torch.no_grad():
+        ours, eager = first(*inputs(model, rows)), net(*inputs(model, rows))
+    assert ours.shape == eager.shape and ours.dtype == torch.float32
+    assert (ours - eager).abs().max() <= 0.02 * eager.abs().max()  # a few bf16 roundings apart
+
+
+def test_the_key_follows_the_weights_and_the_input_signature_but_not_the_batch(model):
+    key = package_key(model, inputs(model, 4))
+    assert key == package_key(model, inputs(model, 8))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.final_layer.linear.bias[0] += 1e-3
+    assert package_key(other, inputs(model, 4)) != key
+    x, t, y = inputs(model, 4)
+    assert package_key(model, (x, t.long(), y)) != key
+    assert package_key(CastWeights(model, torch.bfloat16), (x, t, y)) != key
+
+
+def test_dit_sample_compile_builds_the_package_once_and_reuses_it(tmp_path, offline, model):
+    path = tmp_path / "m.safetensors"
+    save_safetensors(Checkpoint(model.state_dict(), model.config, "safetensors", "ema", None,
+                                {"kind": "pixel", "channels": model.config.in_channels}), path)
+    common = ("sample", "--ckpt", path, "--num", 4, "--steps", 3, "--sampler", "ddim", "--seed", 1)
+    for out in ("first", "second"):
+        ok(*common, "--compile", "--out", tmp_path / out)
+    ok(*common, "--no-compile", "--out", tmp_path / "eager")
+    assert len(list((tmp_path / "home" / "aoti").glob("*.pt2"))) == 1
+    grids = {d: np.asarray(Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("first", "second", "eager")}
+    assert np.array_equal(grids["first"], grids["second"])
+    assert np.abs(grids["first"] - grids["eager"]).max() <= 2  # fp32: the compiled kernels round a little apart
+    record = json.loads((tmp_path / "second" / "provenance.json").read_text())["compile"]
+    assert record == {"compiled": True, "why": "--compile given"}
