@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ditcli.errors import UserError
 from ditcli.version import __version__
 
 # The largest batch a package accepts: rows of one forward, a guided batch counted twice.
@@ -58,10 +59,18 @@ class AotCompiled(nn.Module):
         return self.runner(x, t, y)
 
     def load_or_build(self, inputs: tuple[torch.Tensor, ...]):
+        """Load the package for these weights and inputs; build it when there is none, or when the one there
+        cannot be loaded (damaged on disk), in which case the new one replaces it."""
         path = self.folder / f"{package_key(self.model, inputs)}.pt2"
-        self.built = not path.exists()
-        if self.built:
-            build_package(self.model, inputs, path)
+        if path.exists():
+            try:
+                runner = torch._inductor.aoti_load_package(str(path))
+                self.built = False
+                return runner
+            except Exception:  # noqa: BLE001  whatever the loader raises, a fresh build is the cure
+                pass
+        build_package(self.model, inputs, path)
+        self.built = True
         return torch._inductor.aoti_load_package(str(path))
 
 
@@ -71,10 +80,14 @@ def build_package(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path
     batch = torch.export.Dim("batch", min=1, max=MAX_ROWS)
     with torch.no_grad():
         program = torch.export.export(model, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.pt2")  # AOTInductor wants the .pt2 suffix
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs={"freezing": True})
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write the compiled package {path}: {exc.strerror or type(exc).__name__}",
+                        "set DIT_HOME to a writable folder with space, or drop --compile") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # False, not an error, where the folder itself could not be made
+            tmp.unlink()

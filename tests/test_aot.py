@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from conftest import ok, perturbed, tiny_config
 from ditcli.aot import AotCompiled, package_key
 from ditcli.checkpoint import save_safetensors
+from ditcli.errors import UserError
 from ditcli.generate import CastWeights
 from ditcli.model import DiT
 from ditcli.state import Checkpoint
@@ -86,3 +88,31 @@ def test_dit_sample_compile_builds_the_package_once_and_reuses_it(tmp_path, offl
     assert np.abs(grids["first"] - grids["eager"]).max() <= 2  # fp32: the compiled kernels round a little apart
     record = json.loads((tmp_path / "second" / "provenance.json").read_text())["compile"]
     assert record == {"compiled": True, "why": "--compile given"}
+
+
+def test_a_damaged_package_is_built_again(model, tmp_path, monkeypatch):
+    import ditcli.aot as aot
+
+    net = CastWeights(model, torch.bfloat16)
+    path = tmp_path / f"{package_key(net, inputs(model, 4))}.pt2"
+    path.write_bytes(b"not a package")
+    builds, loads = [], []
+
+    def load(name):
+        loads.append(name)
+        if Path(name).read_bytes() == b"not a package":
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+        return lambda *args: "runner"
+
+    monkeypatch.setattr(aot, "build_package", lambda m, i, p: builds.append(p) or p.write_bytes(b"rebuilt"))
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", load)
+    compiled = AotCompiled(net, tmp_path)
+    assert compiled(*inputs(model, 4)) == "runner"
+    assert builds == [path] and len(loads) == 2 and compiled.built is True
+
+
+def test_an_unwritable_package_folder_is_one_line(model, tmp_path):
+    (tmp_path / "file").write_text("")
+    compiled = AotCompiled(CastWeights(model, torch.bfloat16), tmp_path / "file" / "aoti")
+    with pytest.raises(UserError, match="cannot write the compiled package .*set DIT_HOME"):
+        compiled(*inputs(model, 4))
