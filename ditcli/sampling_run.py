@@ -164,7 +164,8 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
 
     # Build the model, name the outputs and record how they are made.
     net = checkpoint.build(device)
-    sha256 = remembered_sha256(checkpoint_path)
+    hashed = remembered_sha256(checkpoint_path)
+    sha256 = hashed.sha256
     run_key = config.run_key(sha256, codec.to_dict())
     out, npz = output_paths(r, default_out_dir(entry.model if entry else checkpoint_path.stem, config, run_key))
     provenance = make_provenance(entry.model if entry else describe(model_config), checkpoint_path, sha256,
@@ -175,6 +176,7 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     if on_ready is not None:
         on_ready(config, codec, out, npz, notes)
     writers = make_writers(out, npz, names, config, run_key, r.force, provenance, columns, ranks)
+    hashed.remember()
     return SamplingRun(net, codec, config, plan, writers, provenance, out, npz, run_key, checkpoint.weights, warnings)
 
 

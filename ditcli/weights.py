@@ -232,7 +232,29 @@ def _reason(exc: BaseException) -> str:
 REMEMBERED_HASHES = 256
 
 
-def remembered_sha256(path: str | os.PathLike) -> str:
+@dataclass(frozen=True)
+class RememberedHash:
+    """A checkpoint's sha256, and whether it still has to be written down (`remember`) for the next run."""
+
+    sha256: str
+    path: Path
+    key: str | None  # None: a folder, always hashed
+    new: bool
+
+    def remember(self) -> None:
+        """Write the hash into the home directory's memo. Called once the run goes ahead, so that a command refused
+        for bad input leaves nothing behind."""
+        if not self.new or self.key is None:
+            return
+        memo = {k: v for k, v in _memo().items() if not k.startswith(f"{self.path}|")}
+        memo[self.key] = self.sha256
+        try:
+            write_json(home_dir() / "sha256.json", dict(list(memo.items())[-REMEMBERED_HASHES:]))
+        except UserError:
+            pass  # a read-only home directory only costs the next run a re-read
+
+
+def remembered_sha256(path: str | os.PathLike) -> RememberedHash:
     """file_sha256 of a file, remembered in the home directory under its path, size, modification time and inode.
 
     A second `dit sample` over the same multi-GB checkpoint then skips reading it again (2 s at DiT-XL/2 on a CPU).
@@ -240,24 +262,20 @@ def remembered_sha256(path: str | os.PathLike) -> str:
     """
     path = Path(path).resolve()
     if path.is_dir():
-        return file_sha256(path)
+        return RememberedHash(file_sha256(path), path, None, False)
     stat = path.stat()
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
-    memo_path = home_dir() / "sha256.json"
+    known = _memo().get(key)
+    if isinstance(known, str):
+        return RememberedHash(known, path, key, False)
+    return RememberedHash(file_sha256(path), path, key, True)
+
+
+def _memo() -> dict:
     try:
-        memo = read_json(memo_path)
+        return read_json(home_dir() / "sha256.json")
     except UserError:
-        memo = {}
-    if isinstance(memo.get(key), str):
-        return memo[key]
-    digest = file_sha256(path)
-    memo = {k: v for k, v in memo.items() if not k.startswith(f"{path}|")}
-    memo[key] = digest
-    try:
-        write_json(memo_path, dict(list(memo.items())[-REMEMBERED_HASHES:]))
-    except UserError:
-        pass  # a read-only home directory only costs the next run a re-read
-    return digest
+        return {}
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -133,13 +133,17 @@ def test_a_remembered_sha256_is_reused_until_the_file_changes(tmp_path, monkeypa
     monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
     path = tmp_path / "w.safetensors"
     path.write_bytes(PAYLOAD)
-    assert weights.remembered_sha256(path) == hashlib.sha256(PAYLOAD).hexdigest()
+    first = weights.remembered_sha256(path)
+    assert first.sha256 == hashlib.sha256(PAYLOAD).hexdigest() and first.new
+    assert not (tmp_path / "home").exists()  # nothing is written until the run goes ahead
+    first.remember()
     reads = []
     monkeypatch.setattr(weights, "file_sha256", lambda p: reads.append(p) or "fresh")
-    assert weights.remembered_sha256(path) == hashlib.sha256(PAYLOAD).hexdigest()
-    assert reads == []
+    again = weights.remembered_sha256(path)
+    assert again.sha256 == hashlib.sha256(PAYLOAD).hexdigest() and not again.new and reads == []
     path.write_bytes(PAYLOAD + b"more")  # a new size and modification time
-    assert weights.remembered_sha256(path) == "fresh"
-    assert len(reads) == 1
+    changed = weights.remembered_sha256(path)
+    assert changed.sha256 == "fresh" and len(reads) == 1
+    changed.remember()
     memo = json.loads((tmp_path / "home" / "sha256.json").read_text())
     assert list(memo.values()) == ["fresh"]  # the stale entry for the same path is gone
