@@ -165,10 +165,9 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     # Build the model, name the outputs and record how they are made.
     net = checkpoint.build(device)
     hashed = remembered_sha256(checkpoint_path)
-    sha256 = hashed.sha256
-    run_key = config.run_key(sha256, codec.to_dict())
+    run_key = config.run_key(hashed.sha256, codec.to_dict())
     out, npz = output_paths(r, default_out_dir(entry.model if entry else checkpoint_path.stem, config, run_key))
-    provenance = make_provenance(entry.model if entry else describe(model_config), checkpoint_path, sha256,
+    provenance = make_provenance(entry.model if entry else describe(model_config), checkpoint_path, hashed.sha256,
                                  checkpoint, config, plan.nfe, codec, resolve_precision(r.precision), device,
                                  r.deterministic, run_key, r.cfg is not None)
     provenance["preset"] = r.preset
