@@ -7,8 +7,10 @@ over by class name when both sides have names (a 1000-class source without names
 shared range; the others keep the fresh model's initialisation, and the source's null row becomes the new null row.
 Unless `--init-weights` says which, the source's EMA is read, or its raw model weights where its EMA record says the
 EMA is still mostly the initial weights (a short run at DiT's decay 0.9999) and the source holds both sets.
-Nothing here prints; `InitFrom.summary()` says what happened, for the start-up table, and `InitFrom.note` is the one
-line to show before training when the EMA was stale.
+A source whose file records another objective than the run's (a DDPM model fine-tuned as a flow, say) is allowed
+with a warning; a flow source whose time runs the other way is refused, since its velocity has the opposite sign.
+Nothing here prints; `InitFrom.summary()` says what happened, for the start-up table, and `InitFrom.notes` are the
+lines to show before training (a stale EMA, a change of objective).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ditcli.ema import EmaRecord
 from ditcli.errors import UserError
 from ditcli.hub import parse_hub_id
 from ditcli.model import HEADS_BY_WIDTH, PRESET_SHAPES, DiT, DiTConfig
+from ditcli.objectives import DDPM, ObjectiveSpec
 from ditcli.state import Checkpoint, describe
 
 LABEL_TABLE = "y_embedder.embedding_table.weight"
@@ -59,7 +62,7 @@ class InitFrom:
     labels: LabelPlan
     source_grid: int
     stale_ema: EmaRecord | None = None  # the source's EMA record, when it says the EMA is mostly initial weights
-    note: str | None = None  # one line on the weights chosen over, or kept despite, a stale EMA
+    notes: tuple[str, ...] = ()  # on the weights chosen over, or kept despite, a stale EMA; on a change of objective
 
     def summary(self) -> dict[str, str]:
         """Rows of the training start-up table."""
@@ -77,10 +80,11 @@ class InitFrom:
 
 
 def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], class_names: list[str] | None,
-              weights: str | None = None) -> InitFrom:
+              weights: str | None = None, objective: ObjectiveSpec = DDPM) -> InitFrom:
     """Load `source` and map it onto `target`, whose fresh initialisation `fresh` fills whatever is not carried.
 
-    `weights` is "ema" or "model" as asked, or None: the EMA unless `read_source` finds it stale.
+    `weights` is "ema" or "model" as asked, or None: the EMA unless `read_source` finds it stale. `objective` is the
+    run's.
     """
     if not Path(source).exists() and parse_hub_id(str(source)) is None:
         raise UserError(f"--init-from {source} not found",
@@ -89,6 +93,7 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
     heads = None if target.hidden_size in HEADS_BY_WIDTH else target.num_heads
     checkpoint, stale, note = read_source(source, heads, weights)
     check_architecture(checkpoint.config, target, source)
+    notes = tuple(line for line in (note, objective_change(checkpoint, objective, source)) if line)
     config = replace(target, timestep_convention=checkpoint.config.timestep_convention,
                      norm_eps=checkpoint.config.norm_eps)
     plan = plan_labels(checkpoint, target, class_names)
@@ -97,7 +102,7 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
     if checkpoint.config.input_size != target.input_size:
         state["pos_embed"] = fresh["pos_embed"].clone()  # the fixed sin-cos table of the new grid
     state[LABEL_TABLE] = map_label_rows(state[LABEL_TABLE], fresh[LABEL_TABLE], plan, checkpoint.config, target)
-    return InitFrom(str(source), checkpoint.format, checkpoint.weights, config, state, plan, source_grid, stale, note)
+    return InitFrom(str(source), checkpoint.format, checkpoint.weights, config, state, plan, source_grid, stale, notes)
 
 
 def read_source(source: str, heads: int | None, weights: str | None
@@ -130,6 +135,20 @@ def check_architecture(source: DiTConfig, target: DiTConfig, name: str) -> None:
     if differences:
         raise UserError(f"--init-from {name} holds {describe(source)}, which does not match the model to train: "
                         + "; ".join(differences), f"train the source's shape: {source_flags(source)}")
+
+
+def objective_change(checkpoint: Checkpoint, objective: ObjectiveSpec, name: str) -> str | None:
+    """The warning for a source recorded as another objective than the run's; None when they agree or the file does not
+    say (a released .pt). A flow source whose time runs the other way is an error."""
+    source = checkpoint.objective
+    if not checkpoint.objective_recorded or source == objective:
+        return None
+    if source.objective == objective.objective:
+        raise UserError(f"--init-from {name} is a flow model with time {source.time_direction}, this run's time is "
+                        f"{objective.time_direction}", f"pass --time-direction {source.time_direction}")
+    return (f"warning: --init-from {name} was trained as {source.describe()}; this run trains it as "
+            f"{objective.describe()}, so it starts far from its source's optimum; pass --objective "
+            f"{source.objective} to fine-tune it as it was trained")
 
 
 def source_flags(config: DiTConfig) -> str:

@@ -1,5 +1,7 @@
-"""The shipped Fashion-MNIST DiT and its judge: they load, sample offline and classify real images."""
+"""The shipped Fashion-MNIST DiTs (the flow model `fashion-mnist`, the DDPM model `fashion-mnist-ddpm`) and their
+judge: they load, sample offline by name and classify real images."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,22 +18,27 @@ from ditcli.generate import GenerateConfig, generate_images
 from ditcli.judge import JUDGE_FILE, load_judge
 from ditcli.samplers import Guidance
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "fashion-mnist.safetensors"
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+FLOW, DDPM = WEIGHTS / "fashion-mnist.safetensors", WEIGHTS / "fashion-mnist-ddpm.safetensors"
 
 
-def test_shipped_weights_carry_their_config_codec_and_names():
-    assert WEIGHTS.stat().st_size <= 10 * 2**20
-    checkpoint = load_checkpoint(WEIGHTS)
+@pytest.mark.parametrize("path, objective, out_channels", [(FLOW, "flow", 1), (DDPM, "ddpm", 2)])
+def test_shipped_weights_carry_their_config_codec_names_and_objective(path, objective, out_channels):
+    assert path.stat().st_size <= 10 * 2**20
+    checkpoint = load_checkpoint(path)
     assert checkpoint.codec == {"kind": "pixel", "channels": 1}
     assert checkpoint.class_names == FASHION_MNIST_CLASSES
     assert checkpoint.config.input_size == 28 and checkpoint.config.in_channels == 1
+    assert (checkpoint.objective.objective, checkpoint.config.out_channels) == (objective, out_channels)
     assert checkpoint.weights == "ema"
 
 
-def test_shipped_model_makes_images_of_the_right_shape_and_range():
-    model = load_checkpoint(WEIGHTS).build("cpu")
-    config = GenerateConfig(labels=(7, 9), sampler="dpm++2m", steps=5, guidance=Guidance(2.0, "all"), batch_size=4)
-    (batch,) = list(generate_images(model, PixelCodec(1), config, range(2), torch.device("cpu")))
+@pytest.mark.parametrize("path, sampler", [(FLOW, "euler"), (DDPM, "dpm++2m")])
+def test_shipped_models_make_images_of_the_right_shape_and_range(path, sampler):
+    checkpoint = load_checkpoint(path)
+    config = GenerateConfig(labels=(7, 9), sampler=sampler, steps=5, guidance=Guidance(2.0, "all"), batch_size=4,
+                            objective=checkpoint.objective)
+    (batch,) = list(generate_images(checkpoint.build("cpu"), PixelCodec(1), config, range(2), torch.device("cpu")))
     assert batch.images.shape == (2, 28, 28, 1) and batch.images.dtype == torch.uint8
     assert batch.images.float().std() > 10  # not a blank image
     assert batch.nfe == 5
@@ -59,17 +66,15 @@ def test_judge_classifies_real_test_images():
     assert accuracy > 0.88
 
 
-def test_the_shipped_flow_model_samples_offline_by_its_name_and_the_judge_knows_its_classes(tmp_path, monkeypatch):
-    flow = WEIGHTS.with_name("fashion-mnist-flow.safetensors")
-    assert flow.stat().st_size <= 10 * 2**20
-    checkpoint = load_checkpoint(flow)
-    assert (checkpoint.objective.objective, checkpoint.config.out_channels) == ("flow", 1)
-    assert checkpoint.sampling.sampler == "euler" and checkpoint.sampling.interval == (0.156, 0.781)
+@pytest.mark.parametrize("name, sampler", [("fashion-mnist", "euler"), ("fashion-mnist-ddpm", "dpm++2m")])
+def test_each_shipped_model_samples_offline_by_its_name_as_the_judge_expects(name, sampler, tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_OFFLINE", "1")
     monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
-    result = CliRunner().invoke(app, ["sample", "--model", "fashion-mnist-flow", "--class", "trouser", "--class",
-                                      "bag", "--num-per-class", 5, "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["sample", "--model", name, "--class", "trouser", "--class", "bag",
+                                      "--num-per-class", 5, "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
+    provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert (provenance["model"], provenance["sampler"]) == (name, sampler)  # the file's own defaults
     images = [np.asarray(Image.open(path).convert("L")) for path in sorted((tmp_path / "out").glob("0*.png"))]
     x = torch.from_numpy(np.stack(images)).unsqueeze(1).float() / 127.5 - 1  # (10, 1, 28, 28)
     with torch.no_grad():

@@ -16,6 +16,7 @@ from ditcli.diffusers_format import to_diffusers
 from ditcli.ema import EmaRecord
 from ditcli.errors import UserError
 from ditcli.model import DiT, DiTConfig, sincos_2d
+from ditcli.objectives import ObjectiveSpec
 from ditcli.sampling_run import stale_weights
 from ditcli.state import Checkpoint
 from ditcli.training import TrainConfig, Trainer
@@ -142,6 +143,31 @@ def test_an_architecture_mismatch_is_one_line_naming_each_difference(tmp_path):
     assert result.exit_code == 2 and result.output.startswith("error: --init-from ") \
         and result.output.count("\n") == 1, result.output
     assert not (tmp_path / "cli").exists()  # refused before anything is written
+
+
+def test_a_source_of_another_objective_warns_and_a_reversed_flow_is_refused(tmp_path):
+    """A flow file fine-tuned as DDPM (or the reverse) is a choice, said aloud; a flow whose time runs the other way
+    would train against its own velocity's sign."""
+    flow = replace(source_file(tmp_path / "ddpm.safetensors", learn_sigma=False),
+                   objective=ObjectiveSpec("flow", "noise-to-data"))
+    save_safetensors(flow, tmp_path / "flow.safetensors")
+    data = npz(tmp_path / "x.npz", NAMES)
+    source = dict(init_from=str(tmp_path / "flow.safetensors"), learn_sigma=False)
+    run, events = watched(tmp_path, data, "as-ddpm", **source)
+    run.setup()
+    assert warnings(events) == [f"warning: --init-from {tmp_path / 'flow.safetensors'} was trained as flow, time "
+                                "noise-to-data; this run trains it as ddpm, so it starts far from its source's "
+                                "optimum; pass --objective flow to fine-tune it as it was trained"]
+    run, events = watched(tmp_path, data, "as-flow", objective="flow", **source)
+    run.setup()
+    assert warnings(events) == []
+    with pytest.raises(UserError, match="time noise-to-data, this run's time is data-to-noise"):
+        trainer(tmp_path, data, "reversed", objective="flow", time_direction="data-to-noise", **source)
+    released = tmp_path / "released.pt"  # a plain state dict records no objective: nothing to warn about
+    torch.save(flow.state_dict, released)
+    run, events = watched(tmp_path, data, "released", objective="flow", init_from=str(released), learn_sigma=False)
+    run.setup()
+    assert warnings(events) == []
 
 
 def test_init_from_with_resume_auto_starts_once_then_continues(tmp_path):

@@ -158,7 +158,7 @@ def test_two_gloo_processes_train_the_same_flow_model_as_one(tmp_path, npz_data)
     (["--objective", "flow", "--time-shift", "-2"], "--time-shift must be a finite number > 0"),
     (["--objective", "flow", "--time-sampling", "beta"], "unknown --time-sampling 'beta'"),
     (["--objective", "flow", "--time-direction", "sideways"], "unknown --time-direction 'sideways'"),
-    (["--objective", "ddpm", "--time-shift", "3"], "--time-shift only apply to --objective flow"),
+    (["--objective", "ddpm", "--time-shift", "3"], "--time-shift only applies to --objective flow"),
     (["--objective", "flow", "--schedule", "cosine"], "--schedule (the beta schedule) only applies"),
 ])
 def test_bad_training_objectives_are_one_line(tmp_path, npz_data, args, message):

@@ -125,6 +125,22 @@ def test_train_preset_is_filled_in_under_explicit_options(trained):
     assert config.vae is None and config.channels == 1
 
 
+def test_the_fashion_presets_are_the_recipes_of_the_shipped_models(trained):
+    train("--preset", "fashion-mnist")  # the flow model's first stage (docs/flow.md)
+    config = trained["config"]
+    assert (config.objective, config.learn_sigma, config.time_sampling, config.steps, config.lr_schedule,
+            config.lr_warmup) == ("flow", False, "logit-normal", 5500, "cosine", 200)
+    train("--preset", "fashion-mnist-ddpm")
+    config = trained["config"]
+    assert (config.objective, config.learn_sigma, config.lr_schedule, config.lr_warmup) == ("ddpm", True, "constant", 0)
+    train("--preset", "fashion-mnist", "--steps", "30")  # a trial run: the recipe's warm-up shrinks with it
+    assert (trained["config"].steps, trained["config"].lr_warmup) == (30, 3)
+    train("--preset", "fashion-mnist", "--steps", "30", "--lr-warmup", "20")
+    assert trained["config"].lr_warmup == 20
+    train("--preset", "fashion-mnist", "--objective", "ddpm")  # the recipe's flow-only options go with its objective
+    assert (trained["config"].objective, trained["config"].time_sampling) == ("ddpm", "uniform")
+
+
 def test_backend_flags_turn_deterministic_algorithms_on_and_back_off():
     from ditcli.runtime import set_backend_flags
 

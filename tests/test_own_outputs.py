@@ -24,13 +24,14 @@ from ditcli.cli import app
 from ditcli.ema import EmaRecord, ema_decay_at, start_share
 from ditcli.errors import UserError
 from ditcli.model import DiT
+from ditcli.objectives import DDPM
 from ditcli.samplers import SamplingDefaults
 from ditcli.state import Checkpoint
 from ditcli.training import TrainConfig, Trainer
 from ditcli.weights import known_weights
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "weights" / "fashion-mnist.safetensors"
+WEIGHTS = REPO / "weights"
 TINY = dict(model="DiT-S/2", hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,
             global_batch=4, lr=1e-3, log_every=1, ckpt_every=100, seed=3)
 
@@ -191,11 +192,16 @@ def test_npz_alone_writes_what_its_help_says(tmp_path, monkeypatch):
 
 # A checkpoint's own sampling defaults.
 
-def test_the_shipped_file_records_the_defaults_its_registry_entry_gives():
-    checkpoint = load_checkpoint(SHIPPED)
-    expected = SamplingDefaults("dpm++2m", 10, 4.0, (82.0, 578.0))  # docs/fashion-mnist.md, quality per second
-    assert checkpoint.sampling == expected == known_weights("fashion-mnist").sampling
-    assert checkpoint.schedule == "linear" and checkpoint.ema == EmaRecord(0.999, True, 5000)  # the anneal
+@pytest.mark.parametrize("name, expected, ema", [  # both EMAs are second stages, started from the first one's
+    ("fashion-mnist", SamplingDefaults("euler", 9, 4.0, (0.156, 0.781)), EmaRecord(0.999, True, 6517, True)),
+    ("fashion-mnist-ddpm", SamplingDefaults("dpm++2m", 10, 4.0, (82.0, 578.0)), EmaRecord(0.999, True, 5000)),
+])  # docs/flow.md (15 forwards per image) and docs/fashion-mnist.md
+def test_the_shipped_files_record_the_defaults_their_registry_entries_give(name, expected, ema):
+    entry = known_weights(name)
+    checkpoint = load_checkpoint(WEIGHTS / entry.filename)
+    assert checkpoint.sampling == expected == entry.sampling
+    assert (checkpoint.objective, checkpoint.objective_recorded) == (entry.objective or DDPM, True)
+    assert checkpoint.ema == ema
 
 
 def test_sample_ckpt_uses_the_files_own_defaults(tmp_path):
@@ -306,13 +312,17 @@ def test_fp16_pixel_model_to_diffusers_reports_expected_rounding_and_no_vae(tmp_
     assert "pos_embed differs" not in text
 
 
-def test_the_shipped_file_keeps_its_tensors():
-    """The annealed weights of 2026-11-27 (docs/fashion-mnist.md); a metadata rewrite must leave them as they are."""
-    state = load_file(str(SHIPPED))
+@pytest.mark.parametrize("name, sha256", [
+    ("fashion-mnist.safetensors", "f99aa70cf10118dac7b07914ded543eafabb1894081a0fd0291a3a0b3cb59eaf"),  # 2026-12-02
+    ("fashion-mnist-ddpm.safetensors", "919948918ca946ddf77e4a832c86f13b05fccd84d3bf0b43aa4412bb49123d65"),  # 11-27
+])
+def test_the_shipped_files_keep_their_tensors(name, sha256):
+    """The weights that were scored (docs/flow.md, docs/fashion-mnist.md); a metadata rewrite must leave them."""
+    state = load_file(str(WEIGHTS / name))
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode() + str(state[key].dtype).encode() + state[key].numpy().tobytes())
-    assert digest.hexdigest() == "919948918ca946ddf77e4a832c86f13b05fccd84d3bf0b43aa4412bb49123d65"
+    assert digest.hexdigest() == sha256
 
 
 # dit train checks the codec before anything slow.

@@ -182,14 +182,14 @@ def test_num_per_class_without_class_draws_every_class(files, tmp_path):
 def test_known_model_is_found_in_a_weights_folder_with_its_defaults(files, tmp_path, monkeypatch):
     folder = tmp_path / "weights"
     folder.mkdir()
-    (folder / "fashion-mnist.safetensors").write_bytes(files["pixel"].read_bytes())
+    (folder / "fashion-mnist-ddpm.safetensors").write_bytes(files["pixel"].read_bytes())
     monkeypatch.setattr(ditcli.weights, "weights_dirs", lambda: [folder])
-    ok("sample", "--model", "fashion-mnist", "--class", "sneaker", "--num-per-class", 1, "--steps", 2,
+    ok("sample", "--model", "fashion-mnist-ddpm", "--class", "sneaker", "--num-per-class", 1, "--steps", 2,
        "--out", tmp_path / "out")
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
     # dpm++2m is the registry's default for this model (the generic default is ddpm).
-    assert (provenance["model"], provenance["sampler"], provenance["cfg"]) == ("fashion-mnist", "dpm++2m", 4.0)
-    result = ok("classes", "--model", "fashion-mnist")
+    assert (provenance["model"], provenance["sampler"], provenance["cfg"]) == ("fashion-mnist-ddpm", "dpm++2m", 4.0)
+    result = ok("classes", "--model", "fashion-mnist-ddpm")
     assert "Sneaker" in result.stdout and "Ankle boot" in result.stdout
 
 
