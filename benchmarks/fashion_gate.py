@@ -1,15 +1,18 @@
-"""The quality gate of the embedded Fashion-MNIST DiT, judged by an independent classifier.
+"""The quality gate of an embedded Fashion-MNIST DiT, judged by an independent classifier.
 
-    python benchmarks/fashion_gate.py                     # all of it: accuracy, FD table, floor
+    python benchmarks/fashion_gate.py                     # all of it: accuracy, FD table, floor (fashion-mnist)
     python benchmarks/fashion_gate.py --only accuracy
+    python benchmarks/fashion_gate.py --ckpt weights/fashion-mnist-ddpm.safetensors --only accuracy
 
-1. Class-conditional accuracy: 100 samples per class with the model's default sampler, steps and cfg; the judge
-   (benchmarks/fashion_judge.py, trained on the train split only) must label >= 85% as the requested class.
+1. Class-conditional accuracy: 100 samples per class with the file's own default sampler, steps, cfg and guidance
+   interval (what `dit sample` does); the judge (benchmarks/fashion_judge.py, trained on the train split only) must
+   label >= 85% as the requested class.
 2. Fréchet distance in the judge's 128-d penultimate features against the test split, through
-   `dit fid --features fashion-judge`, for DDPM-250, DDIM-50 and a 20-step DPM-Solver++ at the default cfg, and for
-   cfg 1, 2 and 4 with the default sampler; the test-versus-train FD is the floor.
-Results go to benchmarks/results/fashion_gate.json and a sample sheet (one row per class) to
-docs/images/fashion-mnist-samples.png.
+   `dit fid --features fashion-judge`, for the reference protocol and two fewer-step samplers of the model's
+   objective (DDPM: DDPM-250, DDIM-50, DPM-Solver++ 20; flow: SiT's SDE-250, Euler 50, Heun 10) at the default cfg,
+   and for cfg 1, 2 and 4 with the default sampler; the test-versus-train FD is the floor.
+Results go to benchmarks/results/fashion_gate[_accuracy|_fd]-<weights>.json and a sample sheet (one row per class) to
+docs/images/<weights>-samples.png.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from ditcli.generate import GenerateConfig, class_labels, generate_images
 from ditcli.judge import JUDGE_NAME, load_judge
 from ditcli.preview import image_grid
 from ditcli.samplers import Guidance
-from ditcli.weights import known_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# The reference protocol first (the one --no-ddpm leaves out: 250 steps), then two samplers with fewer steps.
+FD_ROWS = {"ddpm": [("ddpm", 250), ("ddim", 50), ("dpm++2m", 20)], "flow": [("sde", 250), ("euler", 50), ("heun", 10)]}
 
 
 def sample(model, config: GenerateConfig) -> tuple[np.ndarray, float, int]:
@@ -74,24 +78,26 @@ def main():
     parser.add_argument("--num-per-class", type=int, default=100)
     parser.add_argument("--fd-per-class", type=int, default=100, help="Samples per class for each FD row.")
     parser.add_argument("--only", choices=["accuracy", "fd"], default=None)
-    parser.add_argument("--no-ddpm", action="store_true", help="Leave out the DDPM-250 row (10x the NFE).")
+    parser.add_argument("--no-ddpm", action="store_true", help="Leave out the 250-step reference row (10x the NFE).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=str(RESULTS / "fashion_gate_work"))
     args = parser.parse_args()
 
     checkpoint = load_checkpoint(args.ckpt)
     model = checkpoint.build("cpu")
-    defaults = known_weights("fashion-mnist")
+    defaults, stem = checkpoint.sampling, Path(args.ckpt).stem
+    if defaults is None:
+        raise SystemExit(f"{args.ckpt} records no sampling defaults: write them with dit convert --sampler ...")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"checkpoint": args.ckpt, "defaults": {"sampler": defaults.sampler, "steps": defaults.steps,
-                                                    "cfg": defaults.cfg, "interval": defaults.interval},
-              "threads": torch.get_num_threads()}
+    result = {"checkpoint": args.ckpt, "objective": checkpoint.objective.to_metadata(),
+              "defaults": {"sampler": defaults.sampler, "steps": defaults.steps, "cfg": defaults.cfg,
+                           "interval": defaults.interval}, "threads": torch.get_num_threads()}
 
     def config(per_class, sampler=defaults.sampler, steps=defaults.steps, cfg=defaults.cfg, interval=None):
         return GenerateConfig(labels=tuple(class_labels(range(10), per_class)), seed=args.seed, sampler=sampler,
                               steps=steps, guidance=Guidance(cfg, "all", interval), batch_size=200,
-                              schedule=checkpoint.schedule)
+                              schedule=checkpoint.schedule, objective=checkpoint.objective)
 
     if args.only in (None, "accuracy"):
         run = config(args.num_per_class, interval=defaults.interval)  # exactly what `dit sample` does by default
@@ -102,16 +108,14 @@ def main():
         print(json.dumps(result["accuracy"]), flush=True)
         sheet = np.concatenate([images[c * args.num_per_class:][:10] for c in range(10)])
         (ROOT / "docs" / "images").mkdir(exist_ok=True)
-        image_grid(sheet, 10).resize((560, 560), 0).save(ROOT / "docs" / "images" / "fashion-mnist-samples.png")
+        image_grid(sheet, 10).resize((560, 560), 0).save(ROOT / "docs" / "images" / f"{stem}-samples.png")
 
     if args.only in (None, "fd"):
         test = write_npz(work / "test.npz", load_fashion_mnist(split="test").images)
         train = write_npz(work / "train.npz", load_fashion_mnist(split="train").images)
-        rows = [("ddpm", 250, defaults.cfg), ("ddim", 50, defaults.cfg), ("dpm++2m", 20, defaults.cfg),
-                (defaults.sampler, defaults.steps, 1.0), (defaults.sampler, defaults.steps, 2.0),
-                (defaults.sampler, defaults.steps, 4.0)]
-        if args.no_ddpm:
-            rows = [row for row in rows if row[0] != "ddpm"]
+        reference, *fewer = FD_ROWS[checkpoint.objective.objective]
+        rows = [(sampler, steps, defaults.cfg) for sampler, steps in ([] if args.no_ddpm else [reference]) + fewer]
+        rows += [(defaults.sampler, defaults.steps, cfg) for cfg in (1.0, 2.0, 4.0)]
         result["fd"] = [{"setting": "floor: test split vs train split", "fd": frechet(test, train)}]
         print(json.dumps(result["fd"][-1]), flush=True)
         for sampler, steps, cfg in dict.fromkeys(rows):
@@ -122,7 +126,7 @@ def main():
             print(json.dumps(result["fd"][-1]), flush=True)
 
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("fashion_gate.json" if args.only is None else f"fashion_gate_{args.only}.json")
+    out = RESULTS / f"fashion_gate{'' if args.only is None else '_' + args.only}-{stem}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 

@@ -44,7 +44,7 @@ from ditcli.samplers import Guidance
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SCRATCH = RESULTS / "scratch" / "quality"
-CKPT = ROOT / "weights" / "fashion-mnist.safetensors"
+CKPT = ROOT / "weights" / "fashion-mnist-ddpm.safetensors"  # the default summary and plot are the DDPM model's
 SUMMARY = RESULTS / "quality_per_second.json"
 PLOT = ROOT / "docs" / "images" / "fashion-mnist-fd-nfe.png"
 PER_CLASS = 100
@@ -430,18 +430,23 @@ def cmd_compare(args) -> None:
 def cmd_race(model, checkpoint, args) -> None:
     """(a) DDPM-250 and (b) DiTPipeline against the winner (fp32 and bf16) on the same images, on this machine.
 
-    The short runs are timed before and after each DDPM-250 run and their median kept, so they bracket it in time.
+    (a) and (b) run --baseline-ckpt (a DDPM model; default --ckpt), the winner --ckpt, so a flow model's sampler races
+    the DDPM model's protocols. The short runs are timed before and after each DDPM-250 run and their median kept, so
+    they bracket it in time.
     """
+    base_checkpoint = load_checkpoint(args.baseline_ckpt) if args.baseline_ckpt else checkpoint
+    base = base_checkpoint.build("cpu").eval() if args.baseline_ckpt else model
     result = {"machine": machine(), "peaks_before": matmul_peaks(), "images": args.images,
-              "batch_size": args.batch_size, "rounds": []}
+              "batch_size": args.batch_size, "rounds": [], "ckpt": str(args.ckpt),
+              "baseline_ckpt": str(args.baseline_ckpt or args.ckpt)}
     bf16 = args.winner if args.winner.endswith("-bf16") else f"{args.winner}-bf16"
     fp32 = bf16.removesuffix("-bf16")
     short = {"winner_fp32": lambda: time_config(model, checkpoint, fp32, args.images, args.batch_size, False),
              "winner_bf16": lambda: time_config(model, checkpoint, bf16, args.images, args.batch_size, False),
-             "dit_pipeline": lambda: dit_pipeline_rate(model, args.images, args.batch_size)}
+             "dit_pipeline": lambda: dit_pipeline_rate(base, args.images, args.batch_size)}
     for _ in range(args.rounds):
         before = {name: fn() for name, fn in short.items()}
-        ddpm = time_config(model, checkpoint, "ddpm-250", args.images, args.batch_size, False)
+        ddpm = time_config(base, base_checkpoint, "ddpm-250", args.images, args.batch_size, False)
         after = {name: fn() for name, fn in short.items()}
         rates = {**{name: statistics.median([before[name], after[name]]) for name in short}, "ddpm-250": ddpm}
         result["rounds"].append({"rates": rates, "before": before, "after": after})
@@ -548,6 +553,8 @@ def main():
     parser.add_argument("--winner", default="dpm++2m-15-gi")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--ckpt", type=Path, default=CKPT, help="The weights to measure (default: the shipped ones).")
+    parser.add_argument("--baseline-ckpt", type=Path, help="race: the DDPM model that runs DDPM-250 and DiTPipeline "
+                                                             "(default: --ckpt).")
     parser.add_argument("--summary", type=Path, default=SUMMARY, help="Where score writes and report reads.")
     parser.add_argument("--plot", type=Path, default=PLOT, help="Where report draws FD against NFE.")
     parser.add_argument("--also", type=Path, nargs="*", help="report: more summaries (another model's) to draw and "

@@ -148,35 +148,41 @@ def weights_dtype(model: torch.nn.Module) -> torch.dtype:
 def inference_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """The model a run of `precision` calls: itself in fp32, else a `CastWeights` copy (made once per run)."""
     dtype = resolve_precision(precision)
-    return model if dtype == torch.float32 else CastWeights(model, dtype)
+    if dtype == torch.float32 or (isinstance(model, CastWeights) and model.dtype == dtype):
+        return model
+    return CastWeights(model, dtype)
 
 
-# `--compile auto`: compile when the eager forwards of the job are long enough to repay a cold compilation. The figures
+# `--compile auto`: compile when the eager forwards of the job are long enough to repay the compilation. The figures
 # are measured on 2-core CPUs (docs/benchmarks.md): building the AOTInductor package of a DiT forward took 45 s for
-# the embedded model and 42 s for DiT-B/2 on an AMD EPYC; freezing saves a third of an eager bf16 forward on a Xeon
-# with AMX (DiT-B/2, batch 4: 442 -> 294 ms), 13% on the EPYC; eager forwards run at about 200 GMAC/s in bf16 and 85
-# in fp32 on the Xeon. GPUs are credited 100x the CPU's rate, and their compile 60 s. A package already built makes a
-# later `--compile` nearly free, but the choice here assumes none.
+# the embedded model and 42 s for DiT-B/2 on an AMD EPYC, and loading a package an earlier run built about 4 s (2 s of
+# them torch's probe of the CPU's vector ISA); freezing saves a third of an eager bf16 forward on a Xeon with AMX
+# (DiT-B/2, batch 4: 442 -> 294 ms), 13% on the EPYC; eager forwards run at about 200 GMAC/s in bf16 and 85 in fp32
+# on the Xeon. GPUs are credited 100x the CPU's rate, and their compile 60 s (torch.compile has no package to load).
 COMPILE_SECONDS = {"cpu": 45.0, "cuda": 60.0}
+LOAD_SECONDS = {"cpu": 4.0}
 COMPILE_SAVING = 1 / 3
 EAGER_MACS_PER_S = {"bf16": 200e9, "fp16": 200e9, "fp32": 85e9}
 GPU_SPEEDUP = 100.0
 
 
-def compile_pays(config: GenerateConfig, model_config: DiTConfig, nfe: int | None, device: torch.device
-                 ) -> tuple[bool, str]:
-    """Whether `--compile auto` compiles this job, and why, from the job's forward MACs at the measured rates."""
+def compile_pays(config: GenerateConfig, model_config: DiTConfig, nfe: int | None, device: torch.device,
+                 built: bool = False) -> tuple[bool, str]:
+    """Whether `--compile auto` compiles this job, and why, from the job's forward MACs at the measured rates.
+    `built`: an earlier run left the package, so compiling costs only its loading (CPU)."""
     passes = 2 if config.guidance.scale not in (0.0, 1.0) else 1  # a guided step runs the doubled batch
     rows = -(-config.num_images // batch_width(config)) * batch_width(config) * passes
     macs = forward_macs(model_config) * rows * (nfe or config.steps)
     rate = EAGER_MACS_PER_S.get(config.precision, EAGER_MACS_PER_S["fp32"])
     rate *= GPU_SPEEDUP if device.type == "cuda" else 1.0
     eager = macs / rate
-    cost = COMPILE_SECONDS.get(device.type, COMPILE_SECONDS["cuda"])
+    loads = built and device.type in LOAD_SECONDS
+    cost = LOAD_SECONDS[device.type] if loads else COMPILE_SECONDS.get(device.type, COMPILE_SECONDS["cuda"])
     saved = eager * COMPILE_SAVING
     verdict = saved > cost
+    paying = "loading the package an earlier run built" if loads else "compilation"
     return verdict, (f"{'compiled' if verdict else 'eager'}: the job's forwards take about {eager:.0f} s eager, "
-                     f"compiling would save about {saved:.0f} s for about {cost:.0f} s of compilation")
+                     f"compiling would save about {saved:.0f} s for about {cost:.0f} s of {paying}")
 
 
 def compiled(model: torch.nn.Module, autotune: bool = False) -> torch.nn.Module:

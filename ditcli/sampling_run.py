@@ -16,6 +16,7 @@ from typing import Callable, ContextManager
 import torch
 
 from ditcli import __version__
+from ditcli.aot import package_exists
 from ditcli.checkpoint import load_checkpoint
 from ditcli.classes import ClassTable, class_table, slug
 from ditcli.cache import check_threshold
@@ -23,18 +24,18 @@ from ditcli.codec import (LATENT_CHANNELS, VAE_ALIASES, PixelCodec, VaeCodec, co
                           default_codec_spec)
 from ditcli.errors import UserError
 from ditcli.generate import (GenerateConfig, check_guidance, class_labels, compile_pays, default_out_dir,
-                             random_labels)
+                             inference_model, random_labels)
 from ditcli.hub import is_offline, resolve_source
 from ditcli.images import GRID_MAX
 from ditcli.model import PRESET_SHAPES, preset_names
 from ditcli.protocol import expand_preset
-from ditcli.ranks import Ranks, on_every_rank
+from ditcli.ranks import Ranks, from_rank0, on_every_rank
 from ditcli.runtime import resolve_precision
 from ditcli.objectives import ObjectiveSpec
 from ditcli.samplers import DEFAULT_SAMPLING, GUIDED_CHANNELS, FlowSettings, Guidance, SamplerPlan
 from ditcli.state import Checkpoint, describe
-from ditcli.weights import (KnownWeights, ProgressFn, known_weights, registry_models, remembered_sha256,
-                            resolve_weights)
+from ditcli.weights import (KnownWeights, ProgressFn, home_dir, known_weights, registry_models,
+                            remembered_sha256, resolve_weights)
 from ditcli.writers import ImageDirWriter, NpzWriter
 
 DEFAULT_MODEL = "DiT-XL/2"
@@ -149,7 +150,6 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     config = GenerateConfig(tuple(labels), r.seed, sampler, steps, eta, guidance, r.batch_size, r.precision,
                             False, checkpoint.schedule, checkpoint.objective, flow, r.cache)
     plan = config.plan(model_config.learn_sigma)
-    config, compile_choice = choose_compile(r.compile, config, model_config, plan, device)
     given_size = r.image_size if r.ckpt is not None else None
     check_image_size(checkpoint, given_size, vae)
     warnings = stale_weights(checkpoint)
@@ -163,7 +163,8 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     check_codec(checkpoint, codec, given_size)
 
     # Build the model, name the outputs and record how they are made.
-    net = checkpoint.build(device)
+    net = inference_model(checkpoint.build(device), r.precision)  # cast once, here, so a package can be looked up
+    config, compile_choice = from_rank0(choose_compile(r.compile, config, net, plan, device))  # one choice for all
     hashed = remembered_sha256(checkpoint_path)
     run_key = config.run_key(hashed.sha256, codec.to_dict())
     out, npz = output_paths(r, default_out_dir(entry.model if entry else checkpoint_path.stem, config, run_key))
@@ -179,14 +180,18 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     return SamplingRun(net, codec, config, plan, writers, provenance, out, npz, run_key, checkpoint.weights, warnings)
 
 
-def choose_compile(given: bool | None, config: GenerateConfig, model_config, plan: SamplerPlan,
+def choose_compile(given: bool | None, config: GenerateConfig, net: torch.nn.Module, plan: SamplerPlan,
                    device: torch.device) -> tuple[GenerateConfig, str]:
-    """--compile/--no-compile as given, else what `compile_pays` says for this job; and why, for the provenance."""
+    """--compile/--no-compile as given, else what `compile_pays` says for this job, counting on a CPU the package an
+    earlier run built; and why, for the provenance."""
     if given is not None:
         return replace(config, compile=given), f"{'--compile' if given else '--no-compile'} given"
     if config.cache is not None:
         return config, "eager: --cache runs the blocks one at a time"
-    choice, why = compile_pays(config, model_config, plan.nfe, device)
+    choice, why = compile_pays(config, net.config, plan.nfe, device)
+    if not choice and device.type == "cpu" and compile_pays(config, net.config, plan.nfe, device, built=True)[0] \
+            and package_exists(home_dir() / "aoti", net):  # hashing the weights only where a package would pay
+        choice, why = compile_pays(config, net.config, plan.nfe, device, built=True)
     return replace(config, compile=choice), why
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import ok, perturbed, tiny_config
-from ditcli.aot import AotCompiled, package_key
+from ditcli.aot import AotCompiled, package_exists, package_key
 from ditcli.checkpoint import save_safetensors
 from ditcli.errors import UserError
 from ditcli.generate import CastWeights
@@ -48,9 +48,12 @@ def test_a_package_is_built_once_and_loaded_by_a_later_run(model, built):
     assert first.built is True and len(list(folder.glob("*.pt2"))) == 1
     assert not list(folder.glob(".*"))  # no temporary file is left behind
     again = AotCompiled(net, folder)
+    x, t, y = inputs(model, 8)
     with torch.no_grad():
-        assert torch.equal(again(*inputs(model, 8)), out)
+        assert torch.equal(again(x, t, y), out)
+        assert again(x, t.round().long(), y).shape == out.shape  # integer timesteps: the same package
     assert again.built is False and len(list(folder.glob("*.pt2"))) == 1
+    assert package_exists(folder, net) and not package_exists(folder, model)  # the fp32 model has none
 
 
 @pytest.mark.parametrize("rows", [4, 12])
@@ -88,6 +91,28 @@ def test_dit_sample_compile_builds_the_package_once_and_reuses_it(tmp_path, offl
     assert np.abs(grids["first"] - grids["eager"]).max() <= 2  # fp32: the compiled kernels round a little apart
     record = json.loads((tmp_path / "second" / "provenance.json").read_text())["compile"]
     assert record == {"compiled": True, "why": "--compile given"}
+
+
+def test_compile_auto_counts_a_package_an_earlier_run_built(tmp_path, offline, model, monkeypatch):
+    """A job too short to repay a build, long enough to repay a load: eager until a package exists, then compiled."""
+    import ditcli.generate
+
+    monkeypatch.setattr(ditcli.generate, "LOAD_SECONDS", {"cpu": 0.0})  # any job repays a load; none a 45 s build
+    path = tmp_path / "m.safetensors"
+    save_safetensors(Checkpoint(model.state_dict(), model.config, "safetensors", "ema", None,
+                                {"kind": "pixel", "channels": model.config.in_channels}), path)
+    common = ("sample", "--ckpt", path, "--num", 4, "--steps", 3, "--sampler", "ddim", "--precision", "bf16")
+
+    def choice(out: str) -> dict:
+        ok(*common, "--out", tmp_path / out)
+        return json.loads((tmp_path / out / "provenance.json").read_text())["compile"]
+
+    before = choice("before")
+    assert before["compiled"] is False and "of compilation" in before["why"]
+    ok(*common, "--compile", "--out", tmp_path / "build")
+    after = choice("after")
+    assert after["compiled"] is True and "loading the package an earlier run built" in after["why"], after
+    assert len(list((tmp_path / "home" / "aoti").glob("*.pt2"))) == 1  # loaded, not built again
 
 
 def test_a_damaged_package_is_built_again(model, tmp_path, monkeypatch):
