@@ -242,6 +242,20 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C)
 
 
+class MetaInitSkipped(torch.overrides.TorchFunctionMode):
+    """Leaves out the normal draws of layers built on the meta device. Their values do not exist, but the meta kernel
+    of `normal_` is torch's Python reference, whose first call imports torch._dynamo: 2 s of every start-up that
+    builds a DiT on the meta device (reading a checkpoint does)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (nn.init.normal_, torch.Tensor.normal_):
+            tensor = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if tensor is not None and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
 class DiT(nn.Module):
     """Diffusion transformer over a square latent (or pixel) grid."""
 
@@ -253,8 +267,14 @@ class DiT(nn.Module):
         self.config = config
         self.grad_checkpointing = False
         device = torch.get_default_device()
-        with torch.device("meta") if generator is not None and device.type != "meta" else contextlib.nullcontext():
-            self._build(config)
+        if device.type == "meta":
+            with MetaInitSkipped():
+                self._build(config)
+        elif generator is not None:
+            with torch.device("meta"), MetaInitSkipped():
+                self._build(config)
+        else:
+            self._build(config)  # the reference's draws from the global RNG, in its order
         if generator is not None and device.type != "meta":
             self.to_empty(device=device)
         self.initialize_weights(generator)

@@ -1,5 +1,9 @@
 """The DiT model: presets, init, shapes, parameter/FLOP counts, loading and its errors."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -158,3 +162,18 @@ def test_initialisation_draws_only_from_the_generator_it_is_given():
     assert torch.equal(first["pos_embed"], fresh["pos_embed"])
     model = DiT(config, generator=torch.Generator().manual_seed(1)).eval()
     assert torch.count_nonzero(model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))) == 0
+
+
+def test_building_on_the_meta_device_leaves_torch_dynamo_unimported():
+    """Reading a checkpoint builds a DiT on the meta device; the Python kernel of a meta `normal_` would import
+    torch._dynamo (2 s of start-up). Seeded models are built there too, with the same weights as ever."""
+    script = ("import sys, torch\n"
+              "from ditcli.checkpoint import load_checkpoint\n"
+              "from ditcli.model import DiT\n"
+              "checkpoint = load_checkpoint(sys.argv[1])\n"
+              "checkpoint.build('cpu')\n"
+              "DiT(checkpoint.config, generator=torch.Generator().manual_seed(0))\n"
+              "print('torch._dynamo' in sys.modules)\n")
+    weights = Path(__file__).resolve().parents[1] / "weights" / "fashion-mnist.safetensors"
+    result = subprocess.run([sys.executable, "-c", script, str(weights)], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
