@@ -141,6 +141,7 @@ def test_repa_checkpoint_drops_its_projectors_and_records_its_objective_once_con
     given = ["--objective", "flow", "--time-direction", "data-to-noise", "--num-heads", 2]
     lines = ok("convert", "--info", path, *given).output.splitlines()
     assert [line for line in lines if line.startswith("dropped: projectors.*")], lines
+    assert [line.split() for line in lines if "schedule" in line] == [["schedule", "none", "(a", "flow", "model)"]]
     data = json.loads(ok("convert", "--info", path, *given, "--json").stdout)
     assert data["objective"] == {"objective": "flow", "time_direction": "data-to-noise"}
     assert data["objective_source"] == "given or assumed"

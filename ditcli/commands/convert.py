@@ -129,7 +129,7 @@ def _render_info(data: dict, json_out: bool) -> None:
             ("class names", str(data["class_names"]) if data["class_names"] is not None else "none"),
             ("codec", json.dumps(data["codec"]) if data["codec"] else "none"),
             ("timestep convention", f"{data['timestep_convention']} ({data['convention_source']})"),
-            ("schedule", data["schedule"]),
+            ("schedule", data["schedule"] if data["objective"]["objective"] == "ddpm" else "none (a flow model)"),
             ("objective", f"{_objective(data['objective'])} ({data['objective_source']})"),
             ("sampling", json.dumps(data["sampling"]) if data["sampling"] else "not recorded"),
             ("EMA record", json.dumps(data["ema_record"]) if data["ema_record"] else "not recorded"),
