@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import os
 import statistics
@@ -154,16 +155,28 @@ def inference_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
 
 
 # `--compile auto`: compile when the eager forwards of the job are long enough to repay the compilation. The figures
-# are measured on 2-core CPUs (docs/benchmarks.md): building the AOTInductor package of a DiT forward took 45 s for
-# the embedded model and 42 s for DiT-B/2 on an AMD EPYC, and loading a package an earlier run built about 4 s (2 s of
-# them torch's probe of the CPU's vector ISA); freezing saves a third of an eager bf16 forward on a Xeon with AMX
-# (DiT-B/2, batch 4: 442 -> 294 ms), 13% on the EPYC; eager forwards run at about 200 GMAC/s in bf16 and 85 in fp32
-# on the Xeon. GPUs are credited 100x the CPU's rate, and their compile 60 s (torch.compile has no package to load).
+# are measured on 2-core CPUs at 2 threads (docs/benchmarks.md): building the AOTInductor package of a DiT forward took
+# 45 s for the embedded model and 42 s for DiT-B/2, and loading a package an earlier run built about 4 s (2 s of them
+# torch's probe of the CPU's vector ISA). Eager forwards ran at about 200 GMAC/s in bf16 and 85 in fp32 on a Xeon with
+# AMX, where freezing saved a third of a bf16 forward (DiT-B/2, batch 4: 442 -> 294 ms); on an AMD EPYC with AVX-512
+# BF16 and no AMX at about 120 and 55, where freezing saved 13% (B/2 and XL/2 alike). GPUs are credited 100x the AMX
+# rates, the AMX saving and 60 s of compilation (torch.compile has no package to load).
 COMPILE_SECONDS = {"cpu": 45.0, "cuda": 60.0}
 LOAD_SECONDS = {"cpu": 4.0}
-COMPILE_SAVING = 1 / 3
-EAGER_MACS_PER_S = {"bf16": 200e9, "fp16": 200e9, "fp32": 85e9}
+EAGER_MACS_PER_S = {"amx": {"bf16": 200e9, "fp16": 200e9, "fp32": 85e9},
+                    "other": {"bf16": 120e9, "fp16": 120e9, "fp32": 55e9}}
+COMPILE_SAVING = {"amx": 1 / 3, "other": 0.13}
 GPU_SPEEDUP = 100.0
+
+
+@functools.cache
+def cpu_kind() -> str:
+    """"amx" on a CPU with AMX tiles for bf16, else "other" (the rates above); from /proc/cpuinfo where there is one."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "other"
+    return "amx" if "amx_bf16" in flags else "other"
 
 
 def compile_pays(config: GenerateConfig, model_config: DiTConfig, nfe: int | None, device: torch.device,
@@ -173,12 +186,13 @@ def compile_pays(config: GenerateConfig, model_config: DiTConfig, nfe: int | Non
     passes = 2 if config.guidance.scale not in (0.0, 1.0) else 1  # a guided step runs the doubled batch
     rows = -(-config.num_images // batch_width(config)) * batch_width(config) * passes
     macs = forward_macs(model_config) * rows * (nfe or config.steps)
-    rate = EAGER_MACS_PER_S.get(config.precision, EAGER_MACS_PER_S["fp32"])
+    kind = "amx" if device.type == "cuda" else cpu_kind()
+    rate = EAGER_MACS_PER_S[kind].get(config.precision, EAGER_MACS_PER_S[kind]["fp32"])
     rate *= GPU_SPEEDUP if device.type == "cuda" else 1.0
     eager = macs / rate
     loads = built and device.type in LOAD_SECONDS
     cost = LOAD_SECONDS[device.type] if loads else COMPILE_SECONDS.get(device.type, COMPILE_SECONDS["cuda"])
-    saved = eager * COMPILE_SAVING
+    saved = eager * COMPILE_SAVING[kind]
     verdict = saved > cost
     paying = "loading the package an earlier run built" if loads else "compilation"
     return verdict, (f"{'compiled' if verdict else 'eager'}: the job's forwards take about {eager:.0f} s eager, "
