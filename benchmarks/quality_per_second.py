@@ -81,10 +81,12 @@ def guidance_interval(schedule: str = "linear", sigmas: tuple[float, float] = GU
     return int(inside[0]), int(inside[-1])
 
 
-def row_name(sampler: str, steps: int, interval: bool, precision: str = "fp32", cache: float | None = None) -> str:
-    """sampler-steps[-gi][-c<threshold>][-bf16], e.g. dpm++2m-25-gi-c0.1."""
-    return (f"{sampler}-{steps}{'-gi' if interval else ''}{f'-c{cache:g}' if cache is not None else ''}"
-            f"{'-bf16' if precision != 'fp32' else ''}")
+def row_name(sampler: str, steps: int, interval: bool, precision: str = "fp32", cache: float | None = None,
+             cfg: float = CFG) -> str:
+    """sampler-steps[-gi][-g<cfg>][-c<threshold>][-bf16], e.g. dpm++2m-25-gi-c0.1 or euler-9-gi-g3 (cfg 3; the
+    default cfg 4 is left out of the name)."""
+    return (f"{sampler}-{steps}{'-gi' if interval else ''}{f'-g{cfg:g}' if cfg != CFG else ''}"
+            f"{f'-c{cache:g}' if cache is not None else ''}{'-bf16' if precision != 'fp32' else ''}")
 
 
 def parse_row(name: str) -> dict:
@@ -93,10 +95,12 @@ def parse_row(name: str) -> dict:
     parts = parts[:-1] if precision == "bf16" else parts
     cache = float(parts[-1][1:]) if parts[-1][:1] == "c" and parts[-1][1:2].isdigit() else None
     parts = parts[:-1] if cache is not None else parts
+    cfg = float(parts[-1][1:]) if parts[-1][:1] == "g" and parts[-1][1:2].isdigit() else CFG
+    parts = parts[:-1] if parts[-1][:1] == "g" and parts[-1][1:2].isdigit() else parts
     interval = parts[-1] == "gi"
     parts = parts[:-1] if interval else parts
     return {"sampler": "-".join(parts[:-1]), "steps": int(parts[-1]), "interval": interval, "precision": precision,
-            "cache": cache}
+            "cache": cache, "cfg": cfg}
 
 
 def all_rows(objective: str = "ddpm") -> list[str]:
@@ -109,7 +113,7 @@ def config_of(row: dict, seed: int, labels: list[int], batch_size: int, compile_
               checkpoint) -> GenerateConfig:
     interval = interval_of(checkpoint) if row["interval"] else None
     return GenerateConfig(labels=tuple(labels), seed=seed, sampler=row["sampler"], steps=row["steps"],
-                          guidance=Guidance(CFG, "all", interval), batch_size=batch_size,
+                          guidance=Guidance(row.get("cfg", CFG), "all", interval), batch_size=batch_size,
                           precision=row["precision"], compile=compile_model and row.get("cache") is None,
                           schedule=checkpoint.schedule, objective=checkpoint.objective, cache=row.get("cache"))
 
@@ -151,7 +155,7 @@ def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: i
     nfe = mean_nfe(counts)  # an adaptive solver's differs from batch to batch
     images = np.concatenate(chunks)  # (N, 28, 28, 1)
     np.savez(path, images=images, labels=np.array(config.labels))
-    record = {"row": name, **row, "objective": checkpoint.objective.objective, "seed": seed, "cfg": CFG,
+    record = {"row": name, **row, "objective": checkpoint.objective.objective, "seed": seed,
               "interval_t": list(config.guidance.interval or []) or None,
               "nfe": nfe, "forwards_per_image": forwards_per_image(config, nfe), "images": len(images),
               "seconds": seconds, "batch_size": batch_size, "compile": config.compile,
@@ -471,7 +475,7 @@ def cmd_report(args) -> None:
     summary = json.loads(args.summary.read_text())
     for extra in args.also or []:  # another model's summary (the flow model's), drawn and listed alongside
         summary["rows"] += json.loads(extra.read_text())["rows"]
-    rows = [r for r in summary["rows"] if r["precision"] == "fp32" and r["seed"] == 0]
+    rows = [r for r in summary["rows"] if r["precision"] == "fp32" and r["seed"] == 0 and r.get("cfg", CFG) == CFG]
     fig, (big, small) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     colours = {"ddpm": dict(zip(LABELS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red"))),
                "flow": FLOW_COLOURS}
@@ -518,7 +522,8 @@ def cmd_report(args) -> None:
     for r in sorted(summary["rows"], key=lambda r: (r.get("objective", "ddpm"), r["interval"], label(r), r["steps"],
                                                     r["precision"], r["seed"])):
         whole = f"{r['fd']:.2f}" if r["images"] >= 10 * PER_CLASS else "-"
-        print(f"| {label(r)}{' bf16' if r['precision'] == 'bf16' else ''} | {r['steps']} | "
+        cfg = f" cfg {r['cfg']:g}" if r.get("cfg", CFG) != CFG else ""
+        print(f"| {label(r)}{' bf16' if r['precision'] == 'bf16' else ''}{cfg} | {r['steps']} | "
               f"{'yes' if r['interval'] else 'no'} | {r['nfe']} | {r['forwards_per_image']} | {r['seed']} | "
               f"{r['images']:,} | {whole} | {small_fd(r)} | {r['kid']:.1f} ± {r['kid_std']:.1f} | "
               f"{r['accuracy'] * 100:.1f}% |")
