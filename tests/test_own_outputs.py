@@ -193,7 +193,7 @@ def test_npz_alone_writes_what_its_help_says(tmp_path, monkeypatch):
 # A checkpoint's own sampling defaults.
 
 @pytest.mark.parametrize("name, expected, ema", [  # both EMAs are second stages, started from the first one's
-    ("fashion-mnist", SamplingDefaults("euler", 9, 4.0, (0.156, 0.781)), EmaRecord(0.999, True, 6517, True)),
+    ("fashion-mnist", SamplingDefaults("euler", 9, 3.0, (0.156, 0.781)), EmaRecord(0.999, True, 6517, True)),
     ("fashion-mnist-ddpm", SamplingDefaults("dpm++2m", 10, 4.0, (82.0, 578.0)), EmaRecord(0.999, True, 5000)),
 ])  # docs/flow.md (15 forwards per image) and docs/fashion-mnist.md
 def test_the_shipped_files_record_the_defaults_their_registry_entries_give(name, expected, ema):
