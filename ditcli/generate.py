@@ -195,6 +195,8 @@ def compile_pays(config: GenerateConfig, model_config: DiTConfig, nfe: int | Non
     saved = eager * COMPILE_SAVING[kind]
     verdict = saved > cost
     paying = "loading the package an earlier run built" if loads else "compilation"
+    if not loads and device.type in LOAD_SECONDS:
+        paying += f" (or {LOAD_SECONDS[device.type]:.0f} s to load a package an earlier run built)"
     return verdict, (f"{'compiled' if verdict else 'eager'}: the job's forwards take about {eager:.0f} s eager, "
                      f"compiling would save about {saved:.0f} s for about {cost:.0f} s of {paying}")
 

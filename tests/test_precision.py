@@ -78,6 +78,7 @@ def test_compile_auto_weighs_this_cpus_measured_rates_and_a_package_already_buil
     assert [chosen for chosen, _ in seen["amx"]] == [False, True] == [chosen for chosen, _ in seen["other"]]
     assert "about 92 s eager, compiling would save about 31 s for about 45 s of compilation" in seen["amx"][0][1]
     assert "about 153 s eager, compiling would save about 20 s" in seen["other"][0][1]
+    assert seen["other"][0][1].endswith("of compilation (or 4 s to load a package an earlier run built)")
     assert seen["other"][1][1].endswith("for about 4 s of loading the package an earlier run built")
 
 
