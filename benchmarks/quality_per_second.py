@@ -357,7 +357,7 @@ def cmd_cache(model, checkpoint, args) -> None:
               "batch_size": args.batch_size, "rounds": args.rounds, "rows": []}
     for name in args.rows:
         row = parse_row(name)
-        plain = row_name(row["sampler"], row["steps"], row["interval"], row["precision"])
+        plain = row_name(row["sampler"], row["steps"], row["interval"], row["precision"], cfg=row["cfg"])
         rates = {plain: [], name: []}
         for _ in range(args.rounds):
             for timed in (plain, name):
