@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from typing import Annotated
 
@@ -28,6 +29,7 @@ class _ErrorsAsOneLine(TyperGroup):
     `error: <what> (<how to fix>)` and exit code 2."""
 
     def make_context(self, info_name, args, parent=None, **extra):
+        self.given = list(args)  # the command line, for the hint on a value given to a switch
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except USAGE_ERROR as exc:  # an unknown or malformed option of `dit` itself
@@ -37,7 +39,7 @@ class _ErrorsAsOneLine(TyperGroup):
         try:
             return super().invoke(ctx)
         except USAGE_ERROR as exc:  # a subcommand's options failed to parse
-            raise _report(_usage_line(exc, _help_hint(ctx))) from None
+            raise _report(_switch_line(exc, self.given) or _usage_line(exc, _help_hint(ctx))) from None
         except USER_ERRORS as exc:
             if ctx.params.get("debug"):
                 raise
@@ -73,6 +75,21 @@ def _usage_line(exc, fallback_hint: str) -> str:
     if suggestion or options:
         hint = f"did you mean {suggestion.rstrip('?') or ' or '.join(options)}? {hint}"
     return f"{what[:1].lower()}{what[1:]} ({hint})"
+
+
+def _switch_line(exc, given: list[str]) -> str | None:
+    """For a value given to an on/off switch (`--compile auto`), the line that says how to write it; else None."""
+    extra = re.search(r"unexpected extra argument\S* \(([^)\s]+)", exc.message or "")
+    if extra is None or exc.ctx is None or extra.group(1) not in given[1:]:
+        return None
+    before = given[given.index(extra.group(1), 1) - 1]
+    switch = next((param for param in exc.ctx.command.params if getattr(param, "is_flag", False)
+                   and before in param.opts), None)
+    if switch is None:
+        return None
+    ways = f"{before} or {switch.secondary_opts[0]}, or leave both out" if switch.secondary_opts else \
+        f"{before} alone, or leave it out"
+    return f"{before} is a switch and takes no value, got {extra.group(1)!r} (pass {ways} for the default)"
 
 
 def _close_options(exc) -> list[str]:

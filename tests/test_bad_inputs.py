@@ -591,6 +591,18 @@ def test_docs_state_the_shipped_defaults():
     assert "linear schedule, 1000 steps" not in fashion and "40,000 optimizer steps" in fashion
 
 
+@pytest.mark.parametrize("args, line", [
+    (["sample", "--compile", "auto"], "--compile is a switch and takes no value, got 'auto' (pass --compile or "
+                                      "--no-compile, or leave both out for the default)"),
+    (["sample", "--json", "yes"], "--json is a switch and takes no value, got 'yes' (pass --json alone, or leave it "
+                                  "out for the default)"),
+])
+def test_a_value_given_to_a_switch_says_how_to_write_it(tmp_path, monkeypatch, args, line):
+    code, output = invoke(args, tmp_path, monkeypatch)
+    assert_one_line_error(code, output, "is a switch")
+    assert " ".join(output.split()) == f"error: {line}"
+
+
 def test_typer_errors_keep_their_suggestions(tmp_path, monkeypatch):
     code, output = invoke(["train", "--ema-deca", "0.9"], tmp_path, monkeypatch)
     assert_one_line_error(code, output, "--ema-deca")

@@ -34,6 +34,19 @@ def test_unpatchify_inverts_patchify():
     assert torch.equal(model.unpatchify(tokens), x)
 
 
+def test_every_block_gets_a_contiguous_residual_stream():
+    """A transposed token view would set the layout of every residual add after it (docs/benchmarks.md: 0.13 s of a
+    bf16 B/2 forward), so the stream must enter each block, and leave it, contiguous."""
+    model = DiT(tiny_config()).eval()
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append((args[0].is_contiguous(),
+                                                                           out.is_contiguous())))
+    with torch.no_grad():
+        model(torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.tensor([0, 1]))
+    assert seen == [(True, True)] * len(model.blocks)
+
+
 def test_xl2_parameter_and_flop_counts_without_allocating():
     config = preset("DiT-XL/2")
     assert count_parameters(config) == 675_129_632
