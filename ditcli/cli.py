@@ -39,7 +39,8 @@ class _ErrorsAsOneLine(TyperGroup):
         try:
             return super().invoke(ctx)
         except USAGE_ERROR as exc:  # a subcommand's options failed to parse
-            raise _report(_switch_line(exc, self.given) or _usage_line(exc, _help_hint(ctx))) from None
+            given = getattr(self, "given", [])
+            raise _report(_switch_line(exc, given) or _usage_line(exc, _help_hint(ctx))) from None
         except USER_ERRORS as exc:
             if ctx.params.get("debug"):
                 raise
