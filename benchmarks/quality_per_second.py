@@ -95,8 +95,9 @@ def parse_row(name: str) -> dict:
     parts = parts[:-1] if precision == "bf16" else parts
     cache = float(parts[-1][1:]) if parts[-1][:1] == "c" and parts[-1][1:2].isdigit() else None
     parts = parts[:-1] if cache is not None else parts
-    cfg = float(parts[-1][1:]) if parts[-1][:1] == "g" and parts[-1][1:2].isdigit() else CFG
-    parts = parts[:-1] if parts[-1][:1] == "g" and parts[-1][1:2].isdigit() else parts
+    scaled = parts[-1][:1] == "g" and parts[-1][1:2].isdigit()
+    cfg = float(parts[-1][1:]) if scaled else CFG
+    parts = parts[:-1] if scaled else parts
     interval = parts[-1] == "gi"
     parts = parts[:-1] if interval else parts
     return {"sampler": "-".join(parts[:-1]), "steps": int(parts[-1]), "interval": interval, "precision": precision,
@@ -113,7 +114,7 @@ def config_of(row: dict, seed: int, labels: list[int], batch_size: int, compile_
               checkpoint) -> GenerateConfig:
     interval = interval_of(checkpoint) if row["interval"] else None
     return GenerateConfig(labels=tuple(labels), seed=seed, sampler=row["sampler"], steps=row["steps"],
-                          guidance=Guidance(row.get("cfg", CFG), "all", interval), batch_size=batch_size,
+                          guidance=Guidance(row["cfg"], "all", interval), batch_size=batch_size,
                           precision=row["precision"], compile=compile_model and row.get("cache") is None,
                           schedule=checkpoint.schedule, objective=checkpoint.objective, cache=row.get("cache"))
 

@@ -29,17 +29,16 @@ class _ErrorsAsOneLine(TyperGroup):
     `error: <what> (<how to fix>)` and exit code 2."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        self.given = list(args)  # the command line, for the hint on a value given to a switch
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except USAGE_ERROR as exc:  # an unknown or malformed option of `dit` itself
             raise _report(_usage_line(exc, "see `dit --help`")) from None
 
     def invoke(self, ctx):
+        given = list(ctx.args)  # the subcommand's arguments, which the group's invoke empties
         try:
             return super().invoke(ctx)
         except USAGE_ERROR as exc:  # a subcommand's options failed to parse
-            given = getattr(self, "given", [])
             raise _report(_switch_line(exc, given) or _usage_line(exc, _help_hint(ctx))) from None
         except USER_ERRORS as exc:
             if ctx.params.get("debug"):
@@ -83,7 +82,7 @@ def _switch_line(exc, given: list[str]) -> str | None:
     extra = re.search(r"unexpected extra argument\S* \(([^)\s]+)", exc.message or "")
     if extra is None or exc.ctx is None or extra.group(1) not in given[1:]:
         return None
-    before = given[given.index(extra.group(1), 1) - 1]
+    before = given[given.index(extra.group(1), 1) - 1]  # the option the value follows
     switch = next((param for param in exc.ctx.command.params if getattr(param, "is_flag", False)
                    and before in param.opts), None)
     if switch is None:
