@@ -3,10 +3,10 @@
 The baseline is torchmetrics' `FrechetInceptionDistance(feature=...).update` driving our InceptionV3 as it was before
 any inference preparation: convolution, BatchNorm and in-place ReLU per node in NCHW, the structure of torch-fidelity's
 `FeatureExtractorInceptionV3` (torchvision's blocks), which torchmetrics uses and which we may not depend on. Ours is
-`metrics.extract` (pool_3, spatial and IS statistics) with the module `load_inception` returns. Variants:
+`features.extract` (pool_3, spatial and IS statistics) with the module `load_inception` returns. Variants:
 
 - `torchmetrics`: the baseline above;
-- `ours-before`: `metrics.extract` with the baseline module (what `dit fid` did before the levers);
+- `ours-before`: `features.extract` with the baseline module (what `dit fid` did before the levers);
 - `ours-fold`: BatchNorm folded into the convolutions, NCHW;
 - `ours`: folded and channels-last, as `load_inception` returns it (what `dit fid` runs);
 - `ours-compile` (opt in): `ours` under `torch.compile` with inductor freezing;
@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_model import measure_peaks
 from torch import nn
 
-from bench_model import measure_peaks
-from ditcli import metrics
-from ditcli.inception import InceptionV3, load_inception
+from ditcli.evaluation import features, scores
+from ditcli.evaluation.inception import InceptionV3, load_inception
 from ditcli.runtime import resolve_device
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fid.json"
@@ -100,7 +100,7 @@ def batches(images: np.ndarray, batch_size: int):
 
 def ours(extractor, halves, batch_size, device):
     """`dit fid`'s extraction: the reference half, then the sample half."""
-    return [metrics.extract(batches(half, batch_size), extractor, device) for half in halves]
+    return [features.extract(batches(half, batch_size), extractor, device) for half in halves]
 
 
 @torch.inference_mode()
@@ -172,7 +172,7 @@ def feature_errors(extractors: dict, state, images: np.ndarray, device) -> dict:
 
 def fid_of(output) -> float:
     if isinstance(output, list):  # ours: reference then samples
-        return metrics.frechet_distance(*output[1].pool.stats(), *output[0].pool.stats())
+        return scores.frechet_distance(*output[1].pool.stats(), *output[0].pool.stats())
     return float(output.compute())
 
 

@@ -20,11 +20,12 @@ from types import SimpleNamespace
 
 import torch
 
-from ditcli.diffusion import Diffusion, named_betas
-from ditcli.generate import compiled as freezing_compile
-from ditcli.generate import inference_model
-from ditcli.model import DiT, count_parameters, forward_macs, preset, training_flops
-from ditcli.samplers import Guidance, ImageNoise, guided_model_fn, plan_sampler
+from ditcli.diffusion.ddpm import Diffusion, named_betas
+from ditcli.diffusion.guidance import Guidance, ImageNoise, guided_model_fn
+from ditcli.diffusion.samplers import plan_sampler
+from ditcli.model.dit import DiT, count_parameters, forward_macs, preset, training_flops
+from ditcli.sampling.forward import compiled as freezing_compile
+from ditcli.sampling.forward import inference_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,7 +95,7 @@ def diffusers_twin(model: DiT, device: torch.device):
     """diffusers' DiTTransformer2DModel carrying the same weights, through our key map."""
     from diffusers import DiTTransformer2DModel
 
-    from ditcli.diffusers_format import to_diffusers_state, transformer_config
+    from ditcli.weights.diffusers_format import to_diffusers_state, transformer_config
 
     config = {k: v for k, v in transformer_config(model.config).items() if not k.startswith("_")}
     twin = DiTTransformer2DModel(**config)
@@ -289,8 +290,9 @@ def _synthetic_trainer(name: str, batch: int, device: torch.device, precision: s
     """
     import numpy as np
 
-    from ditcli.data import ImageSet
-    from ditcli.training import TrainConfig, Trainer
+    from ditcli.data.sources import ImageSet
+    from ditcli.training.config import TrainConfig
+    from ditcli.training.trainer import Trainer
 
     images = ImageSet(np.random.default_rng(0).integers(0, 256, (4 * batch, 32, 32, 3), dtype=np.uint8),
                       np.arange(4 * batch) % 1000, [str(i) for i in range(1000)], "synthetic")

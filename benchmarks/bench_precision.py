@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ditcli.generate import CastWeights, compiled
-from ditcli.model import DiT, forward_macs, preset
+from ditcli.model.dit import DiT, forward_macs, preset
+from ditcli.sampling.forward import CastWeights, compiled
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditcli.checkpoint import load_checkpoint
-from ditcli.codec import PixelCodec
-from ditcli.data import load_fashion_mnist
-from ditcli.generate import GenerateConfig, class_labels, generate_images
-from ditcli.judge import JUDGE_NAME, load_judge
-from ditcli.preview import image_grid
-from ditcli.samplers import Guidance
+from ditcli.data.sources import load_fashion_mnist
+from ditcli.diffusion.guidance import Guidance
+from ditcli.evaluation.judge import JUDGE_NAME, load_judge
+from ditcli.model.codec import PixelCodec
+from ditcli.sampling.config import GenerateConfig
+from ditcli.sampling.generate import class_labels, generate_images
+from ditcli.training.preview import image_grid
+from ditcli.weights.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

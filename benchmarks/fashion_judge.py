@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ditcli.data import load_fashion_mnist
-from ditcli.judge import JUDGE_FILE, FashionJudge, save_judge
+from ditcli.data.sources import load_fashion_mnist
+from ditcli.evaluation.judge import JUDGE_FILE, FashionJudge, save_judge
 
 
 def as_tensor(images: np.ndarray) -> torch.Tensor:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ditcli.checkpoint import load_checkpoint
-from ditcli.codec import codec_from_dict
-from ditcli.evaluation import EvalRequest, eval_config, evaluate_ema
+from ditcli.diffusion.samplers import SamplingDefaults
+from ditcli.model.codec import codec_from_dict
 from ditcli.ranks import Ranks
-from ditcli.samplers import SamplingDefaults
+from ditcli.training.eval_hook import EvalRequest, eval_config, evaluate_ema
+from ditcli.weights.checkpoint import load_checkpoint
 
 
 def evaluate_checkpoint(path: Path, args, reference: dict) -> dict:

@@ -32,14 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditcli.checkpoint import load_checkpoint
-from ditcli.codec import PixelCodec
-from ditcli.data import load_fashion_mnist
-from ditcli.diffusion import named_betas
-from ditcli.generate import GenerateConfig, class_labels, generate_images, mean_nfe
-from ditcli.judge import load_judge
-from ditcli.metrics import frechet_distance, kernel_inception_distance
-from ditcli.samplers import Guidance
+from ditcli.data.sources import load_fashion_mnist
+from ditcli.diffusion.ddpm import named_betas
+from ditcli.diffusion.guidance import Guidance
+from ditcli.evaluation.judge import load_judge
+from ditcli.evaluation.scores import frechet_distance, kernel_inception_distance
+from ditcli.model.codec import PixelCodec
+from ditcli.sampling.config import GenerateConfig
+from ditcli.sampling.generate import class_labels, generate_images, mean_nfe
+from ditcli.weights.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -168,7 +169,7 @@ def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: i
 
 def forwards_per_image(config: GenerateConfig, nfe: int | float | None = None) -> int | float:
     """Model passes per image: 2 per guided evaluation (cond + uncond), 1 per unguided one."""
-    from ditcli.samplers import SOLVERS, make_scheduler, plan_sampler
+    from ditcli.diffusion.samplers import SOLVERS, make_scheduler, plan_sampler
 
     if config.objective.objective == "flow":
         return flow_forwards_per_image(config, nfe)

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_precision import cpu_model, matmul_peak
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,9 +49,9 @@ def make_files(root: Path, model: str, layout: str = "small", image_size: int = 
     """Our .safetensors (with the VAE folder as its codec), the VAE folder and the DiTPipeline folder."""
     from diffusers import AutoencoderKL
 
-    from ditcli.checkpoint import save_safetensors
-    from ditcli.model import DiT, preset
-    from ditcli.state import Checkpoint
+    from ditcli.model.dit import DiT, preset
+    from ditcli.weights.checkpoint import save_safetensors
+    from ditcli.weights.record import Checkpoint
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32, sample_size=image_size,

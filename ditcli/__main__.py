@@ -1,3 +1,3 @@
-from ditcli.cli import main
+from ditcli.cli.app import main
 
 main()

@@ -96,8 +96,14 @@ def _download(hub_id: HubId, filename: str, local: bool, why: str, required: boo
     """One file through hf_hub_download (from the cache only when `local`); None for an absent optional file,
     one-line errors otherwise, which say `why` a file that is not cached cannot be fetched."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(hf_hub_download(hub_id.repo, filename, revision=hub_id.revision, cache_dir=cache_dir(),

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ditcli.cli import app
-from ditcli.model import DiT, DiTConfig
+from ditcli.cli.app import app
+from ditcli.model.dit import DiT, DiTConfig
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ok, perturbed, tiny_config
 from PIL import Image
 
-from conftest import ok, perturbed, tiny_config
-from ditcli.aot import AotCompiled, package_exists, package_key
-from ditcli.checkpoint import save_safetensors
 from ditcli.errors import UserError
-from ditcli.generate import CastWeights
-from ditcli.model import DiT
-from ditcli.state import Checkpoint
+from ditcli.model.dit import DiT
+from ditcli.sampling.aot import AotCompiled, package_exists, package_key
+from ditcli.sampling.forward import CastWeights
+from ditcli.weights.checkpoint import save_safetensors
+from ditcli.weights.record import Checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +95,9 @@ def test_dit_sample_compile_builds_the_package_once_and_reuses_it(tmp_path, offl
 
 def test_compile_auto_counts_a_package_an_earlier_run_built(tmp_path, offline, model, monkeypatch):
     """A job too short to repay a build, long enough to repay a load: eager until a package exists, then compiled."""
-    import ditcli.generate
+    import ditcli.sampling.forward
 
-    monkeypatch.setattr(ditcli.generate, "LOAD_SECONDS", {"cpu": 0.0})  # any job repays a load; none a 45 s build
+    monkeypatch.setattr(ditcli.sampling.forward, "LOAD_SECONDS", {"cpu": 0.0})  # any job repays a load; none a 45 s build
     path = tmp_path / "m.safetensors"
     save_safetensors(Checkpoint(model.state_dict(), model.config, "safetensors", "ema", None,
                                 {"kind": "pixel", "channels": model.config.in_channels}), path)
@@ -116,7 +116,7 @@ def test_compile_auto_counts_a_package_an_earlier_run_built(tmp_path, offline, m
 
 
 def test_a_damaged_package_is_built_again(model, tmp_path, monkeypatch):
-    import ditcli.aot as aot
+    from ditcli.sampling import aot
 
     net = CastWeights(model, torch.bfloat16)
     path = tmp_path / f"{package_key(net, inputs(model, 4))}.pt2"

@@ -19,10 +19,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ditcli.checkpoint import save_safetensors
-from ditcli.cli import app
-from ditcli.model import DiT, DiTConfig
-from ditcli.state import Checkpoint
+from ditcli.cli.app import app
+from ditcli.model.dit import DiT, DiTConfig
+from ditcli.weights.checkpoint import save_safetensors
+from ditcli.weights.record import Checkpoint
 
 ONE_LINE = re.compile(r"^error: \S.*\S \(\S.*\)$")  # error: <what> (<how to fix>)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -489,7 +489,7 @@ def test_huge_image_is_one_line_not_a_pil_warning(fx, tmp_path, monkeypatch):
 def test_huge_training_images_are_skipped_by_name(fx, tmp_path, monkeypatch):
     from PIL import Image
 
-    from ditcli.data import load_folder
+    from ditcli.data.sources import load_folder
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)
     with warnings_as_errors():
         with pytest.raises(Exception, match="no usable images"):
@@ -518,7 +518,8 @@ class _Exit:
 def test_skipped_files_are_named(fx, tmp_path):
     from PIL import Image
 
-    from ditcli.training import TrainConfig, Trainer
+    from ditcli.training.config import TrainConfig
+    from ditcli.training.trainer import Trainer
     folder = tmp_path / "mixed"
     folder.mkdir()
     for i in range(4):
@@ -551,8 +552,8 @@ def test_a_finished_rerun_shows_no_empty_bar(fx, tmp_path, monkeypatch):
 
 
 def test_no_bar_is_left_above_an_error_found_in_the_data(fx, tmp_path, monkeypatch):
-    from ditcli import metrics
-    metrics.register_feature_extractor("test-mean-rgb", lambda path: lambda x: x.float().mean(dim=(2, 3)))
+    from ditcli.evaluation import features
+    features.register_feature_extractor("test-mean-rgb", lambda path: lambda x: x.float().mean(dim=(2, 3)))
     work = tmp_path / "work"
     work.mkdir()
     # The reference scores fine; the samples turn out truncated only once they are read.

@@ -8,16 +8,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ok, perturbed, tiny_config
 from PIL import Image
 
-from conftest import ok, perturbed, tiny_config
-from ditcli.cache import BlockCache
-from ditcli.checkpoint import save_safetensors
-from ditcli.codec import PixelCodec
-from ditcli.generate import ADDED_FIELDS, GenerateConfig, generate_images, inference_model
-from ditcli.model import DiT
-from ditcli.samplers import Guidance
-from ditcli.state import Checkpoint
+from ditcli.diffusion.guidance import Guidance
+from ditcli.model.codec import PixelCodec
+from ditcli.model.dit import DiT
+from ditcli.sampling.block_cache import BlockCache
+from ditcli.sampling.config import ADDED_FIELDS, GenerateConfig
+from ditcli.sampling.forward import inference_model
+from ditcli.sampling.generate import generate_images
+from ditcli.weights.checkpoint import save_safetensors
+from ditcli.weights.record import Checkpoint
 
 CPU = torch.device("cpu")
 

@@ -5,9 +5,9 @@ import io
 import pytest
 from rich.console import Console
 
-from ditcli.classes import ClassTable, class_table, slug
+from ditcli.cli.progress import ProgressBar
+from ditcli.data.classes import ClassTable, class_table, slug
 from ditcli.errors import UserError
-from ditcli.progress import ProgressBar
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 

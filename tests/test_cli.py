@@ -5,7 +5,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from ditcli import __version__
-from ditcli.cli import app
+from ditcli.cli.app import app
 
 runner = CliRunner()
 

@@ -9,11 +9,11 @@ from conftest import perturbed, tiny_config
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from ditcli.checkpoint import load_checkpoint, save_safetensors
-from ditcli.cli import app
-from ditcli.conversion import convert, parity_inputs
-from ditcli.model import DiT, DiTConfig, timestep_embedding
-from ditcli.state import Checkpoint
+from ditcli.cli.app import app
+from ditcli.model.dit import DiT, DiTConfig, timestep_embedding
+from ditcli.weights.checkpoint import load_checkpoint, save_safetensors
+from ditcli.weights.convert import convert, parity_inputs
+from ditcli.weights.record import Checkpoint
 
 
 @pytest.fixture(autouse=True)

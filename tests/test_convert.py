@@ -13,14 +13,23 @@ from conftest import GOLDEN, ok, perturbed, tiny_config
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ditcli.checkpoint import TRAIN_FORMAT, load_checkpoint, load_model, save_safetensors
-from ditcli.cli import app
-from ditcli.conversion import convert, info, parity_inputs
-from ditcli.diffusers_format import from_diffusers_weights, read_diffusers, to_diffusers_state
-from ditcli.diffusion import named_betas
+from ditcli.cli.app import app
+from ditcli.diffusion.ddpm import named_betas
 from ditcli.errors import UserError
-from ditcli.model import DiT, DiTConfig, count_parameters
-from ditcli.state import Checkpoint
+from ditcli.model.dit import DiT, DiTConfig, count_parameters
+from ditcli.weights.checkpoint import (
+    TRAIN_FORMAT,
+    load_checkpoint,
+    load_model,
+    save_safetensors,
+)
+from ditcli.weights.convert import convert, info, parity_inputs
+from ditcli.weights.diffusers_format import (
+    from_diffusers_weights,
+    read_diffusers,
+    to_diffusers_state,
+)
+from ditcli.weights.record import Checkpoint
 
 GOLDEN_PT = "tiny-dit.official.pt"
 CLASS_NAMES = [f"class {i}, alias {i}" for i in range(10)]
@@ -386,7 +395,7 @@ def _one_line_error(code: int, output: str, *needles: str) -> None:
 
 @pytest.mark.parametrize("kind", ["safetensors", "train", "diffusers"])
 def test_num_heads_contradicting_the_recorded_config_is_refused(tmp_path, kind):
-    from ditcli.diffusers_format import to_diffusers
+    from ditcli.weights.diffusers_format import to_diffusers
 
     source = tiny_checkpoint()  # records num_heads 2
     if kind == "safetensors":
@@ -419,7 +428,7 @@ def test_info_refuses_the_options_of_a_conversion(tmp_path):
 def test_sampling_options_are_recorded_and_read_back(tmp_path):
     from safetensors import safe_open
 
-    from ditcli.samplers import DIT_SAMPLING, SamplingDefaults
+    from ditcli.diffusion.samplers import DIT_SAMPLING, SamplingDefaults
 
     save_safetensors(tiny_checkpoint(), tmp_path / "src.safetensors")  # records no sampling defaults
     code, output = run(tmp_path / "src.safetensors", tmp_path / "a.safetensors", "--sampler", "dpm++2m", "--steps",
@@ -445,7 +454,7 @@ def test_sampling_options_are_recorded_and_read_back(tmp_path):
 
 
 def _flow_file(path):
-    from ditcli.objectives import ObjectiveSpec
+    from ditcli.diffusion.objectives import ObjectiveSpec
 
     source = tiny_checkpoint()
     source.objective = ObjectiveSpec("flow", "noise-to-data")
@@ -480,7 +489,7 @@ def test_bad_sampling_values_are_one_line_errors(tmp_path, args, needles):
 
 
 def test_a_flow_model_records_flow_samplers_and_flow_time(tmp_path):
-    from ditcli.samplers import SamplingDefaults
+    from ditcli.diffusion.samplers import SamplingDefaults
 
     code, output = run(_flow_file(tmp_path / "src.safetensors"), tmp_path / "out.safetensors", "--sampler", "heun",
                        "--guidance-interval", "0,0.7")

@@ -10,13 +10,18 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from ditcli.checkpoint import load_checkpoint
-from ditcli.cli import app
-from ditcli.codec import PixelCodec
-from ditcli.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
-from ditcli.generate import GenerateConfig, generate_images
-from ditcli.judge import JUDGE_FILE, load_judge
-from ditcli.samplers import Guidance
+from ditcli.cli.app import app
+from ditcli.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    load_fashion_mnist,
+)
+from ditcli.diffusion.guidance import Guidance
+from ditcli.evaluation.judge import JUDGE_FILE, load_judge
+from ditcli.model.codec import PixelCodec
+from ditcli.sampling.config import GenerateConfig
+from ditcli.sampling.generate import generate_images
+from ditcli.weights.checkpoint import load_checkpoint
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 FLOW, DDPM = WEIGHTS / "fashion-mnist.safetensors", WEIGHTS / "fashion-mnist-ddpm.safetensors"

@@ -24,10 +24,16 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from ditcli import inception, metrics
-from ditcli.cli import app
+from ditcli.cli.app import app
+from ditcli.data.sources import center_crop_arr
 from ditcli.errors import UserError
-from ditcli.inception import InceptionV3, fetch_weights, load_inception, resize_bilinear_tf1
+from ditcli.evaluation import features, fid, inception, scores
+from ditcli.evaluation.inception import (
+    InceptionV3,
+    fetch_weights,
+    load_inception,
+    resize_bilinear_tf1,
+)
 
 CPU = torch.device("cpu")
 
@@ -104,7 +110,7 @@ def sets():
 @pytest.fixture(scope="session")
 def inception_acts(small_net, sets):
     """Our extraction of both sets with the random Inception, 4 images per batch."""
-    return [metrics.extract(iter([images]), small_net, CPU) for images in sets]
+    return [features.extract(iter([images]), small_net, CPU) for images in sets]
 
 
 class TinyFeatures(nn.Module):
@@ -293,8 +299,8 @@ def test_fast_inception_fid_equals_torchmetrics_on_the_graph(perturbed_state, pe
         reference.update(torch.from_numpy(images).permute(0, 3, 1, 2), real=real)
     fast = load_inception(perturbed_file)
     fast.input_size = SMALL
-    ref_acts, sample_acts = (metrics.extract(iter([images]), fast, CPU) for images in sets)
-    ours = metrics.frechet_distance(*sample_acts.pool.stats(), *ref_acts.pool.stats())
+    ref_acts, sample_acts = (features.extract(iter([images]), fast, CPU) for images in sets)
+    ours = scores.frechet_distance(*sample_acts.pool.stats(), *ref_acts.pool.stats())
     assert ours > 1e-3
     assert rel(ours, float(reference.compute())) < 1e-3
 
@@ -318,7 +324,7 @@ def test_fid_matches_torchmetrics_with_our_inception(small_net, sets, inception_
     for images, real in zip(sets, (True, False)):
         reference.update(torch.from_numpy(images).permute(0, 3, 1, 2), real=real)
     theirs = float(reference.compute())
-    ours = metrics.frechet_distance(*inception_acts[1].pool.stats(), *inception_acts[0].pool.stats())
+    ours = scores.frechet_distance(*inception_acts[1].pool.stats(), *inception_acts[0].pool.stats())
     assert ours > 1e-3
     assert rel(ours, theirs) < 1e-6
 
@@ -327,8 +333,8 @@ def test_inception_batch_size_does_not_matter(small_net, sets):
     """In float64 kernel rounding vanishes, so any dependence on the batch would show; in float32 random calibrated
     layers amplify the kernels' batch-dependent rounding to ~1e-5 (the batch 1 vs 37 test below uses float32)."""
     net64 = copy.deepcopy(small_net).double()
-    batched = metrics.extract(iter([sets[0]]), net64, CPU)
-    one_by_one = metrics.extract((image[None] for image in sets[0]), net64, CPU)
+    batched = features.extract(iter([sets[0]]), net64, CPU)
+    one_by_one = features.extract((image[None] for image in sets[0]), net64, CPU)
     for ours, reference in ((one_by_one.pool, batched.pool), (one_by_one.spatial, batched.spatial)):
         for a, b in zip(ours.stats(), reference.stats()):
             assert (a - b).abs().max() <= 1e-10 * b.abs().max()
@@ -342,16 +348,16 @@ def test_frechet_distance_closed_forms():
     # Commuting covariances: |dmu|^2 + sum (sqrt a - sqrt b)^2.
     q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     expected = 5.0 + float(((a.sqrt() - b.sqrt()) ** 2).sum())
-    assert rel(metrics.frechet_distance(mu1, q @ a.diag().double() @ q.T, mu2, q @ b.diag().double() @ q.T),
+    assert rel(scores.frechet_distance(mu1, q @ a.diag().double() @ q.T, mu2, q @ b.diag().double() @ q.T),
                expected) < 1e-12
     # Non-commuting 2x2: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S1 S2 with positive eigenvalues.
     s1 = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     s2 = torch.tensor([[1.0, -0.3], [-0.3, 3.0]], dtype=torch.float64)
     m = s1 @ s2
     expected = float(s1.trace() + s2.trace() - 2 * torch.sqrt(m.trace() + 2 * torch.sqrt(torch.linalg.det(m))))
-    assert rel(metrics.frechet_distance(torch.zeros(2), s1, torch.zeros(2), s2), expected) < 1e-12
-    assert metrics.frechet_distance(mu1, a.diag(), mu1, a.diag()) == pytest.approx(0.0, abs=1e-12)
-    assert metrics.frechet_distance(mu1, torch.zeros(3, 3), mu2, torch.zeros(3, 3)) == 5.0  # point masses
+    assert rel(scores.frechet_distance(torch.zeros(2), s1, torch.zeros(2), s2), expected) < 1e-12
+    assert scores.frechet_distance(mu1, a.diag(), mu1, a.diag()) == pytest.approx(0.0, abs=1e-12)
+    assert scores.frechet_distance(mu1, torch.zeros(3, 3), mu2, torch.zeros(3, 3)) == 5.0  # point masses
 
 
 def test_frechet_distance_agrees_with_adm_sqrtm_on_full_rank_statistics():
@@ -360,13 +366,13 @@ def test_frechet_distance_agrees_with_adm_sqrtm_on_full_rank_statistics():
     mu1, sigma1, mu2, sigma2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real  # ADM's FIDStatistics.frechet_distance
     adm = (mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
-    assert rel(metrics.frechet_distance(*map(torch.from_numpy, (mu1, sigma1, mu2, sigma2))), adm) < 1e-9
+    assert rel(scores.frechet_distance(*map(torch.from_numpy, (mu1, sigma1, mu2, sigma2))), adm) < 1e-9
 
 
 def test_moments_match_numpy_cov_for_any_batching():
     x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 7
     for sizes in ([50], [1] * 50, [37, 13], [5, 20, 25]):
-        moments = metrics.Moments()
+        moments = features.Moments()
         for chunk in x.split(sizes):
             moments.update(chunk)
         mu, sigma = moments.stats()
@@ -383,7 +389,7 @@ def test_inception_score_uses_adm_splits():
         kl = (part * (np.log(part) - np.log(part.mean(0, keepdims=True)))).sum(1).mean()
         expected.append(np.exp(kl))
     for batch in (12000, 37, 4999):
-        splits = metrics.ScoreSplits()
+        splits = features.ScoreSplits()
         for chunk in logits.split(batch):
             splits.update(chunk)
         assert splits.sizes == [5000, 5000, 2000]
@@ -404,10 +410,10 @@ def test_precision_recall_follow_adm_manifold_semantics():
     generator = np.random.default_rng(0)
     ref = generator.integers(-8, 8, size=(60, 5)).astype(np.float32)
     samples = np.concatenate([ref[:20] + 0.5, generator.integers(20, 40, size=(30, 5))]).astype(np.float32)
-    precision, recall = metrics.precision_recall(torch.from_numpy(ref), torch.from_numpy(samples))
+    precision, recall = scores.precision_recall(torch.from_numpy(ref), torch.from_numpy(samples))
     assert (precision, recall) == brute_force_pr(ref, samples)
     assert 0 < precision < 1 and 0 < recall < 1
-    assert metrics.precision_recall(torch.from_numpy(ref), torch.from_numpy(ref)) == (1.0, 1.0)
+    assert scores.precision_recall(torch.from_numpy(ref), torch.from_numpy(ref)) == (1.0, 1.0)
 
 
 def direct_mmd2(x: np.ndarray, y: np.ndarray) -> float:
@@ -427,8 +433,8 @@ def test_kid_through_the_cli_matches_a_direct_computation(tmp_path, tiny_file):
     sample_images, ref_images = image_set(12, 0, 200, seed=21, size=16), image_set(12, 40, 256, seed=22, size=16)
     samples, ref = save_npz(tmp_path / "s.npz", arr_0=sample_images), save_npz(tmp_path / "r.npz", arr_0=ref_images)
     scores = json.loads(run(samples, "--ref", ref, "--features", tiny_file, "--json").stdout)
-    extractor, _ = metrics.load_feature_extractor(str(tiny_file), CPU)
-    x, y = (metrics.extract([images], extractor, CPU).pool_features.double().numpy()
+    extractor, _ = features.load_feature_extractor(str(tiny_file), CPU)
+    x, y = (features.extract([images], extractor, CPU).pool_features.double().numpy()
             for images in (sample_images, ref_images))
     assert scores["kid"] == pytest.approx(direct_mmd2(x, y), rel=1e-6) and scores["kid"] > 0  # float32 features
     assert scores["kid_std"] == pytest.approx(0, abs=1e-6 * abs(scores["kid"]))  # only summation order differs
@@ -437,22 +443,22 @@ def test_kid_through_the_cli_matches_a_direct_computation(tmp_path, tiny_file):
 def test_kid_subsets_are_unbiased_estimates_with_a_spread():
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(60, 5, generator=generator), torch.randn(50, 5, generator=generator) + 0.5
-    kid, std = metrics.kernel_inception_distance(x, y, subsets=20, subset_size=10)
-    subset_values = [metrics.polynomial_mmd2(x[torch.randperm(60)[:10]], y[torch.randperm(50)[:10]])
+    kid, std = scores.kernel_inception_distance(x, y, subsets=20, subset_size=10)
+    subset_values = [scores.polynomial_mmd2(x[torch.randperm(60)[:10]], y[torch.randperm(50)[:10]])
                      for _ in range(200)]
     assert std > 0 and abs(kid - np.mean(subset_values)) < 3 * std
-    assert metrics.polynomial_mmd2(x, y) == pytest.approx(direct_mmd2(x.double().numpy(), y.double().numpy()))
-    assert metrics.kernel_inception_distance(x, y, subsets=20, subset_size=10) == (kid, std)  # fixed seed
+    assert scores.polynomial_mmd2(x, y) == pytest.approx(direct_mmd2(x.double().numpy(), y.double().numpy()))
+    assert scores.kernel_inception_distance(x, y, subsets=20, subset_size=10) == (kid, std)  # fixed seed
     with pytest.raises(UserError, match="KID needs at least 2 images"):
-        metrics.kernel_inception_distance(x[:1], y)
+        scores.kernel_inception_distance(x[:1], y)
 
 
 def test_distances_round_through_float16_and_fall_back_on_overflow():
     u = torch.tensor([[1.0, 2.0001]])
     v = torch.tensor([[0.0, 0.0]])
-    assert metrics.adm_sq_distances(u, v).item() == float(torch.tensor(5.0004).half())
+    assert scores.adm_sq_distances(u, v).item() == float(torch.tensor(5.0004).half())
     big = torch.full((1, 4), 300.0)  # |u|^2 = 360000 overflows float16
-    assert metrics.adm_sq_distances(big, torch.zeros(1, 4)).item() == 360000.0
+    assert scores.adm_sq_distances(big, torch.zeros(1, 4)).item() == 360000.0
 
 
 # The pipeline end to end, with the tiny extractor.
@@ -460,7 +466,7 @@ def test_distances_round_through_float16_and_fall_back_on_overflow():
 def test_batch_1_and_37_give_the_same_scores(tmp_path, tiny_file):
     samples = save_npz(tmp_path / "samples.npz", arr_0=image_set(40, 0, 200, seed=3, size=16))
     ref = save_pngs(tmp_path / "ref", image_set(30, 40, 256, seed=4, size=16))
-    results = [metrics.evaluate(metrics.FidConfig(samples, ref, batch_size=bs, features=str(tiny_file)), CPU)
+    results = [fid.evaluate(fid.FidConfig(samples, ref, batch_size=bs, features=str(tiny_file)), CPU)
                for bs in (1, 37)]
     for name in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert rel(getattr(results[0], name), getattr(results[1], name)) < 1e-6, name
@@ -480,7 +486,7 @@ def test_make_ref_then_score_through_the_cli(tmp_path, tiny_file):
     with np.load(tmp_path / "ref.npz") as ref:
         assert ref["arr_0"].shape == (4, 16, 16, 3) and ref["arr_0"].dtype == np.uint8
         with Image.open(folder / "3.png") as image:
-            assert np.array_equal(ref["arr_0"][3], metrics.center_crop_arr(image.convert("RGB"), 16))
+            assert np.array_equal(ref["arr_0"][3], center_crop_arr(image.convert("RGB"), 16))
         assert ref["mu"].shape == (128,) and ref["sigma"].shape == (128, 128) and ref["mu_s"].shape == (32,)
         arr_0, sigma, sigma_s = ref["arr_0"], ref["sigma"], ref["sigma_s"]
     save_npz(tmp_path / "samples.npz", arr_0=arr_0)
@@ -537,7 +543,7 @@ def test_registered_and_safetensors_extractors(tmp_path):
         seen.append(path)
         return lambda images: images.float().mean(dim=(2, 3))  # (N, 3)
 
-    metrics.register_feature_extractor("test-mean-colour", factory)
+    features.register_feature_extractor("test-mean-colour", factory)
     samples = save_npz(tmp_path / "s.npz", arr_0=image_set(5, 0, 200, seed=7, size=8))
     ref = save_npz(tmp_path / "r.npz", arr_0=image_set(5, 50, 256, seed=8, size=8))
     scores = json.loads(run(samples, "--ref", ref, "--features", "test-mean-colour", "--json").stdout)
@@ -550,7 +556,7 @@ def test_registered_and_safetensors_extractors(tmp_path):
 
 
 def test_fashion_judge_file_selects_its_extractor(tmp_path):
-    from ditcli.judge import FashionJudge, save_judge
+    from ditcli.evaluation.judge import FashionJudge, save_judge
 
     torch.manual_seed(0)
     save_judge(FashionJudge(), tmp_path / "judge.safetensors", accuracy=0.0)
@@ -665,11 +671,11 @@ def test_corrupt_and_mixed_images(tmp_path, tiny_file):
 
 def test_a_corrupt_safetensors_extractor_or_judge_is_one_line(tmp_path):
     from ditcli.errors import UserError
-    from ditcli.judge import load_judge
+    from ditcli.evaluation.judge import load_judge
 
     bad = tmp_path / "features.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="is not a readable safetensors file"):
-        metrics.load_feature_extractor(str(bad), torch.device("cpu"))
+        features.load_feature_extractor(str(bad), torch.device("cpu"))
     with pytest.raises(UserError, match="is not a readable safetensors file"):
         load_judge(bad)

@@ -10,16 +10,17 @@ import torch
 from conftest import perturbed
 from typer.testing import CliRunner
 
-from ditcli.checkpoint import load_checkpoint, save_safetensors
-from ditcli.cli import app
-from ditcli.diffusers_format import to_diffusers
-from ditcli.ema import EmaRecord
+from ditcli.cli.app import app
+from ditcli.diffusion.objectives import ObjectiveSpec
 from ditcli.errors import UserError
-from ditcli.model import DiT, DiTConfig, sincos_2d
-from ditcli.objectives import ObjectiveSpec
-from ditcli.sampling_run import stale_weights
-from ditcli.state import Checkpoint
-from ditcli.training import TrainConfig, Trainer
+from ditcli.model.dit import DiT, DiTConfig, sincos_2d
+from ditcli.sampling.request import stale_weights
+from ditcli.training.config import TrainConfig
+from ditcli.training.trainer import Trainer
+from ditcli.weights.checkpoint import load_checkpoint, save_safetensors
+from ditcli.weights.diffusers_format import to_diffusers
+from ditcli.weights.ema import EmaRecord
+from ditcli.weights.record import Checkpoint
 
 TINY = dict(model="DiT-S/2", hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,
             global_batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=1000, seed=3)
@@ -235,7 +236,7 @@ def test_cli_start_up_table_reports_the_mapping(tmp_path):
 def test_a_bad_source_fails_before_the_vae_or_any_latent(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # The VAE counts as found (training locates it before reading the data); it must still never load.
-    monkeypatch.setattr("ditcli.training.locate_vae", lambda *args, **kwargs: None)
+    monkeypatch.setattr("ditcli.training.trainer.locate_vae", lambda *args, **kwargs: None)
     source_file(tmp_path / "ten.safetensors")
     data = npz(tmp_path / "x.npz", NAMES, size=16)
     latent = {**TINY, "vae": "stabilityai/sd-vae-ft-ema", "image_size": 16, "channels": 3}
@@ -251,7 +252,7 @@ def test_every_source_format_gives_the_same_start(tmp_path):
     """A released-style .pt, a reference train.py checkpoint, our .safetensors and a diffusers folder of one model."""
     import argparse
 
-    from ditcli import finetune
+    from ditcli.training import finetune
 
     source = source_file(tmp_path / "ours.safetensors", names=None, num_classes=10)
     state = source.state_dict

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import dit, ok
-from ditcli.checkpoint import load_checkpoint
-from ditcli.flow import FlowMatching, shift_noise_level
+
+from ditcli.diffusion.flow import FlowMatching, shift_noise_level
+from ditcli.diffusion.objectives import ObjectiveSpec
 from ditcli.io import safe_torch_load
-from ditcli.objectives import ObjectiveSpec
-from ditcli.training import TrainConfig, Trainer
+from ditcli.training.config import TrainConfig
+from ditcli.training.trainer import Trainer
+from ditcli.weights.checkpoint import load_checkpoint
 
 TINY = dict(model="DiT-S/2", hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,
             global_batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=100, seed=3, objective="flow")

@@ -13,13 +13,13 @@ import torch
 from conftest import LoopbackServer, dit, ok, perturbed, tiny_config
 from safetensors import safe_open
 
-import ditcli.weights
-from ditcli.checkpoint import load_checkpoint, save_safetensors
+import ditcli.weights.registry
+from ditcli.diffusion.objectives import ObjectiveSpec
 from ditcli.errors import UserError
-from ditcli.model import DiT
-from ditcli.objectives import ObjectiveSpec
-from ditcli.state import Checkpoint
-from ditcli.weights import resolve_weights
+from ditcli.model.dit import DiT
+from ditcli.weights.checkpoint import load_checkpoint, save_safetensors
+from ditcli.weights.record import Checkpoint
+from ditcli.weights.registry import resolve_weights
 
 GOLDEN_FLOW = Path(__file__).resolve().parent / "golden-flow"
 SIT = ObjectiveSpec("flow", "noise-to-data")
@@ -200,9 +200,9 @@ def test_sit_registry_entry_downloads_and_samples_with_the_entrys_objective(sit_
     for name in ("DIT_OFFLINE", "HF_HUB_OFFLINE", "http_proxy", "HTTP_PROXY"):
         monkeypatch.delenv(name, raising=False)
     payload = sit_file.read_bytes()
-    entry = dataclasses.replace(ditcli.weights.REGISTRY[SIT_KEY], url=sit_server.url, size=len(payload),
+    entry = dataclasses.replace(ditcli.weights.registry.REGISTRY[SIT_KEY], url=sit_server.url, size=len(payload),
                                 sha256=hashlib.sha256(payload).hexdigest())
-    monkeypatch.setitem(ditcli.weights.REGISTRY, SIT_KEY, entry)
+    monkeypatch.setitem(ditcli.weights.registry.REGISTRY, SIT_KEY, entry)
     assert entry.objective == SIT and entry.sampler == "sde"
 
     path = resolve_weights(entry)

@@ -14,11 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ditcli.checkpoint import infer_config
-from ditcli.flow import FlowMatching
-from ditcli.flow_samplers import sample_flow_dopri5, sample_flow_euler, sample_flow_heun, sample_flow_sde
-from ditcli.model import DiT
-from ditcli.samplers import CountingModelFn, Guidance, guided_model_fn
+from ditcli.diffusion.flow import FlowMatching
+from ditcli.diffusion.flow_samplers import (
+    sample_flow_dopri5,
+    sample_flow_euler,
+    sample_flow_heun,
+    sample_flow_sde,
+)
+from ditcli.diffusion.guidance import CountingModelFn, Guidance, guided_model_fn
+from ditcli.model.dit import DiT
+from ditcli.weights.checkpoint import infer_config
 
 GOLDEN = Path(__file__).parent / "golden-flow"
 SIT_FLOW = FlowMatching("noise-to-data", learn_sigma=True)

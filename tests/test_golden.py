@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_close_to_ref
-from ditcli.diffusion import Diffusion, space_timesteps
-from ditcli.model import sincos_2d
-from ditcli.samplers import Guidance, guided_model_fn, sample_ddim, sample_ddpm
+
+from ditcli.diffusion.ddpm import Diffusion, space_timesteps
+from ditcli.diffusion.guidance import Guidance, guided_model_fn
+from ditcli.diffusion.samplers import sample_ddim, sample_ddpm
+from ditcli.model.dit import sincos_2d
 
 
 def test_forward_matches_reference(golden, golden_model):

@@ -17,15 +17,15 @@ from conftest import perturbed, tiny_config
 from typer.testing import CliRunner
 
 import ditcli.hub
-import ditcli.weights
-from ditcli.checkpoint import load_checkpoint
-from ditcli.cli import app
-from ditcli.diffusers_format import to_diffusers
+import ditcli.weights.registry
+from ditcli.cli.app import app
 from ditcli.errors import UserError
 from ditcli.hub import parse_hub_id, repo_of, resolve_source
-from ditcli.model import DiT
-from ditcli.state import Checkpoint
-from ditcli.weights import REGISTRY, resolve_weights
+from ditcli.model.dit import DiT
+from ditcli.weights.checkpoint import load_checkpoint
+from ditcli.weights.diffusers_format import to_diffusers
+from ditcli.weights.record import Checkpoint
+from ditcli.weights.registry import REGISTRY, resolve_weights
 
 runner = CliRunner()
 
@@ -155,7 +155,7 @@ def test_registry_falls_back_to_its_hub_copy(tmp_path, hub_cache, monkeypatch):
     folder, source = pipeline(tmp_path / "pipe", seed=4, record=False)
     cache_repo(hub_cache, "facebook/DiT-XL-2-256", folder)
     entry = replace(REGISTRY[("DiT-XL/2", 256)], url=(tmp_path / "gone.pt").as_uri())  # the direct URL fails
-    monkeypatch.setattr(ditcli.weights, "weights_dirs", lambda: [tmp_path / "dit-home"])
+    monkeypatch.setattr(ditcli.weights.registry, "weights_dirs", lambda: [tmp_path / "dit-home"])
     monkeypatch.delenv("HF_HUB_OFFLINE")  # online as far as ditcli knows; huggingface_hub still refuses HTTP
     for offline in (False, True):
         found = load_checkpoint(resolve_weights(entry, offline=offline))
@@ -185,7 +185,8 @@ def test_the_cli_resolves_through_huggingface_hubs_own_environment(tiny_repo, hu
 def test_init_from_takes_a_hub_id(tiny_repo, tmp_path):
     import numpy as np
 
-    from ditcli.training import TrainConfig, Trainer
+    from ditcli.training.config import TrainConfig
+    from ditcli.training.trainer import Trainer
 
     images = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 1), dtype=np.uint8)
     np.savez(tmp_path / "abc.npz", images=images, labels=np.arange(6) % 3, class_names=np.array(["c", "b", "a"]))

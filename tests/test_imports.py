@@ -67,6 +67,6 @@ def test_the_walker_sees_function_level_imports():
     assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     graph = import_graph()
-    assert "ditcli.checkpoint" in graph["ditcli"]  # load_model's import inside a function
-    assert "ditcli.finetune" in graph["ditcli.training"]  # `from ditcli import finetune`
-    assert "ditcli.preview" in graph["ditcli.training"]  # imported inside a method
+    assert "ditcli.weights.checkpoint" in graph["ditcli"]  # load_model's import inside a function
+    assert "ditcli.training.finetune" in graph["ditcli.training.trainer"]  # `from ditcli import finetune`
+    assert "ditcli.training.preview" in graph["ditcli.training.trainer"]  # imported inside a method

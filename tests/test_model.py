@@ -7,14 +7,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.utils.checkpoint
-
-import ditcli.model
 from conftest import GOLDEN, perturbed, tiny_config
+
+import ditcli.model.dit
 from ditcli import load_model
-from ditcli.checkpoint import load_checkpoint
 from ditcli.errors import UserError
-from ditcli.model import DiT, DiTConfig, count_parameters, forward_macs, preset, preset_names, timestep_embedding
-from ditcli.state import check_state_dict
+from ditcli.model.dit import (
+    DiT,
+    DiTConfig,
+    count_parameters,
+    forward_macs,
+    preset,
+    preset_names,
+    timestep_embedding,
+)
+from ditcli.weights.checkpoint import load_checkpoint
+from ditcli.weights.record import check_state_dict
 
 
 def test_fresh_model_outputs_exactly_zero():
@@ -114,7 +122,7 @@ def test_gradient_checkpointing_runs_and_gives_the_same_gradients(monkeypatch):
         checkpointed_blocks.append(block)
         return torch.utils.checkpoint.checkpoint(block, *args, **kwargs)
 
-    monkeypatch.setattr(ditcli.model, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(ditcli.model.dit, "checkpoint", counting_checkpoint)
     model(x, t, y, mask).square().sum().backward()
     assert checkpointed_blocks == []  # off by default
     plain = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -181,8 +189,8 @@ def test_building_on_the_meta_device_leaves_torch_dynamo_unimported():
     """Reading a checkpoint builds a DiT on the meta device; the Python kernel of a meta `normal_` would import
     torch._dynamo (2 s of start-up). Seeded models are built there too, with the same weights as ever."""
     script = ("import sys, torch\n"
-              "from ditcli.checkpoint import load_checkpoint\n"
-              "from ditcli.model import DiT\n"
+              "from ditcli.weights.checkpoint import load_checkpoint\n"
+              "from ditcli.model.dit import DiT\n"
               "checkpoint = load_checkpoint(sys.argv[1])\n"
               "checkpoint.build('cpu')\n"
               "DiT(checkpoint.config, generator=torch.Generator().manual_seed(0))\n"

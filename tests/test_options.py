@@ -10,15 +10,15 @@ import torch
 from conftest import perturbed, tiny_config
 from typer.testing import CliRunner
 
-import ditcli.commands.sample as sample_command
-import ditcli.commands.train as train_command
-from ditcli import sampling_run
-from ditcli.checkpoint import save_safetensors
-from ditcli.cli import app
-from ditcli.codec import PixelCodec
-from ditcli.generate import RunSummary
-from ditcli.model import DiT
-from ditcli.state import Checkpoint
+from ditcli.cli import sample as sample_command
+from ditcli.cli import train as train_command
+from ditcli.cli.app import app
+from ditcli.model.codec import PixelCodec
+from ditcli.model.dit import DiT
+from ditcli.sampling import request as sampling_run
+from ditcli.sampling.generate import RunSummary
+from ditcli.weights.checkpoint import save_safetensors
+from ditcli.weights.record import Checkpoint
 
 runner = CliRunner()
 

@@ -12,23 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import dit, ok, perturbed, tiny_config
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import ditcli.data
-from conftest import dit, ok, perturbed, tiny_config
-from ditcli import metrics
-from ditcli.checkpoint import load_checkpoint, save_safetensors
-from ditcli.cli import app
-from ditcli.ema import EmaRecord, ema_decay_at, start_share
+import ditcli.data.sources
+from ditcli.cli.app import app
+from ditcli.diffusion.objectives import DDPM
+from ditcli.diffusion.samplers import SamplingDefaults
 from ditcli.errors import UserError
-from ditcli.model import DiT
-from ditcli.objectives import DDPM
-from ditcli.samplers import SamplingDefaults
-from ditcli.state import Checkpoint
-from ditcli.training import TrainConfig, Trainer
-from ditcli.weights import known_weights
+from ditcli.evaluation import features
+from ditcli.model.dit import DiT
+from ditcli.training.config import TrainConfig
+from ditcli.training.trainer import Trainer
+from ditcli.weights.checkpoint import load_checkpoint, save_safetensors
+from ditcli.weights.ema import EmaRecord, ema_decay_at, start_share
+from ditcli.weights.record import Checkpoint
+from ditcli.weights.registry import known_weights
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"
@@ -108,7 +109,7 @@ def test_grayscale_reaches_a_3_channel_extractor_as_three_equal_channels(tmp_pat
             return images.float().mean(dim=(2, 3))  # (N, 3)
         return extract
 
-    metrics.register_feature_extractor("test-rgb-only", factory)
+    features.register_feature_extractor("test-rgb-only", factory)
     images = np.random.default_rng(1).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images)
     np.savez(tmp_path / "r.npz", arr_0=images[::-1].copy())
@@ -132,7 +133,7 @@ def idx_folder(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "idx"
     write_idx(folder, "train", rng.integers(0, 256, (7, 28, 28), dtype=np.uint8), np.arange(7) % 10)
     write_idx(folder, "t10k", rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), np.arange(5) % 10)
-    monkeypatch.setattr(ditcli.data, "FASHION_MNIST_DIR", folder)
+    monkeypatch.setattr(ditcli.data.sources, "FASHION_MNIST_DIR", folder)
     return folder
 
 
@@ -149,7 +150,7 @@ def test_make_ref_reads_idx_data_and_picks_the_split(tmp_path, idx_folder, sourc
     result = make_ref(source, "-o", tmp_path / "ref.npz", *(["--split", split] if split else []))
     assert result["num_images"] == count and result["resolution"] == 28
     arr = np.load(tmp_path / "ref.npz")["arr_0"]
-    expected = ditcli.data.load_fashion_mnist(idx_folder, split or ("test" if ":test" in source else "train"))
+    expected = ditcli.data.sources.load_fashion_mnist(idx_folder, split or ("test" if ":test" in source else "train"))
     assert arr.shape == (count, 28, 28, 3) and np.array_equal(arr[..., 0], expected.images[..., 0])
 
 
@@ -335,7 +336,7 @@ def test_train_without_a_reachable_vae_fails_before_reading_data_and_names_vae_n
     def no_data(*args, **kwargs):
         raise AssertionError("the data was read before the VAE was found")
 
-    monkeypatch.setattr("ditcli.training.load_images", no_data)
+    monkeypatch.setattr("ditcli.training.trainer.load_images", no_data)
     error = one_error(dit("train", "--data", folder, "--image-size", 32, "--out", tmp_path / "run",
                           "--vae", "stabilityai/no-such-vae-in-any-cache"))
     assert "not in the Hugging Face cache" in error and "--vae none" in error
@@ -344,7 +345,8 @@ def test_train_without_a_reachable_vae_fails_before_reading_data_and_names_vae_n
 
 
 def test_an_unreachable_hub_is_reported_at_once(monkeypatch):
-    from ditcli import codec, hub
+    from ditcli import hub
+    from ditcli.model import codec
 
     def refuse(*args, **kwargs):
         raise OSError(-2, "Name or service not known")

@@ -4,13 +4,15 @@ import json
 
 import pytest
 import torch
-
 from conftest import dit, ok, perturbed, tiny_config
-from ditcli.checkpoint import save_safetensors
-from ditcli.generate import CastWeights, GenerateConfig, compile_pays, inference_model, sample_latents
-from ditcli.model import DiT, preset
-from ditcli.samplers import Guidance
-from ditcli.state import Checkpoint
+
+from ditcli.diffusion.guidance import Guidance
+from ditcli.model.dit import DiT, preset
+from ditcli.sampling.config import GenerateConfig
+from ditcli.sampling.forward import CastWeights, compile_pays, inference_model
+from ditcli.sampling.generate import sample_latents
+from ditcli.weights.checkpoint import save_safetensors
+from ditcli.weights.record import Checkpoint
 
 DRIFT_BOUND = 0.01  # per image, max |bf16 - fp32| / max |fp32|; measured 0.18-0.22% for DDPM-50, DDIM-10, DPM++-10
 
@@ -67,13 +69,13 @@ def test_compile_auto_compiles_only_a_job_that_repays_it():
 def test_compile_auto_weighs_this_cpus_measured_rates_and_a_package_already_built(monkeypatch):
     """DiT-B/2, 8 images, DDIM 50 at cfg 4 in bf16: 153 s of eager forwards at the EPYC's measured rate, 92 s at
     the AMX Xeon's. Freezing saves 20 s and 31 s: short of a 45 s build on both, more than a 4 s load on both."""
-    import ditcli.generate as generate
+    from ditcli.sampling import forward
 
     job = GenerateConfig(labels=(0,) * 8, sampler="ddim", steps=50, guidance=Guidance(4.0, "all"), batch_size=8,
                          precision="bf16")
     seen = {}
     for kind in ("amx", "other"):
-        monkeypatch.setattr(generate, "cpu_kind", lambda kind=kind: kind)
+        monkeypatch.setattr(forward, "cpu_kind", lambda kind=kind: kind)
         seen[kind] = [compile_pays(job, preset("DiT-B/2"), 50, torch.device("cpu"), built) for built in (False, True)]
     assert [chosen for chosen, _ in seen["amx"]] == [False, True] == [chosen for chosen, _ in seen["other"]]
     assert "about 92 s eager, compiling would save about 31 s for about 45 s of compilation" in seen["amx"][0][1]

@@ -8,18 +8,19 @@ import torch.nn.functional as F
 from conftest import perturbed, tiny_config
 from typer.testing import CliRunner
 
-import ditcli.commands.sample as sample_command
-from ditcli import metrics, sampling_run
-from ditcli.checkpoint import save_safetensors
-from ditcli.cli import app
-from ditcli.codec import PixelCodec
-from ditcli.generate import RunSummary
-from ditcli.model import DiT
-from ditcli.state import Checkpoint
-from ditcli.writers import NpzWriter
+from ditcli.cli import sample as sample_command
+from ditcli.cli.app import app
+from ditcli.evaluation import features
+from ditcli.model.codec import PixelCodec
+from ditcli.model.dit import DiT
+from ditcli.sampling import request as sampling_run
+from ditcli.sampling.generate import RunSummary
+from ditcli.sampling.writers import NpzWriter
+from ditcli.weights.checkpoint import save_safetensors
+from ditcli.weights.record import Checkpoint
 
 runner = CliRunner()
-metrics.register_feature_extractor(
+features.register_feature_extractor(
     "pooled-test", lambda path, device: lambda images: F.adaptive_avg_pool2d(images.float(), 2).flatten(1))
 
 

@@ -5,10 +5,11 @@ The multi-process behaviour (signals, dead peers, rank-local run folders) is in 
 import pytest
 from typer.testing import CliRunner
 
-from ditcli.cli import app
+from ditcli.cli.app import app
 from ditcli.errors import UserError
 from ditcli.ranks import AgreedError, from_rank0, on_every_rank
-from ditcli.training import TrainConfig, Trainer
+from ditcli.training.config import TrainConfig
+from ditcli.training.trainer import Trainer
 
 TINY = dict(model="DiT-S/2", hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,
             global_batch=4, lr=1e-3, log_every=1, seed=0)
@@ -47,7 +48,7 @@ def test_the_last_step_is_saved_once_when_it_is_a_checkpoint_step(tmp_path, monk
 def test_command_line_errors_are_reported_by_rank_0_alone(monkeypatch):
     from typer.testing import CliRunner
 
-    from ditcli.cli import app
+    from ditcli.cli.app import app
 
     cases = [["train", "--data", "x.npz", "--num-heads", "3", "--hidden-size", "64"],  # a check of the options
              ["sample", "--cfgg", "2"]]                                                 # Typer's own usage error

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import dit, ok, perturbed, tiny_config
 from PIL import Image
 
-import ditcli.generate
-import ditcli.weights
-from conftest import dit, ok, perturbed, tiny_config
-from ditcli.checkpoint import save_safetensors
-from ditcli.data import FASHION_MNIST_CLASSES
-from ditcli.model import DiT
-from ditcli.state import Checkpoint
+import ditcli.sampling.generate
+import ditcli.weights.registry
+from ditcli.data.sources import FASHION_MNIST_CLASSES
+from ditcli.model.dit import DiT
+from ditcli.weights.checkpoint import save_safetensors
+from ditcli.weights.record import Checkpoint
 
 FASHION = FASHION_MNIST_CLASSES
 
@@ -134,18 +134,18 @@ def test_interrupted_npz_run_leaves_no_file_and_resumes(files, tmp_path, monkeyp
     common = ["sample", "--ckpt", files["pixel"], "--num", 10, "--steps", 3, "--batch-size", 4]
     ok(*common, "--npz", tmp_path / "clean.npz")
 
-    real = ditcli.generate.generate_images
+    real = ditcli.sampling.generate.generate_images
 
     def dies_after_one_batch(*args, **kwargs):
         batches = real(*args, **kwargs)
         yield next(batches)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ditcli.generate, "generate_images", dies_after_one_batch)
+    monkeypatch.setattr(ditcli.sampling.generate, "generate_images", dies_after_one_batch)
     result = dit(*common, "--npz", tmp_path / "s.npz")
     assert result.exit_code != 0
     assert not (tmp_path / "s.npz").exists() and len(list((tmp_path / "s.npz.parts").glob("shard-*.json"))) == 1
-    monkeypatch.setattr(ditcli.generate, "generate_images", real)
+    monkeypatch.setattr(ditcli.sampling.generate, "generate_images", real)
     result = summary(*common, "--npz", tmp_path / "s.npz")
     assert (result["skipped"], result["generated"]) == (4, 6)
     assert (tmp_path / "s.npz").read_bytes() == (tmp_path / "clean.npz").read_bytes()
@@ -183,7 +183,7 @@ def test_known_model_is_found_in_a_weights_folder_with_its_defaults(files, tmp_p
     folder = tmp_path / "weights"
     folder.mkdir()
     (folder / "fashion-mnist-ddpm.safetensors").write_bytes(files["pixel"].read_bytes())
-    monkeypatch.setattr(ditcli.weights, "weights_dirs", lambda: [folder])
+    monkeypatch.setattr(ditcli.weights.registry, "weights_dirs", lambda: [folder])
     ok("sample", "--model", "fashion-mnist-ddpm", "--class", "sneaker", "--num-per-class", 1, "--steps", 2,
        "--out", tmp_path / "out")
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
@@ -284,7 +284,7 @@ VAE_BF16_BOUND = 16  # uint8 levels, max over pixels, bf16 against fp32 decode (
 
 
 def test_a_bf16_run_decodes_with_a_bf16_copy_of_the_vae_within_the_stated_bound(files, tmp_path):
-    from ditcli.codec import VaeCodec, to_uint8
+    from ditcli.model.codec import VaeCodec, to_uint8
 
     codec = VaeCodec.load(str(files["vae"]))
     assert codec.decoding_in(torch.float16) is codec  # fp16 runs decode in fp32

@@ -5,14 +5,22 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import perturbed, tiny_config
-from ditcli.codec import PixelCodec
-from ditcli.diffusion import Diffusion
-from ditcli.generate import GenerateConfig, batch_width, generate_images, sample_latents
-from ditcli.model import DiT
-from ditcli.samplers import (SAMPLERS, CountingModelFn, Guidance, ImageNoise, guided_model_fn, plan_sampler,
-                             unconditional_model_fn)
+
+from ditcli.diffusion.ddpm import Diffusion
+from ditcli.diffusion.guidance import (
+    CountingModelFn,
+    Guidance,
+    ImageNoise,
+    guided_model_fn,
+    unconditional_model_fn,
+)
+from ditcli.diffusion.samplers import SAMPLERS, plan_sampler
+from ditcli.model.codec import PixelCodec
+from ditcli.model.dit import DiT
+from ditcli.sampling.config import GenerateConfig
+from ditcli.sampling.forward import batch_width
+from ditcli.sampling.generate import generate_images, sample_latents
 
 # Data x_0 ~ N(MU, SIGMA^2). Then x_t ~ N(sqrt(ab) MU, ab SIGMA^2 + 1 - ab), and the optimal eps predictor is
 # E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) MU) / (ab SIGMA^2 + 1 - ab).

@@ -190,9 +190,9 @@ def test_a_rank_that_cannot_see_the_latent_cache_stops_every_rank(tmp_path):
 def test_sampling_worker_killed_then_rerun_gives_a_byte_identical_npz(tmp_path):
     from conftest import perturbed, tiny_config
 
-    from ditcli.checkpoint import save_safetensors
-    from ditcli.model import DiT
-    from ditcli.state import Checkpoint
+    from ditcli.model.dit import DiT
+    from ditcli.weights.checkpoint import save_safetensors
+    from ditcli.weights.record import Checkpoint
 
     config = tiny_config(in_channels=3, input_size=8, num_classes=4)
     save_safetensors(Checkpoint(perturbed(DiT(config)).state_dict(), config, "safetensors", class_names=list("abcd"),

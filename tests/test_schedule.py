@@ -10,21 +10,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import ditcli.generate
-import ditcli.preview
-import ditcli.sampling_run
 from conftest import dit, perturbed, tiny_config
-from ditcli import samplers
-from ditcli.checkpoint import load_checkpoint, save_safetensors
-from ditcli.codec import PixelCodec, VaeCodec
-from ditcli.diffusion import named_betas
-from ditcli.ema import EmaRecord
-from ditcli.generate import GenerateConfig, generate_images
-from ditcli.model import DiT
-from ditcli.samplers import Guidance, SamplingDefaults
-from ditcli.state import Checkpoint
-from ditcli.training import TrainConfig, Trainer
+
+import ditcli.sampling.config
+import ditcli.sampling.generate
+import ditcli.sampling.request
+import ditcli.training.preview
+from ditcli.diffusion import samplers
+from ditcli.diffusion.ddpm import named_betas
+from ditcli.diffusion.guidance import Guidance
+from ditcli.diffusion.samplers import SamplingDefaults
+from ditcli.model.codec import PixelCodec, VaeCodec
+from ditcli.model.dit import DiT
+from ditcli.sampling.config import GenerateConfig
+from ditcli.sampling.generate import generate_images
+from ditcli.training.config import TrainConfig
+from ditcli.training.trainer import Trainer
+from ditcli.weights.checkpoint import load_checkpoint, save_safetensors
+from ditcli.weights.ema import EmaRecord
+from ditcli.weights.record import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(model="DiT-S/2", hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,
@@ -75,7 +79,7 @@ def plan_spy(monkeypatch) -> list:
             return plans[-1]
         return spy
 
-    for module in (ditcli.sampling_run, ditcli.generate, ditcli.preview):
+    for module in (ditcli.sampling.request, ditcli.sampling.generate, ditcli.sampling.config, ditcli.training.preview):
         for name in ("plan_sampler", "plan_for"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, spy_on(getattr(samplers, name)))

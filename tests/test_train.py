@@ -12,12 +12,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from ditcli.checkpoint import load_checkpoint
-from ditcli.io import safe_torch_load
-from ditcli.cli import app
-from ditcli.data import load_folder
+from ditcli.cli.app import app
+from ditcli.data.sources import load_folder
 from ditcli.errors import UserError
-from ditcli.training import TrainConfig, Trainer, TrainingData
+from ditcli.io import safe_torch_load
+from ditcli.training.config import TrainConfig
+from ditcli.training.draws import TrainingData
+from ditcli.training.trainer import Trainer
+from ditcli.weights.checkpoint import load_checkpoint
 
 TINY = dict(model="DiT-S/2", hidden_size=32, depth=2, num_heads=2, image_size=8, channels=1, vae=None,
             global_batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=100, seed=3)
@@ -285,7 +287,7 @@ def test_missing_data_is_reported_before_any_vae_lookup(tmp_path, monkeypatch):
     def vae_lookup(*args, **kwargs):
         raise AssertionError("the VAE was looked up before --data was checked")
 
-    monkeypatch.setattr("ditcli.training.locate_vae", vae_lookup)
+    monkeypatch.setattr("ditcli.training.trainer.locate_vae", vae_lookup)
     result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "nothere"), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "error: data not found" in result.output and "VAE" not in result.output

@@ -4,12 +4,13 @@ import hashlib
 import json
 
 import pytest
-
 from conftest import LoopbackServer
 
-import ditcli.weights as weights
+from ditcli import downloads
+from ditcli.downloads import download
 from ditcli.errors import UserError
-from ditcli.weights import KnownWeights, download, known_weights, resolve_weights
+from ditcli.weights import registry
+from ditcli.weights.registry import KnownWeights, known_weights, resolve_weights
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
@@ -54,7 +55,7 @@ def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
 
 def test_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
     s = server(cuts=3)
-    with pytest.raises(weights.DownloadError, match="connection closed"):
+    with pytest.raises(downloads.DownloadError, match="connection closed"):
         download(s.url, tmp_path / "w.pt", attempts=1)
     part = tmp_path / "w.pt.part"
     assert part.exists() and 0 < part.stat().st_size < len(PAYLOAD) and not (tmp_path / "w.pt").exists()
@@ -73,7 +74,7 @@ def test_server_without_range_support_restarts_cleanly(server, tmp_path):
 
 def test_checksum_mismatch_leaves_no_file(server, tmp_path):
     s = server()
-    with pytest.raises(weights.DownloadError, match="sha256"):
+    with pytest.raises(downloads.DownloadError, match="sha256"):
         download(s.url, tmp_path / "w.pt", sha256="0" * 64)
     assert not (tmp_path / "w.pt").exists() and not (tmp_path / "w.pt.part").exists()
 
@@ -115,7 +116,7 @@ def test_weights_found_in_a_checkout_folder_need_no_download(monkeypatch, tmp_pa
     folder = tmp_path / "weights"
     folder.mkdir()
     (folder / "fashion-mnist.safetensors").write_bytes(b"x")
-    monkeypatch.setattr(weights, "weights_dirs", lambda: [tmp_path / "home", folder])
+    monkeypatch.setattr(registry, "weights_dirs", lambda: [tmp_path / "home", folder])
     assert resolve_weights(known_weights("fashion-mnist")) == folder / "fashion-mnist.safetensors"
 
 
@@ -123,26 +124,26 @@ def test_sha256_of_a_file_and_of_a_folder_checkpoint(tmp_path):
     (tmp_path / "ckpt" / "transformer").mkdir(parents=True)
     (tmp_path / "ckpt" / "transformer" / "w.safetensors").write_bytes(PAYLOAD)
     expected = hashlib.sha256(PAYLOAD).hexdigest()
-    assert weights.file_sha256(tmp_path / "ckpt" / "transformer" / "w.safetensors") == expected
-    before = weights.file_sha256(tmp_path / "ckpt")
+    assert downloads.file_sha256(tmp_path / "ckpt" / "transformer" / "w.safetensors") == expected
+    before = downloads.file_sha256(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model_index.json").write_text("{}")
-    assert weights.file_sha256(tmp_path / "ckpt") != before
+    assert downloads.file_sha256(tmp_path / "ckpt") != before
 
 
 def test_a_remembered_sha256_is_reused_until_the_file_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
     path = tmp_path / "w.safetensors"
     path.write_bytes(PAYLOAD)
-    first = weights.remembered_sha256(path)
+    first = downloads.remembered_sha256(path)
     assert first.sha256 == hashlib.sha256(PAYLOAD).hexdigest() and first.new
     assert not (tmp_path / "home").exists()  # nothing is written until the run goes ahead
     first.remember()
     reads = []
-    monkeypatch.setattr(weights, "file_sha256", lambda p: reads.append(p) or "fresh")
-    again = weights.remembered_sha256(path)
+    monkeypatch.setattr(downloads, "file_sha256", lambda p: reads.append(p) or "fresh")
+    again = downloads.remembered_sha256(path)
     assert again.sha256 == hashlib.sha256(PAYLOAD).hexdigest() and not again.new and reads == []
     path.write_bytes(PAYLOAD + b"more")  # a new size and modification time
-    changed = weights.remembered_sha256(path)
+    changed = downloads.remembered_sha256(path)
     assert changed.sha256 == "fresh" and len(reads) == 1
     changed.remember()
     memo = json.loads((tmp_path / "home" / "sha256.json").read_text())

@@ -10,9 +10,9 @@ group runs clean.
 import os
 import signal
 
-from ditcli.cli import main
-from ditcli.training import Trainer
-from ditcli.writers import NpzWriter
+from ditcli.cli.app import main
+from ditcli.sampling.writers import NpzWriter
+from ditcli.training.trainer import Trainer
 
 
 def _fault() -> tuple[signal.Signals, int, int] | None:

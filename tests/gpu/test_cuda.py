@@ -7,8 +7,8 @@ needs CUDA is skipped with the reason. With DIT_GPU_REPORT=DIR each test adds it
 import json
 import math
 import os
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,16 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import perturbed
-from ditcli.data import ImageSet
-from ditcli.diffusion import Diffusion
-from ditcli.generate import GenerateConfig, sample_latents
-from ditcli.model import DiT, preset, training_flops
-from ditcli.objectives import ObjectiveSpec
+
+from ditcli.data.sources import ImageSet
+from ditcli.diffusion.ddpm import Diffusion
+from ditcli.diffusion.guidance import Guidance, ImageNoise
+from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.samplers import plan_sampler
+from ditcli.model.dit import DiT, preset, training_flops
 from ditcli.runtime import set_backend_flags
-from ditcli.samplers import Guidance, ImageNoise, plan_sampler
-from ditcli.training import TrainConfig, Trainer
+from ditcli.sampling.config import GenerateConfig
+from ditcli.sampling.generate import sample_latents
+from ditcli.training.config import TrainConfig
+from ditcli.training.trainer import Trainer
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -288,8 +291,8 @@ def test_inception_features_on_cuda_equal_the_cpu(report):
     """The FID network on CUDA (TF32 off) against the CPU, to 1e-4 of the features' scale; torch-fidelity's weights
     when they are in the cache, else seeded random ones (the kernels are what is compared; the device machines have no
     network to fetch the weights)."""
-    from ditcli.inception import InceptionV3, WEIGHTS_NAME, load_inception
-    from ditcli.weights import home_dir
+    from ditcli.downloads import home_dir
+    from ditcli.evaluation.inception import WEIGHTS_NAME, InceptionV3, load_inception
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     weights = home_dir() / WEIGHTS_NAME

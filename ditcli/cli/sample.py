@@ -1,0 +1,194 @@
+"""`dit sample`: parse options, build a SampleRequest, drive `sample_run` under a progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ditcli.cli.options import (
+    CheckpointOpt,
+    DeviceOpt,
+    DistTimeoutOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    ModelOpt,
+    ObjectiveOpt,
+    OfflineOpt,
+    PrecisionOpt,
+    SeedOpt,
+    TimeDirectionOpt,
+)
+from ditcli.cli.progress import ProgressBar, byte_progress
+from ditcli.diffusion.guidance import GUIDED_CHANNELS
+from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.samplers import FLOW_SAMPLER_NAMES, SAMPLERS
+from ditcli.evaluation.protocol import PAPER_FID, SAMPLE_PRESETS
+from ditcli.ranks import (
+    DEFAULT_TIMEOUT_S,
+    collectives,
+    distributed,
+    from_arguments,
+    on_every_rank,
+    rank_device,
+)
+from ditcli.runtime import resolve_device, set_backend_flags
+from ditcli.sampling.config import GenerateConfig
+from ditcli.sampling.generate import sample_run
+from ditcli.sampling.request import (
+    DEFAULT_CHANNELS,
+    DEFAULT_NUM,
+    DEFAULT_PRECISION,
+    SampleRequest,
+    expand_sample_preset,
+    prepare_run,
+)
+from ditcli.sampling.writers import check_outputs
+
+ClassOpt = Annotated[list[str] | None, typer.Option(
+    "--class", help="Class id, name or WordNet id, case-insensitive; repeat for several. See `dit classes`.")]
+NumPerClassOpt = Annotated[int | None, typer.Option(
+    "--num-per-class", help="Images per --class (default 4); without --class, of every class of the model.")]
+NumOpt = Annotated[int | None, typer.Option(
+    "--num", "--num-images",
+    help=f"Number of images, with uniform random classes (from --class if given). Default {DEFAULT_NUM}. Under "
+         "torchrun write --num-images: torchrun takes --num for its own --numa-binding.")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's; DiT-XL/2: 250).")]
+CfgOpt = Annotated[float | None, typer.Option(
+    "--cfg", help="Classifier-free guidance scale: 1 off, 0 unconditional (DiT-XL/2 default 4; 1.5 for FID).")]
+GuidedOpt = Annotated[str | None, typer.Option(
+    "--guidance-channels", help=f"{' or '.join(GUIDED_CHANNELS)}: the first 3 latent channels, as published, or all "
+                                f"(default: the model's, else {DEFAULT_CHANNELS}).", show_default=False)]
+IntervalOpt = Annotated[str | None, typer.Option(
+    "--guidance-interval", help="LOW,HIGH: guide only in [LOW, HIGH], in training timesteps (e.g. 0,700) or a flow "
+                                "model's time (e.g. 0,0.7); 'none' "
+                                "guides every step (default: the model's).")]
+SamplerOpt = Annotated[str | None, typer.Option(
+    "--sampler", help=f"DDPM models: {', '.join(SAMPLERS)}; flow models: {', '.join(FLOW_SAMPLER_NAMES)} (default: the "
+                      "model's).")]
+TimeShiftOpt = Annotated[float | None, typer.Option(
+    "--time-shift", help="Flow models: shift the step grid's noise levels s to S s / (1 + (S - 1) s) (> 0; > 1 puts "
+                         "more steps at high noise). Default: 1.", show_default=False)]
+AtolOpt = Annotated[float | None, typer.Option(
+    "--atol", help="dopri5's absolute tolerance (SiT's default 1e-6).", show_default=False)]
+RtolOpt = Annotated[float | None, typer.Option(
+    "--rtol", help="dopri5's relative tolerance (SiT's default 1e-3).", show_default=False)]
+EtaOpt = Annotated[float | None, typer.Option(
+    "--eta", help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like. Only with --sampler ddim. Default: 0.",
+    show_default=False)]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch-size", help="Images per forward pass and process, rounded up to a multiple of 4 (see docs/samplers.md).")]
+OutOpt = Annotated[Path | None, typer.Option(
+    "--out", help="Folder for PNGs, grid.png and provenance.json (default: samples/<model>-<settings>).")]
+NpzOpt = Annotated[Path | None, typer.Option(
+    "--npz", help="Write all images as an ADM evaluator .npz (arr_0) plus a .provenance.json; PNGs and grid.png are "
+                  "written only if --out is given too.")]
+VaeOpt = Annotated[str | None, typer.Option("--vae", help="ema, mse, a Hugging Face id or a local folder.")]
+DeterministicOpt = Annotated[bool, typer.Option(
+    "--deterministic", help="No TF32, deterministic algorithms, no cuDNN autotuning.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs of a different run instead of refusing.")]
+SampleWeightsOpt = Annotated[str | None, typer.Option(
+    "--weights", help="ema or model: which weights of a training checkpoint to sample (default ema).")]
+SampleCompileOpt = Annotated[bool | None, typer.Option(
+    "--compile/--no-compile", help="torch.compile the model with inductor freezing (compiled graphs cached in the "
+                                   "user cache folder). Default: only when the job's forwards repay the compile time "
+                                   "(provenance.json says which and why).", show_default=False)]
+CacheOpt = Annotated[float | None, typer.Option(
+    "--cache", help="Feature caching: skip all blocks but the first while its output's relative change, summed since "
+                    "the last full forward, stays under this threshold, and reuse what they added then (0 runs every "
+                    "block; 0.1 kept FD within 1-7 of the uncached one on the embedded model, 0.2 cost 35 FD: "
+                    "docs/sampling.md). Runs eagerly.", show_default=False)]
+PresetOpt = Annotated[str | None, typer.Option(
+    "--preset", help=f"A named protocol ({', '.join(SAMPLE_PRESETS)}: {PAPER_FID.describe()}, into an .npz); options "
+                     "given explicitly override it.")]
+
+
+def sample(
+    model: ModelOpt = None, image_size: ImageSizeOpt = None, ckpt: CheckpointOpt = None,
+    class_: ClassOpt = None, num_per_class: NumPerClassOpt = None, num: NumOpt = None,
+    steps: StepsOpt = None, cfg: CfgOpt = None, guidance_channels: GuidedOpt = None,
+    guidance_interval: IntervalOpt = None, sampler: SamplerOpt = None, eta: EtaOpt = None, seed: SeedOpt = 0,
+    batch_size: BatchOpt = 32, out: OutOpt = None, npz: NpzOpt = None, vae: VaeOpt = None,
+    device: DeviceOpt = "auto", precision: PrecisionOpt = DEFAULT_PRECISION, compile: SampleCompileOpt = None,
+    json_output: JsonOpt = False, deterministic: DeterministicOpt = False, offline: OfflineOpt = False,
+    force: ForceOpt = False, preset: PresetOpt = None, weights: SampleWeightsOpt = None,
+    objective: ObjectiveOpt = None, time_direction: TimeDirectionOpt = None, time_shift: TimeShiftOpt = None,
+    atol: AtolOpt = None, rtol: RtolOpt = None, cache: CacheOpt = None,
+    dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT_S,
+):
+    """Generate class-conditional images from a DiT checkpoint."""
+    # Expand --preset (explicit options win), then check the numbers and the choice of model before any file is read
+    # or written.
+    with from_arguments():  # the same options on every rank
+        settings, notes = expand_sample_preset(preset, sampler=sampler, steps=steps, cfg=cfg,
+                                               guidance_channels=guidance_channels, vae=vae, precision=precision,
+                                               num=num, num_per_class=num_per_class)
+        request = SampleRequest(
+            model, image_size, ckpt, tuple(class_ or ()), num_per_class, settings["num"], settings["steps"],
+            settings["cfg"], settings["guidance_channels"], guidance_interval, settings["sampler"], eta, seed,
+            batch_size, out, npz, settings["vae"], vae is None and settings["vae"] is not None,
+            settings["precision"], compile, deterministic, offline, force, preset, weights,
+            ObjectiveSpec.from_options(objective, time_direction), time_shift, atol, rtol, cache, tuple(notes))
+        request.check()
+    torch_device = rank_device(resolve_device(device))
+    set_backend_flags(deterministic=deterministic)
+    with distributed(torch_device, dist_timeout) as ranks, \
+            collectives(ranks.rank, ranks.world, dist_timeout, "sampling"):
+        quiet = json_output or ranks.rank != 0
+        on_every_rank(lambda: check_outputs(out, npz), "cannot write the outputs",
+                      "--out and --npz must be on a disk that all nodes share")
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        run = prepare_run(
+            request, torch_device, ranks, downloads(not quiet),
+            on_warning=lambda text: quiet or console.print(f"warning: {text}", markup=False),
+            on_ready=lambda *shown: preset is None or quiet or show_preset(console, preset, *shown))
+        # Under torchrun the bar counts rank 0's own images; the closing line gives the total of every rank.
+        described = "sampling" if ranks.world == 1 else f"sampling (rank 0 of {ranks.world})"
+        with ProgressBar(None, described, unit="img", enabled=not quiet) as bar:
+            summary = sample_run(run.net, run.codec, run.config, torch_device, run.writers, ranks, run.provenance,
+                                 on_batch=lambda batch: bar.advance(len(batch.indices), nfe=batch.nfe),
+                                 on_step=bar.step, on_plan=lambda n: bar.update(0, total=n) if n else bar.discard(),
+                                 plan=run.plan)
+        if ranks.rank == 0:
+            report(summary, run.out, run.npz, run.run_key, json_output, run.weights, run.warnings)
+
+
+def downloads(enabled: bool):
+    """A `download(filename)` context for the core: a byte bar that opens only if a download happens."""
+    return lambda filename: byte_progress(f"downloading {filename}", enabled=enabled)
+
+
+def show_preset(console: Console, preset: str, config: GenerateConfig, codec, out: Path | None, npz: Path | None,
+                notes: list[str]) -> None:
+    """The preset as the options it stands for, then one note per explicit override."""
+    codec_name = codec.to_dict().get("vae", "none (pixel model)")
+    where = " ".join(f"{flag} {path}" for flag, path in (("--npz", npz), ("--out", out)) if path is not None)
+    console.print(f"--preset {preset}: --sampler {config.sampler} --steps {config.steps} --cfg "
+                  f"{config.guidance.scale:g} --guidance-channels {config.guidance.channels} --vae {codec_name} "
+                  f"--precision {config.precision} --num-images {config.num_images} (uniformly random classes) "
+                  f"{where}", markup=False)
+    for note in notes:
+        console.print(f"note: {note}", markup=False)
+
+
+def report(summary, out: Path | None, npz: Path | None, run_key: str, json_output: bool, weights: str,
+           warnings: list[str]) -> None:
+    result = {"out": str(out) if out else None, "npz": str(npz) if npz else None, "images": summary.total,
+              "generated": summary.generated, "skipped": summary.skipped, "nfe": summary.nfe,
+              "seconds": round(summary.seconds, 3), "images_per_second": summary.images_per_second,
+              "compile_seconds": summary.compile_seconds, "cache_reused": summary.reused_share,
+              "files": summary.files, "run_key": run_key, "weights": weights, "warnings": warnings}
+    if json_output:
+        typer.echo(json.dumps(result))
+        return
+    where = ", ".join(str(p) for p in (out, npz) if p is not None)
+    rate = f", {summary.images_per_second:.3g} img/s" if summary.images_per_second else ""
+    skipped = f" ({summary.skipped} already done)" if summary.skipped else ""
+    nfe = f", NFE {summary.nfe} per image" if summary.nfe else ""
+    nfe += f" ({summary.reused_share:.0%} reused the cache)" if summary.reused_share is not None else ""
+    source = "EMA" if weights == "ema" else "raw (non-EMA)"
+    Console(highlight=False, soft_wrap=True).print(
+        f"wrote {summary.total} images to {where}{skipped}{nfe}{rate}, from the {source} weights", markup=False)

@@ -1,0 +1,287 @@
+"""Reading and writing DiT weights safely: released .pt files, training checkpoints and our .safetensors.
+
+Nothing here runs pickled code: `.pt` files go through `torch.load(weights_only=True)` with one allowed class,
+`argparse.Namespace`, which the reference `train.py` stores in its checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.samplers import SamplingDefaults
+from ditcli.errors import UserError
+from ditcli.hub import resolve_source
+from ditcli.io import atomic_write, read_safetensors, safe_torch_load
+from ditcli.model.codec import (
+    DEFAULT_VAE,
+    LATENT_DOWNSAMPLE,
+    VAE_ALIASES,
+    default_codec_spec,
+)
+from ditcli.model.dit import HEADS_BY_WIDTH, DiT, DiTConfig, preset
+from ditcli.weights.diffusers_format import from_diffusers_state, read_diffusers
+from ditcli.weights.ema import EmaRecord
+from ditcli.weights.record import (
+    SAFETENSORS_FORMAT,
+    Checkpoint,
+    check_state_dict,
+    describe,
+    read_record,
+    read_schedule,
+)
+
+TRAIN_FORMAT = "ditcli-train"
+WEIGHT_CHOICES = ("ema", "model")
+FLOW_HINTS = {"SiT": "pass --objective flow --time-direction noise-to-data, as SiT trains",
+              "REPA": "pass --objective flow --time-direction data-to-noise, as REPA trains"}
+SIT_RELEASE_NAME = re.compile(r"^sit[-_]", re.IGNORECASE)  # SiT-XL-2-256x256.pt, as SiT's download.py names it
+REPA_EXTRA_PREFIX = "projectors."  # REPA's alignment heads: training only, dropped on reading
+
+
+def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", num_heads: int | None = None,
+               config: DiTConfig | None = None, weights: str | None = None,
+               objective: ObjectiveSpec | None = None) -> DiT:
+    """A DiT in eval mode from a released .pt, a training checkpoint or our .safetensors."""
+    return load_checkpoint(source, num_heads=num_heads, config=config, weights=weights,
+                           objective=objective).build(device)
+
+
+def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, config: DiTConfig | None = None,
+                    weights: str | None = None, objective: ObjectiveSpec | None = None,
+                    heads_given: bool = False) -> Checkpoint:
+    """Read any supported weight file, or a hub id (`org/name[@rev]`); `config` (if given) is checked against it.
+
+    `weights` picks the EMA or the raw model weights of a training checkpoint (None: its EMA). A file holding one set
+    of weights must hold the set asked for: it is refused rather than silently given in its place. `objective` says
+    what a file without a record was trained with (a SiT or REPA checkpoint); a file with a record must agree.
+    `num_heads` gives the heads of a file that does not record them (a bare state dict). With `heads_given` it is the
+    user's own --num-heads, and a file whose config records other heads is refused; without, it is a caller's guess
+    (a preset's heads), and a file's record wins.
+    """
+    if weights is not None and weights not in WEIGHT_CHOICES:
+        raise UserError(f"unknown --weights {weights!r}", f"choose from {', '.join(WEIGHT_CHOICES)}")
+    if num_heads is not None and num_heads < 1:
+        raise UserError(f"--num-heads must be >= 1, got {num_heads}", "drop it to take the heads from the file")
+    path = resolve_source(source)
+    checkpoint = _read_any(path, num_heads, config, weights)
+    if weights is not None and checkpoint.weights != weights:
+        raise UserError(f"--weights {weights}: {path} holds only its {checkpoint.weights} weights",
+                        "drop --weights; only training checkpoints hold both ema and model weights")
+    if heads_given:
+        check_recorded_heads(checkpoint, num_heads, path)
+    return settle_objective(checkpoint, objective, path)
+
+
+def _read_any(path: Path, num_heads: int | None, config: DiTConfig | None, weights: str | None) -> Checkpoint:
+    """The reader for what `path` is: a diffusers folder, a safetensors file or a torch file."""
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}", "check the path, or pass --model to use a known checkpoint")
+    if path.is_dir():
+        return read_diffusers(path, config=config)
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty", "the download or copy was interrupted; fetch the file again")
+    if _is_safetensors(path):
+        return _read_safetensors(path, num_heads, config)
+    return _read_torch(path, num_heads, config, weights or "ema")
+
+
+def check_recorded_heads(checkpoint: Checkpoint, num_heads: int | None, path: Path) -> None:
+    """The user's --num-heads against a file whose config records the heads: the same number passes, another is
+    refused (the file's config would silently win over it)."""
+    recorded = checkpoint.config.num_heads
+    if num_heads is not None and checkpoint.config_recorded and num_heads != recorded:
+        raise UserError(f"--num-heads {num_heads} contradicts {path}, whose config records num_heads {recorded}",
+                        "drop --num-heads: the file's own config gives the heads")
+
+
+def settle_objective(checkpoint: Checkpoint, given: ObjectiveSpec | None, path: Path) -> Checkpoint:
+    """The objective a file records, the one the user names for a file without a record, or DDPM (DiT's).
+
+    A file from SiT or REPA (`flow_hint` set by its reader) has no record, and its time direction cannot be read from
+    the tensors: without `--objective`/`--time-direction` it is refused rather than sampled the wrong way.
+    """
+    if checkpoint.objective_recorded:
+        if given is not None and given != checkpoint.objective:
+            raise UserError(f"{path} records the objective {checkpoint.objective.describe()}, not "
+                            f"{given.describe()}", "drop --objective/--time-direction: the file's record decides")
+        return checkpoint
+    if given is not None:
+        checkpoint.objective = given
+    elif checkpoint.flow_hint is not None:
+        raise UserError(f"{path} is a {checkpoint.flow_hint} checkpoint, a flow-matching model whose time direction "
+                        "the file does not record", FLOW_HINTS[checkpoint.flow_hint])
+    return checkpoint
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By name, or by content: a little-endian header length that fits in the file, then the JSON header's '{'."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | None) -> Checkpoint:
+    state, metadata = read_safetensors(path)
+    if "transformer_blocks.0.attn1.to_q.weight" in state:
+        if (path.parent / "config.json").is_file():  # inside a transformer/ folder: its config gives the shape
+            return read_diffusers(path, config=config)
+        return from_diffusers_state(state, config=config, num_heads=num_heads)
+    if metadata.get("format") == SAFETENSORS_FORMAT:
+        fields = json.loads(metadata["config"])
+        stored = DiTConfig.from_dict(fields)
+        if config is not None and config != stored:
+            raise UserError(f"{path} holds {describe(stored)}, not {describe(config)}", "drop --model or fix it")
+        check_state_dict(state, stored, str(path))
+        return Checkpoint(state, stored, "safetensors", metadata.get("weights", "ema"),
+                          json.loads(metadata["class_names"]) if "class_names" in metadata else None,
+                          json.loads(metadata["codec"]) if "codec" in metadata else None,
+                          schedule=read_schedule(metadata.get("schedule"), path),
+                          objective=ObjectiveSpec.from_record(metadata.get("objective"),
+                                                              metadata.get("time_direction"), path),
+                          objective_recorded=True,
+                          sampling=read_record(metadata.get("sampling"), SamplingDefaults, path, "sampling"),
+                          ema=read_record(metadata.get("ema"), EmaRecord, path, "ema"),
+                          convention_source=convention_source(fields), weights_recorded=True, config_recorded=True)
+    return _from_bare_state(state, "safetensors (no ditcli metadata)", num_heads, config, str(path))
+
+
+def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, weights: str) -> Checkpoint:
+    data = safe_torch_load(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, not a DiT state dict or checkpoint")
+    if data.get("format") == TRAIN_FORMAT:
+        stored = DiTConfig.from_dict(data["config"]["model"])
+        if not isinstance(data.get(weights), dict):
+            held = " and ".join(k for k in WEIGHT_CHOICES if isinstance(data.get(k), dict)) or "no"
+            raise UserError(f"{path} has no {weights} weights (it holds {held} weights)",
+                            f"pass --weights {'model' if weights == 'ema' else 'ema'}" if held != "no" else
+                            "the checkpoint is incomplete; use another one")
+        state = data[weights]
+        check_state_dict(state, stored, str(path))
+        train = data["config"].get("train", {})
+        ema = train_ema_record(data)
+        return Checkpoint(state, stored, "ditcli training checkpoint", weights, data.get("class_names"),
+                          data.get("codec"), schedule=read_schedule(train.get("schedule"), path),
+                          objective=ObjectiveSpec.from_record(train.get("objective"), train.get("time_direction"),
+                                                              path), objective_recorded=True,
+                          sampling=read_record(data.get("sampling"), SamplingDefaults, path, "sampling"), ema=ema,
+                          step=data.get("step"), convention_source=convention_source(data["config"]["model"]),
+                          weights_recorded=True, config_recorded=True)
+    if "model" in data and "args" in data:
+        return _from_reference_train(data, weights, num_heads, config, str(path))
+    checkpoint = _from_bare_state(data, "official DiT state dict", num_heads, config, str(path))
+    if checkpoint.flow_hint is None and SIT_RELEASE_NAME.match(path.name):
+        checkpoint.flow_hint = "SiT"  # SiT's release has DiT's exact layout; only its name tells them apart
+    return checkpoint
+
+
+def train_ema_record(data: dict) -> EmaRecord | None:
+    """How a training checkpoint's EMA was made: its own record, else (files from before it) its training config's,
+    where a run with `init_from` started its EMA from the source."""
+    if data.get("ema_record"):
+        return EmaRecord.from_dict(data["ema_record"])
+    train = data["config"].get("train", {})
+    if "ema_decay" not in train:
+        return None
+    return EmaRecord(float(train["ema_decay"]), bool(train.get("ema_warmup")), int(data.get("step") or 0),
+                     bool(train.get("init_from")))
+
+
+def _from_reference_train(data: dict, weights: str, num_heads: int | None, config: DiTConfig | None,
+                          name: str) -> Checkpoint:
+    """A reference train.py checkpoint: {model, ema, opt, args}; the model name in args gives the heads."""
+    args = data["args"]
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    if weights not in data:
+        raise UserError(f"{name} has no {weights!r} weights", f"it holds: {', '.join(sorted(data))}")
+    family = flow_family(args, data[weights])
+    named = config is None and bool(args.get("model")) and family is None  # args.model records the config
+    if named:
+        latent = int(args.get("image_size", 256)) // LATENT_DOWNSAMPLE
+        num_classes = int(args.get("num_classes", DiTConfig.num_classes))
+        config = preset(args["model"], input_size=latent, num_classes=num_classes)
+    fmt = f"{family} train.py checkpoint" if family else "reference train.py checkpoint"
+    checkpoint = _from_bare_state(data[weights], fmt, num_heads, config, name)
+    checkpoint.config_recorded = named
+    checkpoint.flow_hint = family
+    checkpoint.weights = weights
+    checkpoint.weights_recorded = True
+    checkpoint.codec = {"kind": "vae", "vae": VAE_ALIASES.get(args.get("vae", "ema"), DEFAULT_VAE)}
+    return checkpoint
+
+
+def _from_bare_state(state: dict, fmt: str, num_heads: int | None, config: DiTConfig | None,
+                     name: str) -> Checkpoint:
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{name} is not a DiT state dict (it holds non-tensor values)")
+    projectors = sorted(k for k in state if k.startswith(REPA_EXTRA_PREFIX))
+    state = {k: v for k, v in state.items() if not k.startswith(REPA_EXTRA_PREFIX)}
+    if config is None:
+        config = infer_config(state, num_heads, name)
+    check_state_dict(state, config, name)
+    checkpoint = Checkpoint(state, config, fmt, "ema", codec=default_codec_spec(config.in_channels),
+                            convention_source="the reference layout, so the reference's forward")
+    if projectors:
+        checkpoint.flow_hint = "REPA"
+        checkpoint.dropped.append(f"{REPA_EXTRA_PREFIX}* ({len(projectors)} tensors: REPA's representation-alignment "
+                                  "projectors, used only in training)")
+    return checkpoint
+
+
+def flow_family(args: dict, state: dict) -> str | None:
+    """"SiT" or "REPA" when a train.py checkpoint's arguments (or REPA's projector keys) name one; None for DiT."""
+    if any(k.startswith(REPA_EXTRA_PREFIX) for k in state) or {"enc_type", "proj_coeff"} & set(args):
+        return "REPA"
+    if str(args.get("model", "")).startswith("SiT"):
+        return "SiT"
+    return None
+
+
+def convention_source(fields: dict) -> str:
+    """How a stored config tells its timestep convention: recorded, or from before the field (all reference)."""
+    if "timestep_convention" in fields:
+        return "recorded in the file"
+    return "not recorded (written before the field existed, when every model was a reference model)"
+
+
+def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, name: str = "checkpoint") -> DiTConfig:
+    """Read the architecture off the tensor shapes; heads come from the preset table or `num_heads`."""
+    needed = ["x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "y_embedder.embedding_table.weight"]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise UserError(f"{name} is not a DiT checkpoint: missing {', '.join(missing)}")
+    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    grid = math.isqrt(state["pos_embed"].shape[1])
+    out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    heads = num_heads or HEADS_BY_WIDTH.get(hidden)
+    if num_heads is not None and hidden % num_heads:
+        raise UserError(f"--num-heads {num_heads} does not divide the width {hidden} of {name}",
+                        "pass a number of heads that divides it")
+    if heads is None:
+        raise UserError(f"cannot infer the number of attention heads for hidden size {hidden}",
+                        "pass num_heads (presets: " + ", ".join(f"{w}->{h}" for w, h in HEADS_BY_WIDTH.items()) + ")")
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    mlp_ratio = fc1.shape[0] / hidden if fc1 is not None else 4.0
+    rows = state["y_embedder.embedding_table.weight"].shape[0]
+    return DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
+                     depth=max(depth, 1), num_heads=heads, mlp_ratio=mlp_ratio, num_classes=rows - 1,
+                     learn_sigma=out_channels == 2 * in_channels)
+
+
+def save_safetensors(checkpoint: Checkpoint, path: Path, dtype: torch.dtype | None = None, force: bool = False):
+    """Write weights plus config metadata, atomically."""
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+             for k, v in checkpoint.state_dict.items()}
+    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=checkpoint.metadata()), force=force)

@@ -1,0 +1,82 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, ContextManager
+
+from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.downloads import ProgressFn
+from ditcli.errors import UserError
+from ditcli.hub import is_offline, resolve_source
+from ditcli.model.dit import PRESET_SHAPES, preset_names
+from ditcli.weights.checkpoint import load_checkpoint
+from ditcli.weights.record import Checkpoint, describe
+from ditcli.weights.registry import (
+    KnownWeights,
+    known_weights,
+    registry_models,
+    resolve_weights,
+)
+
+DEFAULT_MODEL = "DiT-XL/2"
+
+
+DownloadProgress = Callable[[str], ContextManager[ProgressFn]] | None
+
+
+@contextlib.contextmanager
+def _no_progress(filename: str):
+    yield None
+
+
+def check_model_choice(model: str | None, image_size: int | None, ckpt: Path | None) -> None:
+    """Refuse options that the chosen weights would silently ignore."""
+    if ckpt is not None and model in registry_models() and model not in preset_names():
+        raise UserError(f"--model {model} names released weights, but --ckpt {ckpt} gives the weights",
+                        "drop --model, or drop --ckpt to use the released weights")
+    if ckpt is None and image_size is not None and model in registry_models() and \
+            known_weights(model).image_size is None:
+        raise UserError(f"--model {model} comes in one size, so --image-size does not apply", "drop --image-size")
+
+
+def read_checkpoint(path: Path, model: str | None, weights: str | None,
+                    objective: ObjectiveSpec | None = None) -> Checkpoint:
+    """The checkpoint, checked against a --model preset, the --weights and the objective asked for."""
+    checkpoint = load_checkpoint(path, num_heads=preset_heads(model), weights=weights,  # refuses a missing set
+                                 objective=objective)
+    check_preset(model, checkpoint)
+    return checkpoint
+
+
+def find_checkpoint(model: str | None, image_size: int | None, ckpt: Path | None, offline: bool,
+                    download: DownloadProgress = None) -> tuple[Path, KnownWeights | None]:
+    """--ckpt (a path, or a hub id fetched into the Hugging Face cache) wins; otherwise a known model is found in the
+    weights folders or downloaded, reporting through `download(filename)`, a context yielding a byte callback."""
+    if ckpt is not None:
+        entry = known_weights(model, image_size) if model in registry_models() else None
+        return resolve_source(ckpt, is_offline(offline)), entry
+    model = model or DEFAULT_MODEL
+    entry = known_weights(model, image_size) if model in registry_models() else None
+    if entry is None:
+        if model in preset_names():
+            raise UserError(f"there are no released weights for {model}", "pass --ckpt with your checkpoint")
+        choices = dict.fromkeys(registry_models() + preset_names())
+        raise UserError(f"unknown --model {model!r}", f"choose from {', '.join(choices)}")
+    with (download or _no_progress)(entry.filename) as progress:
+        return resolve_weights(entry, offline, progress), entry
+
+
+def preset_heads(model: str | None) -> int | None:
+    return PRESET_SHAPES[model.split("/")[0]]["num_heads"] if model in preset_names() else None
+
+
+def check_preset(model: str | None, checkpoint: Checkpoint) -> None:
+    if model not in preset_names():
+        return
+    base, patch = model.split("/")
+    shape, config = PRESET_SHAPES[base], checkpoint.config
+    if (config.depth, config.hidden_size, config.patch_size) != (shape["depth"], shape["hidden_size"], int(patch)):
+        raise UserError(f"--model {model} does not match the checkpoint, which holds {describe(config)}",
+                        "drop --model or pass the matching preset")
