@@ -114,7 +114,7 @@ def main():
     if args.only in (None, "fd"):
         test = write_npz(work / "test.npz", load_fashion_mnist(split="test").images)
         train = write_npz(work / "train.npz", load_fashion_mnist(split="train").images)
-        reference, *fewer = FD_ROWS[checkpoint.objective.objective]
+        reference, *fewer = FD_ROWS[checkpoint.objective.name]
         rows = [(sampler, steps, defaults.cfg) for sampler, steps in ([] if args.no_ddpm else [reference]) + fewer]
         rows += [(defaults.sampler, defaults.steps, cfg) for cfg in (1.0, 2.0, 4.0)]
         result["fd"] = [{"setting": "floor: test split vs train split", "fd": frechet(test, train)}]

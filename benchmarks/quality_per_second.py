@@ -69,7 +69,7 @@ def flow_guidance_interval(flow, sigmas: tuple[float, float] = GUIDANCE_SIGMAS) 
 
 def interval_of(checkpoint) -> tuple[float, float]:
     """GUIDANCE_SIGMAS on the model's own clock: training timesteps, or flow time."""
-    if checkpoint.objective.objective == "flow":
+    if checkpoint.objective.name == "flow":
         return flow_guidance_interval(checkpoint.process())
     return guidance_interval(checkpoint.schedule)
 
@@ -157,7 +157,7 @@ def sample_row(model, checkpoint, work: Path, name: str, seed: int, per_class: i
     nfe = mean_nfe(counts)  # an adaptive solver's differs from batch to batch
     images = np.concatenate(chunks)  # (N, 28, 28, 1)
     np.savez(path, images=images, labels=np.array(config.labels))
-    record = {"row": name, **row, "objective": checkpoint.objective.objective, "seed": seed,
+    record = {"row": name, **row, "objective": checkpoint.objective.name, "seed": seed,
               "interval_t": list(config.guidance.interval or []) or None,
               "nfe": nfe, "forwards_per_image": forwards_per_image(config, nfe), "images": len(images),
               "seconds": seconds, "batch_size": batch_size, "compile": config.compile,
@@ -171,7 +171,7 @@ def forwards_per_image(config: GenerateConfig, nfe: int | float | None = None) -
     """Model passes per image: 2 per guided evaluation (cond + uncond), 1 per unguided one."""
     from ditcli.diffusion.samplers import SOLVERS, make_scheduler, plan_sampler
 
-    if config.objective.objective == "flow":
+    if config.objective.name == "flow":
         return flow_forwards_per_image(config, nfe)
     plan = plan_sampler(config.sampler, config.steps, True, schedule=config.schedule)
     if config.sampler in SOLVERS:
@@ -373,7 +373,7 @@ def cmd_cache(model, checkpoint, args) -> None:
 
 
 def cmd_sweep(model, checkpoint, args) -> None:
-    for name in args.rows or all_rows(checkpoint.objective.objective):
+    for name in args.rows or all_rows(checkpoint.objective.name):
         record = sample_row(model, checkpoint, weights_dir(args.ckpt), name, args.seed, args.per_class,
                             args.batch_size, args.compile)
         print(json.dumps(record), flush=True)

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The ditcli home directory, resumable downloads verified by size and sha256, and remembered file hashes (a
+file's sha256 kept by path, size and mtime so large checkpoints are hashed once).
+"""
 
 from __future__ import annotations
 

@@ -428,7 +428,8 @@ def test_info_refuses_the_options_of_a_conversion(tmp_path):
 def test_sampling_options_are_recorded_and_read_back(tmp_path):
     from safetensors import safe_open
 
-    from ditcli.diffusion.samplers import DIT_SAMPLING, SamplingDefaults
+    from ditcli.diffusion.objectives import DDPM
+    from ditcli.diffusion.samplers import SamplingDefaults
 
     save_safetensors(tiny_checkpoint(), tmp_path / "src.safetensors")  # records no sampling defaults
     code, output = run(tmp_path / "src.safetensors", tmp_path / "a.safetensors", "--sampler", "dpm++2m", "--steps",
@@ -444,7 +445,7 @@ def test_sampling_options_are_recorded_and_read_back(tmp_path):
     # A source without a record starts from what `dit sample` gives it.
     code, output = run(tmp_path / "src.safetensors", tmp_path / "c.safetensors", "--cfg", 1.5)
     assert code == 0, output
-    assert load_checkpoint(tmp_path / "c.safetensors").sampling == replace(DIT_SAMPLING, cfg=1.5)
+    assert load_checkpoint(tmp_path / "c.safetensors").sampling == replace(DDPM.default_sampling, cfg=1.5)
     # Without the options the record is copied exactly: no channels key where none was set.
     code, output = run(tmp_path / "c.safetensors", tmp_path / "d.safetensors")
     assert code == 0, output
@@ -454,10 +455,10 @@ def test_sampling_options_are_recorded_and_read_back(tmp_path):
 
 
 def _flow_file(path):
-    from ditcli.diffusion.objectives import ObjectiveSpec
+    from ditcli.diffusion.objectives import FlowObjective
 
     source = tiny_checkpoint()
-    source.objective = ObjectiveSpec("flow", "noise-to-data")
+    source.objective = FlowObjective("noise-to-data")
     save_safetensors(source, path)
     return path
 

@@ -34,7 +34,7 @@ def test_shipped_weights_carry_their_config_codec_names_and_objective(path, obje
     assert checkpoint.codec == {"kind": "pixel", "channels": 1}
     assert checkpoint.class_names == FASHION_MNIST_CLASSES
     assert checkpoint.config.input_size == 28 and checkpoint.config.in_channels == 1
-    assert (checkpoint.objective.objective, checkpoint.config.out_channels) == (objective, out_channels)
+    assert (checkpoint.objective.name, checkpoint.config.out_channels) == (objective, out_channels)
     assert checkpoint.weights == "ema"
 
 

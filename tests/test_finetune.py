@@ -11,7 +11,7 @@ from conftest import perturbed
 from typer.testing import CliRunner
 
 from ditcli.cli.app import app
-from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.objectives import FlowObjective
 from ditcli.errors import UserError
 from ditcli.model.dit import DiT, DiTConfig, sincos_2d
 from ditcli.sampling.request import stale_weights
@@ -150,7 +150,7 @@ def test_a_source_of_another_objective_warns_and_a_reversed_flow_is_refused(tmp_
     """A flow file fine-tuned as DDPM (or the reverse) is a choice, said aloud; a flow whose time runs the other way
     would train against its own velocity's sign."""
     flow = replace(source_file(tmp_path / "ddpm.safetensors", learn_sigma=False),
-                   objective=ObjectiveSpec("flow", "noise-to-data"))
+                   objective=FlowObjective("noise-to-data"))
     save_safetensors(flow, tmp_path / "flow.safetensors")
     data = npz(tmp_path / "x.npz", NAMES)
     source = dict(init_from=str(tmp_path / "flow.safetensors"), learn_sigma=False)

@@ -13,7 +13,7 @@ import torch
 from conftest import dit, ok
 
 from ditcli.diffusion.flow import FlowMatching, shift_noise_level
-from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.objectives import FlowObjective
 from ditcli.io import safe_torch_load
 from ditcli.training.config import TrainConfig
 from ditcli.training.trainer import Trainer
@@ -58,7 +58,7 @@ def test_flow_training_lowers_the_velocity_loss_and_records_the_objective(tmp_pa
     assert data["config"]["train"]["objective"] == "flow"
     assert data["sampling"]["sampler"] == "heun"  # a flow sampler, not DDPM's dpm++2m
     checkpoint = load_checkpoint(tmp_path / "ckpt-0000030.pt")
-    assert checkpoint.objective == ObjectiveSpec("flow", "noise-to-data") and checkpoint.objective_recorded
+    assert checkpoint.objective == FlowObjective("noise-to-data") and checkpoint.objective_recorded
 
 
 def test_flow_resume_is_bit_exact(tmp_path, npz_data):
@@ -119,7 +119,7 @@ def test_safetensors_round_trip_keeps_the_objective(tmp_path, npz_data):
     run(tmp_path / "run", npz_data, steps=2, time_direction="data-to-noise")
     ok("convert", tmp_path / "run" / "ckpt-0000002.pt", tmp_path / "m.safetensors")
     checkpoint = load_checkpoint(tmp_path / "m.safetensors")
-    assert checkpoint.objective == ObjectiveSpec("flow", "data-to-noise") and checkpoint.objective_recorded
+    assert checkpoint.objective == FlowObjective("data-to-noise") and checkpoint.objective_recorded
     assert isinstance(checkpoint.process(), FlowMatching) and checkpoint.process().direction == "data-to-noise"
     info = json.loads(ok("convert", "--info", tmp_path / "m.safetensors", "--json").stdout)
     assert info["objective"] == {"objective": "flow", "time_direction": "data-to-noise"}

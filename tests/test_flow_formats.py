@@ -14,7 +14,7 @@ from conftest import LoopbackServer, dit, ok, perturbed, tiny_config
 from safetensors import safe_open
 
 import ditcli.weights.registry
-from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.objectives import FlowObjective
 from ditcli.errors import UserError
 from ditcli.model.dit import DiT
 from ditcli.weights.checkpoint import load_checkpoint, save_safetensors
@@ -22,8 +22,8 @@ from ditcli.weights.record import Checkpoint
 from ditcli.weights.registry import resolve_weights
 
 GOLDEN_FLOW = Path(__file__).resolve().parent / "golden-flow"
-SIT = ObjectiveSpec("flow", "noise-to-data")
-REPA = ObjectiveSpec("flow", "data-to-noise")
+SIT = FlowObjective("noise-to-data")
+REPA = FlowObjective("data-to-noise")
 SIT_KEY = ("SiT-XL/2", 256)
 
 

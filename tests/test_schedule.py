@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import dit, perturbed, tiny_config
 
-import ditcli.sampling.config
+import ditcli.diffusion.objectives
 import ditcli.sampling.generate
 import ditcli.sampling.request
 import ditcli.training.preview
@@ -79,7 +79,7 @@ def plan_spy(monkeypatch) -> list:
             return plans[-1]
         return spy
 
-    for module in (ditcli.sampling.request, ditcli.sampling.generate, ditcli.sampling.config, ditcli.training.preview):
+    for module in (ditcli.diffusion.objectives,):  # every sampling path plans through its objective
         for name in ("plan_sampler", "plan_for"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, spy_on(getattr(samplers, name)))

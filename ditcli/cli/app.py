@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from ditcli import __version__
 from ditcli.errors import UserError
 from ditcli.ranks import AgreedError, env_rank, world_size
+from ditcli.version import __version__
 
 # Errors the shell reports as one line; anything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,

@@ -16,7 +16,7 @@ from ditcli.cli.options import (
     ModelOpt,
     OfflineOpt,
 )
-from ditcli.cli.sample import downloads
+from ditcli.cli.progress import downloads
 from ditcli.data.classes import ClassTable, class_table
 from ditcli.errors import UserError
 from ditcli.weights.checkpoint import load_checkpoint

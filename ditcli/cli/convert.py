@@ -11,13 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 from ditcli.cli.options import JsonOpt, ObjectiveOpt, TimeDirectionOpt
-from ditcli.diffusion.guidance import GUIDED_CHANNELS
-from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.guidance import DEFAULT_CHANNELS, GUIDED_CHANNELS
+from ditcli.diffusion.objectives import objective_from_options, objective_from_record
 from ditcli.diffusion.samplers import FLOW_SAMPLER_NAMES, SAMPLERS
 from ditcli.errors import UserError
 from ditcli.io import check_creatable
 from ditcli.runtime import PRECISIONS
-from ditcli.sampling.request import DEFAULT_CHANNELS, parse_interval
+from ditcli.sampling.request import parse_interval
 from ditcli.weights.checkpoint import WEIGHT_CHOICES
 from ditcli.weights.convert import OUTPUT_FORMATS, ConversionReport, SamplingChoice
 from ditcli.weights.convert import convert as convert_weights
@@ -36,29 +36,29 @@ DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=f"Stored dtype: {'
 WeightsOpt = Annotated[str | None, typer.Option(
     "--weights", help=f"From training checkpoints: {' or '.join(WEIGHT_CHOICES)}. A file with one set of weights must "
                       "hold the set named. Default: ema.", show_default=False)]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing DST.")]
+OverwriteOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing DST.")]
 NumHeadsOpt = Annotated[int | None, typer.Option(
     "--num-heads", help="Attention heads of a bare state dict, for widths outside the presets; a file whose config "
                         "records its heads must agree.", show_default=False)]
-VaeOpt = Annotated[str | None, typer.Option(
+DiffusersVaeOpt = Annotated[str | None, typer.Option(
     "--vae", help="With --to diffusers: the VAE to include (a local AutoencoderKL folder, a hub id, ema or mse), "
                   "'auto' for the checkpoint's own, or 'none'. Default: auto.", show_default=False)]
 InfoOpt = Annotated[Path | None, typer.Option("--info", metavar="FILE", help="Describe FILE or a hub id instead of "
                                                                           "converting.",
                                               show_default=False)]
 
-SamplerOpt = Annotated[str | None, typer.Option(
+RecordSamplerOpt = Annotated[str | None, typer.Option(
     "--sampler", help=f"Record the sampler `dit sample` uses by default (DDPM models: {', '.join(SAMPLERS)}; flow "
                       f"models: {', '.join(FLOW_SAMPLER_NAMES)}). Default: the source's.", show_default=False)]
-StepsOpt = Annotated[int | None, typer.Option("--steps", help="Record the default sampling steps (>= 1). Default: the "
-                                                              "source's.", show_default=False)]
-CfgOpt = Annotated[float | None, typer.Option("--cfg", help="Record the default guidance scale (>= 0; 1 is none). "
-                                                            "Default: the source's.", show_default=False)]
-IntervalOpt = Annotated[str | None, typer.Option(
+RecordStepsOpt = Annotated[int | None, typer.Option(
+    "--steps", help="Record the default sampling steps (>= 1). Default: the source's.", show_default=False)]
+RecordCfgOpt = Annotated[float | None, typer.Option(
+    "--cfg", help="Record the default guidance scale (>= 0; 1 is none). Default: the source's.", show_default=False)]
+RecordIntervalOpt = Annotated[str | None, typer.Option(
     "--guidance-interval", help="Record the default guidance interval: LOW,HIGH in training timesteps (a flow model's "
                                 "time in [0, 1]), or 'none' to guide every step. Default: the source's.",
     show_default=False)]
-ChannelsOpt = Annotated[str | None, typer.Option(
+RecordChannelsOpt = Annotated[str | None, typer.Option(
     "--guidance-channels", help=f"Record the default guided channels: {' or '.join(GUIDED_CHANNELS)}. Default: the "
                                 f"source's (none recorded: {DEFAULT_CHANNELS}).", show_default=False)]
 
@@ -71,21 +71,21 @@ def convert(
     to: ToOpt = None,
     dtype: DtypeOpt = None,
     weights: WeightsOpt = None,
-    force: ForceOpt = False,
+    force: OverwriteOpt = False,
     num_heads: NumHeadsOpt = None,
-    vae: VaeOpt = None,
+    vae: DiffusersVaeOpt = None,
     info: InfoOpt = None,
     json_out: JsonOpt = False,
     objective: ObjectiveOpt = None,
     time_direction: TimeDirectionOpt = None,
-    sampler: SamplerOpt = None,
-    steps: StepsOpt = None,
-    cfg: CfgOpt = None,
-    guidance_interval: IntervalOpt = None,
-    guidance_channels: ChannelsOpt = None,
+    sampler: RecordSamplerOpt = None,
+    steps: RecordStepsOpt = None,
+    cfg: RecordCfgOpt = None,
+    guidance_interval: RecordIntervalOpt = None,
+    guidance_channels: RecordChannelsOpt = None,
 ):
     """Convert DiT weights between official, training, safetensors and diffusers formats; check the result."""
-    spec = ObjectiveSpec.from_options(objective, time_direction)
+    spec = objective_from_options(objective, time_direction)
     sampling = SamplingChoice(sampler=sampler, steps=steps, cfg=cfg, interval=parse_interval(guidance_interval),
                               set_interval=guidance_interval is not None, channels=guidance_channels)
     if info is not None:
@@ -124,14 +124,15 @@ def _render_info(data: dict, json_out: bool) -> None:
         return
     table = Table(show_header=False, box=None)
     ema = {True: "yes", False: "no", None: "not recorded"}[data["ema"]]
+    objective = objective_from_record(**data["objective"])
     rows = [("format", data["format"]), ("model", data["model"]), ("parameters", f"{data['parameters']:,}"),
             ("dtype", ", ".join(data["dtype"])), ("weights", data["weights"]), ("EMA", ema),
             ("classes", str(data["config"]["num_classes"])),
             ("class names", str(data["class_names"]) if data["class_names"] is not None else "none"),
             ("codec", json.dumps(data["codec"]) if data["codec"] else "none"),
             ("timestep convention", f"{data['timestep_convention']} ({data['convention_source']})"),
-            ("schedule", data["schedule"] if data["objective"]["objective"] == "ddpm" else "none (a flow model)"),
-            ("objective", f"{_objective(data['objective'])} ({data['objective_source']})"),
+            ("schedule", objective.schedule_text(data["schedule"])),
+            ("objective", f"{objective.describe()} ({data['objective_source']})"),
             ("sampling", json.dumps(data["sampling"]) if data["sampling"] else "not recorded"),
             ("EMA record", json.dumps(data["ema_record"]) if data["ema_record"] else "not recorded"),
             ("config", json.dumps(data["config"]))]
@@ -142,11 +143,6 @@ def _render_info(data: dict, json_out: bool) -> None:
         console.print(f"dropped: {group}")
     for warning in data["warnings"]:
         console.print(f"warning: {warning}", style="yellow")
-
-
-def _objective(record: dict) -> str:
-    direction = record.get("time_direction")
-    return record["objective"] + (f", time {direction}" if direction else "")
 
 
 def _weights_parity(trip: dict) -> str:

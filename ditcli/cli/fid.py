@@ -16,6 +16,7 @@ from rich.table import Table
 from ditcli.cli.options import DeviceOpt, JsonOpt
 from ditcli.cli.progress import StageBars
 from ditcli.errors import UserError
+from ditcli.evaluation.features import INCEPTION
 from ditcli.evaluation.inception import WEIGHTS_NAME
 from ditcli.io import check_creatable
 
@@ -43,17 +44,16 @@ ResizeOpt = Annotated[int | None, typer.Option(
 FeaturesOpt = Annotated[str, typer.Option(
     "--features", help="inception, a registered extractor name, a TorchScript .pt file or a tagged .safetensors file "
                        "(see docs/evaluation.md).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Let --make-ref replace an existing -o file.")]
+ReplaceRefOpt = Annotated[bool, typer.Option("--force", help="Let --make-ref replace an existing -o file.")]
 
 
 def fid(
     samples: SamplesArg = None, ref: RefOpt = None, make_ref: MakeRefOpt = None, split: SplitOpt = None,
     output: OutputOpt = None, resize: ResizeOpt = None, batch_size: BatchSizeOpt = 64, device: DeviceOpt = "auto",
-    inception_weights: InceptionWeightsOpt = None, features: FeaturesOpt = "inception",
-    num_workers: WorkersOpt = min(4, os.cpu_count() or 1), force: ForceOpt = False, json_output: JsonOpt = False,
+    inception_weights: InceptionWeightsOpt = None, features: FeaturesOpt = INCEPTION,
+    num_workers: WorkersOpt = min(4, os.cpu_count() or 1), force: ReplaceRefOpt = False, json_output: JsonOpt = False,
 ):
     """Score samples against a reference: FID, sFID, IS, precision and recall, as ADM's evaluator."""
-    from ditcli.evaluation.features import INCEPTION
     from ditcli.evaluation.fid import FidConfig, check_fid_mode, check_options, evaluate
     from ditcli.evaluation.references import make_ref as make_reference
     from ditcli.runtime import resolve_device, set_backend_flags

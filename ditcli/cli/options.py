@@ -1,7 +1,8 @@
 """Options shared by several commands, declared once."""
 
+import copy
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
@@ -29,3 +30,11 @@ ObjectiveOpt = Annotated[str | None, typer.Option(
                         "record it (ours, converted ones) need none.")]
 TimeDirectionOpt = Annotated[str | None, typer.Option(
     "--time-direction", help="A flow model's time: noise-to-data (SiT: t = 1 is data) or data-to-noise (REPA).")]
+
+
+def in_panel(alias, panel: str):
+    """A shared option shown under `panel` in one command's --help (`dit train` groups its options in panels)."""
+    kind, info = get_args(alias)
+    info = copy.copy(info)
+    info.rich_help_panel = panel
+    return Annotated[kind, info]

@@ -152,6 +152,11 @@ def byte_progress(description: str, enabled: bool = True) -> Iterator[Callable[[
             bars[0].__exit__(None, None, None)
 
 
+def downloads(enabled: bool):
+    """A `download(filename)` context for the core: a byte bar that opens only if a download happens."""
+    return lambda filename: byte_progress(f"downloading {filename}", enabled=enabled)
+
+
 class TrainProgress:
     """Renders trainer events: the start-up table, a bar with loss and img/s, and one line per checkpoint."""
 

@@ -22,9 +22,9 @@ from ditcli.cli.options import (
     SeedOpt,
     TimeDirectionOpt,
 )
-from ditcli.cli.progress import ProgressBar, byte_progress
-from ditcli.diffusion.guidance import GUIDED_CHANNELS
-from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.cli.progress import ProgressBar, downloads
+from ditcli.diffusion.guidance import DEFAULT_CHANNELS, GUIDED_CHANNELS
+from ditcli.diffusion.objectives import objective_from_options
 from ditcli.diffusion.samplers import FLOW_SAMPLER_NAMES, SAMPLERS
 from ditcli.evaluation.protocol import PAPER_FID, SAMPLE_PRESETS
 from ditcli.ranks import (
@@ -39,7 +39,6 @@ from ditcli.runtime import resolve_device, set_backend_flags
 from ditcli.sampling.config import GenerateConfig
 from ditcli.sampling.generate import sample_run
 from ditcli.sampling.request import (
-    DEFAULT_CHANNELS,
     DEFAULT_NUM,
     DEFAULT_PRECISION,
     SampleRequest,
@@ -131,7 +130,7 @@ def sample(
             settings["cfg"], settings["guidance_channels"], guidance_interval, settings["sampler"], eta, seed,
             batch_size, out, npz, settings["vae"], vae is None and settings["vae"] is not None,
             settings["precision"], compile, deterministic, offline, force, preset, weights,
-            ObjectiveSpec.from_options(objective, time_direction), time_shift, atol, rtol, cache, tuple(notes))
+            objective_from_options(objective, time_direction), time_shift, atol, rtol, cache, tuple(notes))
         request.check()
     torch_device = rank_device(resolve_device(device))
     set_backend_flags(deterministic=deterministic)
@@ -154,11 +153,6 @@ def sample(
                                  plan=run.plan)
         if ranks.rank == 0:
             report(summary, run.out, run.npz, run.run_key, json_output, run.weights, run.warnings)
-
-
-def downloads(enabled: bool):
-    """A `download(filename)` context for the core: a byte bar that opens only if a download happens."""
-    return lambda filename: byte_progress(f"downloading {filename}", enabled=enabled)
 
 
 def show_preset(console: Console, preset: str, config: GenerateConfig, codec, out: Path | None, npz: Path | None,

@@ -83,8 +83,6 @@ class Diffusion:
     timesteps: np.ndarray
     learn_sigma: bool = True
 
-    kind = "ddpm"
-
     @classmethod
     def create(cls, respacing: str = "", schedule: str = "linear", learn_sigma: bool = True,
                num_timesteps: int = TRAIN_TIMESTEPS) -> Diffusion:

@@ -45,8 +45,6 @@ class FlowMatching:
         if not (math.isfinite(self.time_shift) and self.time_shift > 0):
             raise ValueError(f"time shift must be a finite number > 0, got {self.time_shift}")
 
-    kind = "flow"
-
     @property
     def data_time(self) -> float:
         """The time at which x_t is the data: where sampling ends."""
@@ -119,9 +117,6 @@ class FlowMatching:
         else:
             levels = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
         return [float(self.time_at(shift_noise_level(sigma, shift))) for sigma in levels]
-
-    def to_dict(self) -> dict:
-        return {"objective": self.kind, "time_direction": self.direction}
 
 
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The adapters that turn a DiT into the `model_fn` a sampler calls: classifier-free guidance (with DiT's
+guided channels and an interval), the unconditional model, per-image noise from (seed, index), and NFE counting.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +10,7 @@ from typing import Callable
 
 import torch
 
-from ditcli.diffusion.ddpm import Diffusion
-from ditcli.diffusion.flow import FlowMatching
+from ditcli.diffusion.process import Process
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -17,7 +18,10 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-GUIDED_CHANNELS = ("paper", "all")
+PAPER_CHANNELS = "paper"  # the first 3 latent channels, as DiT's reference sampler guides them (see `Guidance`)
+GUIDED_CHANNELS = (PAPER_CHANNELS, "all")
+DEFAULT_CHANNELS = PAPER_CHANNELS  # for a file that records no guided channels
+MAX_SEED = 2**63 - 1  # the largest seed of a run: every generator of a run is seeded by `image_seed(seed, i)`
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -54,7 +58,7 @@ class Guidance:
     """
 
     scale: float = 1.0
-    channels: str = "paper"
+    channels: str = DEFAULT_CHANNELS
     interval: tuple[float, float] | None = None
 
     def __post_init__(self):
@@ -69,7 +73,7 @@ class Guidance:
         return self.interval is None or self.interval[0] <= t <= self.interval[1]
 
 
-def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Diffusion | FlowMatching,
+def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Process,
                     guidance: Guidance, null_class: int) -> ModelFn:
     """The `model_fn` of a class-conditional DiT under classifier-free guidance.
 
@@ -78,7 +82,7 @@ def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Dif
     evaluation's time, or at `step_index` where a multi-stage sampler passes its step's start.
     """
     in_channels = model.config.in_channels
-    guided = min(3, in_channels) if guidance.channels == "paper" else in_channels  # never the variance channels
+    guided = min(3, in_channels) if guidance.channels == PAPER_CHANNELS else in_channels  # never the variance channels
     null = torch.full_like(labels, null_class)
 
     def model_fn(x: torch.Tensor, index: torch.Tensor, step_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,7 +101,7 @@ def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Dif
     return model_fn
 
 
-def unconditional_model_fn(model: torch.nn.Module, diffusion: Diffusion | FlowMatching) -> ModelFn:
+def unconditional_model_fn(model: torch.nn.Module, diffusion: Process) -> ModelFn:
     """The `model_fn` of a model trained without labels: every image gets the null class."""
     def model_fn(x: torch.Tensor, index: torch.Tensor, step_index: torch.Tensor | None = None) -> torch.Tensor:
         labels = torch.full((x.shape[0],), model.config.num_classes, dtype=torch.long, device=x.device)

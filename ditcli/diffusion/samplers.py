@@ -1,4 +1,4 @@
-"""Samplers with one contract, and the adapters that turn a DiT into the `model_fn` they call.
+"""Samplers with one contract, and the plans that choose one (its process, steps and NFE) for a sampler name.
 
 Every sampler is `sample_<name>(model_fn, x, diffusion, noise_fn, callback=None) -> x_0`:
 - `model_fn(x, index)` returns the raw model output (eps, then variance values when the model learns sigma)
@@ -6,10 +6,12 @@ Every sampler is `sample_<name>(model_fn, x, diffusion, noise_fn, callback=None)
 - `x` is the starting noise;
 - `diffusion` is the process: its betas, its respacing, and `Diffusion.split_output`, the one reader of the
   learned-variance channels;
-- `noise_fn(like)` returns fresh Gaussian noise shaped like `like` (per-image generators, see `ImageNoise`); only
-  stochastic steps draw from it (DDPM, DDIM with eta > 0), the ODE solvers never do;
+- `noise_fn(like)` returns fresh Gaussian noise shaped like `like` (per-image generators, see
+  `ditcli.diffusion.guidance.ImageNoise`); only stochastic steps draw from it (DDPM, DDIM with eta > 0), the ODE
+  solvers never do;
 - `callback(step, num_steps, x)` is called after each step.
-Guidance lives in the adapters, not in the samplers.
+Guidance lives in the `model_fn` adapters of `ditcli.diffusion.guidance`, not in the samplers; which samplers fit a
+model is its objective's decision (`ditcli.diffusion.objectives`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ditcli.diffusion.flow_samplers import (
     sample_flow_sde,
 )
 from ditcli.diffusion.guidance import GUIDED_CHANNELS, ModelFn, NoiseFn
+from ditcli.diffusion.process import Process
 
 Callback = Callable[[int, int, torch.Tensor], None] | None
 
@@ -122,21 +125,6 @@ class SamplingDefaults:
         return cls(str(data["sampler"]), int(data["steps"]), float(data["cfg"]), interval, channels)
 
 
-# DiT's published evaluation settings (DDPM, 250 steps, guidance 4 for samples): the default for a file that names none.
-DIT_SAMPLING = SamplingDefaults()
-# What `dit train` records: the embedded Fashion-MNIST run measured DPM-Solver++(2M) at 25 steps as good as DDPM-250
-# at a tenth of the model evaluations (docs/fashion-mnist.md); cfg 4 gave its lowest Frechet distance.
-TRAINED_SAMPLING = SamplingDefaults("dpm++2m", 25, 4.0)
-# A flow model that records no defaults (a SiT or REPA file): SiT's default ODE solver, dopri5 at atol 1e-6, rtol 1e-3
-# (its steps do not apply), cfg 4 as SiT's sample.py.
-FLOW_SAMPLING = SamplingDefaults("dopri5", 50, 4.0)
-# What `dit train --objective flow` records: Heun at 25 steps (50 evaluations per image), not yet tuned on a trained
-# flow model (docs/flow.md).
-TRAINED_FLOW_SAMPLING = SamplingDefaults("heun", 25, 4.0)
-# What a file that records no defaults samples with, by its objective.
-DEFAULT_SAMPLING = {"ddpm": DIT_SAMPLING, "flow": FLOW_SAMPLING}
-
-
 def make_scheduler(name: str, diffusion: Diffusion, steps: int):
     """A diffusers scheduler for solver `name`, built on this process's own betas."""
     import diffusers
@@ -184,7 +172,7 @@ class SamplerPlan:
 
     name: str
     steps: int
-    process: Diffusion | FlowMatching
+    process: Process
     sample: Callable
     nfe: int | None
 
@@ -247,17 +235,6 @@ def plan_flow_sampler(name: str, steps: int, flow: FlowMatching, settings: FlowS
     extra = {"last_step": settings.last_step} if name == "sde" else {}
     sample = partial(FLOW_SAMPLERS[name], steps=steps, shift=settings.shift, **extra)
     return SamplerPlan(name, steps, flow, sample, 2 * steps if name == "heun" else steps)
-
-
-def plan_for(objective: Diffusion | FlowMatching, name: str, steps: int, *, schedule: str = "linear",
-             eta: float = 0.0, flow: FlowSettings = FlowSettings()) -> SamplerPlan:
-    """The plan of sampler `name` for a model trained with `objective` (on `schedule`'s betas, for DDPM)."""
-    if objective.kind == "flow":
-        return plan_flow_sampler(name, steps, objective, flow)
-    if name in FLOW_SAMPLERS and name not in SAMPLERS:
-        raise ValueError(f"sampler {name!r} samples flow-matching models, and this is a DDPM model "
-                         f"(choose from {', '.join(SAMPLERS)})")
-    return plan_sampler(name, steps, objective.learn_sigma, eta, schedule=schedule)
 
 
 def _ddim_spacing_exists(steps: int) -> bool:

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Feature extractors and what is kept of their activations: the registry (`--features NAME|FILE`), the streamed
+moments of pool features, Inception Score splits, and `extract`, which feeds batches through an extractor.
+"""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ditcli.data.classes import IMAGENET_CLASSES
+from ditcli.diffusion.guidance import PAPER_CHANNELS
 from ditcli.errors import UserError
 from ditcli.hub import repo_of
 from ditcli.model.codec import LATENT_CHANNELS, VAE_ALIASES
@@ -23,7 +24,7 @@ class SamplingProtocol:
     sampler: str = "ddpm"
     steps: int = 250
     cfg: float = 1.5
-    guidance_channels: str = "paper"
+    guidance_channels: str = PAPER_CHANNELS
     vae: str = "ema"
     precision: str = "fp32"
     num_images: int = 50_000

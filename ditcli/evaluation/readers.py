@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Image sources for `dit fid`: ADM .npz batches, arrays, image folders (grid.png skipped), center-cropped and
+resized the way the reference batches were, in uint8 RGB.
+"""
 
 from __future__ import annotations
 

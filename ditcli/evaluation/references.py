@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Reference statistics: an ADM reference batch or a folder opened for scoring, and `dit fid --make-ref`, which
+writes one from a folder, an .npz or Fashion-MNIST's idx files in the features asked for.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The scores, as ADM's evaluator computes them: Frechet distance, KID (polynomial-kernel MMD over subsets),
+and the k-NN manifold precision and recall with ADM's float16 distance blocks.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""`GenerateConfig`: everything that decides the pixels of a sampling run, the sampler plan it implies, and the
+run key that lets a rerun resume only the same run.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import numpy as np
 from ditcli.diffusion.guidance import (
     Guidance,
 )
-from ditcli.diffusion.objectives import DDPM, ObjectiveSpec
-from ditcli.diffusion.samplers import FlowSettings, SamplerPlan, plan_for
+from ditcli.diffusion.objectives import DDPM, Objective
+from ditcli.diffusion.samplers import FlowSettings, SamplerPlan
 from ditcli.sampling.block_cache import check_threshold
 
 ADDED_FIELDS = ("objective", "flow", "cache")
@@ -35,7 +37,7 @@ class GenerateConfig:
     precision: str = "fp32"
     compile: bool = False
     schedule: str = "linear"  # the checkpoint's training betas
-    objective: ObjectiveSpec = DDPM  # the checkpoint's objective and time direction
+    objective: Objective = DDPM  # the checkpoint's objective (and a flow's time direction)
     flow: FlowSettings = FlowSettings()  # a flow sampler's time shift, tolerances and last step
     cache: float | None = None  # `BlockCache`'s threshold; None runs every block without it
 
@@ -58,13 +60,14 @@ class GenerateConfig:
 
     def plan(self, learn_sigma: bool) -> SamplerPlan:
         """The sampler on the checkpoint's own process: its betas, or its flow's time direction."""
-        process = self.objective.build(learn_sigma=learn_sigma, schedule=self.schedule)
-        return plan_for(process, self.sampler, self.steps, schedule=self.schedule, eta=self.eta, flow=self.flow)
+        return self.objective.plan(self.sampler, self.steps, learn_sigma, schedule=self.schedule, eta=self.eta,
+                                   flow=self.flow)
 
     def run_key(self, checkpoint_sha256: str, codec: dict) -> str:
         """A digest of what decides the pixels; a re-run resumes only a run with the same key."""
         fields = asdict(self)
         fields.pop("batch_size"), fields.pop("compile")
+        fields["objective"] = self.objective.to_metadata()  # the record, as files keep it
         unset = {"cache": not self.cache}  # threshold 0 gives the uncached pixels
         for name in ADDED_FIELDS:  # hashed only where set, so runs from before them keep their keys
             if unset.get(name, getattr(self, name) == GenerateConfig.__dataclass_fields__[name].default):

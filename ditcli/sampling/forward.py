@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The forward a sampling run calls: weights cast to the run's precision, eager, compiled or an AOTInductor
+package, and whether compiling pays for this job on this machine.
+"""
 
 from __future__ import annotations
 

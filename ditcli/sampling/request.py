@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ditcli import __version__
 from ditcli.data.classes import ClassTable, class_table, slug
 from ditcli.data.images import GRID_MAX
-from ditcli.diffusion.guidance import GUIDED_CHANNELS, Guidance
-from ditcli.diffusion.objectives import ObjectiveSpec
-from ditcli.diffusion.samplers import DEFAULT_SAMPLING, FlowSettings, SamplerPlan
+from ditcli.diffusion.guidance import DEFAULT_CHANNELS, GUIDED_CHANNELS, MAX_SEED, Guidance
+from ditcli.diffusion.objectives import Objective
+from ditcli.diffusion.samplers import SamplerPlan
 from ditcli.downloads import home_dir, remembered_sha256
 from ditcli.errors import UserError
 from ditcli.evaluation.protocol import expand_preset
@@ -46,6 +45,7 @@ from ditcli.sampling.generate import (
     random_labels,
 )
 from ditcli.sampling.writers import ImageDirWriter, NpzWriter
+from ditcli.version import __version__
 from ditcli.weights.locate import (
     DownloadProgress,
     check_model_choice,
@@ -55,13 +55,11 @@ from ditcli.weights.locate import (
 from ditcli.weights.record import Checkpoint, describe
 
 DEFAULT_NUM = 16
-DEFAULT_CHANNELS = "paper"  # for a file that records no guided channels
 DEFAULT_PRECISION = "fp32"
 
 
 MAX_IMAGES = 10_000_000  # 200 ImageNet FID-50k runs; a bound so a typo fails at once, not after building labels
 MAX_STEPS = 10_000
-MAX_SEED = 2**63 - 1
 MAX_CFG = 100.0  # far past any useful scale; larger ones only overflow the guided eps
 
 
@@ -94,7 +92,7 @@ class SampleRequest:
     force: bool = False
     preset: str | None = None
     weights: str | None = None
-    objective: ObjectiveSpec | None = None  # --objective/--time-direction, for a file that does not record them
+    objective: Objective | None = None  # --objective/--time-direction, for a file that does not record them
     time_shift: float | None = None
     atol: float | None = None
     rtol: float | None = None
@@ -141,17 +139,17 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     model_config = checkpoint.config
 
     # Check everything cheap (sampler, guidance, classes, sizes, outputs) before the codec loads.
-    defaults = checkpoint.sampling or (entry.sampling if entry else DEFAULT_SAMPLING[checkpoint.objective.objective])
+    defaults = checkpoint.sampling or (entry.sampling if entry else checkpoint.objective.default_sampling)
     channels = r.guidance_channels or defaults.channels or DEFAULT_CHANNELS
     guidance = make_guidance(r.cfg if r.cfg is not None else defaults.cfg, channels, r.guidance_interval,
                              model_config, defaults.interval)
-    check_flow_interval(checkpoint, guidance)
+    checkpoint.objective.check_interval(guidance.interval, f": this is {checkpoint.objective.noun()}")
     sampler, steps = r.sampler or defaults.sampler, r.steps or defaults.steps
     if r.eta is not None and sampler != "ddim":
         raise UserError(f"--eta only applies to --sampler ddim, and this run uses {sampler}",
                         "add --sampler ddim, or drop --eta")
     eta = r.eta or 0.0
-    flow = flow_settings(r, checkpoint)
+    flow = checkpoint.objective.sampler_settings(r.time_shift, r.atol, r.rtol)
     notes = list(r.notes)
     vae = vae_choice(checkpoint, r.vae, r.vae_from_preset, notes)
     names = class_table(model_config.num_classes, checkpoint.class_names)
@@ -202,20 +200,6 @@ def choose_compile(given: bool | None, config: GenerateConfig, net: torch.nn.Mod
             and package_exists(home_dir() / "aoti", net):  # hashing the weights only where a package would pay
         choice, why = compile_pays(config, net.config, plan.nfe, device, built=True)
     return replace(config, compile=choice), why
-
-
-def flow_settings(request: SampleRequest, checkpoint: Checkpoint) -> FlowSettings:
-    """--time-shift, --atol and --rtol: a flow sampler's, refused for a DDPM model, which would ignore them."""
-    given = {flag: value for flag, value in (("--time-shift", request.time_shift), ("--atol", request.atol),
-                                             ("--rtol", request.rtol)) if value is not None}
-    if checkpoint.objective.objective != "flow":
-        if given:
-            raise UserError(f"{', '.join(given)} only apply to flow-matching models, and this is a DDPM model",
-                            f"drop {', '.join(given)}")
-        return FlowSettings()
-    base = FlowSettings()
-    return FlowSettings(*(base_value if value is None else value for value, base_value in
-                          ((request.time_shift, base.shift), (request.atol, base.atol), (request.rtol, base.rtol))))
 
 
 def output_paths(request: SampleRequest, default: Path) -> tuple[Path | None, Path | None]:
@@ -339,15 +323,6 @@ def make_guidance(scale: float, channels: str, interval: str | None, model_confi
     return guidance
 
 
-def check_flow_interval(checkpoint: Checkpoint, guidance: Guidance) -> None:
-    """A flow model's guidance interval is in flow time, [0, 1]; training timesteps such as 0,700 would guide all."""
-    if checkpoint.objective.objective == "flow" and guidance.interval is not None and guidance.interval[1] > 1:
-        low, high = guidance.interval
-        raise UserError(f"--guidance-interval {low:g},{high:g} is not in flow time [0, 1]: this is a flow-matching "
-                        f"model ({checkpoint.objective.describe()})",
-                        "pass LOW,HIGH in [0, 1], e.g. 0,0.7 as REPA (on its data-to-noise time)")
-
-
 def parse_interval(text: str | None) -> tuple[float, float] | None:
     if text is None or text.strip().lower() == "none":
         return None
@@ -439,8 +414,7 @@ def make_provenance(model_name: str, path: Path, sha256: str, checkpoint: Checkp
         "guidance_interval": list(config.guidance.interval) if config.guidance.interval else None,
         "nfe_convention": "model evaluations per image; one evaluation of a doubled CFG batch counts as one",
         "weights": checkpoint.weights, "schedule": checkpoint.schedule,
-        "objective": checkpoint.objective.to_metadata(),
-        **({"flow_sampler": asdict(config.flow)} if checkpoint.objective.objective == "flow" else {}),
+        **checkpoint.objective.provenance(config.flow),
         "codec": codec.to_dict(), "precision": str(dtype).removeprefix("torch."), "device": str(device),
         "vae_dtype": codec_dtype(codec, dtype), "cache": config.cache,
         "deterministic": deterministic, "tf32": torch.backends.cuda.matmul.allow_tf32,

@@ -1,19 +1,26 @@
-"""TODO docstring."""
+"""`dit train`'s run definition: `TrainConfig` (one flat record, checked on creation), its limits, the training
+presets, and what may change on resume.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from ditcli.diffusion.ddpm import BETA_SCHEDULES
 from ditcli.diffusion.flow import TIME_DIRECTIONS, TIME_SAMPLINGS
+from ditcli.diffusion.guidance import MAX_SEED
 from ditcli.diffusion.objectives import (
     DEFAULT_TIME_DIRECTION,
     OBJECTIVES,
-    build_objective,
+    Objective,
+    objective_from_record,
 )
+from ditcli.diffusion.process import Process
 from ditcli.errors import UserError
+from ditcli.evaluation.features import INCEPTION
 from ditcli.model.codec import DEFAULT_VAE, LATENT_CHANNELS, VAE_ALIASES, VaeCodec
 from ditcli.model.dit import DiTConfig, preset, preset_names
 from ditcli.training.trackers import check_trackers
@@ -41,54 +48,111 @@ RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_ev
                      "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights"}
 
 
+# The groups of TrainConfig's fields, in the order `dit train --help` shows them as panels.
+DATA, MODEL, OBJECTIVE, OPTIMISATION, CHECKPOINTS, EVALUATION, LOGGING, PERFORMANCE = OPTION_GROUPS = (
+    "Data", "Model", "Objective", "Optimisation", "Checkpoints", "Evaluation", "Logging", "Performance")
+
+
+def option(default=MISSING, *, help: str, group: str, flag: str | None = None, parse: type | None = None):
+    """A TrainConfig field that is also a `dit train` option, declared once (litgpt's args.py): its help text and
+    its group. The flag is --<name> (--<name>/--no-<name> for a bool) unless `flag` names it; `parse` is the type the
+    command reads the value as, when not the field's (a Path for a str). ditcli/cli/train.py builds the options."""
+    return field(default=default, metadata={"help": help, "group": group, "flag": flag, "parse": parse})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a training run; stored in every checkpoint as plain data."""
+    """Everything that defines a training run; stored in every checkpoint as plain data. Each field is one option of
+    `dit train`, declared by `option` (help text and group)."""
 
-    data: str
-    out: str = "runs/dit"
-    model: str = "DiT-S/2"
-    image_size: int = 256
-    channels: int = 3
-    vae: str | None = DEFAULT_VAE
-    hidden_size: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    learn_sigma: bool = True
-    class_dropout_prob: float = DiTConfig.class_dropout_prob
-    objective: str = "ddpm"
-    schedule: str = "linear"  # ddpm only
-    time_direction: str = DEFAULT_TIME_DIRECTION  # flow only, as the three below
-    time_sampling: str = "uniform"
-    time_shift: float = 1.0
-    steps: int = 400_000
-    global_batch: int = 256
-    micro_batch: int | None = None
-    lr: float = 1e-4
-    lr_schedule: str = "constant"
-    lr_warmup: int = 0
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = False
-    grad_clip: float | None = None
-    precision: str = "fp32"
-    flip: bool = True
-    seed: int = 0
-    ckpt_every: int = 50_000
-    keep_last: int = 3
-    sample_every: int = 0
-    log_every: int = 100
-    log: tuple[str, ...] = ("jsonl",)  # trackers besides metrics.jsonl, which is always written (ditcli.training.trackers)
-    eval_every: int = 0  # FID of the EMA every N steps (ditcli.evaluation); 0 never
-    eval_ref: str | None = None
-    eval_num: int = 1000
-    eval_features: str = "inception"
-    max_bad_steps: int = 10
-    grad_checkpointing: bool = False
-    compile: bool = False
-    device: str = "auto"
-    init_from: str | None = None  # start from these weights (ditcli.training.finetune) instead of a fresh model
-    init_weights: str | None = None  # "ema", "model", or None: the EMA unless it is stale (ditcli.training.finetune)
+    # Data.
+    data: str = option(help="Image folder (class sub-folders or flat), an .npz, a folder of idx files, or "
+                            "'fashion-mnist' (also fashion-mnist:test). Default: the --preset's; required without one.",
+                       group=DATA)
+    image_size: int = option(256, help="Training resolution in pixels.", group=DATA)
+    channels: int = option(3, help="Image channels: 1 (grayscale, pixel models only) or 3.", group=DATA)
+    flip: bool = option(True, help="Random horizontal flips.", group=DATA)
+
+    # Model.
+    model: str = option("DiT-S/2", help=f"Architecture: {', '.join(preset_names())}.", group=MODEL)
+    vae: str | None = option(DEFAULT_VAE, help="ema, mse, a hub id or a local AutoencoderKL directory; 'none' trains "
+                                               "in pixel space.", group=MODEL)
+    hidden_size: int | None = option(None, help="Transformer width (a multiple of 4 and of --num-heads). Default: the "
+                                                "--model's.", group=MODEL)
+    depth: int | None = option(None, help="Number of DiT blocks. Default: the --model's.", group=MODEL)
+    num_heads: int | None = option(None, help="Attention heads. Default: the --model's.", group=MODEL)
+    class_dropout_prob: float = option(DiTConfig.class_dropout_prob, help="Share of labels dropped to the null class, "
+                                       "for guidance; 0 disables guidance.", group=MODEL)
+    # Start from these weights (ditcli.training.finetune) instead of a fresh model; None: the EMA unless it is stale.
+    init_from: str | None = option(None, help="Fine-tune: start from these weights (a .pt, .safetensors, training "
+                                   "checkpoint, diffusers folder or hub id org/name[@rev]); same architecture, any "
+                                   "image size and classes. Default: a fresh model.", group=MODEL)
+    init_weights: str | None = option(None, help="Which weights of a dit train checkpoint --init-from reads: ema or "
+                                      "model. Default: ema, or model when the EMA record says the EMA is still mostly "
+                                      "the initial weights.", group=MODEL)
+
+    # Objective: schedule is ddpm's only, the time options flow's only.
+    objective: str = option("ddpm", help="ddpm (DiT: eps prediction on a beta schedule) or flow (SiT: velocity on the "
+                            "linear path x_t = t x + (1 - t) eps); recorded in every checkpoint.", group=OBJECTIVE)
+    learn_sigma: bool = option(True, help="Learn the variance too (DiT, IDDPM's hybrid loss).", group=OBJECTIVE)
+    schedule: str = option("linear", help="Beta schedule: linear (DiT) or cosine (IDDPM); recorded in every "
+                                          "checkpoint.", group=OBJECTIVE)
+    time_direction: str = option(DEFAULT_TIME_DIRECTION, help="Flow time: noise-to-data (SiT: t = 1 is data) or "
+                                 "data-to-noise (REPA, SD3).", group=OBJECTIVE)
+    time_sampling: str = option("uniform", help="Flow training times: uniform (SiT) or logit-normal (mean 0, std 1; "
+                                "SD3, LightningDiT).", group=OBJECTIVE)
+    time_shift: float = option(1.0, help="Flow training times shifted as s' = S s / (1 + (S - 1) s) on the noise "
+                               "level s (> 0; > 1 trains more at high noise).", group=OBJECTIVE)
+
+    # Optimisation.
+    steps: int = option(400_000, help="Total optimizer steps.", group=OPTIMISATION)
+    global_batch: int = option(256, help="Images per step, all ranks.", group=OPTIMISATION)
+    lr: float = option(1e-4, help="AdamW learning rate (> 0).", group=OPTIMISATION)
+    lr_schedule: str = option("constant", help="Learning rate after the warm-up: constant, or cosine (annealed to 0 "
+                                               "at --steps).", group=OPTIMISATION)
+    lr_warmup: int = option(0, help="Steps of linear learning-rate warm-up from 0.", group=OPTIMISATION)
+    weight_decay: float = option(0.0, help="AdamW weight decay (>= 0).", group=OPTIMISATION)
+    ema_decay: float = option(0.9999, help="Decay of the EMA weights that sampling uses, in [0, 1).",
+                              group=OPTIMISATION)
+    ema_warmup: bool = option(False, help="Ramp the EMA decay up as min(decay, (1 + n) / (10 + n)).",
+                              group=OPTIMISATION)
+    grad_clip: float | None = option(None, help="Clip the gradient norm to this (> 0); 0 does not clip. Default: no "
+                                                "clipping.", group=OPTIMISATION)
+    seed: int = option(0, help="Seed of the weights and of every step's draws.", group=OPTIMISATION)
+    max_bad_steps: int = option(10, help="Stop after this many consecutive steps with a non-finite loss or gradient.",
+                                group=OPTIMISATION)
+
+    # Checkpoints.
+    out: str = option("runs/dit", help="Run directory: checkpoints, metrics.jsonl, samples/.", group=CHECKPOINTS,
+                      parse=Path)
+    ckpt_every: int = option(50_000, help="Save a checkpoint every N steps (and at the end).", group=CHECKPOINTS)
+    keep_last: int = option(3, help="Checkpoints kept; older ones are deleted.", group=CHECKPOINTS)
+
+    # Evaluation: sample grids, and the FD of the EMA (ditcli.evaluation) every N steps; 0 never.
+    sample_every: int = option(0, help="EMA sample grid every N steps; 0 never.", group=EVALUATION)
+    eval_every: int = option(0, help="Every N steps, sample --eval-num images from the EMA with the model's default "
+                             "sampler and log their FD and KID against --eval-ref (dit fid's code); 0 never.",
+                             group=EVALUATION)
+    eval_ref: str | None = option(None, help="The reference .npz for --eval-every (dit fid --make-ref). Default: none.",
+                                  group=EVALUATION)
+    eval_num: int = option(1000, help="Images per evaluation.", group=EVALUATION)
+    eval_features: str = option(INCEPTION, help="Feature extractor, as dit fid --features (fashion-judge for "
+                                                "Fashion-MNIST).", group=EVALUATION)
+
+    # Logging: metrics.jsonl is always written; `log` names the trackers besides it (ditcli.training.trackers).
+    log_every: int = option(100, help="Append a metrics.jsonl row every N steps.", group=LOGGING)
+    log: tuple[str, ...] = option(("jsonl",), help="Experiment trackers besides metrics.jsonl (always written): "
+                                  "tensorboard (OUT/tensorboard), wandb (honours WANDB_MODE=offline); repeat for "
+                                  "several.", group=LOGGING)
+
+    # Performance: how the run computes, not what it computes.
+    micro_batch: int | None = option(None, help="Images per forward; the rest of a rank's share is accumulated. "
+                                                "Default: the whole share.", group=PERFORMANCE)
+    precision: str = option("fp32", help="fp32 or bf16 (autocast, fp32 master weights).", group=PERFORMANCE)
+    grad_checkpointing: bool = option(False, help="Recompute block activations in the backward pass to save memory.",
+                                      group=PERFORMANCE)
+    compile: bool = option(False, help="torch.compile the model.", group=PERFORMANCE, flag="--compile")
+    device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps.", group=PERFORMANCE)
 
     def __post_init__(self):
         """Every option checked on its own, naming it, before any data is read or file written."""
@@ -136,18 +200,16 @@ class TrainConfig:
             ("--time-direction", self.time_direction, DEFAULT_TIME_DIRECTION),
             ("--time-sampling", self.time_sampling, "uniform"), ("--time-shift", self.time_shift, 1.0))
             if value != default]
-        if self.objective == "ddpm" and flow_only:
-            verb = "applies" if len(flow_only) == 1 else "apply"
-            raise UserError(f"{', '.join(flow_only)} only {verb} to --objective flow", "add --objective flow")
-        if self.objective == "flow" and self.schedule != "linear":
-            raise UserError("--schedule (the beta schedule) only applies to --objective ddpm",
-                            "drop --schedule, or train with --objective ddpm")
+        self.training_objective().check_training(self.schedule, flow_only)
 
-    def build_objective(self):
-        """The training process: `Diffusion` or `FlowMatching` (ditcli.diffusion.objectives)."""
-        return build_objective(self.objective, learn_sigma=self.learn_sigma, schedule=self.schedule,
-                               time_direction=self.time_direction, time_sampling=self.time_sampling,
-                               time_shift=self.time_shift)
+    def training_objective(self) -> Objective:
+        """The objective adapter of the run (ditcli.diffusion.objectives)."""
+        return objective_from_record(self.objective, self.time_direction, "run")
+
+    def build_objective(self) -> Process:
+        """The training process the objective draws times, noises and losses from."""
+        return self.training_objective().process(self.learn_sigma, self.schedule, self.time_sampling,
+                                                 self.time_shift)
 
     def integer_ranges(self) -> list[tuple[str, int | None, int, int]]:
         """(option, value, lowest, highest): the highest keep a typo from allocating the machine away."""
@@ -159,7 +221,7 @@ class TrainConfig:
                 ("--log-every", self.log_every, 1, 10**12), ("--ckpt-every", self.ckpt_every, 1, 10**12),
                 ("--sample-every", self.sample_every, 0, 10**12), ("--max-bad-steps", self.max_bad_steps, 1, 10**6),
                 ("--eval-every", self.eval_every, 0, 10**12), ("--eval-num", self.eval_num, 2, 10**7),
-                ("--lr-warmup", self.lr_warmup, 0, max(0, self.steps - 1)), ("--seed", self.seed, 0, 2**63 - 1)]
+                ("--lr-warmup", self.lr_warmup, 0, max(0, self.steps - 1)), ("--seed", self.seed, 0, MAX_SEED)]
 
     def float_checks(self) -> list[tuple[str, float | None, Callable[[float], bool], str, str]]:
         """(option, value, test of a finite value, the rule, how to fix)."""

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The randomness contract of training: every random draw of a global batch (image order, times, noise, label
+dropout) comes from (seed, step) alone, so a run is the same on one process or eight, resumed or not.
+"""
 
 from __future__ import annotations
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ditcli.diffusion.guidance import Guidance
-from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.guidance import DEFAULT_CHANNELS, Guidance
+from ditcli.diffusion.objectives import Objective
 from ditcli.diffusion.samplers import SamplingDefaults
 from ditcli.errors import UserError
+from ditcli.evaluation.features import INCEPTION
 from ditcli.evaluation.fid import FidConfig, evaluate, reference_activations
 from ditcli.runtime import set_backend_flags
 from ditcli.sampling.config import GenerateConfig
@@ -35,7 +36,7 @@ class EvalRequest:
     every: int
     ref: Path
     num: int
-    features: str = "inception"
+    features: str = INCEPTION
 
     def check(self) -> None:
         """The reference must be readable before training starts (checked on every rank)."""
@@ -48,11 +49,39 @@ class EvalRequest:
         return self.every > 0 and step % self.every == 0
 
 
-def eval_config(num_classes: int, sampling: SamplingDefaults, objective: ObjectiveSpec, schedule: str, num: int,
+class Evaluator:
+    """FD while training: whether an evaluation is due (`due`), running it (`__call__`), the reference's activations
+    kept between evaluations, and the seconds spent, which the loop keeps out of its img/s."""
+
+    def __init__(self, request: EvalRequest | None, out: Path):
+        self.request, self.out = request, Path(out)
+        self.reference: dict = {}  # the reference's activations, extracted once
+        self.seconds = 0.0
+
+    @classmethod
+    def from_config(cls, config, out: Path) -> Evaluator:
+        """From a TrainConfig's --eval-* slice; an evaluator that is never due without --eval-every."""
+        request = None if not config.eval_every else EvalRequest(
+            config.eval_every, Path(config.eval_ref), config.eval_num, config.eval_features)
+        return cls(request, out)
+
+    def due(self, step: int) -> bool:
+        return self.request is not None and self.request.due(step)
+
+    def __call__(self, model, codec, config: GenerateConfig, ranks, device, step: int) -> dict | None:
+        """Evaluate the EMA `model` at `step` into out/eval/step-<step>.npz; rank 0 gets the record, others None."""
+        started = time.perf_counter()
+        path = self.out / "eval" / f"step-{step:07d}.npz"
+        record = evaluate_ema(model, codec, config, self.request, path, ranks, device, step, self.reference)
+        self.seconds += time.perf_counter() - started
+        return record
+
+
+def eval_config(num_classes: int, sampling: SamplingDefaults, objective: Objective, schedule: str, num: int,
                 seed: int) -> GenerateConfig:
     """`dit sample --num-images num --seed seed` with the model's defaults: random classes, its sampler and cfg."""
     labels = random_labels(num, seed, range(num_classes)) if num_classes else [0] * num
-    guidance = Guidance(sampling.cfg if num_classes else 1.0, "paper", sampling.interval)
+    guidance = Guidance(sampling.cfg if num_classes else 1.0, DEFAULT_CHANNELS, sampling.interval)
     return GenerateConfig(tuple(labels), seed, sampling.sampler, sampling.steps, 0.0, guidance, EVAL_BATCH,
                           schedule=schedule, objective=objective)
 

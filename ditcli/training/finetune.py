@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ditcli.data.classes import IMAGENET_CLASSES, ClassTable, class_table, normalize
-from ditcli.diffusion.objectives import DDPM, ObjectiveSpec
+from ditcli.diffusion.objectives import DDPM, Objective
 from ditcli.errors import UserError
 from ditcli.hub import parse_hub_id
 from ditcli.model.codec import LATENT_CHANNELS
@@ -80,7 +80,7 @@ class InitFrom:
 
 
 def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], class_names: list[str] | None,
-              weights: str | None = None, objective: ObjectiveSpec = DDPM) -> InitFrom:
+              weights: str | None = None, objective: Objective = DDPM) -> InitFrom:
     """Load `source` and map it onto `target`, whose fresh initialisation `fresh` fills whatever is not carried.
 
     `weights` is "ema" or "model" as asked, or None: the EMA unless `read_source` finds it stale. `objective` is the
@@ -137,18 +137,16 @@ def check_architecture(source: DiTConfig, target: DiTConfig, name: str) -> None:
                         + "; ".join(differences), f"train the source's shape: {source_flags(source)}")
 
 
-def objective_change(checkpoint: Checkpoint, objective: ObjectiveSpec, name: str) -> str | None:
+def objective_change(checkpoint: Checkpoint, objective: Objective, name: str) -> str | None:
     """The warning for a source recorded as another objective than the run's; None when they agree or the file does not
     say (a released .pt). A flow source whose time runs the other way is an error."""
     source = checkpoint.objective
     if not checkpoint.objective_recorded or source == objective:
         return None
-    if source.objective == objective.objective:
-        raise UserError(f"--init-from {name} is a flow model with time {source.time_direction}, this run's time is "
-                        f"{objective.time_direction}", f"pass --time-direction {source.time_direction}")
+    objective.check_source(source, name)
     return (f"warning: --init-from {name} was trained as {source.describe()}; this run trains it as "
             f"{objective.describe()}, so it starts far from its source's optimum; pass --objective "
-            f"{source.objective} to fine-tune it as it was trained")
+            f"{source.name} to fine-tune it as it was trained")
 
 
 def source_flags(config: DiTConfig) -> str:

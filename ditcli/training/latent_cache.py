@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The latent cache: the VAE posterior (mean, std) of every training image and its flip, encoded once and kept in
+float16 shards, so later epochs and resumed runs skip the encoder.
+"""
 
 from __future__ import annotations
 

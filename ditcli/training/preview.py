@@ -14,14 +14,12 @@ from ditcli.diffusion.guidance import (
     guided_model_fn,
     unconditional_model_fn,
 )
-from ditcli.diffusion.samplers import plan_for
 from ditcli.model.codec import to_uint8
 
 PER_CLASS = 2  # images of each shown class
 SHOWN_CLASSES = 10  # at most this many classes, spread over the label range
 UNCONDITIONAL_IMAGES = 16  # a 4 x 4 grid for a model without labels
 STEPS, CFG = 25, 2.0  # steps and guidance: quick, and enough to see a run improve
-PREVIEW_SAMPLERS = {"ddpm": "ddim", "flow": "euler"}  # by objective
 
 
 @torch.no_grad()
@@ -33,7 +31,7 @@ def ema_preview(model, codec, objective, schedule: str, path: Path, seed: int) -
     """
     config = model.config
     device = next(model.parameters()).device
-    plan = plan_for(objective, PREVIEW_SAMPLERS[objective.kind], STEPS, schedule=schedule)
+    plan = objective.plan(objective.preview_sampler, STEPS, config.learn_sigma, schedule=schedule)
     if config.num_classes:
         classes = np.linspace(0, config.num_classes - 1, min(SHOWN_CLASSES, config.num_classes)).round().astype(int)
         labels = torch.tensor(np.repeat(classes, PER_CLASS), device=device)

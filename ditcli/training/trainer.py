@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,21 +19,18 @@ import torch
 import torch.distributed as dist
 
 from ditcli.data.sources import ImageSet, check_source, load_images
-from ditcli.diffusion.objectives import ObjectiveSpec
 from ditcli.diffusion.samplers import (
-    TRAINED_FLOW_SAMPLING,
-    TRAINED_SAMPLING,
     SamplingDefaults,
 )
-from ditcli.errors import UserError
 from ditcli.hub import is_offline
-from ditcli.io import atomic_write, check_creatable, safe_torch_load
+from ditcli.io import check_creatable
 from ditcli.model.codec import PixelCodec, VaeCodec, locate_vae
 from ditcli.model.dit import DiT, DiTConfig, count_parameters, training_flops
 from ditcli.ranks import (
     DEFAULT_TIMEOUT_S,
     SHARED_DISK_HINT,
     AgreedError,
+    Ranks,
     collectives,
     from_rank0,
     join,
@@ -43,12 +39,12 @@ from ditcli.ranks import (
 )
 from ditcli.runtime import autocast, resolve_device, resolve_precision
 from ditcli.training import finetune
-from ditcli.training.config import RESUMABLE_CHANGES, TrainConfig
+from ditcli.training.checkpoints import Checkpoints, check_compatible, check_resume, train_state
+from ditcli.training.config import TrainConfig
 from ditcli.training.draws import StepDraws, TrainingData, draw_step
-from ditcli.training.eval_hook import EvalRequest, eval_config, evaluate_ema
+from ditcli.training.eval_hook import Evaluator, eval_config
 from ditcli.training.latent_cache import LatentCache
 from ditcli.training.trackers import Trackers
-from ditcli.weights.checkpoint import TRAIN_FORMAT, train_ema_record
 from ditcli.weights.ema import EmaRecord, ema_decay_at
 
 NO_VAE = "pass --vae none to train in pixel space"  # the offline way out when a VAE cannot be had
@@ -75,9 +71,7 @@ class Trainer:
         self.emit = on_event or (lambda kind, data: None)
         self.should_stop = should_stop or (lambda: False)
         self.resume_arg, self.force = resume, force
-        if config.init_from and resume not in (None, "", "none", "auto"):
-            raise UserError("--init-from and --resume CHECKPOINT exclude each other",
-                            "pass --resume auto: it starts from --init-from once, then continues the run in --out")
+        check_resume(resume, config.init_from)
         self.device = resolve_device(config.device)
         self.dist = join(self.device, dist_timeout, always=True)
         if self.device.type == "cuda":
@@ -101,15 +95,16 @@ class Trainer:
             while self.state.step < self.config.steps and not self.stopping:
                 metrics = self.train_step()
                 images_seen += self.config.global_batch
-                metrics["img_per_s"] = images_seen / (time.perf_counter() - started - self.eval_seconds)
+                metrics["img_per_s"] = images_seen / (time.perf_counter() - started - self.evaluator.seconds)
                 self.log_metrics(metrics)
                 self.maybe_sample()
-                self.maybe_evaluate()
-                if self.state.step % self.config.ckpt_every == 0:
+                if self.evaluator.due(self.state.step):
+                    self.evaluate()
+                if self.checkpoints.due(self.state.step):
                     self.save_checkpoint()
             if self.stopping:
                 self.emit("stop", {"step": self.state.step})
-            if self.saved_step != self.state.step:
+            if self.checkpoints.due(self.state.step, last=True):
                 self.save_checkpoint()
             self.dist.barrier()  # leave together: no rank tears the group down under a peer still saving
         stale = self.ema_record().staleness()
@@ -140,13 +135,13 @@ class Trainer:
 
     def setup(self):
         config = self.config
-        self.stopping, self.saved_step = False, -1
+        self.stopping = False
         on_every_rank(lambda: check_creatable(self.out, "--out"), "cannot use --out", SHARED_DISK_HINT)
-        resume_from = self.agreed_resume()
-        resumed = self.read_resume(*resume_from) if resume_from is not None else None  # before anything is built
+        self.checkpoints = Checkpoints(self.out, config.ckpt_every, config.keep_last, self.dist, train_state(self))
+        resumed = self.checkpoints.agreed_resume(self.resume_arg)  # (payload, path), before anything is built
         if self.preloaded is None:
             on_every_rank(lambda: check_source(config.data), "cannot read --data")
-        self.locate_codec()  # before the data: a VAE that cannot be had fails in seconds, not after reading it all
+        locate_codec(config)  # before the data: a VAE that cannot be had fails in seconds, not after reading it all
         self.images = self.preloaded or on_every_rank(
             lambda: load_images(config.data, config.image_size, config.channels), "cannot read --data")
         if self.images.skipped:
@@ -156,74 +151,27 @@ class Trainer:
         self.model = DiT(self.model_config).to(self.device)
         # --init-from starts a run once; a resumed run takes its weights from the checkpoint. Before the codec, so a
         # bad source fails before any latent is encoded.
-        self.init = None if resumed else self.initialize_from()
+        self.init = None if resumed else initialize_from(config, self.model, self.model_config, self.images, self.emit)
+        self.model_config = self.init.config if self.init is not None else self.model_config
         self.ema_from_source = self.init is not None  # a resume reads it from the checkpoint's record
-        self.codec = self.load_codec()
-        cache = self.prepare_cache()
+        self.codec = load_codec(config, self.device)
+        cache = prepare_cache(self.images, self.codec, config, self.out, self.dist, self.emit)
         self.data = TrainingData(self.images, cache, config.flip)
         self.objective = config.build_objective()
         self.model.grad_checkpointing = config.grad_checkpointing
-        self.ema = DiT(self.model_config).to(self.device).eval().requires_grad_(False)
-        self.ema.load_state_dict(self.model.state_dict())
-        fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           **fused)
+        self.ema = ema_copy(self.model, self.model_config, self.device)
+        self.optimizer = adamw(self.model, config, self.device)
         self.state = TrainState()
         if resumed is not None:
-            self.load_checkpoint(resumed, resume_from[0])
-        self.ddp = self.model
-        if self.dist.grouped:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.load_checkpoint(*resumed)
+        self.ddp = data_parallel(self.model, self.dist, self.device)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
         self.out.mkdir(parents=True, exist_ok=True)
-        self.eval_seconds, self.eval_reference = 0.0, {}  # the reference's activations, extracted once
-        self.evaluation = None if not config.eval_every else EvalRequest(
-            config.eval_every, Path(config.eval_ref), config.eval_num, config.eval_features)
-        if self.evaluation is not None:
-            on_every_rank(self.evaluation.check, "cannot read --eval-ref", SHARED_DISK_HINT)
+        self.evaluator = Evaluator.from_config(config, self.out)
+        if self.evaluator.request is not None:
+            on_every_rank(self.evaluator.request.check, "cannot read --eval-ref", SHARED_DISK_HINT)
         self.trackers = on_every_rank(lambda: Trackers(tuple(config.log), self.out, self.state.step,
                                                        config.to_dict(), self.dist.rank))  # rank 0 opens them
-
-    def initialize_from(self) -> finetune.InitFrom | None:
-        """--init-from: the source's weights replace the fresh ones (once, before training); EMA copies them."""
-        if not self.config.init_from:
-            return None
-        config = self.config
-        init = finetune.init_from(config.init_from, self.model_config, self.model.state_dict(),
-                                  self.images.class_names, config.init_weights,
-                                  ObjectiveSpec.from_record(config.objective, config.time_direction, "run"))
-        finetune.apply(self.model, init)
-        for note in init.notes:
-            self.emit("warning", {"message": note})
-        self.model_config = init.config
-        return init
-
-    def locate_codec(self) -> None:
-        if self.config.latent:
-            locate_vae(self.config.vae, is_offline(), alternative=NO_VAE)
-
-    def load_codec(self):
-        config = self.config
-        if not config.latent:
-            return PixelCodec(config.channels)
-        return VaeCodec.load(config.vae, self.device, offline=is_offline(), alternative=NO_VAE)
-
-    def prepare_cache(self) -> LatentCache | None:
-        """Latent models encode the data once into `out/latents`, reused while the VAE and data match."""
-        codec, config = self.codec, self.config
-        if not config.latent:
-            return None
-        expected = {"vae": codec.name, "scale": codec.scale, "image_size": config.image_size,
-                    "fingerprint": self.images.fingerprint()}
-        root = self.out / "latents"
-        matches = on_every_rank(lambda: LatentCache.matches(root, expected) if self.dist.rank == 0 else None)
-        if not from_rank0(matches):
-            self.emit("cache", {"message": f"encoding {len(self.images)} images (and flips) into {root}"})
-            LatentCache.build(root, self.images, codec, expected, self.dist.rank, self.dist.world,
-                              barrier=self.dist.barrier)
-        return on_every_rank(lambda: LatentCache.open(root, expected),
-                             f"cannot read the latent cache {root} that rank 0 wrote", SHARED_DISK_HINT)
 
     def summary(self) -> dict:
         c, m = self.config, self.model_config
@@ -261,7 +209,7 @@ class Trainer:
                 totals[k] += terms.get(k, 0.0)
         grad_norm = self.clip_gradients()
         finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
-        totals, ok, self.stopping = self.agree(totals, finite, self.should_stop())
+        totals, ok, self.stopping = agree(self.dist, self.device, totals, finite, self.should_stop())
         self.apply_update(ok)
         return {**totals, "grad_norm": grad_norm, "skipped": not ok}
 
@@ -286,7 +234,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.lr_at(self.state.step)
             self.optimizer.step()
-            self.update_ema()
+            update_ema(self.ema, self.model, ema_decay_at(self.config.ema_decay, self.config.ema_warmup,
+                                                          self.state.step))
             self.state.consecutive_bad = 0
         else:
             self.state.bad_steps += 1
@@ -301,25 +250,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
 
-    @torch.no_grad()
-    def update_ema(self):
-        """EMA of the weights in fp32, with the optional warm-up decay min(d, (1 + n) / (10 + n))."""
-        decay = ema_decay_at(self.config.ema_decay, self.config.ema_warmup, self.state.step)
-        ema = [p for p in self.ema.parameters() if p.dtype.is_floating_point]
-        params = [p for p in self.model.parameters() if p.dtype.is_floating_point]
-        torch._foreach_lerp_(ema, params, 1.0 - decay)
-
-    def agree(self, totals: dict, finite: bool, stop: bool) -> tuple[dict, bool, bool]:
-        """One all-reduce per step: the mean metrics, whether every rank's step was finite, whether any rank was
-        asked to stop (a signal reaches one rank, or torchrun's reaches all at different steps)."""
-        if not self.dist.grouped:
-            return totals, finite, stop
-        values = torch.tensor([*totals.values(), float(not finite), float(stop)], dtype=torch.float64,
-                              device=self.device)
-        dist.all_reduce(values)
-        *means, bad, stops = (values / self.dist.world).tolist()
-        return dict(zip(totals, means)), bad == 0, stops > 0
-
     # Observability.
 
     def log_metrics(self, metrics: dict):
@@ -329,11 +259,7 @@ class Trainer:
         record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
                   "lr": self.optimizer.param_groups[0]["lr"], "bad_steps": self.state.bad_steps,
                   "peak_mem_mb": _peak_memory_mb(self.device)}
-        if self.dist.rank == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.trackers.scalars(step, record)
-        self.emit("step", record)
+        self.write_record("step", record)
 
     def maybe_sample(self):
         every = self.config.sample_every
@@ -342,80 +268,46 @@ class Trainer:
         from ditcli.training.preview import ema_preview
 
         path = self.out / "samples" / f"step-{self.state.step:07d}.png"
-        ema_preview(self.ema, self.codec, self.objective, self.config.schedule, path, self.config.seed)
+        ema_preview(self.ema, self.codec, self.config.training_objective(), self.config.schedule, path,
+                    self.config.seed)
         self.trackers.image(self.state.step, "ema_preview", path)
         self.emit("sample", {"path": str(path), "step": self.state.step})
 
-    def maybe_evaluate(self):
-        """FD (and KID) of the EMA at every --eval-every step, on every rank; its time is kept out of img/s."""
-        if self.evaluation is None or not self.evaluation.due(self.state.step):
-            return
-        started, step = time.perf_counter(), self.state.step
+    def evaluate(self):
+        """FD (and KID) of the EMA, on every rank; the evaluator keeps its time out of img/s."""
         config = eval_config(self.model_config.num_classes, self.sampling_defaults(),
-                             ObjectiveSpec.from_record(self.config.objective, self.config.time_direction, "run"),
+                             self.config.training_objective(),
                              self.config.schedule, self.config.eval_num, self.config.seed)
-        path = self.out / "eval" / f"step-{step:07d}.npz"
-        record = evaluate_ema(self.ema, self.codec, config, self.evaluation, path, self.dist, self.device, step,
-                              self.eval_reference)
-        self.eval_seconds += time.perf_counter() - started
-        if record is None:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.trackers.scalars(step, record, "eval")
-        self.emit("eval", record)
+        record = self.evaluator(self.ema, self.codec, config, self.dist, self.device, self.state.step)
+        if record is not None:  # rank 0's
+            self.write_record("eval", record, "eval")
+
+    def write_record(self, kind: str, record: dict, group: str = "train"):
+        """Rank 0 appends `record` to metrics.jsonl and hands it to the trackers; every rank emits it as `kind`."""
+        if self.dist.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.trackers.scalars(record["step"], record, group)
+        self.emit(kind, record)
 
     # Checkpoints.
 
-    def checkpoints(self) -> list[tuple[int, Path]]:
-        found = [(int(m.group(1)), p) for p in self.out.glob("ckpt-*.pt") if (m := re.match(r"ckpt-(\d+)\.pt", p.name))]
-        return sorted(found)
-
-    def agreed_resume(self) -> tuple[Path, int] | None:
-        """Rank 0 picks the checkpoint and its step from its run folder; every rank then loads that one."""
-        def choose() -> int | None:
-            path = self.find_resume() if self.dist.rank == 0 else None
-            return None if path is None else _checkpoint_step(path)
-
-        step = from_rank0(on_every_rank(choose))
-        if step is None:
-            return None
-        path = self.out / f"ckpt-{step:07d}.pt" if self.resume_arg == "auto" else Path(self.resume_arg)
-        return path, step
-
-    def find_resume(self) -> Path | None:
-        if self.resume_arg in (None, "", "none"):
-            return None
-        if self.resume_arg == "auto":
-            found = self.checkpoints()
-            return found[-1][1] if found else None
-        path = Path(self.resume_arg)
-        if not path.exists():
-            raise UserError(f"resume checkpoint not found: {path}", "pass --resume auto or an existing ckpt-*.pt")
-        return path
-
     def save_checkpoint(self):
-        """Atomically write ckpt-<step>.pt on rank 0 and keep the last `keep_last`."""
-        rng = self.gather_rng_states()
-        self.saved_step = self.state.step
-        if self.dist.rank != 0:
-            return
-        payload = {"format": TRAIN_FORMAT, "step": self.state.step,
-                   "epoch": self.state.step // max(1, len(self.data) // self.config.global_batch),
-                   "position": (self.state.step % max(1, len(self.data) // self.config.global_batch))
-                   * self.config.global_batch,
-                   "config": {"model": self.model_config.to_dict(), "train": self.config.to_dict()},
-                   "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                   "optimizer": self.optimizer.state_dict(), "rng": rng, "bad_steps": self.state.bad_steps,
-                   "class_names": self.images.class_names, "codec": self.codec.to_dict(),
-                   "sampling": self.sampling_defaults().to_dict(), "ema_record": self.ema_record().to_dict(),
-                   "data_fingerprint": self.images.fingerprint(),
-                   "versions": {"torch": str(torch.__version__), "ditcli": _version()}}
-        path = self.out / f"ckpt-{self.state.step:07d}.pt"
-        atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
-        for _, old in self.checkpoints()[: -self.config.keep_last]:
-            old.unlink(missing_ok=True)
-        self.emit("checkpoint", {"path": str(path), "step": self.state.step})
+        """Every rank: rank 0 writes ckpt-<step>.pt from `train_state` (see ditcli.training.checkpoints)."""
+        path = self.checkpoints.save(self.state.step)
+        if path is not None:
+            self.emit("checkpoint", {"path": str(path), "step": self.state.step})
+
+    def load_checkpoint(self, data: dict, path: Path):
+        """Resume from `data`: its stored forward, a check of the configuration, then every entry of the state."""
+        stored = DiTConfig.from_dict(data["config"]["model"])  # a fine-tuned run keeps its source's forward
+        for model in (self.model, self.ema):
+            model.set_forward(stored.timestep_convention, stored.norm_eps)
+        self.model_config = self.model.config
+        on_every_rank(lambda: check_compatible(self.config, self.model_config, self.images, data["config"], path,
+                                               data.get("data_fingerprint"), self.force))
+        self.checkpoints.load(data)
+        self.emit("resume", {"path": str(path), "step": self.state.step})
 
     def ema_record(self) -> EmaRecord:
         return EmaRecord(self.config.ema_decay, self.config.ema_warmup, self.state.step, self.ema_from_source)
@@ -423,121 +315,99 @@ class Trainer:
     def sampling_defaults(self) -> SamplingDefaults:
         """What `dit sample` uses for this checkpoint unless told otherwise; no guidance without a null class."""
         guided = self.model_config.num_classes > 0 and self.model_config.class_dropout_prob > 0
-        trained = TRAINED_FLOW_SAMPLING if self.objective.kind == "flow" else TRAINED_SAMPLING
+        trained = self.config.training_objective().trained_sampling
         return trained if guided else SamplingDefaults(trained.sampler, trained.steps, 1.0)
 
-    def gather_rng_states(self) -> list:
-        state = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        if not self.dist.grouped:
-            return [state]
-        gathered = [None] * self.dist.world
-        dist.all_gather_object(gathered, state)
-        return gathered
 
-    def read_resume(self, path: Path, step: int) -> dict:
-        """The checkpoint rank 0 resumes from, read on every rank before anything is built; a rank that cannot
-        read it stops them all."""
-        return on_every_rank(lambda: read_train_checkpoint(path, step),
-                             f"cannot read the checkpoint {path} that rank 0 resumes from", SHARED_DISK_HINT)
+# The parts `Trainer.setup` builds, in the order it builds them.
 
-    def load_checkpoint(self, data: dict, path: Path):
-        stored = DiTConfig.from_dict(data["config"]["model"])  # a fine-tuned run keeps its source's forward
-        for model in (self.model, self.ema):
-            model.set_forward(stored.timestep_convention, stored.norm_eps)
-        self.model_config = self.model.config
-        on_every_rank(lambda: self.check_compatible(data["config"], path, data.get("data_fingerprint")))
-        self.model.load_state_dict(data["model"])
-        self.ema.load_state_dict(data["ema"])
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.state.step, self.state.bad_steps = int(data["step"]), int(data.get("bad_steps", 0))
-        self.saved_step = self.state.step
-        self.ema_from_source = bool((record := train_ema_record(data)) and record.from_source)
-        self.restore_rng_states(data.get("rng") or [])
-        if self.dist.rank == 0:
-            trim_metrics(self.out / "metrics.jsonl", self.state.step)
-        self.emit("resume", {"path": str(path), "step": self.state.step})
-
-    def restore_rng_states(self, states: list):
-        """This rank's saved generators: the CPU's, and on CUDA the GPU's where the checkpoint holds it."""
-        if len(states) <= self.dist.rank:
-            return
-        state = states[self.dist.rank]
-        torch.set_rng_state(state["torch"])
-        if self.device.type == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], self.device)
-
-    def check_compatible(self, stored: dict, path: Path, fingerprint: str | None = None):
-        ours = self.config.to_dict()
-        defaults = TrainConfig.__dataclass_fields__  # a field added since the checkpoint was written has its default
-        before = {k: stored["train"].get(k, defaults[k].default) for k in ours}
-        differs = [f"{k}: {before[k]!r} -> {v!r}" for k, v in ours.items()
-                   if k not in RESUMABLE_CHANGES and k not in ("out", "data") and before[k] != v]
-        if self.config.init_from and _source_key(before["init_from"]) != _source_key(self.config.init_from):
-            differs.append(f"init_from: {before['init_from']!r} -> {self.config.init_from!r}")  # another run's folder
-        if not self.same_data(stored["train"].get("data"), fingerprint):
-            differs.append(f"data: {stored['train'].get('data')!r} -> {self.config.data!r}")
-        if DiTConfig.from_dict(stored["model"]) != self.model_config:
-            differs.append("model architecture")
-        if differs and not self.force:
-            raise UserError(f"cannot resume from {path}: the configuration differs ({'; '.join(differs)})",
-                            "use the original settings, or pass --force to resume anyway")
-
-    def same_data(self, stored: str | None, fingerprint: str | None) -> bool:
-        """The data's fingerprint decides (`pngs` and `./pngs/` are one folder); older checkpoints compare paths."""
-        if fingerprint is not None:
-            return fingerprint == self.images.fingerprint()
-        return stored is not None and _data_path(stored) == _data_path(self.config.data)
+def initialize_from(config: TrainConfig, model: DiT, model_config: DiTConfig, images: ImageSet,
+                    emit: Callable[[str, dict], None]) -> finetune.InitFrom | None:
+    """--init-from: the source's weights replace `model`'s fresh ones (once, before training); EMA copies them."""
+    if not config.init_from:
+        return None
+    init = finetune.init_from(config.init_from, model_config, model.state_dict(),
+                              images.class_names, config.init_weights,
+                              config.training_objective())
+    finetune.apply(model, init)
+    for note in init.notes:
+        emit("warning", {"message": note})
+    return init
 
 
-def _data_path(data: str) -> str:
-    return data if data.startswith("fashion-mnist") else str(Path(data).expanduser().resolve())
+def ema_copy(model: DiT, config: DiTConfig, device: torch.device) -> DiT:
+    """The EMA model: `model`'s weights, frozen, in eval mode."""
+    ema = DiT(config).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    return ema
 
 
-def _source_key(source: str | None) -> str | None:
-    """An --init-from source as compared on resume: local files by resolved path, hub ids as written."""
-    if source is None or not Path(source).expanduser().exists():
-        return source
-    return str(Path(source).expanduser().resolve())
+def adamw(model: DiT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
 
 
-def read_train_checkpoint(path: Path, step: int | None = None) -> dict:
-    """A complete training checkpoint's payload; `step`, if given, must be the one it holds."""
-    data = safe_torch_load(path)
-    if not isinstance(data, dict) or data.get("format") != TRAIN_FORMAT or not all(
-            isinstance(data.get(k), dict) for k in ("config", "model", "ema", "optimizer")):
-        raise UserError(f"{path} is not a complete ditcli training checkpoint",
-                        "resume needs a ckpt-*.pt written by dit train")
-    if step is not None and int(data["step"]) != step:
-        raise UserError(f"{path} holds step {data['step']}, not step {step} as on rank 0")
-    return data
+def data_parallel(model: DiT, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+    """DDP over the group's ranks (even one under torchrun); the model itself when run alone."""
+    if not ranks.grouped:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _checkpoint_step(path: Path) -> int:
-    """The step a checkpoint holds: from its ckpt-<step>.pt name, else from its payload."""
-    match = re.fullmatch(r"ckpt-(\d+)\.pt", Path(path).name)
-    return int(match.group(1)) if match else int(read_train_checkpoint(path)["step"])
+def locate_codec(config: TrainConfig) -> None:
+    """A latent run's VAE is found (or refused) before the data is read."""
+    if config.latent:
+        locate_vae(config.vae, is_offline(), alternative=NO_VAE)
+
+
+def load_codec(config: TrainConfig, device: torch.device):
+    if not config.latent:
+        return PixelCodec(config.channels)
+    return VaeCodec.load(config.vae, device, offline=is_offline(), alternative=NO_VAE)
+
+
+def prepare_cache(images: ImageSet, codec, config: TrainConfig, out: Path, ranks: Ranks,
+                  emit: Callable[[str, dict], None]) -> LatentCache | None:
+    """Latent models encode the data once into `out/latents`, reused while the VAE and data match."""
+    if not config.latent:
+        return None
+    expected = {"vae": codec.name, "scale": codec.scale, "image_size": config.image_size,
+                "fingerprint": images.fingerprint()}
+    root = out / "latents"
+    matches = on_every_rank(lambda: LatentCache.matches(root, expected) if ranks.rank == 0 else None)
+    if not from_rank0(matches):
+        emit("cache", {"message": f"encoding {len(images)} images (and flips) into {root}"})
+        LatentCache.build(root, images, codec, expected, ranks.rank, ranks.world, barrier=ranks.barrier)
+    return on_every_rank(lambda: LatentCache.open(root, expected),
+                         f"cannot read the latent cache {root} that rank 0 wrote", SHARED_DISK_HINT)
+
+
+# Pieces of one step that hold no state.
+
+def agree(ranks: Ranks, device: torch.device, totals: dict, finite: bool, stop: bool) -> tuple[dict, bool, bool]:
+    """One all-reduce per step: the mean metrics, whether every rank's step was finite, whether any rank was asked
+    to stop (a signal reaches one rank, or torchrun's reaches all at different steps)."""
+    if not ranks.grouped:
+        return totals, finite, stop
+    values = torch.tensor([*totals.values(), float(not finite), float(stop)], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    *means, bad, stops = (values / ranks.world).tolist()
+    return dict(zip(totals, means)), bad == 0, stops > 0
+
+
+@torch.no_grad()
+def update_ema(ema: DiT, model: DiT, decay: float) -> None:
+    """EMA of the weights in fp32; `decay` from `ema_decay_at` (the optional warm-up min(d, (1 + n) / (10 + n)))."""
+    averaged = [p for p in ema.parameters() if p.dtype.is_floating_point]
+    params = [p for p in model.parameters() if p.dtype.is_floating_point]
+    torch._foreach_lerp_(averaged, params, 1.0 - decay)
 
 
 def skipped_message(skipped: list[str], shown: int = 3) -> str:
     """"warning: skipped 5 unreadable or too-small files: a.png, b.png, c.png and 2 more"."""
     names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
     return f"warning: skipped {len(skipped)} unreadable or too-small files: {names}"
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the rows an interrupted run logged after the checkpoint it resumes from, and any torn last line."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)), force=True)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -549,9 +419,3 @@ def _peak_memory_mb(device: torch.device) -> float:
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     except ImportError:
         return 0.0
-
-
-def _version() -> str:
-    from ditcli import __version__
-
-    return __version__

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.objectives import Objective, objective_from_record
 from ditcli.diffusion.samplers import SamplingDefaults
 from ditcli.errors import UserError
 from ditcli.hub import resolve_source
@@ -49,14 +49,14 @@ REPA_EXTRA_PREFIX = "projectors."  # REPA's alignment heads: training only, drop
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", num_heads: int | None = None,
                config: DiTConfig | None = None, weights: str | None = None,
-               objective: ObjectiveSpec | None = None) -> DiT:
+               objective: Objective | None = None) -> DiT:
     """A DiT in eval mode from a released .pt, a training checkpoint or our .safetensors."""
     return load_checkpoint(source, num_heads=num_heads, config=config, weights=weights,
                            objective=objective).build(device)
 
 
 def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, config: DiTConfig | None = None,
-                    weights: str | None = None, objective: ObjectiveSpec | None = None,
+                    weights: str | None = None, objective: Objective | None = None,
                     heads_given: bool = False) -> Checkpoint:
     """Read any supported weight file, or a hub id (`org/name[@rev]`); `config` (if given) is checked against it.
 
@@ -103,7 +103,7 @@ def check_recorded_heads(checkpoint: Checkpoint, num_heads: int | None, path: Pa
                         "drop --num-heads: the file's own config gives the heads")
 
 
-def settle_objective(checkpoint: Checkpoint, given: ObjectiveSpec | None, path: Path) -> Checkpoint:
+def settle_objective(checkpoint: Checkpoint, given: Objective | None, path: Path) -> Checkpoint:
     """The objective a file records, the one the user names for a file without a record, or DDPM (DiT's).
 
     A file from SiT or REPA (`flow_hint` set by its reader) has no record, and its time direction cannot be read from
@@ -147,7 +147,7 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
                           json.loads(metadata["class_names"]) if "class_names" in metadata else None,
                           json.loads(metadata["codec"]) if "codec" in metadata else None,
                           schedule=read_schedule(metadata.get("schedule"), path),
-                          objective=ObjectiveSpec.from_record(metadata.get("objective"),
+                          objective=objective_from_record(metadata.get("objective"),
                                                               metadata.get("time_direction"), path),
                           objective_recorded=True,
                           sampling=read_record(metadata.get("sampling"), SamplingDefaults, path, "sampling"),
@@ -173,7 +173,7 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
         ema = train_ema_record(data)
         return Checkpoint(state, stored, "ditcli training checkpoint", weights, data.get("class_names"),
                           data.get("codec"), schedule=read_schedule(train.get("schedule"), path),
-                          objective=ObjectiveSpec.from_record(train.get("objective"), train.get("time_direction"),
+                          objective=objective_from_record(train.get("objective"), train.get("time_direction"),
                                                               path), objective_recorded=True,
                           sampling=read_record(data.get("sampling"), SamplingDefaults, path, "sampling"), ema=ema,
                           step=data.get("step"), convention_source=convention_source(data["config"]["model"]),

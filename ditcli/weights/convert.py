@@ -15,9 +15,8 @@ import torch
 
 from ditcli.diffusion.ddpm import TRAIN_TIMESTEPS
 from ditcli.diffusion.guidance import GUIDED_CHANNELS
-from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.objectives import Objective
 from ditcli.diffusion.samplers import (
-    DEFAULT_SAMPLING,
     FLOW_SAMPLER_NAMES,
     SAMPLERS,
     SamplingDefaults,
@@ -145,21 +144,15 @@ class SamplingChoice:
                                                  ("cfg", self.cfg), ("channels", self.channels)) if value is not None}
         if self.set_interval:
             changes["interval"] = self.interval
-        return replace(checkpoint.sampling or DEFAULT_SAMPLING[checkpoint.objective.objective], **changes)
+        return replace(checkpoint.sampling or checkpoint.objective.default_sampling, **changes)
 
     def check_fit(self, checkpoint: Checkpoint, source) -> None:
         """The sampler and the interval against the model's objective, the scale against its null class."""
         objective, config = checkpoint.objective, checkpoint.config
-        flow = objective.objective == "flow"
-        fitting = FLOW_SAMPLER_NAMES if flow else SAMPLERS
-        kind = f"a flow-matching model ({objective.describe()})" if flow else "a DDPM model"
-        if self.sampler is not None and self.sampler not in fitting:
-            raise UserError(f"--sampler {self.sampler} does not sample {source}, {kind}",
-                            f"choose from {', '.join(fitting)}")
-        if flow and self.interval is not None and self.interval[1] > 1:
-            low, high = self.interval
-            raise UserError(f"--guidance-interval {low:g},{high:g} is not in flow time [0, 1], and {source} is {kind}",
-                            "pass LOW,HIGH in [0, 1], e.g. 0,0.7 as REPA (on its data-to-noise time)")
+        if self.sampler is not None and self.sampler not in objective.samplers:
+            raise UserError(f"--sampler {self.sampler} does not sample {source}, {objective.noun()}",
+                            f"choose from {', '.join(objective.samplers)}")
+        objective.check_interval(self.interval, f", and {source} is {objective.noun()}")
         if self.cfg not in (None, 1.0) and config.num_classes > 0 and config.class_dropout_prob == 0:
             raise UserError(f"--cfg {self.cfg:g} needs a null class, but {source} was trained without label dropout",
                             "record --cfg 1")
@@ -167,7 +160,7 @@ class SamplingChoice:
 
 def convert(source: str | Path, destination: str | Path, to: str | None = None, dtype: str = "fp32",
             weights: str | None = None, num_heads: int | None = None, vae: str | None = "auto",
-            force: bool = False, diffusers_check: bool = True, objective: ObjectiveSpec | None = None,
+            force: bool = False, diffusers_check: bool = True, objective: Objective | None = None,
             sampling: SamplingChoice = SamplingChoice()) -> ConversionReport:
     """Read any supported weights, write safetensors or a DiTPipeline folder, and measure parity.
 
@@ -179,10 +172,7 @@ def convert(source: str | Path, destination: str | Path, to: str | None = None, 
     destination = Path(destination)
     to = check_request(source, destination, to, dtype, force, sampling)
     checkpoint = load_checkpoint(source, num_heads=num_heads, weights=weights, objective=objective, heads_given=True)
-    if to == "diffusers" and checkpoint.objective.objective == "flow":
-        raise UserError(f"{source} is a flow-matching model ({checkpoint.objective.describe()}), and a DiTPipeline "
-                        "folder would sample it as a DDPM eps model (its scheduler and timesteps are DDPM's)",
-                        "convert it to .safetensors, which records the objective")
+    checkpoint.objective.check_export(to, source)
     checkpoint.sampling = sampling.record(checkpoint, source)
     warnings = list(checkpoint.warnings)
     warnings += [f"dropped {group}" for group in checkpoint.dropped]
@@ -250,7 +240,7 @@ def _format_from_name(path: Path) -> str:
 
 
 def info(path: str | Path, num_heads: int | None = None, weights: str | None = None,
-         objective: ObjectiveSpec | None = None) -> dict:
+         objective: Objective | None = None) -> dict:
     """What a weight file or folder is: format, config, parameter count, dtype, EMA or not, classes, codec,
     objective, and the keys it holds that the model does not use."""
     checkpoint = load_checkpoint(path, num_heads=num_heads, weights=weights, objective=objective, heads_given=True)

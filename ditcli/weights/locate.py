@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""From `--model`/`--ckpt` to a checkpoint: a registry name, a local file or a hub id, found (rank 0 downloads
+first) and read, and checked against the preset asked for.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import contextlib
 from pathlib import Path
 from typing import Callable, ContextManager
 
-from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.objectives import Objective
 from ditcli.downloads import ProgressFn
 from ditcli.errors import UserError
 from ditcli.hub import is_offline, resolve_source
@@ -42,7 +44,7 @@ def check_model_choice(model: str | None, image_size: int | None, ckpt: Path | N
 
 
 def read_checkpoint(path: Path, model: str | None, weights: str | None,
-                    objective: ObjectiveSpec | None = None) -> Checkpoint:
+                    objective: Objective | None = None) -> Checkpoint:
     """The checkpoint, checked against a --model preset, the --weights and the objective asked for."""
     checkpoint = load_checkpoint(path, num_heads=preset_heads(model), weights=weights,  # refuses a missing set
                                  objective=objective)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ditcli.diffusion.ddpm import BETA_SCHEDULES
-from ditcli.diffusion.objectives import DDPM, ObjectiveSpec
+from ditcli.diffusion.process import Process
+from ditcli.diffusion.objectives import DDPM, Objective
 from ditcli.diffusion.samplers import SamplingDefaults
 from ditcli.errors import UserError
 from ditcli.model.dit import PRESET_SHAPES, DiT, DiTConfig
@@ -35,7 +36,7 @@ class Checkpoint:
     class_names: list[str] | None = None
     codec: dict | None = None
     schedule: str = "linear"  # the beta schedule it was trained with; every sampler must use the same
-    objective: ObjectiveSpec = DDPM  # what it predicts and in which time direction (ditcli.diffusion.objectives)
+    objective: Objective = DDPM  # what it predicts and in which time direction (ditcli.diffusion.objectives)
     objective_recorded: bool = False  # whether the file itself records the objective
     flow_hint: str | None = None  # "SiT" or "REPA": a flow model from elsewhere, whose direction must be named
     dropped: list[str] = field(default_factory=list)  # key groups of the file that the model does not use
@@ -57,9 +58,9 @@ class Checkpoint:
             model = model.to(dtype)
         return model.eval().requires_grad_(False)
 
-    def process(self):
-        """The training process it was trained with: the `Diffusion` or `FlowMatching` its samplers run on."""
-        return self.objective.build(learn_sigma=self.config.learn_sigma, schedule=self.schedule)
+    def process(self) -> Process:
+        """The training process it was trained with, the one its samplers run on."""
+        return self.objective.process(self.config.learn_sigma, self.schedule)
 
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata that lets one file rebuild this model."""

@@ -21,7 +21,7 @@ from conftest import perturbed
 from ditcli.data.sources import ImageSet
 from ditcli.diffusion.ddpm import Diffusion
 from ditcli.diffusion.guidance import Guidance, ImageNoise
-from ditcli.diffusion.objectives import ObjectiveSpec
+from ditcli.diffusion.objectives import FlowObjective
 from ditcli.diffusion.samplers import plan_sampler
 from ditcli.model.dit import DiT, preset, training_flops
 from ditcli.runtime import set_backend_flags
@@ -217,7 +217,7 @@ def flow_sample(model: DiT, sampler: str, steps: int, precision: str) -> tuple[t
     """Images 0-7 (classes 0-7) of a cfg-4 run of a SiT-direction flow model from seed 0: the latents and the
     milliseconds per step."""
     config = GenerateConfig(labels=tuple(range(8)), seed=0, sampler=sampler, steps=steps, guidance=Guidance(4.0),
-                            precision=precision, objective=ObjectiveSpec("flow", "noise-to-data"))
+                            precision=precision, objective=FlowObjective("noise-to-data"))
     plan = config.plan(model.config.learn_sigma)
     synchronize()
     start = time.perf_counter()

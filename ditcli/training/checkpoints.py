@@ -1,0 +1,256 @@
+"""Run checkpoints: `ckpt-<step>.pt` files in the run folder, saved and loaded through one named list of state.
+
+`train_state(run)` names everything a checkpoint holds, in the order it is written, each entry with how it is read
+for saving and, where a resumed run takes it back, how it is put back. `Checkpoints.save` writes the entries in that
+order and `Checkpoints.load` walks the same list, so what is saved and what is restored cannot drift apart (edm2's
+`CheckpointIO`). The component also owns the decisions around the files, as torchtitan's checkpointer does: whether
+one is due at a step, which one a run resumes from (chosen by rank 0, read by every rank), the atomic write and
+keeping the last `keep_last`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ditcli.data.sources import ImageSet
+from ditcli.errors import UserError
+from ditcli.io import atomic_write, safe_torch_load
+from ditcli.model.dit import DiTConfig
+from ditcli.ranks import SHARED_DISK_HINT, Ranks, from_rank0, on_every_rank
+from ditcli.training.config import RESUMABLE_CHANGES, TrainConfig
+from ditcli.weights.checkpoint import TRAIN_FORMAT, train_ema_record
+
+CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)\.pt")  # ckpt-0001000.pt holds step 1000
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One named entry of a checkpoint: how to read it for saving and, if a resumed run takes it back, how to put
+    it back. An entry without `load` is a record for readers (`dit sample`, `dit convert`) or for the resume check."""
+
+    name: str
+    save: Callable[[], Any]
+    load: Callable[[Any], None] | None = None
+    read: Callable[[dict], Any] | None = None  # how resume reads it where older checkpoints lack it; else payload[name]
+    every_rank: bool = False  # read through a collective, so every rank reads it and rank 0 writes it
+
+
+def train_state(run) -> list[Slot]:
+    """A training run's checkpoint, entry by entry, in the order written; `run` is the `Trainer`."""
+    def epoch_length() -> int:
+        return max(1, len(run.data) // run.config.global_batch)
+
+    return [
+        Slot("format", lambda: TRAIN_FORMAT),
+        Slot("step", lambda: run.state.step, lambda step: setattr(run.state, "step", int(step))),
+        Slot("epoch", lambda: run.state.step // epoch_length()),
+        Slot("position", lambda: (run.state.step % epoch_length()) * run.config.global_batch),
+        Slot("config", lambda: {"model": run.model_config.to_dict(), "train": run.config.to_dict()}),
+        Slot("model", lambda: run.model.state_dict(), lambda weights: run.model.load_state_dict(weights)),
+        Slot("ema", lambda: run.ema.state_dict(), lambda weights: run.ema.load_state_dict(weights)),
+        Slot("optimizer", lambda: run.optimizer.state_dict(), lambda saved: run.optimizer.load_state_dict(saved)),
+        Slot("rng", lambda: gather_rng_states(run.device, run.dist),
+             lambda states: restore_rng_states(states, run.device, run.dist.rank),
+             read=lambda payload: payload.get("rng") or [], every_rank=True),
+        Slot("bad_steps", lambda: run.state.bad_steps, lambda bad: setattr(run.state, "bad_steps", int(bad)),
+             read=lambda payload: payload.get("bad_steps", 0)),
+        Slot("class_names", lambda: run.images.class_names),
+        Slot("codec", lambda: run.codec.to_dict()),
+        Slot("sampling", lambda: run.sampling_defaults().to_dict()),
+        Slot("ema_record", lambda: run.ema_record().to_dict(),
+             lambda record: setattr(run, "ema_from_source", bool(record and record.from_source)),
+             read=train_ema_record),
+        Slot("data_fingerprint", lambda: run.images.fingerprint()),
+        Slot("versions", lambda: {"torch": str(torch.__version__), "ditcli": _version()}),
+    ]
+
+
+class Checkpoints:
+    """The run folder's checkpoints: due every `every` steps, `keep_last` kept, written on rank 0 from `slots`.
+
+    Every decision reads agreed state (the step, the step last saved or loaded, rank 0's choice of checkpoint), so
+    all ranks save at the same steps and resume from the same file.
+    """
+
+    def __init__(self, out: Path, every: int, keep_last: int, ranks: Ranks, slots: list[Slot]):
+        self.out, self.every, self.keep_last, self.ranks, self.slots = Path(out), every, keep_last, ranks, slots
+        self.saved_step = -1  # the step last saved or resumed from
+
+    def due(self, step: int, last: bool = False) -> bool:
+        """Is a checkpoint due after `step`: every `every` steps, and at the end of a run unless `step` is saved."""
+        return step != self.saved_step if last else step % self.every == 0
+
+    def path(self, step: int) -> Path:
+        return self.out / f"ckpt-{step:07d}.pt"
+
+    def save(self, step: int) -> Path | None:
+        """Every rank calls it: write ckpt-<step>.pt atomically on rank 0 and keep the last `keep_last`; the path
+        written on rank 0, None elsewhere."""
+        gathered = {slot.name: slot.save() for slot in self.slots if slot.every_rank}  # collectives: all ranks
+        self.saved_step = step
+        if self.ranks.rank != 0:
+            return None
+        payload = {slot.name: gathered[slot.name] if slot.every_rank else slot.save() for slot in self.slots}
+        path = self.path(step)
+        atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
+        for _, old in list_checkpoints(self.out)[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load(self, payload: dict) -> None:
+        """Put back every entry a resumed run takes back, in the list's order; rank 0 trims the metrics log."""
+        for slot in self.slots:
+            if slot.load is not None:
+                slot.load(slot.read(payload) if slot.read is not None else payload[slot.name])
+        self.saved_step = int(payload["step"])
+        if self.ranks.rank == 0:
+            trim_metrics(self.out / "metrics.jsonl", self.saved_step)
+
+    def agreed_resume(self, resume: str | None) -> tuple[dict, Path] | None:
+        """The checkpoint `--resume` names (`auto`: the latest in the run folder) and its payload, or None to start
+        afresh. Rank 0 picks it and its step; every rank then reads that one, and a rank that cannot stops them all."""
+        def choose() -> int | None:
+            path = find_resume(resume, self.out) if self.ranks.rank == 0 else None
+            return None if path is None else _checkpoint_step(path)
+
+        step = from_rank0(on_every_rank(choose))
+        if step is None:
+            return None
+        path = self.path(step) if resume == "auto" else Path(resume)
+        payload = on_every_rank(lambda: read_train_checkpoint(path, step),
+                                f"cannot read the checkpoint {path} that rank 0 resumes from", SHARED_DISK_HINT)
+        return payload, path
+
+
+def check_resume(resume: str | None, init_from: str | None) -> None:
+    """`--resume CHECKPOINT` names where a run continues, so it cannot also start from `--init-from`."""
+    if init_from and resume not in (None, "", "none", "auto"):
+        raise UserError("--init-from and --resume CHECKPOINT exclude each other",
+                        "pass --resume auto: it starts from --init-from once, then continues the run in --out")
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints in the run folder `out`, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(out).glob("ckpt-*.pt") if (m := CHECKPOINT_NAME.match(p.name))]
+    return sorted(found)
+
+
+def find_resume(resume: str | None, out: Path) -> Path | None:
+    """The file `--resume` names: None for none, the latest in `out` for `auto` (None if there is none yet)."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        found = list_checkpoints(out)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not path.exists():
+        raise UserError(f"resume checkpoint not found: {path}", "pass --resume auto or an existing ckpt-*.pt")
+    return path
+
+
+def read_train_checkpoint(path: Path, step: int | None = None) -> dict:
+    """A complete training checkpoint's payload; `step`, if given, must be the one it holds."""
+    data = safe_torch_load(path)
+    if not isinstance(data, dict) or data.get("format") != TRAIN_FORMAT or not all(
+            isinstance(data.get(k), dict) for k in ("config", "model", "ema", "optimizer")):
+        raise UserError(f"{path} is not a complete ditcli training checkpoint",
+                        "resume needs a ckpt-*.pt written by dit train")
+    if step is not None and int(data["step"]) != step:
+        raise UserError(f"{path} holds step {data['step']}, not step {step} as on rank 0")
+    return data
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The step a checkpoint holds: from its ckpt-<step>.pt name, else from its payload."""
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else int(read_train_checkpoint(path)["step"])
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows an interrupted run logged after the checkpoint it resumes from, and any torn last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)), force=True)
+
+
+# Resuming checks the configuration.
+
+def check_compatible(config: TrainConfig, model_config: DiTConfig, images: ImageSet, stored: dict, path: Path,
+                     fingerprint: str | None = None, force: bool = False) -> None:
+    """Refuse to resume from `path` when its stored configuration differs from this run's, unless `force`."""
+    ours = config.to_dict()
+    defaults = TrainConfig.__dataclass_fields__  # a field added since the checkpoint was written has its default
+    before = {k: stored["train"].get(k, defaults[k].default) for k in ours}
+    differs = [f"{k}: {before[k]!r} -> {v!r}" for k, v in ours.items()
+               if k not in RESUMABLE_CHANGES and k not in ("out", "data") and before[k] != v]
+    if config.init_from and _source_key(before["init_from"]) != _source_key(config.init_from):
+        differs.append(f"init_from: {before['init_from']!r} -> {config.init_from!r}")  # another run's folder
+    if not same_data(config, images, stored["train"].get("data"), fingerprint):
+        differs.append(f"data: {stored['train'].get('data')!r} -> {config.data!r}")
+    if DiTConfig.from_dict(stored["model"]) != model_config:
+        differs.append("model architecture")
+    if differs and not force:
+        raise UserError(f"cannot resume from {path}: the configuration differs ({'; '.join(differs)})",
+                        "use the original settings, or pass --force to resume anyway")
+
+
+def same_data(config: TrainConfig, images: ImageSet, stored: str | None, fingerprint: str | None) -> bool:
+    """The data's fingerprint decides (`pngs` and `./pngs/` are one folder); older checkpoints compare paths."""
+    if fingerprint is not None:
+        return fingerprint == images.fingerprint()
+    return stored is not None and _data_path(stored) == _data_path(config.data)
+
+
+def _data_path(data: str) -> str:
+    return data if data.startswith("fashion-mnist") else str(Path(data).expanduser().resolve())
+
+
+def _source_key(source: str | None) -> str | None:
+    """An --init-from source as compared on resume: local files by resolved path, hub ids as written."""
+    if source is None or not Path(source).expanduser().exists():
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
+# This rank's generators.
+
+def gather_rng_states(device: torch.device, ranks: Ranks) -> list:
+    """Every rank's generators, rank by rank: the CPU's, and on CUDA the GPU's. A collective under torchrun."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if not ranks.grouped:
+        return [state]
+    gathered = [None] * ranks.world
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def restore_rng_states(states: list, device: torch.device, rank: int) -> None:
+    """This rank's saved generators: the CPU's, and on CUDA the GPU's where the checkpoint holds it."""
+    if len(states) <= rank:
+        return
+    state = states[rank]
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _version() -> str:
+    from ditcli.version import __version__
+
+    return __version__
