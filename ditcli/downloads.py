@@ -18,8 +18,6 @@ from ditcli.io import read_json, write_json
 from ditcli.version import __version__
 
 ProgressFn = Callable[[int, int | None], None] | None
-
-
 CHUNK = 1 << 20
 
 

@@ -16,9 +16,9 @@ from ditcli.errors import UserError
 from ditcli.ranks import AgreedError, env_rank, world_size
 from ditcli.version import __version__
 
-# Errors the shell reports as one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-               NotADirectoryError)
+# Errors the shell reports as one line: a UserError, or a path the user gave that the system refused. Anything else,
+# a ValueError included, is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 # Typer's usage errors (unknown option or command, malformed value, missing argument): the base class of its public
 # BadParameter, whichever click (its own copy or the click package) this Typer is built on.
 USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")

@@ -26,10 +26,11 @@ ModelOpt = Annotated[str | None, typer.Option(
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="256 or 512: which released DiT-XL/2.")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download (also DIT_OFFLINE=1 or HF_HUB_OFFLINE=1).")]
 ObjectiveOpt = Annotated[str | None, typer.Option(
-    "--objective", help="ddpm or flow: what a checkpoint from elsewhere (SiT, REPA) was trained with; files that "
-                        "record it (ours, converted ones) need none.")]
+    "--objective", help="ddpm, flow or meanflow: what a checkpoint from elsewhere (SiT, REPA, the MeanFlow port, "
+                        "DMF) was trained with; files that record it (ours, converted ones) need none.")]
 TimeDirectionOpt = Annotated[str | None, typer.Option(
-    "--time-direction", help="A flow model's time: noise-to-data (SiT: t = 1 is data) or data-to-noise (REPA).")]
+    "--time-direction", help="A flow or mean-flow model's time: noise-to-data (SiT: t = 1 is data) or data-to-noise "
+                             "(REPA, MeanFlow, DMF).")]
 
 
 def in_panel(alias, panel: str):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ditcli.diffusion.process import predict_and_score
+
 TRAIN_TIMESTEPS = 1000
 BETA_SCHEDULES = ("linear", "cosine")
 
@@ -182,6 +184,11 @@ class Diffusion:
         mean = self.q_posterior_mean(pred_xstart, x_t, index)
         return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
                 "pred_xstart": pred_xstart, "eps": eps}
+
+    def loss(self, net, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor,
+             drop: torch.Tensor) -> dict:
+        """One forward on x_t, scored against this process's target (ditcli.diffusion.process)."""
+        return predict_and_score(self, net, x_start, t, noise, labels, drop)
 
     def training_losses(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor,
                         index: torch.Tensor, noise: torch.Tensor) -> dict:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ditcli.diffusion.process import predict_and_score
 from ditcli.diffusion.ddpm import mean_flat
 
 TIME_DIRECTIONS = ("noise-to-data", "data-to-noise")
@@ -91,6 +92,11 @@ class FlowMatching:
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The network sees flow time itself."""
         return t
+
+    def loss(self, net, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor,
+             drop: torch.Tensor) -> dict:
+        """One forward on x_t, scored against this process's target (ditcli.diffusion.process)."""
+        return predict_and_score(self, net, x_start, t, noise, labels, drop)
 
     def training_losses(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor,
                         t: torch.Tensor, noise: torch.Tensor) -> dict:

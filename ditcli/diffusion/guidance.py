@@ -13,11 +13,7 @@ import torch
 from ditcli.diffusion.process import Process
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
-
-
 PAPER_CHANNELS = "paper"  # the first 3 latent channels, as DiT's reference sampler guides them (see `Guidance`)
 GUIDED_CHANNELS = (PAPER_CHANNELS, "all")
 DEFAULT_CHANNELS = PAPER_CHANNELS  # for a file that records no guided channels
@@ -73,27 +69,37 @@ class Guidance:
         return self.interval is None or self.interval[0] <= t <= self.interval[1]
 
 
+def call_model(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               r: torch.Tensor | None) -> torch.Tensor:
+    """model(x, t, y), with a mean-flow model's second time `r` only where one is given (no other model takes it)."""
+    return model(x, t, y) if r is None else model(x, t, y, r=r)
+
+
 def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Process,
                     guidance: Guidance, null_class: int) -> ModelFn:
     """The `model_fn` of a class-conditional DiT under classifier-free guidance.
 
     At scale 1 (or outside the guidance interval) only the conditional pass runs; at scale 0 only the unconditional
     one. Otherwise one forward of the doubled batch [cond, uncond] counts as one NFE. The interval is decided at the
-    evaluation's time, or at `step_index` where a multi-stage sampler passes its step's start.
+    evaluation's time, or at `step_index` where a multi-stage sampler passes its step's start. A mean-flow model's
+    second time `r` (`ditcli.diffusion.flow_map`) goes to every pass; the interval is still decided at t.
     """
     in_channels = model.config.in_channels
     guided = min(3, in_channels) if guidance.channels == PAPER_CHANNELS else in_channels  # never the variance channels
     null = torch.full_like(labels, null_class)
 
-    def model_fn(x: torch.Tensor, index: torch.Tensor, step_index: torch.Tensor | None = None) -> torch.Tensor:
+    def model_fn(x: torch.Tensor, index: torch.Tensor, step_index: torch.Tensor | None = None,
+                 r: torch.Tensor | None = None) -> torch.Tensor:
         t = diffusion.model_timesteps(index)
         decides = t if step_index is None else diffusion.model_timesteps(step_index)  # a step's later stages
         scale = guidance.scale if guidance.active(float(decides[0])) else 1.0
+        r = None if r is None else diffusion.model_timesteps(r)
         if scale == 1.0:
-            return model(x, t, labels)
+            return call_model(model, x, t, labels, r)
         if scale == 0.0:
-            return model(x, t, null)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2N, C_out, H, W)
+            return call_model(model, x, t, null, r)
+        out = call_model(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]),
+                         None if r is None else torch.cat([r, r]))  # (2N, C_out, H, W)
         cond, uncond = out.chunk(2)
         eps = torch.lerp(uncond[:, :guided], cond[:, :guided], scale)  # uncond + s * (cond - uncond)
         return torch.cat([eps, cond[:, guided:]], dim=1)  # (N, C_out, H, W)
@@ -103,9 +109,11 @@ def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion: Pro
 
 def unconditional_model_fn(model: torch.nn.Module, diffusion: Process) -> ModelFn:
     """The `model_fn` of a model trained without labels: every image gets the null class."""
-    def model_fn(x: torch.Tensor, index: torch.Tensor, step_index: torch.Tensor | None = None) -> torch.Tensor:
+    def model_fn(x: torch.Tensor, index: torch.Tensor, step_index: torch.Tensor | None = None,
+                 r: torch.Tensor | None = None) -> torch.Tensor:
         labels = torch.full((x.shape[0],), model.config.num_classes, dtype=torch.long, device=x.device)
-        return model(x, diffusion.model_timesteps(index), labels)
+        return call_model(model, x, diffusion.model_timesteps(index), labels,
+                          None if r is None else diffusion.model_timesteps(r))
 
     return model_fn
 
@@ -117,6 +125,7 @@ class CountingModelFn:
         self.model_fn = model_fn
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor, *step_index: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, *step_index: torch.Tensor,
+                 **times: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.model_fn(x, index, *step_index)
+        return self.model_fn(x, index, *step_index, **times)

@@ -1,4 +1,5 @@
-"""The training objective as one adapter per kind: DDPM's discrete diffusion and linear-interpolant flow matching.
+"""The training objective as one adapter per kind: DDPM's discrete diffusion, linear-interpolant flow matching, and
+mean flows (MeanFlow, Decoupled MeanFlow), which learn the average velocity over an interval and sample in 1-4 steps.
 
 An `Objective` owns everything that depends on which objective trained a model: the process its loss and time draws
 come from, the samplers that fit it and their plans, the sampling defaults of a file that records none and of a
@@ -9,13 +10,18 @@ objective it holds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import ClassVar, Protocol
 
 from ditcli.diffusion.ddpm import Diffusion
 from ditcli.diffusion.flow import TIME_DIRECTIONS, FlowMatching
+from ditcli.diffusion.flow_map import sample_flow_map
+from ditcli.diffusion.meanflow import MeanFlow
 from ditcli.diffusion.process import Process
 from ditcli.diffusion.samplers import (
+    FLOW_MAP,
     FLOW_SAMPLER_NAMES,
     SAMPLERS,
     FlowSettings,
@@ -33,6 +39,7 @@ class Objective(Protocol):
     """What a model's objective decides, asked of it by training, sampling and conversion."""
 
     name: ClassVar[str]  # the `objective` a file records
+    training_flags: ClassVar[tuple[str, ...]]  # the `dit train` options that belong to it alone or to a few
     samplers: ClassVar[tuple[str, ...]]  # `--sampler` names that fit it
     default_sampling: ClassVar[SamplingDefaults]  # a file that records no defaults samples with these
     trained_sampling: ClassVar[SamplingDefaults]  # what `dit train` records
@@ -45,14 +52,17 @@ class Objective(Protocol):
 
     def schedule_text(self, schedule: str) -> str: ...
 
+    def architecture(self, decoupled_depth: int | None) -> dict: ...
+
     def check_export(self, to: str, source) -> None: ...
 
-    def check_source(self, source: Objective, name: str) -> None: ...
+    def check_source(self, source: Objective, name: str) -> str | None: ...
+
+    def guidance_warning(self, cfg: float) -> str | None: ...
 
     def to_metadata(self) -> dict[str, str]: ...
 
-    def process(self, learn_sigma: bool, schedule: str = "linear", time_sampling: str = "uniform",
-                time_shift: float = 1.0) -> Process: ...
+    def process(self, learn_sigma: bool, schedule: str = "linear", **settings) -> Process: ...
 
     def plan(self, name: str, steps: int, learn_sigma: bool, *, schedule: str = "linear", eta: float = 0.0,
              flow: FlowSettings = FlowSettings()) -> SamplerPlan: ...
@@ -61,7 +71,7 @@ class Objective(Protocol):
 
     def check_interval(self, interval: tuple[float, float] | None, context: str) -> None: ...
 
-    def check_training(self, schedule: str, flow_options: list[str]) -> None: ...
+    def check_training(self, schedule: str, given: list[str]) -> None: ...
 
     def provenance(self, flow: FlowSettings) -> dict: ...
 
@@ -71,6 +81,7 @@ class DdpmObjective:
     """DiT's objective: eps (and, with learned sigma, the variance) on a discrete beta schedule (DDPM, IDDPM)."""
 
     name: ClassVar[str] = "ddpm"
+    training_flags: ClassVar[tuple[str, ...]] = ("--schedule",)
     samplers: ClassVar[tuple[str, ...]] = SAMPLERS
     # DiT's published evaluation settings (DDPM, 250 steps, guidance 4): for a released .pt, which names none.
     default_sampling: ClassVar[SamplingDefaults] = SamplingDefaults()
@@ -89,17 +100,24 @@ class DdpmObjective:
     def schedule_text(self, schedule: str) -> str:
         return schedule
 
+    def architecture(self, decoupled_depth: int | None) -> dict:
+        """DiT as it is: one time input."""
+        return {}
+
     def check_export(self, to: str, source) -> None:
         """Every output format carries a DDPM model."""
 
-    def check_source(self, source: Objective, name: str) -> None:
-        """Any DDPM source fine-tunes as DDPM."""
+    def check_source(self, source: Objective, name: str) -> str | None:
+        """Any source fine-tunes as DDPM, with a warning when it was trained otherwise."""
+        return change_warning(source, self, name)
+
+    def guidance_warning(self, cfg: float) -> str | None:
+        return None
 
     def to_metadata(self) -> dict[str, str]:
         return {"objective": self.name}
 
-    def process(self, learn_sigma: bool, schedule: str = "linear", time_sampling: str = "uniform",
-                time_shift: float = 1.0) -> Diffusion:
+    def process(self, learn_sigma: bool, schedule: str = "linear", **settings) -> Diffusion:
         """The unrespaced training process on `schedule`'s betas."""
         return Diffusion.create("", schedule, learn_sigma)
 
@@ -122,10 +140,8 @@ class DdpmObjective:
     def check_interval(self, interval: tuple[float, float] | None, context: str) -> None:
         """Any interval of training timesteps fits."""
 
-    def check_training(self, schedule: str, flow_options: list[str]) -> None:
-        if flow_options:
-            verb = "applies" if len(flow_options) == 1 else "apply"
-            raise UserError(f"{', '.join(flow_options)} only {verb} to --objective flow", "add --objective flow")
+    def check_training(self, schedule: str, given: list[str]) -> None:
+        refuse_foreign_flags(self, given)
 
     def provenance(self, flow: FlowSettings) -> dict:
         return {"objective": self.to_metadata()}
@@ -142,6 +158,7 @@ class FlowObjective:
     time_direction: str = DEFAULT_TIME_DIRECTION
 
     name: ClassVar[str] = "flow"
+    training_flags: ClassVar[tuple[str, ...]] = ("--time-direction", "--time-sampling", "--time-shift")
     samplers: ClassVar[tuple[str, ...]] = FLOW_SAMPLER_NAMES
     # A flow model that records no defaults (a SiT or REPA file): SiT's default ODE solver, dopri5 at atol 1e-6,
     # rtol 1e-3 (its steps do not apply), cfg 4 as SiT's sample.py.
@@ -166,23 +183,29 @@ class FlowObjective:
     def schedule_text(self, schedule: str) -> str:
         return "none (a flow model)"  # the flow has no betas
 
+    def architecture(self, decoupled_depth: int | None) -> dict:
+        """SiT's network is DiT's."""
+        return {}
+
     def check_export(self, to: str, source) -> None:
         if to not in self.exports:
             raise UserError(f"{source} is {self.noun()}, and a DiTPipeline folder would sample it as a DDPM eps model "
                             "(its scheduler and timesteps are DDPM's)",
                             "convert it to .safetensors, which records the objective")
 
-    def check_source(self, source: Objective, name: str) -> None:
-        """A flow source whose time runs the other way would be trained backwards."""
-        if isinstance(source, FlowObjective) and source != self:
-            raise UserError(f"--init-from {name} is a flow model with time {source.time_direction}, this run's time "
-                            f"is {self.time_direction}", f"pass --time-direction {source.time_direction}")
+    def check_source(self, source: Objective, name: str) -> str | None:
+        """A flow source whose time runs the other way would be trained backwards; another objective is warned of."""
+        check_direction(source, self, name)
+        return change_warning(source, self, name)
+
+    def guidance_warning(self, cfg: float) -> str | None:
+        return None
 
     def to_metadata(self) -> dict[str, str]:
         return {"objective": self.name, "time_direction": self.time_direction}
 
     def process(self, learn_sigma: bool, schedule: str = "linear", time_sampling: str = "uniform",
-                time_shift: float = 1.0) -> FlowMatching:
+                time_shift: float = 1.0, **settings) -> FlowMatching:
         """The flow in this direction; the beta schedule does not apply."""
         return FlowMatching(self.time_direction, learn_sigma, time_sampling, time_shift)
 
@@ -204,29 +227,133 @@ class FlowObjective:
             raise UserError(f"--guidance-interval {low:g},{high:g} is not in flow time [0, 1]{context}",
                             "pass LOW,HIGH in [0, 1], e.g. 0,0.7 as REPA (on its data-to-noise time)")
 
-    def check_training(self, schedule: str, flow_options: list[str]) -> None:
-        if schedule != "linear":
-            raise UserError("--schedule (the beta schedule) only applies to --objective ddpm",
-                            "drop --schedule, or train with --objective ddpm")
+    def check_training(self, schedule: str, given: list[str]) -> None:
+        refuse_schedule(schedule)
+        refuse_foreign_flags(self, given)
 
     def provenance(self, flow: FlowSettings) -> dict:
         return {"objective": self.to_metadata(), "flow_sampler": asdict(flow)}
 
 
-OBJECTIVES: dict[str, type] = {"ddpm": DdpmObjective, "flow": FlowObjective}
+@dataclass(frozen=True)
+class MeanFlowObjective:
+    """Mean-flow models (MeanFlow, Geng et al., 2025; Decoupled MeanFlow): the network predicts the average velocity
+    u(z_t, r, t) over [r, t] on the linear path, and the flow map z_r = z_t - (t - r) u samples in 1-4 steps.
+
+    `trained_cfg` is the guidance scale trained into the model (1: none), recorded so that runtime guidance, which
+    hurts such a model, is warned of.
+    """
+
+    time_direction: str = DEFAULT_TIME_DIRECTION
+    trained_cfg: float = 1.0
+
+    name: ClassVar[str] = "meanflow"
+    training_flags: ClassVar[tuple[str, ...]] = (
+        "--time-direction", "--decoupled-depth", "--interval-ratio", "--mf-time-mean", "--mf-time-std",
+        "--adaptive-p", "--adaptive-c", "--train-guidance", "--train-omega", "--train-kappa",
+        "--train-guidance-interval")
+    # The flow map; the flow samplers run its instantaneous velocity u(z_t, t, t).
+    samplers: ClassVar[tuple[str, ...]] = (FLOW_MAP, *FLOW_SAMPLER_NAMES)
+    # A released mean-flow file records no defaults: one step, no runtime guidance (MeanFlow's and DMF's 1-NFE setting).
+    default_sampling: ClassVar[SamplingDefaults] = SamplingDefaults(FLOW_MAP, 1, 1.0)
+    trained_sampling: ClassVar[SamplingDefaults] = SamplingDefaults(FLOW_MAP, 2, 1.0)
+    preview_sampler: ClassVar[str] = FLOW_MAP
+    exports: ClassVar[tuple[str, ...]] = ("safetensors",)  # DiTPipeline has no second time input
+
+    def __post_init__(self):
+        if self.time_direction not in TIME_DIRECTIONS:
+            raise UserError(f"a mean-flow objective needs a time direction, got {self.time_direction!r}",
+                            f"pass --time-direction {' or '.join(TIME_DIRECTIONS)}")
+        if not (math.isfinite(self.trained_cfg) and self.trained_cfg >= 0):
+            raise UserError(f"the trained guidance scale must be a finite number >= 0, got {self.trained_cfg}")
+
+    def describe(self) -> str:
+        guided = f", guidance {self.trained_cfg:g} trained in" if self.trained_cfg != 1 else ""
+        return f"meanflow, time {self.time_direction}{guided}"
+
+    def noun(self) -> str:
+        return f"a mean-flow model ({self.describe()})"
+
+    def schedule_text(self, schedule: str) -> str:
+        return "none (a mean-flow model)"
+
+    def architecture(self, decoupled_depth: int | None) -> dict:
+        """DMF's decoupled blocks when a depth is given, MeanFlow's separate embedder of t - r otherwise."""
+        if decoupled_depth is None:
+            return {"mean_flow_form": "separate"}
+        return {"mean_flow_form": "decoupled", "decoupled_depth": decoupled_depth}
+
+    def check_export(self, to: str, source) -> None:
+        if to not in self.exports:
+            raise UserError(f"{source} is {self.noun()}, and a DiTPipeline folder has no second time input for it",
+                            "convert it to .safetensors, which records the objective")
+
+    def check_source(self, source: Objective, name: str) -> str | None:
+        """The cheap route of DMF: a flow model of the same time direction, fine-tuned; a DDPM model is refused."""
+        if isinstance(source, DdpmObjective):
+            raise UserError(f"--init-from {name} is a DDPM model; a mean-flow model starts from a flow model",
+                            "fine-tune a flow-matching checkpoint (ours, SiT or REPA), or train without --init-from")
+        check_direction(source, self, name)
+        return None
+
+    def guidance_warning(self, cfg: float) -> str | None:
+        """Runtime guidance on a model with guidance trained in extrapolates twice (MeanFlow issue #45)."""
+        if cfg == 1 or self.trained_cfg == 1:
+            return None
+        return (f"this model has guidance {self.trained_cfg:g} trained in; --cfg {cfg:g} guides it again and usually "
+                "hurts: pass --cfg 1")
+
+    def to_metadata(self) -> dict[str, str]:
+        data = {"objective": self.name, "time_direction": self.time_direction}
+        return data if self.trained_cfg == 1 else {**data, "trained_cfg": repr(float(self.trained_cfg))}
+
+    def process(self, learn_sigma: bool, schedule: str = "linear", **settings) -> MeanFlow:
+        """The mean-flow process on this direction's path, with the run's time draws, weight and guidance."""
+        named = {"time_mean": "mf_time_mean", "time_std": "mf_time_std", "interval_ratio": "interval_ratio",
+                 "adaptive_p": "adaptive_p", "adaptive_c": "adaptive_c", "guidance": "guidance"}
+        given = {field: settings[option] for field, option in named.items() if option in settings}
+        return MeanFlow(FlowMatching(self.time_direction, learn_sigma), **given)
+
+    def plan(self, name: str, steps: int, learn_sigma: bool, *, schedule: str = "linear", eta: float = 0.0,
+             flow: FlowSettings = FlowSettings()) -> SamplerPlan:
+        path = FlowMatching(self.time_direction, learn_sigma)
+        if name != FLOW_MAP:
+            return plan_flow_sampler(name, steps, path, flow)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return SamplerPlan(name, steps, path, partial(sample_flow_map, steps=steps, shift=flow.shift), steps)
+
+    def sampler_settings(self, shift: float | None, atol: float | None, rtol: float | None) -> FlowSettings:
+        return FlowObjective.sampler_settings(self, shift, atol, rtol)
+
+    def check_interval(self, interval: tuple[float, float] | None, context: str) -> None:
+        FlowObjective.check_interval(self, interval, context)
+
+    def check_training(self, schedule: str, given: list[str]) -> None:
+        refuse_schedule(schedule)
+        refuse_foreign_flags(self, given)
+
+    def provenance(self, flow: FlowSettings) -> dict:
+        return {"objective": self.to_metadata(), "flow_sampler": asdict(flow)}
+
+
+OBJECTIVES: dict[str, type] = {"ddpm": DdpmObjective, "flow": FlowObjective, "meanflow": MeanFlowObjective}
 DDPM = DdpmObjective()
 
 
-def make_objective(name: str, time_direction: str | None = None) -> Objective:
-    """The adapter of objective `name`; a flow objective needs its time direction, DDPM takes none."""
+def make_objective(name: str, time_direction: str | None = None, **record) -> Objective:
+    """The adapter of objective `name`; flow and mean-flow objectives need their time direction, DDPM takes none.
+    `record` holds what else a file records (a mean-flow model's trained guidance)."""
     if name not in OBJECTIVES:
         raise UserError(f"unknown objective {name!r}", f"choose from {', '.join(OBJECTIVES)}")
-    if name == FlowObjective.name:
-        return FlowObjective(time_direction)
+    kind = OBJECTIVES[name]
+    if "--time-direction" in kind.training_flags:
+        return kind(time_direction, **record)
     if time_direction is not None:
-        raise UserError(f"--time-direction only applies to --objective {FlowObjective.name}",
+        owners = " or ".join(owners_of("--time-direction"))
+        raise UserError(f"--time-direction only applies to --objective {owners}",
                         f"add --objective {FlowObjective.name}, or drop --time-direction")
-    return OBJECTIVES[name]()
+    return kind(**record)
 
 
 def objective_from_options(objective: str | None, time_direction: str | None) -> Objective | None:
@@ -236,17 +363,69 @@ def objective_from_options(objective: str | None, time_direction: str | None) ->
         return None
     if objective is None:
         objective = FlowObjective.name
-    if objective == FlowObjective.name and time_direction is None:
+    if time_direction is None and "--time-direction" in OBJECTIVES.get(objective, DdpmObjective).training_flags:
         time_direction = DEFAULT_TIME_DIRECTION
     return make_objective(objective, time_direction)
 
 
-def objective_from_record(objective: str | None, time_direction: str | None = None, path="the file") -> Objective:
-    """The record of a file; files from before the field are DDPM models."""
+def objective_from_record(objective: str | None, time_direction: str | None = None, path="the file",
+                          trained_cfg: str | float | None = None) -> Objective:
+    """The record of a file; files from before the field are DDPM models. A direction recorded beside an objective
+    that takes none (a DDPM run's unused --time-direction) is ignored."""
+    kind = OBJECTIVES.get(objective or DdpmObjective.name)
+    takes_direction = kind is not None and "--time-direction" in kind.training_flags
+    record = {} if trained_cfg is None else {"trained_cfg": _number(trained_cfg, path)}
     try:
-        return make_objective(objective or DdpmObjective.name,
-                              time_direction if objective == FlowObjective.name else None)
+        return make_objective(objective or DdpmObjective.name, time_direction if takes_direction else None, **record)
     except UserError as exc:
         raise UserError(f"{path} records an unusable objective: {exc}",
                         "convert the source checkpoint again") from None
 
+
+
+def _number(value: str | float, path) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{path} records an unusable trained guidance scale {value!r}",
+                        "convert the source checkpoint again") from None
+
+
+def owners_of(flag: str) -> list[str]:
+    """The objectives a `dit train` flag belongs to."""
+    return [name for name, kind in OBJECTIVES.items() if flag in kind.training_flags]
+
+
+def refuse_foreign_flags(objective: Objective, given: list[str]) -> None:
+    """Options of other objectives are refused, not silently ignored."""
+    foreign = [flag for flag in given if flag not in objective.training_flags]
+    if foreign:
+        owners = [name for name in OBJECTIVES if all(name in owners_of(flag) for flag in foreign)] or owners_of(
+            foreign[0])
+        verb = "applies" if len(foreign) == 1 else "apply"
+        raise UserError(f"{', '.join(foreign)} only {verb} to --objective {' or '.join(owners)}",
+                        f"add --objective {owners[0]}")
+
+
+def refuse_schedule(schedule: str) -> None:
+    if schedule != "linear":
+        raise UserError("--schedule (the beta schedule) only applies to --objective ddpm",
+                        "drop --schedule, or train with --objective ddpm")
+
+
+def check_direction(source: Objective, target: Objective, name: str) -> None:
+    """A source whose time runs the other way would be trained backwards."""
+    direction = getattr(source, "time_direction", None)
+    if direction is not None and direction != target.time_direction:
+        raise UserError(f"--init-from {name} is a {source.name} model with time {direction}, this run's time is "
+                        f"{target.time_direction}",
+                        f"pass --time-direction {direction}")
+
+
+def change_warning(source: Objective, target: Objective, name: str) -> str | None:
+    """The warning for a source trained as another objective: it starts far from its optimum."""
+    if source == target:
+        return None
+    return (f"warning: --init-from {name} was trained as {source.describe()}; this run trains it as "
+            f"{target.describe()}, so it starts far from its source's optimum; pass --objective "
+            f"{source.name} to fine-tune it as it was trained")

@@ -12,10 +12,31 @@ from typing import Protocol
 import torch
 
 
+class TrainingNet(Protocol):
+    """The network as a training step calls it: the run's precision, data parallelism and compilation applied."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,
+                 r: torch.Tensor | None = None) -> torch.Tensor:
+        """The differentiable forward (through DDP, so gradients are synchronised)."""
+
+    def evaluate(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,
+                 r: torch.Tensor | None = None) -> torch.Tensor:
+        """A forward without gradients (targets, guidance)."""
+
+    def jvp(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,
+            tangents: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, du) of u(x, t, r) along tangents (dx, dt, dr), without gradients: forward-mode AD on the unwrapped
+        module through the math attention kernel."""
+
+
 class Process(Protocol):
     """One objective's forward process, its loss and the time the network sees."""
 
     learn_sigma: bool
+
+    def loss(self, net: TrainingNet, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             labels: torch.Tensor, drop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms of one micro-batch; "loss" is the one trained."""
 
     def draw_times(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """Training times of a batch, from `generator` only."""
@@ -23,12 +44,17 @@ class Process(Protocol):
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The noised input x_t."""
 
-    def training_losses(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                        noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample loss terms; "loss" is the one trained."""
-
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The time input of the network for process times (or respaced indices) `t`."""
 
     def split_output(self, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prediction and, for a learned-sigma model, its extra channels."""
+
+
+def predict_and_score(process, net: TrainingNet, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                      labels: torch.Tensor, drop: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The loss of a process whose target needs no network (DDPM, flow): noise x_0 to x_t, predict once, and score
+    the output with the process's `training_losses(model_output, x_start, x_t, t, noise)`."""
+    x_t = process.q_sample(x_start, t, noise)
+    out = net(x_t, t, labels, drop)
+    return process.training_losses(out.float(), x_start, x_t, t, noise)

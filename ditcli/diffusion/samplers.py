@@ -83,6 +83,7 @@ SOLVERS = {
 }
 SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 FLOW_SAMPLER_NAMES = ("euler", "heun", "dopri5", "sde")  # the keys of FLOW_SAMPLERS, below
+FLOW_MAP = "flow-map"  # a mean-flow model's sampler: z_r = z_t - (t - r) u (ditcli.diffusion.flow_map)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class SamplingDefaults:
     channels: str | None = None
 
     def __post_init__(self):
-        if self.sampler not in (*SAMPLERS, *FLOW_SAMPLER_NAMES) or self.steps < 1 or not 0 <= self.cfg < float("inf"):
+        if self.sampler not in (*SAMPLERS, *FLOW_SAMPLER_NAMES, FLOW_MAP) or self.steps < 1 or not 0 <= self.cfg < float("inf"):
             raise ValueError(f"unusable sampling defaults {self.sampler!r}, {self.steps} steps, cfg {self.cfg}")
         if self.interval is not None and not (len(self.interval) == 2 and 0 <= self.interval[0] <= self.interval[1]):
             raise ValueError(f"unusable guidance interval {self.interval!r} (expected [low, high], 0 <= low <= high)")

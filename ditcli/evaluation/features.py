@@ -16,20 +16,10 @@ from ditcli.errors import UserError
 from ditcli.io import safetensors_metadata
 
 Progress = Callable[[str, int, int], None]  # (stage, images done, images in total)
-
-
 IS_SPLIT_SIZE = 5000  # ADM's Evaluator.compute_inception_score(split_size=5000)
-
-
 INCEPTION = "inception"
-
-
 Stats = tuple[torch.Tensor, torch.Tensor]  # (mu, sigma) in float64
-
-
 FeatureFactory = Callable[[Path | None, torch.device], Callable]
-
-
 _EXTRACTORS: dict[str, FeatureFactory] = {}
 
 

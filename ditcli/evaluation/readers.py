@@ -18,8 +18,6 @@ from ditcli.data.sources import center_crop_arr, is_idx_source, load_images
 from ditcli.errors import UserError
 
 FOLDER_REF_SIZE = 256  # ADM's ImageNet 256 reference batches; `--resize` picks another
-
-
 SKIPPED_FILES = ("grid.png",)  # the contact sheet `dit sample` writes next to its images
 
 

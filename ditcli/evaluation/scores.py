@@ -11,12 +11,7 @@ import torch
 from ditcli.errors import UserError
 
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al.'s estimate as torch-fidelity and clean-fid default it
-
-
-
 NEAREST_K = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
-
-
 PR_BLOCK = 10000  # ADM's row and column batch; its float16 overflow fallback is decided per block
 
 

@@ -23,6 +23,11 @@ HEADS_BY_WIDTH = {shape["hidden_size"]: shape["num_heads"] for shape in PRESET_S
 # (`get_timestep_embedding(downscale_freq_shift=1)`). The value is the shift subtracted from `half`.
 TIMESTEP_CONVENTIONS = {"reference": 0, "diffusers": 1}
 REFERENCE_NORM_EPS = 1e-6  # the reference's LayerNorm eps; diffusers' pre-MLP LayerNorm takes config.norm_eps
+# How a mean-flow model sees its second time r (the start of the interval [r, t] its average velocity spans):
+# "separate" adds an embedder of t - r to the conditioning (MeanFlow; the PyTorch port's key names `r_embedder.*`),
+# "decoupled" feeds r through the same t_embedder to the later blocks and the final layer (Decoupled MeanFlow).
+MEAN_FLOW_FORMS = ("separate", "decoupled")
+OPTIONAL_FIELDS = ("mean_flow_form", "decoupled_depth")  # written only when set, so other files keep their bytes
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class DiTConfig:
     # Kept for models trained with diffusers' DiTTransformer2DModel, whose forward differs in these two places.
     timestep_convention: str = "reference"
     norm_eps: float = REFERENCE_NORM_EPS  # eps of the pre-MLP LayerNorm (diffusers' `norm3`)
+    # A mean-flow model's second time input: None for DiT, SiT and REPA models (see MEAN_FLOW_FORMS).
+    mean_flow_form: str | None = None
+    decoupled_depth: int | None = None  # "decoupled": blocks[:k] see t; blocks[k:] and the final layer see r
 
     def __post_init__(self):
         checks = [
@@ -58,6 +66,12 @@ class DiTConfig:
             (self.timestep_convention in TIMESTEP_CONVENTIONS,
              f"timestep_convention must be one of {', '.join(TIMESTEP_CONVENTIONS)}, got {self.timestep_convention!r}"),
             (self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}"),
+            (self.mean_flow_form in (None, *MEAN_FLOW_FORMS),
+             f"mean_flow_form must be one of {', '.join(MEAN_FLOW_FORMS)}, got {self.mean_flow_form!r}"),
+            ((self.decoupled_depth is not None) == (self.mean_flow_form == "decoupled"),
+             "decoupled_depth is set exactly when mean_flow_form is 'decoupled'"),
+            (self.decoupled_depth is None or 1 <= self.decoupled_depth <= self.depth,
+             f"decoupled_depth must be in [1, depth {self.depth}], got {self.decoupled_depth}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -76,8 +90,17 @@ class DiTConfig:
         """Rows of the label table: one extra (the null class) when labels can be dropped."""
         return self.num_classes + int(self.class_dropout_prob > 0)
 
+    @property
+    def t_blocks(self) -> int:
+        """How many blocks see t: all but a decoupled model's later ones, which see r."""
+        return self.depth if self.decoupled_depth is None else self.decoupled_depth
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        for name in OPTIONAL_FIELDS:
+            if data[name] is None:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> DiTConfig:
@@ -285,6 +308,8 @@ class DiT(nn.Module):
         d = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, frequency_shift=TIMESTEP_CONVENTIONS[config.timestep_convention])
+        if config.mean_flow_form == "separate":
+            self.r_embedder = TimestepEmbedder(d, frequency_shift=TIMESTEP_CONVENTIONS[config.timestep_convention])
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, d), requires_grad=False)
         self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio, config.norm_eps)
@@ -308,6 +333,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02, generator=generator)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02, generator=generator)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02, generator=generator)
+        if hasattr(self, "r_embedder"):
+            nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02, generator=generator)
+            nn.init.normal_(self.r_embedder.mlp[2].weight, std=0.02, generator=generator)
         for layer in [*(block.adaLN_modulation[-1] for block in self.blocks),
                       self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
@@ -316,7 +344,9 @@ class DiT(nn.Module):
     def set_forward(self, timestep_convention: str, norm_eps: float) -> None:
         """Adopt another forward convention; the parameters are the same, only the computation changes."""
         self.config = replace(self.config, timestep_convention=timestep_convention, norm_eps=norm_eps)
-        self.t_embedder.frequency_shift = TIMESTEP_CONVENTIONS[timestep_convention]
+        for embedder in (self.t_embedder, getattr(self, "r_embedder", None)):
+            if embedder is not None:
+                embedder.frequency_shift = TIMESTEP_CONVENTIONS[timestep_convention]
         for block in self.blocks:
             block.norm2.eps = norm_eps
 
@@ -329,25 +359,47 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                drop_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict (eps, variance values) for x_t.
+                drop_mask: torch.Tensor | None = None, r: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict (eps, variance values) for x_t, the velocity at t, or a mean-flow model's average velocity over
+        [r, t] (None: r = t, the instantaneous velocity).
 
         `drop_mask` replaces labels by the null class. Left as None in training mode, labels are dropped with
         probability `class_dropout_prob` from the global RNG, as the reference does; in eval mode never.
         """
-        x, c = self.embed(x, t, y, drop_mask)
-        for block in self.blocks:
+        if r is None and self.config.mean_flow_form is None:
+            x, c = self.embed(x, t, y, drop_mask)
+            c_late = c
+        else:
+            x, c, c_late = self.embed_interval(x, t, r if r is not None else t, y, drop_mask)
+        for i, block in enumerate(self.blocks):
+            cond = c if i < self.config.t_blocks else c_late
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint(block, x, cond, use_reentrant=False)
             else:
-                x = block(x, c)  # (N, T, D)
-        return self.head(x, c)
+                x = block(x, cond)  # (N, T, D)
+        return self.head(x, c_late)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
               drop_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch tokens with positions, and the conditioning vector c = t_embed + y_embed."""
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         return tokens, self.t_embedder(t) + self.y_embedder(y, drop_mask)  # (N, D)
+
+    def embed_interval(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor,
+                       drop_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens and the conditioning of the early (t) and late (r) blocks of a mean-flow model.
+
+        "separate": c = t_embed(t) + r_embed(t - r) + y_embed everywhere (MeanFlow feeds the interval's length).
+        "decoupled": t_embed(t) + y_embed before `decoupled_depth`, t_embed(r) + y_embed after (DMF).
+        """
+        if self.config.mean_flow_form is None:
+            raise ValueError("this DiT has no second time input: it is not a mean-flow model")
+        tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        label = self.y_embedder(y, drop_mask)  # (N, D), one draw of the dropout for both
+        if self.config.mean_flow_form == "separate":
+            c = self.t_embedder(t) + self.r_embedder(t - r) + label  # (N, D)
+            return tokens, c, c
+        return tokens, self.t_embedder(t) + label, self.t_embedder(r) + label  # (N, D) each
 
     def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The last block's tokens to the model's output image."""

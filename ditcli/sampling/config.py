@@ -18,8 +18,6 @@ from ditcli.diffusion.samplers import FlowSettings, SamplerPlan
 from ditcli.sampling.block_cache import check_threshold
 
 ADDED_FIELDS = ("objective", "flow", "cache")
-
-
 LABEL_STREAM = 0x1ABE1  # keeps the label draws apart from the noise draws of the same (seed, index)
 
 

@@ -31,8 +31,10 @@ class CastWeights(torch.nn.Module):
         self.inner = model if weights_dtype(model) == dtype else cast_copy(model, dtype)
         self.config, self.dtype = model.config, dtype
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.to(self.dtype), t, y).float()
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        """`r`: a mean-flow model's second time, passed on only where given."""
+        x = x.to(self.dtype)
+        return (self.inner(x, t, y) if r is None else self.inner(x, t, y, r=r)).float()
 
 
 def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -66,18 +68,10 @@ def inference_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
 # BF16 and no AMX at about 120 and 55, where freezing saved 13% (B/2 and XL/2 alike). GPUs are credited 100x the AMX
 # rates, the AMX saving and 60 s of compilation (torch.compile has no package to load).
 COMPILE_SECONDS = {"cpu": 45.0, "cuda": 60.0}
-
-
 LOAD_SECONDS = {"cpu": 4.0}
-
-
 EAGER_MACS_PER_S = {"amx": {"bf16": 200e9, "fp16": 200e9, "fp32": 85e9},
                     "other": {"bf16": 120e9, "fp16": 120e9, "fp32": 55e9}}
-
-
 COMPILE_SAVING = {"amx": 1 / 3, "other": 0.13}
-
-
 GPU_SPEEDUP = 100.0
 
 

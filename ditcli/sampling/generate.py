@@ -82,9 +82,9 @@ def make_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion, guida
     cast = dtype != torch.float32 and not isinstance(_unwrapped(model), CastWeights)
     context = (lambda: autocast(device, dtype)) if cast else contextlib.nullcontext
 
-    def model_fn(x: torch.Tensor, index: torch.Tensor, *step_index: torch.Tensor) -> torch.Tensor:
+    def model_fn(x: torch.Tensor, index: torch.Tensor, *step_index: torch.Tensor, **times: torch.Tensor) -> torch.Tensor:
         with context():
-            return inner(x, index, *step_index).float()
+            return inner(x, index, *step_index, **times).float()  # times: a mean-flow model's r
 
     return CountingModelFn(model_fn)
 

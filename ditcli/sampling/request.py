@@ -56,8 +56,6 @@ from ditcli.weights.record import Checkpoint, describe
 
 DEFAULT_NUM = 16
 DEFAULT_PRECISION = "fp32"
-
-
 MAX_IMAGES = 10_000_000  # 200 ImageNet FID-50k runs; a bound so a typo fails at once, not after building labels
 MAX_STEPS = 10_000
 MAX_CFG = 100.0  # far past any useful scale; larger ones only overflow the guided eps
@@ -144,6 +142,7 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     guidance = make_guidance(r.cfg if r.cfg is not None else defaults.cfg, channels, r.guidance_interval,
                              model_config, defaults.interval)
     checkpoint.objective.check_interval(guidance.interval, f": this is {checkpoint.objective.noun()}")
+    check_second_time(model_config, r.cache, r.compile)
     sampler, steps = r.sampler or defaults.sampler, r.steps or defaults.steps
     if r.eta is not None and sampler != "ddim":
         raise UserError(f"--eta only applies to --sampler ddim, and this run uses {sampler}",
@@ -159,7 +158,8 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     plan = config.plan(model_config.learn_sigma)
     given_size = r.image_size if r.ckpt is not None else None
     check_image_size(checkpoint, given_size, vae)
-    warnings = stale_weights(checkpoint)
+    warnings = stale_weights(checkpoint) + [line for line in [checkpoint.objective.guidance_warning(guidance.scale)]
+                                            if line]
     for warning in warnings:
         if on_warning is not None:
             on_warning(warning)
@@ -187,6 +187,16 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     return SamplingRun(net, codec, config, plan, writers, provenance, out, npz, run_key, checkpoint.weights, warnings)
 
 
+def check_second_time(model_config, cache: float | None, compile_model: bool | None) -> None:
+    """A mean-flow model's forward takes a second time r, which the block cache and compiled packages do not pass."""
+    if model_config.mean_flow_form is None:
+        return
+    for flag, given in (("--cache", cache is not None), ("--compile", bool(compile_model))):
+        if given:
+            raise UserError(f"{flag} does not yet run a mean-flow model (its forward takes a second time r)",
+                            f"drop {flag}: one or two steps need neither")
+
+
 def choose_compile(given: bool | None, config: GenerateConfig, net: torch.nn.Module, plan: SamplerPlan,
                    device: torch.device) -> tuple[GenerateConfig, str]:
     """--compile/--no-compile as given, else what `compile_pays` says for this job, counting on a CPU the package an
@@ -195,6 +205,8 @@ def choose_compile(given: bool | None, config: GenerateConfig, net: torch.nn.Mod
         return replace(config, compile=given), f"{'--compile' if given else '--no-compile'} given"
     if config.cache is not None:
         return config, "eager: --cache runs the blocks one at a time"
+    if net.config.mean_flow_form is not None:
+        return config, "eager: a mean-flow model's forward takes a second time, which compiled packages do not yet"
     choice, why = compile_pays(config, net.config, plan.nfe, device)
     if not choice and device.type == "cpu" and compile_pays(config, net.config, plan.nfe, device, built=True)[0] \
             and package_exists(home_dir() / "aoti", net):  # hashing the weights only where a package would pay

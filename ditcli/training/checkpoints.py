@@ -64,6 +64,7 @@ def train_state(run) -> list[Slot]:
         Slot("class_names", lambda: run.images.class_names),
         Slot("codec", lambda: run.codec.to_dict()),
         Slot("sampling", lambda: run.sampling_defaults().to_dict()),
+        Slot("objective", lambda: run.config.training_objective().to_metadata()),
         Slot("ema_record", lambda: run.ema_record().to_dict(),
              lambda record: setattr(run, "ema_from_source", bool(record and record.from_source)),
              read=train_ema_record),

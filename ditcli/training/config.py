@@ -18,6 +18,7 @@ from ditcli.diffusion.objectives import (
     Objective,
     objective_from_record,
 )
+from ditcli.diffusion.meanflow import GUIDANCE_FORMS, TrainedGuidance
 from ditcli.diffusion.process import Process
 from ditcli.errors import UserError
 from ditcli.evaluation.features import INCEPTION
@@ -26,23 +27,18 @@ from ditcli.model.dit import DiTConfig, preset, preset_names
 from ditcli.training.trackers import check_trackers
 from ditcli.weights.checkpoint import WEIGHT_CHOICES
 
-# Fields that may change when resuming; any other difference needs --force.
 # Upper bounds of the size options: far above any real run, low enough that a typo cannot allocate the machine away.
 MAX_GLOBAL_BATCH = 1 << 20
-
-
 MAX_IMAGE_SIZE = 4096
-
-
 MAX_HIDDEN_SIZE = 16384
-
-
 MAX_DEPTH = 512
-
-
 LR_SCHEDULES = ("constant", "cosine")
-
-
+# Fields that may change when resuming; any other difference needs --force.
+TRAINED_GUIDANCE = ("none", *GUIDANCE_FORMS)  # --train-guidance
+# The options of one objective only (or of a few): each is refused where its objective does not take it.
+OBJECTIVE_SETTINGS = ("time_direction", "time_sampling", "time_shift", "decoupled_depth", "interval_ratio",
+                      "mf_time_mean", "mf_time_std", "adaptive_p", "adaptive_c", "train_guidance", "train_omega",
+                      "train_kappa", "train_guidance_interval")
 RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "log", "eval_every", "eval_ref",
                      "eval_num", "eval_features", "micro_batch", "compile",
                      "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights"}
@@ -92,8 +88,9 @@ class TrainConfig:
                                       "the initial weights.", group=MODEL)
 
     # Objective: schedule is ddpm's only, the time options flow's only.
-    objective: str = option("ddpm", help="ddpm (DiT: eps prediction on a beta schedule) or flow (SiT: velocity on the "
-                            "linear path x_t = t x + (1 - t) eps); recorded in every checkpoint.", group=OBJECTIVE)
+    objective: str = option("ddpm", help="ddpm (DiT: eps prediction on a beta schedule), flow (SiT: velocity on the "
+                            "linear path x_t = t x + (1 - t) eps) or meanflow (MeanFlow: the average velocity over "
+                            "[r, t], sampled in 1-4 steps); recorded in every checkpoint.", group=OBJECTIVE)
     learn_sigma: bool = option(True, help="Learn the variance too (DiT, IDDPM's hybrid loss).", group=OBJECTIVE)
     schedule: str = option("linear", help="Beta schedule: linear (DiT) or cosine (IDDPM); recorded in every "
                                           "checkpoint.", group=OBJECTIVE)
@@ -103,6 +100,27 @@ class TrainConfig:
                                 "SD3, LightningDiT).", group=OBJECTIVE)
     time_shift: float = option(1.0, help="Flow training times shifted as s' = S s / (1 + (S - 1) s) on the noise "
                                "level s (> 0; > 1 trains more at high noise).", group=OBJECTIVE)
+    # Objective, meanflow only: its network form, times, loss weight and trained-in guidance.
+    decoupled_depth: int | None = option(None, help="Mean flow as Decoupled MeanFlow: the first K blocks see t, the "
+                                         "rest and the final layer see r through the same t_embedder (no new "
+                                         "weights: the cheap fine-tune of a flow model). Default: MeanFlow's own "
+                                         "form, an extra embedder of t - r.", group=OBJECTIVE)
+    interval_ratio: float = option(0.25, help="Mean flow: the fraction of each batch trained on an interval (r != t); "
+                                   "the rest learn the instantaneous velocity (r = t). In [0, 1].", group=OBJECTIVE)
+    mf_time_mean: float = option(-0.4, help="Mean flow: mean of the logit-normal noise levels of t and r.",
+                                 group=OBJECTIVE)
+    mf_time_std: float = option(1.0, help="Mean flow: standard deviation of the logit-normal noise levels (> 0).",
+                                group=OBJECTIVE)
+    adaptive_p: float = option(1.0, help="Mean flow: the adaptive loss weight L / sg((L + c)^p) of MeanFlow's "
+                               "official code; p = 0 trains the plain squared error.", group=OBJECTIVE)
+    adaptive_c: float = option(0.01, help="Mean flow: c of the adaptive weight (> 0).", group=OBJECTIVE)
+    train_guidance: str = option("none", help="Mean flow: guidance trained into the target: none, meanflow "
+                                 "(MeanFlow: omega v + kappa u_cond + (1 - omega - kappa) u_uncond) or model (DMF: "
+                                 "v + omega (u_cond - u_uncond)).", group=OBJECTIVE)
+    train_omega: float = option(1.0, help="Mean flow: omega of the trained guidance.", group=OBJECTIVE)
+    train_kappa: float = option(0.0, help="Mean flow: kappa of MeanFlow's trained guidance.", group=OBJECTIVE)
+    train_guidance_interval: str = option("0,1", help="Mean flow: LOW,HIGH, the times t (the model's own) where the "
+                                          "trained guidance applies.", group=OBJECTIVE)
 
     # Optimisation.
     steps: int = option(400_000, help="Total optimizer steps.", group=OPTIMISATION)
@@ -196,20 +214,55 @@ class TrainConfig:
         if not (math.isfinite(self.time_shift) and self.time_shift > 0):
             raise UserError(f"--time-shift must be a finite number > 0, got {self.time_shift:g}",
                             "1 leaves the times as drawn; > 1 spends more steps at high noise")
-        flow_only = [flag for flag, value, default in (
-            ("--time-direction", self.time_direction, DEFAULT_TIME_DIRECTION),
-            ("--time-sampling", self.time_sampling, "uniform"), ("--time-shift", self.time_shift, 1.0))
-            if value != default]
-        self.training_objective().check_training(self.schedule, flow_only)
+        given = [f"--{name.replace('_', '-')}" for name in OBJECTIVE_SETTINGS
+                 if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
+        objective_from_record(self.objective, self.time_direction, "run").check_training(self.schedule, given)
+        self.check_mean_flow()
+
+    def check_mean_flow(self) -> None:
+        """The mean-flow options' ranges (they reach the process only once the run is built)."""
+        numbers = (("--interval-ratio", self.interval_ratio, 0.0, 1.0), ("--mf-time-std", self.mf_time_std, 1e-6, 1e3),
+                   ("--mf-time-mean", self.mf_time_mean, -1e3, 1e3), ("--adaptive-p", self.adaptive_p, 0.0, 10.0),
+                   ("--adaptive-c", self.adaptive_c, 1e-12, 1e6), ("--train-omega", self.train_omega, -100, 100),
+                   ("--train-kappa", self.train_kappa, -100, 100))
+        for flag, value, low, high in numbers:
+            if not (math.isfinite(value) and low <= value <= high):
+                raise UserError(f"{flag} must be a number in [{low:g}, {high:g}], got {value:g}")
+        if self.train_guidance not in TRAINED_GUIDANCE:
+            raise UserError(f"unknown --train-guidance {self.train_guidance!r}",
+                            f"choose from {', '.join(TRAINED_GUIDANCE)}")
+        if self.train_guidance == "meanflow" and self.train_kappa >= 1:
+            raise UserError(f"--train-kappa {self.train_kappa:g} leaves no room for omega: the trained scale is "
+                            "omega / (1 - kappa)", "pass --train-kappa below 1 (MeanFlow's L/2: 0.92 with omega 0.2)")
+        self.trained_guidance()
+        if self.decoupled_depth is not None:
+            depth = self.depth or preset(self.model).depth
+            if not 1 <= self.decoupled_depth <= depth:
+                raise UserError(f"--decoupled-depth {self.decoupled_depth} is not in [1, {depth}], the model's depth",
+                                f"pass a depth of 1 to {depth} (DMF-XL/2: 20 of 28)")
+
+    def trained_guidance(self) -> TrainedGuidance:
+        """--train-guidance and its omega, kappa and interval (ditcli.diffusion.meanflow)."""
+        if self.train_guidance == "none":
+            return TrainedGuidance()
+        try:
+            low, high = (float(part) for part in self.train_guidance_interval.split(","))
+            return TrainedGuidance(self.train_guidance, self.train_omega, self.train_kappa, (low, high))
+        except ValueError as exc:
+            raise UserError(f"unusable trained guidance: {exc}",
+                            "pass --train-guidance-interval LOW,HIGH with 0 <= LOW <= HIGH <= 1") from None
 
     def training_objective(self) -> Objective:
-        """The objective adapter of the run (ditcli.diffusion.objectives)."""
-        return objective_from_record(self.objective, self.time_direction, "run")
+        """The objective adapter of the run (ditcli.diffusion.objectives), with the guidance it trains in."""
+        scale = self.trained_guidance().scale
+        record = {} if scale == 1 else {"trained_cfg": scale}
+        return objective_from_record(self.objective, self.time_direction, "run", **record)
 
     def build_objective(self) -> Process:
         """The training process the objective draws times, noises and losses from."""
-        return self.training_objective().process(self.learn_sigma, self.schedule, self.time_sampling,
-                                                 self.time_shift)
+        settings = {name: getattr(self, name) for name in OBJECTIVE_SETTINGS}
+        return self.training_objective().process(self.learn_sigma, self.schedule, guidance=self.trained_guidance(),
+                                                 **settings)
 
     def integer_ranges(self) -> list[tuple[str, int | None, int, int]]:
         """(option, value, lowest, highest): the highest keep a typo from allocating the machine away."""
@@ -267,9 +320,10 @@ class TrainConfig:
         downsample = VaeCodec.downsample if self.latent else 1
         overrides = {k: v for k, v in (("hidden_size", self.hidden_size), ("depth", self.depth),
                                        ("num_heads", self.num_heads)) if v is not None}
+        form = objective_from_record(self.objective, self.time_direction, "run").architecture(self.decoupled_depth)
         return preset(self.model, input_size=self.image_size // downsample, num_classes=num_classes,
                       in_channels=LATENT_CHANNELS if self.latent else self.channels, learn_sigma=self.learn_sigma,
-                      class_dropout_prob=self.class_dropout_prob, **overrides)
+                      class_dropout_prob=self.class_dropout_prob, **overrides, **form)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -289,8 +343,6 @@ class TrainConfig:
 FASHION_MNIST = dict(data="fashion-mnist", model="DiT-S/4", image_size=28, channels=1, vae=None, hidden_size=192,
                      depth=6, num_heads=3, global_batch=128, lr=3e-4, ema_decay=0.999, ema_warmup=True,
                      precision="fp32", flip=False, ckpt_every=250, sample_every=2000, log_every=50, grad_clip=1.0)
-
-
 TRAIN_PRESETS = {
     # The shipped `fashion-mnist` model's first stage (docs/flow.md): SiT's flow with logit-normal times.
     "fashion-mnist": dict(FASHION_MNIST, objective="flow", learn_sigma=False, time_sampling="logit-normal",

@@ -78,6 +78,8 @@ class InitFrom:
                 "label_rows": f"{self.labels.copied} copied{by}, {fresh} fresh, null row {self.labels.null_row}",
                 "pos_embed": pos, "timestep_convention": self.config.timestep_convention}
 
+SECOND_TIME_EMBEDDER = "r_embedder."  # MeanFlow's "separate" form: no flow source holds it
+
 
 def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], class_names: list[str] | None,
               weights: str | None = None, objective: Objective = DDPM) -> InitFrom:
@@ -102,6 +104,9 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
     if checkpoint.config.input_size != target.input_size:
         state["pos_embed"] = fresh["pos_embed"].clone()  # the fixed sin-cos table of the new grid
     state[LABEL_TABLE] = map_label_rows(state[LABEL_TABLE], fresh[LABEL_TABLE], plan, checkpoint.config, target)
+    for key in fresh.keys() - state.keys():  # a mean-flow model's own embedder of t - r starts fresh
+        if key.startswith(SECOND_TIME_EMBEDDER):
+            state[key] = fresh[key].clone()
     return InitFrom(str(source), checkpoint.format, checkpoint.weights, config, state, plan, source_grid, stale, notes)
 
 
@@ -143,10 +148,7 @@ def objective_change(checkpoint: Checkpoint, objective: Objective, name: str) ->
     source = checkpoint.objective
     if not checkpoint.objective_recorded or source == objective:
         return None
-    objective.check_source(source, name)
-    return (f"warning: --init-from {name} was trained as {source.describe()}; this run trains it as "
-            f"{objective.describe()}, so it starts far from its source's optimum; pass --objective "
-            f"{source.name} to fine-tune it as it was trained")
+    return objective.check_source(source, name)
 
 
 def source_flags(config: DiTConfig) -> str:

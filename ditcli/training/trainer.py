@@ -37,13 +37,14 @@ from ditcli.ranks import (
     leave,
     on_every_rank,
 )
-from ditcli.runtime import autocast, resolve_device, resolve_precision
+from ditcli.runtime import resolve_device, resolve_precision
 from ditcli.training import finetune
 from ditcli.training.checkpoints import Checkpoints, check_compatible, check_resume, train_state
 from ditcli.training.config import TrainConfig
 from ditcli.training.draws import StepDraws, TrainingData, draw_step
 from ditcli.training.eval_hook import Evaluator, eval_config
 from ditcli.training.latent_cache import LatentCache
+from ditcli.training.net import RunNet
 from ditcli.training.trackers import Trackers
 from ditcli.weights.ema import EmaRecord, ema_decay_at
 
@@ -121,7 +122,7 @@ class Trainer:
         try:
             yield
         finally:
-            self.ddp = self.forward = None
+            self.ddp = self.forward = self.net = None
             if getattr(self, "trackers", None) is not None:
                 self.trackers.close()
             leave(self.dist)
@@ -166,6 +167,7 @@ class Trainer:
             self.load_checkpoint(*resumed)
         self.ddp = data_parallel(self.model, self.dist, self.device)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
+        self.net = RunNet(self.forward, self.model, self.device, self.dtype)
         self.out.mkdir(parents=True, exist_ok=True)
         self.evaluator = Evaluator.from_config(config, self.out)
         if self.evaluator.request is not None:
@@ -217,10 +219,7 @@ class Trainer:
         x_start = self.data.x_start(part.indices, part.flips, part.posterior_noise).to(self.device)
         t, noise = part.t.to(self.device), part.noise.to(self.device)
         labels = torch.from_numpy(self.images.labels[part.indices]).to(self.device)
-        x_t = self.objective.q_sample(x_start, t, noise)
-        with autocast(self.device, self.dtype):
-            out = self.forward(x_t, t, labels, part.drop.to(self.device))
-        terms = self.objective.training_losses(out.float(), x_start, x_t, t, noise)
+        terms = self.objective.loss(self.net, x_start, t, noise, labels, part.drop.to(self.device))
         (terms["loss"].sum() / per_rank).backward()
         return {k: v.detach().sum().item() / per_rank for k, v in terms.items()}
 

@@ -147,13 +147,18 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
                           json.loads(metadata["class_names"]) if "class_names" in metadata else None,
                           json.loads(metadata["codec"]) if "codec" in metadata else None,
                           schedule=read_schedule(metadata.get("schedule"), path),
-                          objective=objective_from_record(metadata.get("objective"),
-                                                              metadata.get("time_direction"), path),
+                          objective=read_objective(metadata, path),
                           objective_recorded=True,
                           sampling=read_record(metadata.get("sampling"), SamplingDefaults, path, "sampling"),
                           ema=read_record(metadata.get("ema"), EmaRecord, path, "ema"),
                           convention_source=convention_source(fields), weights_recorded=True, config_recorded=True)
     return _from_bare_state(state, "safetensors (no ditcli metadata)", num_heads, config, str(path))
+
+
+def read_objective(record: dict, path: Path) -> Objective:
+    """The objective a file records (older training checkpoints keep it in their train config only)."""
+    return objective_from_record(record.get("objective"), record.get("time_direction"), path,
+                                 record.get("trained_cfg"))
 
 
 def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, weights: str) -> Checkpoint:
@@ -173,8 +178,7 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
         ema = train_ema_record(data)
         return Checkpoint(state, stored, "ditcli training checkpoint", weights, data.get("class_names"),
                           data.get("codec"), schedule=read_schedule(train.get("schedule"), path),
-                          objective=objective_from_record(train.get("objective"), train.get("time_direction"),
-                                                              path), objective_recorded=True,
+                          objective=read_objective(data.get("objective") or train, path), objective_recorded=True,
                           sampling=read_record(data.get("sampling"), SamplingDefaults, path, "sampling"), ema=ema,
                           step=data.get("step"), convention_source=convention_source(data["config"]["model"]),
                           weights_recorded=True, config_recorded=True)

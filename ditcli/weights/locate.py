@@ -23,8 +23,6 @@ from ditcli.weights.registry import (
 )
 
 DEFAULT_MODEL = "DiT-XL/2"
-
-
 DownloadProgress = Callable[[str], ContextManager[ProgressFn]] | None
 
 

@@ -1,0 +1,46 @@
+"""The network as a training step calls it (`ditcli.diffusion.process.TrainingNet`): the differentiable forward
+through DDP (and `--compile`) under the run's autocast, a forward without gradients, and the JVP a mean-flow target
+needs.
+
+The JVP runs on the unwrapped module under `no_grad`: forward-mode AD cannot pass through a DDP wrapper (whose hooks
+belong to the backward pass), and running the differentiable forward outside DDP would skip the gradient sync. The
+fused attention kernels have no forward-mode rule, so the JVP alone uses the math kernel; the forward keeps the
+fused one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ditcli.runtime import autocast
+
+
+class RunNet:
+    """`forward`: the DDP-wrapped (maybe compiled) model; `module`: the model itself."""
+
+    def __init__(self, forward: torch.nn.Module, module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        self.forward, self.module, self.device, self.dtype = forward, module, device, dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,
+                 r: torch.Tensor | None = None) -> torch.Tensor:
+        with autocast(self.device, self.dtype):
+            if r is None:
+                return self.forward(x, t, y, drop_mask)
+            return self.forward(x, t, y, drop_mask, r=r)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,
+                 r: torch.Tensor | None = None) -> torch.Tensor:
+        with autocast(self.device, self.dtype):
+            return self.module(x, t, y, drop_mask, r=r).float()
+
+    @torch.no_grad()
+    def jvp(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,
+            tangents: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        def u(x_: torch.Tensor, t_: torch.Tensor, r_: torch.Tensor) -> torch.Tensor:
+            return self.module(x_, t_, y, drop_mask, r=r_)
+
+        with autocast(self.device, self.dtype), sdpa_kernel(SDPBackend.MATH):
+            out, du = torch.func.jvp(u, (x, t, r), tangents)
+        return out.float(), du.float()
