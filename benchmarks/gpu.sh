@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite in one unattended call: tests/gpu (bf16 step, compile, SDPA kernel, bf16 sampling drift, one-process
 # NCCL train + resume, Inception CUDA vs CPU; for flow models, four bf16 Trainer steps of DiT-XL/2 and the bf16
-# drift of Heun and Euler sampling of DiT-XL/2 at cfg 4), then the DiT-XL/2 timings of bench_model.py against
+# drift of Heun and Euler sampling of DiT-XL/2 at cfg 4; for mean-flow models, four bf16 Trainer steps of a decoupled
+# DiT-XL/2 with the JVP and DMF's model guidance, and its 1-step sampling throughput), then the DiT-XL/2 timings of bench_model.py against
 # diffusers with MFU (the forward also as `dit sample` runs it: bf16 weights cast once, with inductor freezing, and
 # with max-autotune's kernel tuning and CUDA graphs), then the race of issue 21 at XL/2: the whole `dit sample` against
 # DiTPipeline in bf16, with sd-vae's layout (random weights). At most 9 minutes by the step limits, so it fits one

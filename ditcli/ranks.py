@@ -108,7 +108,7 @@ def on_every_rank(fn: Callable[[], T], what: str | None = None, hint: str | None
     """
     try:
         result, problem = fn(), None
-    except (UserError, ValueError, OSError) as exc:
+    except (UserError, OSError) as exc:  # a ValueError is a bug: it keeps its traceback
         result, problem = None, _describe(exc)
     problems = [problem]
     if dist.is_initialized():
@@ -190,7 +190,7 @@ class Ranks:
         failure = None
         try:
             yield
-        except (UserError, ValueError, OSError) as exc:
+        except (UserError, OSError) as exc:  # a ValueError is a bug: it keeps its traceback
             failure = exc
 
         def outcome():

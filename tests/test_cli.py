@@ -55,3 +55,25 @@ def test_nothing_reads_outside_the_repository():
         if any("".join(pattern) in path.read_text() for pattern in outside)
     ]
     assert offenders == []
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(monkeypatch):
+    """Only a UserError (or a path the system refused) is the user's: a ValueError raised inside a command is a bug,
+    and leaves the shell as itself, with its traceback, not as `error:` and exit code 2."""
+    from ditcli.data.classes import ClassTable
+    from ditcli.errors import UserError, UserValueError
+
+    def raising(exc):
+        def imagenet():
+            raise exc
+        return staticmethod(imagenet)
+
+    monkeypatch.setattr(ClassTable, "imagenet", raising(ValueError("a bug's message")))
+    result = runner.invoke(app, ["classes"])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError), result.output
+    assert "error:" not in result.output and result.exc_info[2] is not None  # the traceback Python prints
+    for exc in (UserError("the user's mistake", "how to fix it"), UserValueError("the user's mistake", "how to fix it")):
+        monkeypatch.setattr(ClassTable, "imagenet", raising(exc))
+        result = runner.invoke(app, ["classes"])
+        assert result.exit_code == 2 and result.output == "error: the user's mistake (how to fix it)\n", result.output
+        assert isinstance(result.exception, SystemExit)

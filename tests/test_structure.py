@@ -12,6 +12,7 @@ MAX_CLASS_LINES = 300
 MAX_MODULE_LINES = 600
 MIN_SUBPACKAGES = 5
 MAX_TOP_MODULES = 10
+MIN_WING_DOCSTRING_WORDS = 12  # a paragraph, not "TODO."
 
 
 def long_functions(source: str, limit: int = MAX_LINES,
@@ -74,12 +75,19 @@ def wings(package: Path) -> tuple[list[str], list[str]]:
 
 
 def grouping_problems(package: Path) -> list[str]:
+    """What keeps `package` from reading as wings: too few subpackages, too many modules left at the top, or a
+    subpackage whose docstring is not a paragraph on what it holds."""
     subpackages, modules = wings(package)
-    problems = [f"{len(subpackages)} subpackages, fewer than {MIN_SUBPACKAGES}"] * (len(subpackages) < MIN_SUBPACKAGES)
-    problems += [f"{len(modules)} modules at the top, more than {MAX_TOP_MODULES}"] * (len(modules) > MAX_TOP_MODULES)
-    return problems + [f"{name}/__init__.py does not say what its wing holds" for name in subpackages
-                       if len((ast.get_docstring(ast.parse((package / name / "__init__.py").read_text())) or
-                               "TODO").split()) < 12]
+    problems = []
+    if len(subpackages) < MIN_SUBPACKAGES:
+        problems.append(f"{len(subpackages)} subpackages, fewer than {MIN_SUBPACKAGES}")
+    if len(modules) > MAX_TOP_MODULES:
+        problems.append(f"{len(modules)} modules at the top, more than {MAX_TOP_MODULES}")
+    for name in subpackages:
+        docstring = ast.get_docstring(ast.parse((package / name / "__init__.py").read_text())) or ""
+        if len(docstring.split()) < MIN_WING_DOCSTRING_WORDS:
+            problems.append(f"{name}/__init__.py does not say what its wing holds")
+    return problems
 
 
 def test_the_package_is_grouped_into_wings():

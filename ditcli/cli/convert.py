@@ -10,7 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ditcli.cli.options import JsonOpt, ObjectiveOpt, TimeDirectionOpt
+from ditcli.cli.options import (
+    DecoupledDepthOpt,
+    JsonOpt,
+    ObjectiveOpt,
+    TimeDirectionOpt,
+)
 from ditcli.diffusion.guidance import DEFAULT_CHANNELS, GUIDED_CHANNELS
 from ditcli.diffusion.objectives import objective_from_options, objective_from_record
 from ditcli.diffusion.samplers import FLOW_SAMPLER_NAMES, SAMPLERS
@@ -62,6 +67,10 @@ RecordChannelsOpt = Annotated[str | None, typer.Option(
     "--guidance-channels", help=f"Record the default guided channels: {' or '.join(GUIDED_CHANNELS)}. Default: the "
                                 f"source's (none recorded: {DEFAULT_CHANNELS}).", show_default=False)]
 
+# How each mean-flow form sees its second time r, for `--info`.
+FORM_NOTES = {"separate": "MeanFlow: t_embedder(t) + r_embedder(t - r) condition every block",
+              "decoupled": "DMF: the first K blocks see t, the later blocks and the final layer r"}
+
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -83,6 +92,7 @@ def convert(
     cfg: RecordCfgOpt = None,
     guidance_interval: RecordIntervalOpt = None,
     guidance_channels: RecordChannelsOpt = None,
+    decoupled_depth: DecoupledDepthOpt = None,
 ):
     """Convert DiT weights between official, training, safetensors and diffusers formats; check the result."""
     spec = objective_from_options(objective, time_direction)
@@ -94,7 +104,8 @@ def convert(
         _refuse_with_info(sampling.given() + [flag for flag, value in (("--to", to), ("--dtype", dtype),
                                                                         ("--vae", vae), ("--force", force or None))
                                               if value is not None])
-        _render_info(describe_file(info, num_heads=num_heads, weights=weights, objective=spec), json_out)
+        _render_info(describe_file(info, num_heads=num_heads, weights=weights, objective=spec,
+                                   decoupled_depth=decoupled_depth), json_out)
         return
     if src is None or dst is None:
         raise UserError("convert needs SRC and DST", "run `dit convert SRC DST`, or `dit convert --info FILE`")
@@ -106,7 +117,7 @@ def convert(
                         "drop --vae, or write a diffusers folder with --to diffusers")
     report = convert_weights(src, dst, to=to, dtype=dtype or "fp32", weights=weights, num_heads=num_heads,
                              vae=None if vae == "none" else vae or "auto", force=force, objective=spec,
-                             sampling=sampling)
+                             sampling=sampling, decoupled_depth=decoupled_depth)
     _render_report(report, json_out)
 
 
@@ -125,6 +136,8 @@ def _render_info(data: dict, json_out: bool) -> None:
     table = Table(show_header=False, box=None)
     ema = {True: "yes", False: "no", None: "not recorded"}[data["ema"]]
     objective = objective_from_record(**data["objective"])
+    form = [] if data["form"] is None else [
+        ("mean-flow form", f"{data['form']} ({FORM_NOTES[data['config']['mean_flow_form']]})")]
     rows = [("format", data["format"]), ("model", data["model"]), ("parameters", f"{data['parameters']:,}"),
             ("dtype", ", ".join(data["dtype"])), ("weights", data["weights"]), ("EMA", ema),
             ("classes", str(data["config"]["num_classes"])),
@@ -133,6 +146,7 @@ def _render_info(data: dict, json_out: bool) -> None:
             ("timestep convention", f"{data['timestep_convention']} ({data['convention_source']})"),
             ("schedule", objective.schedule_text(data["schedule"])),
             ("objective", f"{objective.describe()} ({data['objective_source']})"),
+            *form,
             ("sampling", json.dumps(data["sampling"]) if data["sampling"] else "not recorded"),
             ("EMA record", json.dumps(data["ema_record"]) if data["ema_record"] else "not recorded"),
             ("config", json.dumps(data["config"]))]

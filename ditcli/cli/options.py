@@ -31,6 +31,10 @@ ObjectiveOpt = Annotated[str | None, typer.Option(
 TimeDirectionOpt = Annotated[str | None, typer.Option(
     "--time-direction", help="A flow or mean-flow model's time: noise-to-data (SiT: t = 1 is data) or data-to-noise "
                              "(REPA, MeanFlow, DMF).")]
+DecoupledDepthOpt = Annotated[int | None, typer.Option(
+    "--decoupled-depth", help="A Decoupled MeanFlow (DMF) checkpoint's K: blocks[:K] see t, the later blocks and the "
+                              "final layer r. Its tensors cannot tell it; files that record it (ours, converted ones) "
+                              "need none.", show_default=False)]
 
 
 def in_panel(alias, panel: str):

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from ditcli.cli.options import (
     CheckpointOpt,
+    DecoupledDepthOpt,
     DeviceOpt,
     DistTimeoutOpt,
     ImageSizeOpt,
@@ -116,7 +117,7 @@ def sample(
     force: ForceOpt = False, preset: PresetOpt = None, weights: SampleWeightsOpt = None,
     objective: ObjectiveOpt = None, time_direction: TimeDirectionOpt = None, time_shift: TimeShiftOpt = None,
     atol: AtolOpt = None, rtol: RtolOpt = None, cache: CacheOpt = None,
-    dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT_S,
+    dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT_S, decoupled_depth: DecoupledDepthOpt = None,
 ):
     """Generate class-conditional images from a DiT checkpoint."""
     # Expand --preset (explicit options win), then check the numbers and the choice of model before any file is read
@@ -130,7 +131,8 @@ def sample(
             settings["cfg"], settings["guidance_channels"], guidance_interval, settings["sampler"], eta, seed,
             batch_size, out, npz, settings["vae"], vae is None and settings["vae"] is not None,
             settings["precision"], compile, deterministic, offline, force, preset, weights,
-            objective_from_options(objective, time_direction), time_shift, atol, rtol, cache, tuple(notes))
+            objective_from_options(objective, time_direction), time_shift, atol, rtol, cache, tuple(notes),
+            decoupled_depth)
         request.check()
     torch_device = rank_device(resolve_device(device))
     set_backend_flags(deterministic=deterministic)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ditcli.diffusion.process import predict_and_score
+from ditcli.errors import UserValueError
 
 TRAIN_TIMESTEPS = 1000
 BETA_SCHEDULES = ("linear", "cosine")
@@ -39,7 +40,7 @@ def named_betas(schedule: str, num_timesteps: int = TRAIN_TIMESTEPS) -> np.ndarr
         return linear_betas(num_timesteps)
     if schedule == "cosine":
         return cosine_betas(num_timesteps)
-    raise ValueError(f"unknown beta schedule {schedule!r} (choose from {', '.join(BETA_SCHEDULES)})")
+    raise UserValueError(f"unknown beta schedule {schedule!r}", f"choose from {', '.join(BETA_SCHEDULES)}")
 
 
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
@@ -52,15 +53,15 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == count:
                 return list(range(0, num_timesteps, stride))
-        raise ValueError(f"respacing {spec!r}: no integer stride of {num_timesteps} steps gives exactly {count} "
-                         f"(use a plain count such as {count!r}, or a ddimN with N dividing {num_timesteps})")
+        raise UserValueError(f"respacing {spec!r}: no integer stride of {num_timesteps} steps gives exactly {count}",
+                             f"use a plain count such as {count!r}, or a ddimN with N dividing {num_timesteps}")
     counts = [_parse_count(part, spec) for part in spec.split(",")]
     size_per, extra = divmod(num_timesteps, len(counts))
     start, kept = 0, []
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if count > size:
-            raise ValueError(f"respacing {spec!r}: cannot take {count} steps from a section of {size}")
+            raise UserValueError(f"respacing {spec!r}: cannot take {count} steps from a section of {size}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         kept += [start + round(j * stride) for j in range(count)]
         start += size
@@ -69,8 +70,8 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
 
 def _parse_count(text: str, spec: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
-        raise ValueError(f"unknown respacing spec {spec!r} "
-                         "(use a step count like '250', 'ddim50', or sections '10,10,5')")
+        raise UserValueError(f"unknown respacing spec {spec!r}",
+                             "use a step count like '250', 'ddim50', or sections '10,10,5'")
     return int(text)
 
 

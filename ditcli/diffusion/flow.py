@@ -18,6 +18,7 @@ import torch
 
 from ditcli.diffusion.process import predict_and_score
 from ditcli.diffusion.ddpm import mean_flat
+from ditcli.errors import UserValueError
 
 TIME_DIRECTIONS = ("noise-to-data", "data-to-noise")
 TIME_SAMPLINGS = ("uniform", "logit-normal")
@@ -39,12 +40,13 @@ class FlowMatching:
 
     def __post_init__(self):
         if self.direction not in TIME_DIRECTIONS:
-            raise ValueError(f"unknown time direction {self.direction!r} (choose from {', '.join(TIME_DIRECTIONS)})")
+            raise UserValueError(f"unknown time direction {self.direction!r}",
+                                 f"choose from {', '.join(TIME_DIRECTIONS)}")
         if self.time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"unknown time sampling {self.time_sampling!r} "
-                             f"(choose from {', '.join(TIME_SAMPLINGS)})")
+            raise UserValueError(f"unknown time sampling {self.time_sampling!r}",
+                                 f"choose from {', '.join(TIME_SAMPLINGS)}")
         if not (math.isfinite(self.time_shift) and self.time_shift > 0):
-            raise ValueError(f"time shift must be a finite number > 0, got {self.time_shift}")
+            raise UserValueError(f"time shift must be a finite number > 0, got {self.time_shift}")
 
     @property
     def data_time(self) -> float:

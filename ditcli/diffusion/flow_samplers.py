@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ditcli.diffusion.flow import FlowMatching
+from ditcli.errors import UserValueError
 
 ModelFn = Callable[..., torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None] | None
@@ -199,5 +200,5 @@ def sample_flow_dopri5(model_fn: ModelFn, x: torch.Tensor, flow: FlowMatching, n
         factor = MAX_GROWTH if ratio == 0 else min(MAX_GROWTH, max(SAFETY * ratio ** -0.2,
                                                                     1.0 if ratio < 1 else MAX_SHRINK))
         h = h * factor
-    raise ValueError(f"dopri5 did not reach the data in {MAX_ADAPTIVE_STEPS} steps at atol {atol:g}, rtol {rtol:g} "
-                       "(loosen the tolerances or use a fixed-step sampler)")
+    raise UserValueError(f"dopri5 did not reach the data in {MAX_ADAPTIVE_STEPS} steps at atol {atol:g}, rtol {rtol:g}",
+                         "loosen the tolerances or use a fixed-step sampler")

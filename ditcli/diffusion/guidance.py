@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ditcli.diffusion.process import Process
+from ditcli.errors import UserValueError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -59,11 +60,12 @@ class Guidance:
 
     def __post_init__(self):
         if not math.isfinite(self.scale) or self.scale < 0:
-            raise ValueError(f"cfg scale must be >= 0, got {self.scale} (1 disables guidance, 0 is unconditional)")
+            raise UserValueError(f"cfg scale must be >= 0, got {self.scale}", "1 disables guidance, 0 is unconditional")
         if self.channels not in GUIDED_CHANNELS:
-            raise ValueError(f"unknown guided channels {self.channels!r} (choose from {', '.join(GUIDED_CHANNELS)})")
+            raise UserValueError(f"unknown guided channels {self.channels!r}",
+                                 f"choose from {', '.join(GUIDED_CHANNELS)}")
         if self.interval is not None and not (0 <= self.interval[0] <= self.interval[1]):
-            raise ValueError(f"guidance interval must be 0 <= low <= high, got {self.interval}")
+            raise UserValueError(f"guidance interval must be 0 <= low <= high, got {self.interval}")
 
     def active(self, t: float) -> bool:
         return self.interval is None or self.interval[0] <= t <= self.interval[1]

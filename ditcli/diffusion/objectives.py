@@ -30,7 +30,7 @@ from ditcli.diffusion.samplers import (
     plan_flow_sampler,
     plan_sampler,
 )
-from ditcli.errors import UserError
+from ditcli.errors import UserError, UserValueError
 
 DEFAULT_TIME_DIRECTION = TIME_DIRECTIONS[0]  # what `dit train --objective flow` writes: SiT's
 
@@ -124,8 +124,8 @@ class DdpmObjective:
     def plan(self, name: str, steps: int, learn_sigma: bool, *, schedule: str = "linear", eta: float = 0.0,
              flow: FlowSettings = FlowSettings()) -> SamplerPlan:
         if name in FLOW_SAMPLER_NAMES and name not in SAMPLERS:
-            raise ValueError(f"sampler {name!r} samples flow-matching models, and this is a DDPM model "
-                             f"(choose from {', '.join(SAMPLERS)})")
+            raise UserValueError(f"sampler {name!r} samples flow-matching models, and this is a DDPM model",
+                                 f"choose from {', '.join(SAMPLERS)}")
         return plan_sampler(name, steps, learn_sigma, eta, schedule=schedule)
 
     def sampler_settings(self, shift: float | None, atol: float | None, rtol: float | None) -> FlowSettings:
@@ -320,7 +320,7 @@ class MeanFlowObjective:
         if name != FLOW_MAP:
             return plan_flow_sampler(name, steps, path, flow)
         if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+            raise UserValueError(f"steps must be >= 1, got {steps}")
         return SamplerPlan(name, steps, path, partial(sample_flow_map, steps=steps, shift=flow.shift), steps)
 
     def sampler_settings(self, shift: float | None, atol: float | None, rtol: float | None) -> FlowSettings:

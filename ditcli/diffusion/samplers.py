@@ -33,6 +33,7 @@ from ditcli.diffusion.flow_samplers import (
 )
 from ditcli.diffusion.guidance import GUIDED_CHANNELS, ModelFn, NoiseFn
 from ditcli.diffusion.process import Process
+from ditcli.errors import UserValueError
 
 Callback = Callable[[int, int, torch.Tensor], None] | None
 
@@ -99,11 +100,13 @@ class SamplingDefaults:
 
     def __post_init__(self):
         if self.sampler not in (*SAMPLERS, *FLOW_SAMPLER_NAMES, FLOW_MAP) or self.steps < 1 or not 0 <= self.cfg < float("inf"):
-            raise ValueError(f"unusable sampling defaults {self.sampler!r}, {self.steps} steps, cfg {self.cfg}")
+            raise UserValueError(f"unusable sampling defaults {self.sampler!r}, {self.steps} steps, cfg {self.cfg}")
         if self.interval is not None and not (len(self.interval) == 2 and 0 <= self.interval[0] <= self.interval[1]):
-            raise ValueError(f"unusable guidance interval {self.interval!r} (expected [low, high], 0 <= low <= high)")
+            raise UserValueError(f"unusable guidance interval {self.interval!r}",
+                                 "expected [low, high], 0 <= low <= high")
         if self.channels is not None and self.channels not in GUIDED_CHANNELS:
-            raise ValueError(f"unknown guided channels {self.channels!r} (expected {' or '.join(GUIDED_CHANNELS)})")
+            raise UserValueError(f"unknown guided channels {self.channels!r}",
+                                 f"expected {' or '.join(GUIDED_CHANNELS)}")
 
     def to_dict(self) -> dict:
         """The record; an interval and channels only when set, so older files keep the exact keys they had."""
@@ -120,7 +123,7 @@ class SamplingDefaults:
             return None
         raw = data.get("interval")
         if raw is not None and len(raw) != 2:
-            raise ValueError(f"the interval needs two numbers, got {raw!r}")
+            raise UserValueError(f"the interval needs two numbers, got {raw!r}")
         interval = None if raw is None else (float(raw[0]), float(raw[1]))
         channels = None if data.get("channels") is None else str(data["channels"])
         return cls(str(data["sampler"]), int(data["steps"]), float(data["cfg"]), interval, channels)
@@ -182,11 +185,11 @@ def plan_sampler(name: str, steps: int, learn_sigma: bool, eta: float = 0.0, res
                  schedule: str = "linear") -> SamplerPlan:
     """Choose the process and function for `--sampler name --steps steps`."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
+        raise UserValueError(f"unknown sampler {name!r}", f"choose from {', '.join(SAMPLERS)}")
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UserValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 <= eta <= 1.0:  # beyond 1 the DDIM step takes the square root of a negative number
-        raise ValueError(f"eta must be in [0, 1], got {eta} (0 is deterministic DDIM, 1 DDPM-like)")
+        raise UserValueError(f"eta must be in [0, 1], got {eta}", "0 is deterministic DDIM, 1 DDPM-like")
     if name in SOLVERS:
         diffusion = Diffusion.create("", schedule, learn_sigma)
         nfe = len(make_scheduler(name, diffusion, steps).timesteps)
@@ -215,11 +218,11 @@ class FlowSettings:
 
     def __post_init__(self):
         if not (math.isfinite(self.shift) and self.shift > 0):
-            raise ValueError(f"time shift must be a finite number > 0, got {self.shift}")
+            raise UserValueError(f"time shift must be a finite number > 0, got {self.shift}")
         if not all(math.isfinite(v) and v > 0 for v in (self.atol, self.rtol)):
-            raise ValueError(f"atol and rtol must be finite numbers > 0, got {self.atol:g} and {self.rtol:g}")
+            raise UserValueError(f"atol and rtol must be finite numbers > 0, got {self.atol:g} and {self.rtol:g}")
         if not 0 < self.last_step < 1:
-            raise ValueError(f"the SDE's last step must be in (0, 1), got {self.last_step:g}")
+            raise UserValueError(f"the SDE's last step must be in (0, 1), got {self.last_step:g}")
 
 
 def plan_flow_sampler(name: str, steps: int, flow: FlowMatching, settings: FlowSettings = FlowSettings()
@@ -227,9 +230,9 @@ def plan_flow_sampler(name: str, steps: int, flow: FlowMatching, settings: FlowS
     """Choose the function for `--sampler name --steps steps` on a flow-matching model; dopri5 ignores the steps."""
     if name not in FLOW_SAMPLERS:
         what = "samples DDPM models, and this is a flow-matching model" if name in SAMPLERS else "is unknown"
-        raise ValueError(f"sampler {name!r} {what} (choose from {', '.join(FLOW_SAMPLERS)})")
+        raise UserValueError(f"sampler {name!r} {what}", f"choose from {', '.join(FLOW_SAMPLERS)}")
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UserValueError(f"steps must be >= 1, got {steps}")
     if name == "dopri5":
         sample = partial(sample_flow_dopri5, atol=settings.atol, rtol=settings.rtol)
         return SamplerPlan(name, steps, flow, sample, None)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ditcli.errors import UserValueError
+
 # Heads cannot be read from a state dict, so they come from the preset whose width matches.
 PRESET_SHAPES = {
     "DiT-S": dict(depth=12, hidden_size=384, num_heads=6),
@@ -75,7 +77,7 @@ class DiTConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserValueError(message)
 
     @property
     def out_channels(self) -> int:
@@ -107,7 +109,7 @@ class DiTConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown DiT config fields: {', '.join(unknown)}")
+            raise UserValueError(f"unknown DiT config fields: {', '.join(unknown)}")
         return cls(**data)
 
 
@@ -119,7 +121,7 @@ def preset(name: str, **overrides) -> DiTConfig:
     """A named configuration such as "DiT-XL/2", with any field overridden."""
     base, _, patch = name.partition("/")
     if base not in PRESET_SHAPES or not patch.isdigit() or int(patch) not in PATCH_SIZES:
-        raise ValueError(f"unknown model preset {name!r} (choose from {', '.join(preset_names())})")
+        raise UserValueError(f"unknown model preset {name!r}", f"choose from {', '.join(preset_names())}")
     fields = dict(PRESET_SHAPES[base], patch_size=int(patch))
     fields.update(overrides)
     return DiTConfig(**fields)

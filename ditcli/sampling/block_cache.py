@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from ditcli.errors import UserValueError
+
 # Rows per matmul come in multiples of this: kernels may round differently for another row count (see
 # `generate.batch_width`), so every forward, and every subset of rows a cache runs, is padded to it.
 ROW_QUANTUM = 4
@@ -20,7 +22,7 @@ ROW_QUANTUM = 4
 
 def check_threshold(threshold: float | None) -> None:
     if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
-        raise ValueError(f"the cache threshold must be a finite number >= 0, got {threshold}")
+        raise UserValueError(f"the cache threshold must be a finite number >= 0, got {threshold}")
 
 
 class BlockCache(nn.Module):

@@ -15,6 +15,7 @@ from ditcli.diffusion.guidance import (
 )
 from ditcli.diffusion.objectives import DDPM, Objective
 from ditcli.diffusion.samplers import FlowSettings, SamplerPlan
+from ditcli.errors import UserValueError
 from ditcli.sampling.block_cache import check_threshold
 
 ADDED_FIELDS = ("objective", "flow", "cache")
@@ -41,16 +42,17 @@ class GenerateConfig:
 
     def __post_init__(self):
         if not self.labels:
-            raise ValueError("nothing to sample: the run has 0 images (use --num N or --num-per-class N with N >= 1)")
+            raise UserValueError("nothing to sample: the run has 0 images",
+                                 "use --num N or --num-per-class N with N >= 1")
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+            raise UserValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise UserValueError(f"steps must be >= 1, got {self.steps}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise UserValueError(f"seed must be >= 0, got {self.seed}")
         check_threshold(self.cache)
         if self.cache is not None and self.compile:
-            raise ValueError("--cache runs the blocks one at a time, eagerly: drop --compile")
+            raise UserValueError("--cache runs the blocks one at a time, eagerly: drop --compile")
 
     @property
     def num_images(self) -> int:

@@ -53,6 +53,7 @@ from ditcli.weights.locate import (
     read_checkpoint,
 )
 from ditcli.weights.record import Checkpoint, describe
+from ditcli.weights.registry import KnownWeights
 
 DEFAULT_NUM = 16
 DEFAULT_PRECISION = "fp32"
@@ -96,6 +97,7 @@ class SampleRequest:
     rtol: float | None = None
     cache: float | None = None  # `BlockCache`'s threshold; None: every block at every step
     notes: tuple[str, ...] = ()  # what --preset's expansion said, shown with the preset
+    decoupled_depth: int | None = None  # --decoupled-depth, for a DMF file that does not record it
 
     def check(self) -> None:
         """The numbers and the choice of model, before any file is read or written."""
@@ -104,6 +106,15 @@ class SampleRequest:
         check_model_choice(self.model, self.image_size, self.ckpt)
         resolve_precision(self.precision)
         check_cache(self.cache, self.compile)
+
+    def read(self, ranks: Ranks, download: DownloadProgress = None
+             ) -> tuple[Path, KnownWeights | None, Checkpoint]:
+        """Find the checkpoint (rank 0 downloads first) and read it with the weights, the objective (a known model's
+        own where none is given) and the decoupled depth asked for: its path, registry entry and record."""
+        with ranks.zero_first():
+            path, entry = find_checkpoint(self.model, self.image_size, self.ckpt, self.offline, download)
+        objective = self.objective or (entry and entry.objective)
+        return path, entry, read_checkpoint(path, self.model, self.weights, objective, self.decoupled_depth)
 
 
 @dataclass
@@ -131,9 +142,7 @@ def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, down
     and prepare the writers. `on_warning` hears a stale EMA before the codec loads; `on_ready(config, codec, out, npz,
     notes)` hears the settings just before the writers touch the disk."""
     r = request
-    with ranks.zero_first():
-        checkpoint_path, entry = find_checkpoint(r.model, r.image_size, r.ckpt, r.offline, download)
-    checkpoint = read_checkpoint(checkpoint_path, r.model, r.weights, r.objective or (entry and entry.objective))
+    checkpoint_path, entry, checkpoint = r.read(ranks, download)
     model_config = checkpoint.config
 
     # Check everything cheap (sampler, guidance, classes, sizes, outputs) before the codec loads.

@@ -231,9 +231,17 @@ class TrainConfig:
         if self.train_guidance not in TRAINED_GUIDANCE:
             raise UserError(f"unknown --train-guidance {self.train_guidance!r}",
                             f"choose from {', '.join(TRAINED_GUIDANCE)}")
+        unused = [f"--{name.replace('_', '-')}" for name in ("train_omega", "train_kappa", "train_guidance_interval")
+                  if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
+        if self.train_guidance == "none" and unused:
+            raise UserError(f"{unused[0]} only applies with --train-guidance meanflow or model",
+                            f"add --train-guidance, or drop {unused[0]}")
         if self.train_guidance == "meanflow" and self.train_kappa >= 1:
             raise UserError(f"--train-kappa {self.train_kappa:g} leaves no room for omega: the trained scale is "
                             "omega / (1 - kappa)", "pass --train-kappa below 1 (MeanFlow's L/2: 0.92 with omega 0.2)")
+        if self.train_guidance == "model" and self.train_kappa != 0:
+            raise UserError(f"--train-kappa {self.train_kappa:g} has no place in model guidance, "
+                            "v + omega (u_cond - u_uncond)", "drop --train-kappa, or pass --train-guidance meanflow")
         self.trained_guidance()
         if self.decoupled_depth is not None:
             depth = self.depth or preset(self.model).depth
@@ -245,12 +253,19 @@ class TrainConfig:
         """--train-guidance and its omega, kappa and interval (ditcli.diffusion.meanflow)."""
         if self.train_guidance == "none":
             return TrainedGuidance()
+        return TrainedGuidance(self.train_guidance, self.train_omega, self.train_kappa, self.guidance_interval())
+
+    def guidance_interval(self) -> tuple[float, float]:
+        """--train-guidance-interval LOW,HIGH: times t of the model's own, 0 <= LOW <= HIGH <= 1."""
+        parts = self.train_guidance_interval.split(",")
         try:
-            low, high = (float(part) for part in self.train_guidance_interval.split(","))
-            return TrainedGuidance(self.train_guidance, self.train_omega, self.train_kappa, (low, high))
-        except ValueError as exc:
-            raise UserError(f"unusable trained guidance: {exc}",
-                            "pass --train-guidance-interval LOW,HIGH with 0 <= LOW <= HIGH <= 1") from None
+            low, high = (float(parts[0]), float(parts[1])) if len(parts) == 2 else (math.nan, math.nan)
+        except ValueError:
+            low = high = math.nan
+        if not 0 <= low <= high <= 1:
+            raise UserError(f"--train-guidance-interval must be LOW,HIGH with 0 <= LOW <= HIGH <= 1 in the model's "
+                            f"time t, got {self.train_guidance_interval!r}", "pass e.g. 0,1 to guide every row")
+        return low, high
 
     def training_objective(self) -> Objective:
         """The objective adapter of the run (ditcli.diffusion.objectives), with the guidance it trains in."""

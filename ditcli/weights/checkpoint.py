@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from ditcli.weights.record import (
     Checkpoint,
     check_state_dict,
     describe,
+    form_name,
     read_record,
     read_schedule,
 )
@@ -42,22 +44,31 @@ from ditcli.weights.record import (
 TRAIN_FORMAT = "ditcli-train"
 WEIGHT_CHOICES = ("ema", "model")
 FLOW_HINTS = {"SiT": "pass --objective flow --time-direction noise-to-data, as SiT trains",
-              "REPA": "pass --objective flow --time-direction data-to-noise, as REPA trains"}
+              "REPA": "pass --objective flow --time-direction data-to-noise, as REPA trains",
+              "MeanFlow": "pass --objective meanflow --time-direction data-to-noise, as the MeanFlow port trains",
+              "DMF": "pass --objective meanflow --time-direction data-to-noise --decoupled-depth K, as DMF trains; "
+                     "blocks[:K] see t"}
+MEAN_FLOW_FAMILIES = ("MeanFlow", "DMF")  # the flow hints of mean-flow models
 SIT_RELEASE_NAME = re.compile(r"^sit[-_]", re.IGNORECASE)  # SiT-XL-2-256x256.pt, as SiT's download.py names it
 REPA_EXTRA_PREFIX = "projectors."  # REPA's alignment heads: training only, dropped on reading
+DMF_EXTRA_PREFIX = "logvar_linear."  # DMF's learned log-variance of its loss weight: training only, dropped on reading
+# Key groups that other codes train and sampling never uses: prefix -> (the family it marks, what it is).
+TRAINING_EXTRAS = {REPA_EXTRA_PREFIX: ("REPA", "REPA's representation-alignment projectors"),
+                   DMF_EXTRA_PREFIX: ("DMF", "DMF's learned log-variance of its adaptive loss weight")}
+SEPARATE_FORM_PREFIX = "r_embedder."  # MeanFlow's embedder of t - r, as the PyTorch port names it
 
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", num_heads: int | None = None,
                config: DiTConfig | None = None, weights: str | None = None,
-               objective: Objective | None = None) -> DiT:
+               objective: Objective | None = None, decoupled_depth: int | None = None) -> DiT:
     """A DiT in eval mode from a released .pt, a training checkpoint or our .safetensors."""
     return load_checkpoint(source, num_heads=num_heads, config=config, weights=weights,
-                           objective=objective).build(device)
+                           objective=objective, decoupled_depth=decoupled_depth).build(device)
 
 
 def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, config: DiTConfig | None = None,
                     weights: str | None = None, objective: Objective | None = None,
-                    heads_given: bool = False) -> Checkpoint:
+                    heads_given: bool = False, decoupled_depth: int | None = None) -> Checkpoint:
     """Read any supported weight file, or a hub id (`org/name[@rev]`); `config` (if given) is checked against it.
 
     `weights` picks the EMA or the raw model weights of a training checkpoint (None: its EMA). A file holding one set
@@ -65,7 +76,8 @@ def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, con
     what a file without a record was trained with (a SiT or REPA checkpoint); a file with a record must agree.
     `num_heads` gives the heads of a file that does not record them (a bare state dict). With `heads_given` it is the
     user's own --num-heads, and a file whose config records other heads is refused; without, it is a caller's guess
-    (a preset's heads), and a file's record wins.
+    (a preset's heads), and a file's record wins. `decoupled_depth` is a Decoupled MeanFlow file's K (blocks[:K] see
+    t), which its tensors cannot tell: it replaces the form of a file that does not record one (`settle_form`).
     """
     if weights is not None and weights not in WEIGHT_CHOICES:
         raise UserError(f"unknown --weights {weights!r}", f"choose from {', '.join(WEIGHT_CHOICES)}")
@@ -78,7 +90,9 @@ def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, con
                         "drop --weights; only training checkpoints hold both ema and model weights")
     if heads_given:
         check_recorded_heads(checkpoint, num_heads, path)
-    return settle_objective(checkpoint, objective, path)
+    checkpoint = settle_form(settle_objective(checkpoint, objective, path), decoupled_depth, path)
+    check_form_fits(checkpoint, path, decoupled_depth is not None)
+    return checkpoint
 
 
 def _read_any(path: Path, num_heads: int | None, config: DiTConfig | None, weights: str | None) -> Checkpoint:
@@ -106,8 +120,9 @@ def check_recorded_heads(checkpoint: Checkpoint, num_heads: int | None, path: Pa
 def settle_objective(checkpoint: Checkpoint, given: Objective | None, path: Path) -> Checkpoint:
     """The objective a file records, the one the user names for a file without a record, or DDPM (DiT's).
 
-    A file from SiT or REPA (`flow_hint` set by its reader) has no record, and its time direction cannot be read from
-    the tensors: without `--objective`/`--time-direction` it is refused rather than sampled the wrong way.
+    A file from SiT, REPA, the MeanFlow port or DMF (`flow_hint` set by its reader) has no record, and its time
+    direction cannot be read from the tensors: without `--objective`/`--time-direction` it is refused rather than
+    sampled the wrong way.
     """
     if checkpoint.objective_recorded:
         if given is not None and given != checkpoint.objective:
@@ -117,9 +132,61 @@ def settle_objective(checkpoint: Checkpoint, given: Objective | None, path: Path
     if given is not None:
         checkpoint.objective = given
     elif checkpoint.flow_hint is not None:
-        raise UserError(f"{path} is a {checkpoint.flow_hint} checkpoint, a flow-matching model whose time direction "
-                        "the file does not record", FLOW_HINTS[checkpoint.flow_hint])
+        kind = "a mean-flow model" if checkpoint.flow_hint in MEAN_FLOW_FAMILIES else "a flow-matching model"
+        raise UserError(f"{path} is a {checkpoint.flow_hint} checkpoint, {kind} whose time direction the file does "
+                        "not record", FLOW_HINTS[checkpoint.flow_hint])
     return checkpoint
+
+
+def settle_form(checkpoint: Checkpoint, decoupled_depth: int | None, path: Path) -> Checkpoint:
+    """A mean-flow model's form as the file records it or its keys show it (MeanFlow's `r_embedder.*`), or DMF's
+    decoupled blocks at the user's --decoupled-depth: DMF adds no weights, so its tensors cannot tell the depth.
+
+    A file with DMF's training-only keys and no depth is refused rather than sampled as a form it is not; a depth that
+    contradicts a form the file records or shows is refused rather than ignored.
+    """
+    config = checkpoint.config
+    if decoupled_depth is None:
+        if checkpoint.flow_hint == "DMF":
+            raise UserError(f"{path} is a DMF checkpoint, whose decoupled depth (how many blocks see t) the file does "
+                            "not record", "pass --decoupled-depth K as it was trained; DMF-XL/2 uses 20 of 28")
+        return checkpoint
+    if checkpoint.objective_recorded or config.mean_flow_form is not None:  # our files record the config's form
+        if config.decoupled_depth != decoupled_depth:
+            raise UserError(f"--decoupled-depth {decoupled_depth} contradicts {path}, {held_form(checkpoint)}",
+                            "drop --decoupled-depth: the file decides")
+        return checkpoint
+    if not 1 <= decoupled_depth <= config.depth:
+        raise UserError(f"--decoupled-depth {decoupled_depth} is not in [1, {config.depth}], the depth of {path}",
+                        "pass the number of blocks that see t, as the model was trained")
+    checkpoint.config = replace(config, mean_flow_form="decoupled", decoupled_depth=decoupled_depth)
+    return checkpoint
+
+
+def held_form(checkpoint: Checkpoint) -> str:
+    """The form a file records or its keys show, as a clause."""
+    config = checkpoint.config
+    if config.mean_flow_form == "decoupled":
+        return f"which records decoupled depth {config.decoupled_depth}"
+    if config.mean_flow_form == "separate":
+        how = "records" if checkpoint.objective_recorded else f"holds, in its {SEPARATE_FORM_PREFIX}* keys,"
+        return f"which {how} MeanFlow's separate embedder of t - r, not DMF's decoupled blocks"
+    return "whose config records no second time input (it is not a mean-flow model)"
+
+
+def check_form_fits(checkpoint: Checkpoint, path: Path, depth_given: bool) -> None:
+    """The objective against the network: a mean-flow objective needs a second time input, and a network with one
+    samples only as a mean-flow model."""
+    config, objective = checkpoint.config, checkpoint.objective
+    if bool(objective.architecture(config.decoupled_depth)) == (config.mean_flow_form is not None):
+        return
+    if config.mean_flow_form is None:
+        raise UserError(f"{path} has no second time input (no {SEPARATE_FORM_PREFIX}* keys, no decoupled depth), so "
+                        f"it is not {objective.noun()}",
+                        "pass --decoupled-depth K for a Decoupled MeanFlow model, or --objective flow")
+    raise UserError(f"{path} holds a mean-flow model ({form_name(config)} form), not {objective.noun()}",
+                    "pass --objective meanflow with its --time-direction"
+                    + (", or drop --decoupled-depth" if depth_given else ""))
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -139,7 +206,7 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
         return from_diffusers_state(state, config=config, num_heads=num_heads)
     if metadata.get("format") == SAFETENSORS_FORMAT:
         fields = json.loads(metadata["config"])
-        stored = DiTConfig.from_dict(fields)
+        stored = read_config(fields, path)
         if config is not None and config != stored:
             raise UserError(f"{path} holds {describe(stored)}, not {describe(config)}", "drop --model or fix it")
         check_state_dict(state, stored, str(path))
@@ -155,6 +222,17 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
     return _from_bare_state(state, "safetensors (no ditcli metadata)", num_heads, config, str(path))
 
 
+def read_config(fields: dict, path: Path) -> DiTConfig:
+    """A file's recorded model config; a field DiTConfig refuses (an unknown mean-flow form, a decoupled depth out of
+    range) is one line naming the file and the field."""
+    try:
+        return DiTConfig.from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        what = exc.what if isinstance(exc, UserError) else str(exc)
+        raise UserError(f"{path} records an unusable model config: {what}",
+                        "fix its config record, or convert the source checkpoint again") from None
+
+
 def read_objective(record: dict, path: Path) -> Objective:
     """The objective a file records (older training checkpoints keep it in their train config only)."""
     return objective_from_record(record.get("objective"), record.get("time_direction"), path,
@@ -166,7 +244,7 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a {type(data).__name__}, not a DiT state dict or checkpoint")
     if data.get("format") == TRAIN_FORMAT:
-        stored = DiTConfig.from_dict(data["config"]["model"])
+        stored = read_config(data["config"]["model"], path)
         if not isinstance(data.get(weights), dict):
             held = " and ".join(k for k in WEIGHT_CHOICES if isinstance(data.get(k), dict)) or "no"
             raise UserError(f"{path} has no {weights} weights (it holds {held} weights)",
@@ -218,7 +296,7 @@ def _from_reference_train(data: dict, weights: str, num_heads: int | None, confi
     fmt = f"{family} train.py checkpoint" if family else "reference train.py checkpoint"
     checkpoint = _from_bare_state(data[weights], fmt, num_heads, config, name)
     checkpoint.config_recorded = named
-    checkpoint.flow_hint = family
+    checkpoint.flow_hint = checkpoint.flow_hint or family  # the keys' family (MeanFlow, DMF) over the arguments'
     checkpoint.weights = weights
     checkpoint.weights_recorded = True
     checkpoint.codec = {"kind": "vae", "vae": VAE_ALIASES.get(args.get("vae", "ema"), DEFAULT_VAE)}
@@ -227,19 +305,23 @@ def _from_reference_train(data: dict, weights: str, num_heads: int | None, confi
 
 def _from_bare_state(state: dict, fmt: str, num_heads: int | None, config: DiTConfig | None,
                      name: str) -> Checkpoint:
+    """A plain state dict: the config from its shapes (or `config`), other codes' training-only keys dropped and
+    reported, and the family those keys or MeanFlow's `r_embedder.*` mark, whose objective must be named."""
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{name} is not a DiT state dict (it holds non-tensor values)")
-    projectors = sorted(k for k in state if k.startswith(REPA_EXTRA_PREFIX))
-    state = {k: v for k, v in state.items() if not k.startswith(REPA_EXTRA_PREFIX)}
+    extras = {prefix: sorted(k for k in state if k.startswith(prefix)) for prefix in TRAINING_EXTRAS}
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(TRAINING_EXTRAS))}
     if config is None:
         config = infer_config(state, num_heads, name)
     check_state_dict(state, config, name)
     checkpoint = Checkpoint(state, config, fmt, "ema", codec=default_codec_spec(config.in_channels),
                             convention_source="the reference layout, so the reference's forward")
-    if projectors:
-        checkpoint.flow_hint = "REPA"
-        checkpoint.dropped.append(f"{REPA_EXTRA_PREFIX}* ({len(projectors)} tensors: REPA's representation-alignment "
-                                  "projectors, used only in training)")
+    if config.mean_flow_form == "separate":
+        checkpoint.flow_hint = "MeanFlow"
+    for prefix, keys in extras.items():
+        if keys:
+            checkpoint.flow_hint, what = TRAINING_EXTRAS[prefix]
+            checkpoint.dropped.append(f"{prefix}* ({len(keys)} tensors: {what}, used only in training)")
     return checkpoint
 
 
@@ -260,7 +342,8 @@ def convention_source(fields: dict) -> str:
 
 
 def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, name: str = "checkpoint") -> DiTConfig:
-    """Read the architecture off the tensor shapes; heads come from the preset table or `num_heads`."""
+    """Read the architecture off the tensor shapes; heads come from the preset table or `num_heads`. MeanFlow's
+    `r_embedder.*` gives its separate form; DMF's decoupled depth leaves no trace in the tensors (`settle_form`)."""
     needed = ["x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "y_embedder.embedding_table.weight"]
     missing = [k for k in needed if k not in state]
     if missing:
@@ -279,9 +362,10 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, n
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     mlp_ratio = fc1.shape[0] / hidden if fc1 is not None else 4.0
     rows = state["y_embedder.embedding_table.weight"].shape[0]
+    form = {"mean_flow_form": "separate"} if any(k.startswith(SEPARATE_FORM_PREFIX) for k in state) else {}
     return DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
                      depth=max(depth, 1), num_heads=heads, mlp_ratio=mlp_ratio, num_classes=rows - 1,
-                     learn_sigma=out_channels == 2 * in_channels)
+                     learn_sigma=out_channels == 2 * in_channels, **form)
 
 
 def save_safetensors(checkpoint: Checkpoint, path: Path, dtype: torch.dtype | None = None, force: bool = False):

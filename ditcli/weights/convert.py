@@ -30,7 +30,7 @@ from ditcli.weights.diffusers_format import (
     read_diffusers,
     to_diffusers,
 )
-from ditcli.weights.record import Checkpoint, describe
+from ditcli.weights.record import Checkpoint, describe, form_name
 
 OUTPUT_FORMATS = ("safetensors", "diffusers")
 
@@ -161,17 +161,19 @@ class SamplingChoice:
 def convert(source: str | Path, destination: str | Path, to: str | None = None, dtype: str = "fp32",
             weights: str | None = None, num_heads: int | None = None, vae: str | None = "auto",
             force: bool = False, diffusers_check: bool = True, objective: Objective | None = None,
-            sampling: SamplingChoice = SamplingChoice()) -> ConversionReport:
+            sampling: SamplingChoice = SamplingChoice(), decoupled_depth: int | None = None) -> ConversionReport:
     """Read any supported weights, write safetensors or a DiTPipeline folder, and measure parity.
 
     `vae="auto"` includes the VAE the checkpoint's codec names (from the Hugging Face cache or the hub); None leaves
     it out. `diffusers_check` also runs diffusers' own model on the result to measure its documented drift.
     `num_heads` is the user's --num-heads: a file that records other heads is refused. `sampling` sets the sampling
-    defaults a .safetensors output records. DST may be SRC itself (with `force`): it is rewritten atomically.
+    defaults a .safetensors output records. `decoupled_depth` is a DMF file's K, which it does not record. DST may
+    be SRC itself (with `force`): it is rewritten atomically.
     """
     destination = Path(destination)
     to = check_request(source, destination, to, dtype, force, sampling)
-    checkpoint = load_checkpoint(source, num_heads=num_heads, weights=weights, objective=objective, heads_given=True)
+    checkpoint = load_checkpoint(source, num_heads=num_heads, weights=weights, objective=objective, heads_given=True,
+                                 decoupled_depth=decoupled_depth)
     checkpoint.objective.check_export(to, source)
     checkpoint.sampling = sampling.record(checkpoint, source)
     warnings = list(checkpoint.warnings)
@@ -240,10 +242,11 @@ def _format_from_name(path: Path) -> str:
 
 
 def info(path: str | Path, num_heads: int | None = None, weights: str | None = None,
-         objective: Objective | None = None) -> dict:
+         objective: Objective | None = None, decoupled_depth: int | None = None) -> dict:
     """What a weight file or folder is: format, config, parameter count, dtype, EMA or not, classes, codec,
-    objective, and the keys it holds that the model does not use."""
-    checkpoint = load_checkpoint(path, num_heads=num_heads, weights=weights, objective=objective, heads_given=True)
+    objective, a mean-flow model's form, and the keys it holds that the model does not use."""
+    checkpoint = load_checkpoint(path, num_heads=num_heads, weights=weights, objective=objective, heads_given=True,
+                                 decoupled_depth=decoupled_depth)
     state = checkpoint.state_dict
     recorded = checkpoint.weights_recorded
     return {"path": str(path), "format": checkpoint.format, "model": describe(checkpoint.config),
@@ -257,6 +260,7 @@ def info(path: str | Path, num_heads: int | None = None, weights: str | None = N
             "convention_source": checkpoint.convention_source, "schedule": checkpoint.schedule,
             "objective": checkpoint.objective.to_metadata(),
             "objective_source": "recorded in the file" if checkpoint.objective_recorded else "given or assumed",
+            "form": form_name(checkpoint.config),
             "dropped": list(checkpoint.dropped),
             "sampling": checkpoint.sampling.to_dict() if checkpoint.sampling else None,
             "ema_record": checkpoint.ema.to_dict() if checkpoint.ema else None,

@@ -42,10 +42,11 @@ def check_model_choice(model: str | None, image_size: int | None, ckpt: Path | N
 
 
 def read_checkpoint(path: Path, model: str | None, weights: str | None,
-                    objective: Objective | None = None) -> Checkpoint:
-    """The checkpoint, checked against a --model preset, the --weights and the objective asked for."""
+                    objective: Objective | None = None, decoupled_depth: int | None = None) -> Checkpoint:
+    """The checkpoint, checked against a --model preset, the --weights, the objective and the decoupled depth asked
+    for."""
     checkpoint = load_checkpoint(path, num_heads=preset_heads(model), weights=weights,  # refuses a missing set
-                                 objective=objective)
+                                 objective=objective, decoupled_depth=decoupled_depth)
     check_preset(model, checkpoint)
     return checkpoint
 

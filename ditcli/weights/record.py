@@ -38,7 +38,7 @@ class Checkpoint:
     schedule: str = "linear"  # the beta schedule it was trained with; every sampler must use the same
     objective: Objective = DDPM  # what it predicts and in which time direction (ditcli.diffusion.objectives)
     objective_recorded: bool = False  # whether the file itself records the objective
-    flow_hint: str | None = None  # "SiT" or "REPA": a flow model from elsewhere, whose direction must be named
+    flow_hint: str | None = None  # "SiT", "REPA", "MeanFlow", "DMF": from elsewhere, its objective must be named
     dropped: list[str] = field(default_factory=list)  # key groups of the file that the model does not use
     sampling: SamplingDefaults | None = None  # its own recommended sampler, steps and cfg
     ema: EmaRecord | None = None  # how its EMA was made, when known
@@ -100,6 +100,13 @@ def describe(config: DiTConfig) -> str:
     name = next((n for n, s in PRESET_SHAPES.items()
                  if s["depth"] == config.depth and s["hidden_size"] == config.hidden_size), "DiT")
     return f"{name}/{config.patch_size} ({config.depth} blocks, width {config.hidden_size}, input {config.input_size})"
+
+
+def form_name(config: DiTConfig) -> str | None:
+    """How a mean-flow model sees its second time r: "separate" (MeanFlow) or "decoupled K" (DMF); None without r."""
+    if config.mean_flow_form == "decoupled":
+        return f"decoupled {config.decoupled_depth}"
+    return config.mean_flow_form
 
 
 def state_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:

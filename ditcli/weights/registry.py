@@ -65,6 +65,10 @@ REGISTRY: dict[tuple[str, int | None], KnownWeights] = {
     ("fashion-mnist", None): KnownWeights("fashion-mnist", None, "fashion-mnist.safetensors", sampler="euler",
                                           steps=9, cfg=3.0, interval=(0.156, 0.781), licence="MIT",
                                           objective=FlowObjective("noise-to-data")),
+    # The same flow model under its own name, which stays when `fashion-mnist` names another model.
+    ("fashion-mnist-flow", None): KnownWeights("fashion-mnist-flow", None, "fashion-mnist.safetensors",
+                                               sampler="euler", steps=9, cfg=3.0, interval=(0.156, 0.781),
+                                               licence="MIT", objective=FlowObjective("noise-to-data")),
     # cfg 4 gave the lowest Fréchet distance of cfg 1, 2 and 4; dpm++2m at 10 steps, guided only for t in [82, 578]
     # (EDM2's sigma interval 0.28-5.42 on the linear betas), reached DDPM-250's FD at 15 forwards per image.
     ("fashion-mnist-ddpm", None): KnownWeights("fashion-mnist-ddpm", None, "fashion-mnist-ddpm.safetensors",

@@ -254,6 +254,69 @@ def test_flow_sampling_bf16_drift(report):
         assert error.max().item() <= 0.03, sampler
 
 
+
+def test_meanflow_training_step_bf16(report, tmp_path):
+    """Four steps of `dit train --objective meanflow --precision bf16` through the Trainer, DMF's recipe: the decoupled
+    form (blocks 0-19 of DiT-XL/2 see t, the rest r), model guidance 0.6 on t in [0, 0.7], REPA's time direction. Each
+    step is one differentiable forward through DDP, the guidance's doubled forward and the JVP (math attention) on the
+    unwrapped module. DiT-XL/2 at 32x32, batch 32, on CUDA; the tiny DiT at 8x8 on the CPU."""
+    set_backend_flags()
+    size, batch = (32, 32) if CUDA else (8, 16)
+    shape = dict(decoupled_depth=20) if CUDA else dict(hidden_size=64, depth=2, num_heads=2, decoupled_depth=1)
+    classes = 1000 if CUDA else 10
+    rng = np.random.default_rng(0)
+    images = ImageSet(rng.integers(0, 256, (4 * batch, size, size, 3), dtype=np.uint8), np.arange(4 * batch) % classes,
+                      [str(i) for i in range(classes)], "synthetic")
+    config = TrainConfig(data="synthetic", out=str(tmp_path / "run"), model="DiT-XL/2" if CUDA else "DiT-S/2",
+                         image_size=size, vae=None, objective="meanflow", time_direction="data-to-noise",
+                         learn_sigma=False, train_guidance="model", train_omega=0.6, train_guidance_interval="0,0.7",
+                         precision="bf16", global_batch=batch, steps=4, device=DEVICE.type, **shape)
+    trainer = Trainer(config, images=images)
+    trainer.setup()
+    steps, seconds = [], []
+    for _ in range(config.steps):  # step 1 warms up; 2-4 are timed
+        synchronize()
+        start = time.perf_counter()
+        steps.append(trainer.train_step())
+        synchronize()
+        seconds.append(time.perf_counter() - start)
+    step_s = statistics.median(seconds[1:])
+    report(model=config.model, batch=batch, losses=[m["loss"] for m in steps], mse=[m["mse"] for m in steps],
+           step_ms=1e3 * step_s, img_per_s=batch / step_s,
+           peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if CUDA else None)
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and not m["skipped"] for m in steps)
+
+
+def test_meanflow_one_step_sampling_throughput(report):
+    """One-step sampling of a decoupled mean-flow DiT-XL/2 (random weights) in bf16 at batch 64, no runtime guidance:
+    the flow map from noise to data in one forward per image; images per second, and a finite result."""
+    from ditcli.diffusion.objectives import MeanFlowObjective
+
+    set_backend_flags()
+    if CUDA:
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = DiT(preset("DiT-XL/2", input_size=32, mean_flow_form="decoupled", decoupled_depth=20)).eval()
+        batch, rounds = 64, 5
+    else:
+        model = DiT(preset("DiT-S/2", input_size=8, hidden_size=64, depth=2, num_heads=2, num_classes=10,
+                           mean_flow_form="decoupled", decoupled_depth=1)).eval()
+        batch, rounds = 8, 2
+    config = GenerateConfig(labels=tuple(i % 10 for i in range(batch)), sampler="flow-map", steps=1,
+                            precision="bf16", batch_size=batch, objective=MeanFlowObjective("data-to-noise"))
+    plan = config.plan(model.config.learn_sigma)
+    sample_latents(model, plan, config, list(range(batch)), batch, DEVICE)  # warm-up
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        latents = sample_latents(model, plan, config, list(range(batch)), batch, DEVICE)[0]
+    synchronize()
+    seconds = (time.perf_counter() - start) / rounds
+    report(model="DiT-XL/2" if CUDA else "tiny", batch=batch, nfe=plan.nfe, seconds_per_batch=seconds,
+           img_per_s=batch / seconds)
+    assert plan.nfe == 1 and torch.isfinite(latents).all()
+
+
 @pytest.mark.slow
 def test_one_process_torchrun_train_then_resume(report, tmp_path):
     """`torchrun --nproc-per-node 1`: a process group of one (nccl on CUDA, gloo on the CPU) and DDP, then a resume

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The embedded mean-flow model's fine-tune (docs/meanflow.md): Decoupled MeanFlow's route, from the shipped flow model.
+# Resumable across sessions: rerun the same command and --resume auto continues from the newest checkpoint in OUT.
+#   bash benchmarks/meanflow_finetune.sh [OUT]        (from the repository root; OUT defaults to ~/dit-runs/...)
+set -euo pipefail
+OUT=${1:-$HOME/dit-runs/fashion-meanflow}
+exec dit train --preset fashion-mnist --data fashion-mnist --objective meanflow \
+    --init-from weights/fashion-mnist.safetensors --decoupled-depth 4 --interval-ratio 0.5 \
+    --train-guidance model --train-omega 2 --train-guidance-interval 0.156,0.781 \
+    --steps 2000 --lr 1e-4 --lr-schedule cosine --lr-warmup 100 \
+    --ckpt-every 100 --keep-last 40 --sample-every 500 --log-every 25 --resume auto --out "$OUT"
