@@ -6,6 +6,6 @@ set -euo pipefail
 OUT=${1:-$HOME/dit-runs/fashion-meanflow}
 exec dit train --preset fashion-mnist --data fashion-mnist --objective meanflow \
     --init-from weights/fashion-mnist.safetensors --decoupled-depth 4 --interval-ratio 0.5 \
-    --train-guidance model --train-omega 2 --train-guidance-interval 0.156,0.781 \
+    --train-guidance model --train-omega 0.6667 --train-guidance-interval 0.156,0.781 \
     --steps 2000 --lr 1e-4 --lr-schedule cosine --lr-warmup 100 \
     --ckpt-every 100 --keep-last 40 --sample-every 500 --log-every 25 --resume auto --out "$OUT"

@@ -285,3 +285,19 @@ def test_meanflow_delegates_the_path_conventions():
     assert float(process.time_at(process.noise_level(torch.tensor(0.3)))) == pytest.approx(0.3)
     out = torch.randn(2, 8, 4, 4)
     assert torch.equal(process.split_output(out)[0], out[:, :4])
+
+
+def test_the_trained_scale_is_the_fixed_point_of_the_self_referencing_target():
+    """The target feeds the network's own u_cond back: iterating u_c <- target(u_c) at r = t converges to
+    E[v] + s (E[v | c] - E[v]) with the recorded scale s, for both forms (MeanFlow's L/2 and DMF's settings)."""
+    v_cond, v_uncond = 1.0, 0.0  # E[v | c] and E[v]: u_uncond is trained on dropped labels, whose target is v
+    for guidance in (TrainedGuidance("meanflow", 0.2, 0.92), TrainedGuidance("model", 0.6), TrainedGuidance()):
+        u_cond = v_uncond
+        for _ in range(2000):
+            u_cond = float(guided_velocity(torch.tensor(v_cond), torch.tensor(u_cond), torch.tensor(v_uncond),
+                                           guidance))
+        assert u_cond == pytest.approx(guidance.scale, rel=1e-4)
+    assert TrainedGuidance("meanflow", 0.2, 0.92).scale == pytest.approx(2.5)
+    assert TrainedGuidance("model", 0.6).scale == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="omega"):
+        TrainedGuidance("model", 1.0)  # no fixed point: u_cond - u_uncond grows every step

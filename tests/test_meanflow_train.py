@@ -63,7 +63,7 @@ def metrics(out: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("form, extra", [
     ("separate", []),
-    ("decoupled", ["--train-guidance", "model", "--train-omega", "1"]),  # and the guidance forwards, on the module
+    ("decoupled", ["--train-guidance", "model", "--train-omega", "0.6"]),  # and the guidance forwards, on the module
 ])
 def test_two_gloo_processes_train_the_same_mean_flow_model_as_one(tmp_path, npz_data, form, extra):
     common = [*TRAIN, *FORM_FLAGS[form], *extra, "--data", str(npz_data), "--steps", "2", "--ckpt-every", "1",
@@ -267,17 +267,18 @@ MF = ["--objective", "meanflow"]
     ([*MF, "--train-guidance", "sideways"], "--train-guidance"),
     ([*MF, "--train-guidance", "meanflow", "--train-kappa", "1"], "--train-kappa"),
     ([*MF, "--mf-time-std", "0"], "--mf-time-std"),
-    ([*MF, "--train-guidance", "model", "--train-guidance-interval", "0.9,0.1"], "--train-guidance-interval"),
-    ([*MF, "--train-guidance", "model", "--train-guidance-interval", "abc"], "--train-guidance-interval"),
-    ([*MF, "--train-guidance", "model", "--train-guidance-interval", "0,700"], "--train-guidance-interval"),
-    ([*MF, "--train-guidance", "model", "--train-guidance-interval", "0,0.5,1"], "--train-guidance-interval"),
+    ([*MF, "--train-guidance", "model", "--train-omega", "0.6", "--train-guidance-interval", "0.9,0.1"], "--train-guidance-interval"),
+    ([*MF, "--train-guidance", "model", "--train-omega", "0.6", "--train-guidance-interval", "abc"], "--train-guidance-interval"),
+    ([*MF, "--train-guidance", "model", "--train-omega", "0.6", "--train-guidance-interval", "0,700"], "--train-guidance-interval"),
+    ([*MF, "--train-guidance", "model", "--train-omega", "0.6", "--train-guidance-interval", "0,0.5,1"], "--train-guidance-interval"),
     ([*MF, "--train-omega", "2"], "--train-guidance"),  # guidance options without guidance are not ignored
     ([*MF, "--train-guidance-interval", "0.2,0.8"], "--train-guidance"),
-    ([*MF, "--train-guidance", "model", "--train-kappa", "0.5"], "--train-kappa"),
+    ([*MF, "--train-guidance", "model", "--train-omega", "0.6", "--train-kappa", "0.5"], "--train-kappa"),
+    ([*MF, "--train-guidance", "model", "--train-omega", "1"], "--train-omega"),  # no fixed point: it would diverge
 ], ids=["ratio-above-1", "ratio-negative", "depth-0", "depth-beyond-model", "init-from-ddpm", "depth-with-ddpm",
         "omega-with-flow", "guidance-sideways", "kappa-1", "time-std-0", "interval-reversed", "interval-word",
         "interval-in-timesteps", "interval-three-numbers", "omega-without-guidance", "interval-without-guidance",
-        "kappa-with-model-guidance"])
+        "kappa-with-model-guidance", "model-guidance-without-fixed-point"])
 def test_bad_mean_flow_options_are_one_line_and_write_nothing(args, mentions, fx, tmp_path, monkeypatch):
     argv = ["train", "--data", str(fx / "good.npz"), "--out", "run", *TRAIN[1:TRAIN.index("--objective")],
             "--steps", "1", *[a.replace("{fx}", str(fx)) for a in args]]

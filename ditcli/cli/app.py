@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from ditcli.errors import UserError
 from ditcli.ranks import AgreedError, env_rank, world_size
@@ -24,7 +24,41 @@ USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, I
 USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
-class _ErrorsAsOneLine(TyperGroup):
+def _as_shown(param) -> None:
+    """One way of writing options in --help: a switch as a bare flag (Typer would show `<bool>`, inviting `--json
+    true`, which a switch refuses), and a default as the help's closing " Default: X.", as `dit train` writes its
+    own, instead of Typer's "[default: X]". A switch is off unless given, so a lone one needs no note."""
+    if not isinstance(param, TyperOption):
+        return
+    if param.is_flag and param.metavar is None:
+        param.metavar = ""
+    default = param.default
+    if param.show_default is True and param.help and default is not None and not isinstance(default, bool) \
+            and "Default" not in param.help:
+        shown = f"{default:g}" if isinstance(default, float) else default
+        param.help = f"{param.help.rstrip()} Default: {shown}."
+        param.show_default = False
+
+
+class _ShownOneWay:
+    """A command or group whose options, --help included, are written one way (`_as_shown`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _as_shown(param)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        _as_shown(option)
+        return option
+
+
+class _Command(_ShownOneWay, TyperCommand):
+    """A `dit` subcommand."""
+
+
+class _ErrorsAsOneLine(_ShownOneWay, TyperGroup):
     """Turns a user error raised anywhere under a command, and Typer's own usage errors, into one line
     `error: <what> (<how to fix>)` and exit code 2."""
 
@@ -133,11 +167,11 @@ def root(
 def _register():
     from ditcli.cli import classes, convert, fid, sample, train
 
-    app.command("train")(train.train)
-    app.command("sample")(sample.sample)
-    app.command("classes")(classes.classes)
-    app.command("fid")(fid.fid)
-    app.command("convert")(convert.convert)
+    app.command("train", cls=_Command)(train.train)
+    app.command("sample", cls=_Command)(sample.sample)
+    app.command("classes", cls=_Command)(classes.classes)
+    app.command("fid", cls=_Command)(fid.fid)
+    app.command("convert", cls=_Command)(convert.convert)
 
 
 _register()

@@ -13,6 +13,7 @@ from rich.table import Table
 from ditcli.cli.options import (
     DecoupledDepthOpt,
     JsonOpt,
+    NumHeadsOpt,
     ObjectiveOpt,
     TimeDirectionOpt,
 )
@@ -42,12 +43,11 @@ WeightsOpt = Annotated[str | None, typer.Option(
     "--weights", help=f"From training checkpoints: {' or '.join(WEIGHT_CHOICES)}. A file with one set of weights must "
                       "hold the set named. Default: ema.", show_default=False)]
 OverwriteOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing DST.")]
-NumHeadsOpt = Annotated[int | None, typer.Option(
-    "--num-heads", help="Attention heads of a bare state dict, for widths outside the presets; a file whose config "
-                        "records its heads must agree.", show_default=False)]
 DiffusersVaeOpt = Annotated[str | None, typer.Option(
     "--vae", help="With --to diffusers: the VAE to include (a local AutoencoderKL folder, a hub id, ema or mse), "
-                  "'auto' for the checkpoint's own, or 'none'. Default: auto.", show_default=False)]
+                  "'auto' for the checkpoint's own, or 'none'. A pixel-space model has none, and DiTPipeline cannot "
+                  "sample it: its export needs --vae none (the transformer alone). Default: auto.",
+    show_default=False)]
 InfoOpt = Annotated[Path | None, typer.Option("--info", metavar="FILE", help="Describe FILE or a hub id instead of "
                                                                           "converting.",
                                               show_default=False)]
@@ -118,6 +118,9 @@ def convert(
     report = convert_weights(src, dst, to=to, dtype=dtype or "fp32", weights=weights, num_heads=num_heads,
                              vae=None if vae == "none" else vae or "auto", force=force, objective=spec,
                              sampling=sampling, decoupled_depth=decoupled_depth)
+    if not json_out and report.source != str(src):
+        console.print(f"note: {src} is a dit train run folder: converted its newest checkpoint, "
+                      f"{Path(report.source).name}", markup=False)
     _render_report(report, json_out)
 
 

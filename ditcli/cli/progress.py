@@ -158,16 +158,20 @@ def downloads(enabled: bool):
 
 
 class TrainProgress:
-    """Renders trainer events: the start-up table, a bar with loss and img/s, and one line per checkpoint."""
+    """Renders trainer events: the start-up table, a bar with loss, img/s and an ETA that counts the evaluations
+    still due, a second bar while an evaluation samples and scores, and one line per checkpoint, evaluation and
+    warning."""
 
     def __init__(self, config, console: Console, quiet: bool):  # config: a ditcli.training.config.TrainConfig
         self.config, self.quiet = config, quiet
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(),
-                                 TextColumn("step {task.completed}/{task.total}"),
-                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet)
-        self.task = None
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 TextColumn("{task.fields[count]}"), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"), console=console,
+                                 disable=quiet)
+        self.task = self.eval_task = None
         self.started, self.last_step, self.last_checkpoint = time.monotonic(), {}, None
+        self.eval_seconds: list[float] = []  # each evaluation's, for the ETA
+        self.stage, self.stage_started = None, 0.0
 
     def __enter__(self):
         return self
@@ -190,32 +194,77 @@ class TrainProgress:
         if kind == "start":
             self.show_summary(data)
             self.progress.start()
-            self.task = self.progress.add_task("train", total=data["steps"], completed=data["start_step"], loss="-",
-                                               rate="-")
+            self.task = self.progress.add_task("train", total=data["steps"], completed=data["start_step"],
+                                               count=f"step {data['start_step']}/{data['steps']}", info="", eta="-")
         elif kind == "step":
             self.last_step = data
             if self.task is not None:
-                self.progress.update(self.task, completed=data["step"], loss=f"{data['loss']:.4f}",
-                                     rate=f"{data['img_per_s']:.1f}")
+                self.progress.update(self.task, completed=data["step"], eta=self.eta(data),
+                                     count=f"step {data['step']}/{self.config.steps}",
+                                     info=f"loss {data['loss']:.4f} {data['img_per_s']:.1f} img/s")
+        elif kind in ("eval_start", "eval_progress", "eval"):
+            self.on_eval(kind, data)
         elif kind == "stop" and not self.quiet:
             if self.task is not None:  # the bar moves only every --log-every steps
-                self.progress.update(self.task, completed=data["step"])
+                self.progress.update(self.task, completed=data["step"], count=f"step {data['step']}/"
+                                                                               f"{self.config.steps}")
             self.progress.console.print(f"stop requested: every rank stops after step {data['step']}")
         if kind == "checkpoint":
             self.last_checkpoint = data["path"]
-        if kind == "eval" and not self.quiet:
-            kid = "" if data.get("kid") is None else f", KID {data['kid']:.4g}"
-            self.progress.console.print(f"eval: step {data['step']}, FD {data['fd']:.4g}{kid} ({data['eval_num']} "
-                                        f"images, {data['eval_features']} features, {data['eval_seconds']:.0f} s)",
-                                        highlight=False)
         if kind in ("checkpoint", "sample", "resume", "cache", "warning", "skip") and not self.quiet:
             message = data.get("message") or f"{kind}: {data.get('path', '')} (step {data.get('step')})"
             self.progress.console.print(message, soft_wrap=True, highlight=False)
+
+    def on_eval(self, kind: str, data: dict):
+        """An evaluation: its line when it starts, a second bar per stage (sampling, reference, samples), the
+        result line when it ends."""
+        if kind == "eval_start" and not self.quiet:
+            self.progress.console.print(f"eval: step {data['step']}, {data['num']:,} images ({data['sampler']}, "
+                                        f"{data['steps']} steps, cfg {data['cfg']:g}) scored in {data['features']} "
+                                        "features", highlight=False)
+        elif kind == "eval_progress":
+            self.show_stage(data)
+        elif kind == "eval":
+            self.eval_seconds.append(data["eval_seconds"])
+            if self.eval_task is not None:
+                self.progress.remove_task(self.eval_task)
+                self.eval_task = None
+            if not self.quiet:
+                kid = "" if data.get("kid") is None else f", KID {data['kid']:.4g}"
+                self.progress.console.print(f"eval: step {data['step']}, FD {data['fd']:.4g}{kid} ({data['eval_num']} "
+                                            f"images, {data['eval_features']} features, {data['eval_seconds']:.0f} s)",
+                                            highlight=False)
+
+    def show_stage(self, data: dict):
+        """The evaluation's bar: this stage's images done, and its own ETA."""
+        description = f"eval {data['stage']}"
+        if self.eval_task is None:
+            self.eval_task = self.progress.add_task(description, total=data["total"], count="", info="", eta="-")
+        if (data["stage"], data["step"]) != self.stage or data["done"] == 0:
+            self.stage, self.stage_started = (data["stage"], data["step"]), time.monotonic()
+        elapsed = time.monotonic() - self.stage_started
+        left = (data["total"] - data["done"]) * elapsed / data["done"] if data["done"] else None
+        self.progress.update(self.eval_task, description=description, total=data["total"], completed=data["done"],
+                             count=f"{data['done']:,}/{data['total']:,}", info=f"(step {data['step']})",
+                             eta=clock(left))
+
+    def eta(self, step: dict) -> str:
+        """Time left: the steps at the run's img/s (which leaves evaluations out) plus the evaluations still due
+        at the mean time of those done; "+ evals" until one has been timed."""
+        if not step.get("img_per_s"):
+            return "-"
+        seconds = (self.config.steps - step["step"]) * self.config.global_batch / step["img_per_s"]
+        evals = step.get("evals_left", 0)
+        if evals and not self.eval_seconds:
+            return f"{clock(seconds)} + evals"
+        return clock(seconds + evals * (sum(self.eval_seconds) / len(self.eval_seconds) if evals else 0.0))
 
     def show_summary(self, data: dict):
         if self.quiet:
             return
         table = Table(title="dit train", show_header=False)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")  # a long path wraps whole, not cut to "..."
         for key, value in data.items():
             if isinstance(value, float):
                 text = f"{value:,.3f}"
@@ -223,6 +272,15 @@ class TrainProgress:
                 text = f"{value:,}" if isinstance(value, int) else str(value)
             table.add_row(key.replace("_", " "), text)
         self.progress.console.print(table)
+
+
+def clock(seconds: float | None) -> str:
+    """Seconds as h:mm:ss, as rich shows times; "-" when unknown."""
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 class StageBars:

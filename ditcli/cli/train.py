@@ -24,6 +24,7 @@ from ditcli.cli.options import DistTimeoutOpt, JsonOpt, in_panel
 from ditcli.cli.progress import TrainProgress
 from ditcli.ranks import DEFAULT_TIMEOUT_S, env_rank, from_arguments, world_size
 from ditcli.runtime import set_backend_flags
+from ditcli.training.checkpoints import stored_settings
 from ditcli.training.config import (
     CHECKPOINTS,
     DATA,
@@ -43,8 +44,9 @@ RecipeOpt = Annotated[str | None, typer.Option(
     "--preset", help=f"A ready recipe: {', '.join(TRAIN_PRESETS)}; other options override its values. Default: none.",
     show_default=False, rich_help_panel=DATA)]
 ResumeOpt = Annotated[str | None, typer.Option(
-    "--resume", help="auto (latest in --out; with --init-from, the source on the first run) or a ckpt-*.pt. Default: "
-                     "start afresh.", show_default=False, rich_help_panel=CHECKPOINTS)]
+    "--resume", help="auto (latest in --out; with --init-from, the source on the first run) or a ckpt-*.pt. The "
+                     "options not given take the run's stored settings. Default: start afresh (refused where --out "
+                     "holds a run).", show_default=False, rich_help_panel=CHECKPOINTS)]
 ForceResumeOpt = Annotated[bool, typer.Option("--force", help="Resume even if the configuration differs.",
                                         rich_help_panel=CHECKPOINTS)]
 JsonOutOpt = in_panel(JsonOpt, LOGGING)
@@ -57,10 +59,13 @@ def train(
 ):
     """Train a DiT on an image folder, Fashion-MNIST or an .npz; resumable, mixed precision, torchrun-ready.
 
-    With --preset, the options you leave out take the preset's values instead of the defaults shown.
+    With --preset, the options you leave out take the preset's values instead of the defaults shown; with --resume,
+    the run's stored settings (`dit train --resume auto --out RUN` alone continues RUN).
     """
-    with from_arguments():  # the same options on every rank
-        config = config_from_options(preset, **config_values(fields))
+    with from_arguments():  # the same options on every rank, and the same run folder (a disk all nodes share)
+        values = config_values(fields)
+        out = Path(values.get("out") or TrainConfig.__dataclass_fields__["out"].default)
+        config = config_from_options(preset, stored_settings(resume, out), **values)
     set_backend_flags()  # TF32 and cuDNN autotuning, as the reference train.py enables them
     # Under torchrun all ranks compute and rank 0 renders; the others stay silent unless --debug.
     speaks = env_rank() == 0 or bool(ctx.find_root().params.get("debug"))
@@ -73,7 +78,7 @@ def train(
     if json_out:
         typer.echo(json.dumps(result))
     elif result["interrupted"]:
-        console.print(f"stopped at step {result['step']}; resume with: dit train ... --resume auto --out {config.out}")
+        console.print(f"stopped at step {result['step']}; resume with: dit train --resume auto --out {config.out}")
     else:
         console.print(progress.final_line(result), highlight=False, soft_wrap=True)
 

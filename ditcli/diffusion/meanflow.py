@@ -53,6 +53,8 @@ class TrainedGuidance:
              f"guidance omega and kappa must be finite, got {self.omega}, {self.kappa}"),
             (self.form == "meanflow" or self.kappa == 0.0,
              f"model guidance has no kappa, got {self.kappa}"),
+            (self.form == "meanflow" or 0.0 <= self.omega < 1.0,
+             f"model guidance needs 0 <= omega < 1 (its trained scale is 1 / (1 - omega)), got {self.omega}"),
             (len(self.interval) == 2 and all(math.isfinite(x) for x in self.interval),
              f"guidance interval must be two finite numbers, got {self.interval}"),
             (len(self.interval) != 2 or self.interval[0] <= self.interval[1],
@@ -64,11 +66,13 @@ class TrainedGuidance:
 
     @property
     def scale(self) -> float:
-        """The classifier-free guidance scale the target is trained to: omega / (1 - kappa) for MeanFlow's form (its
-        Sec. 4.2), 1 + omega for model guidance; 1 is none."""
+        """The classifier-free guidance scale the model converges to: the target feeds the network's own u_cond back,
+        so at r = t the fixed point is u_cond - u_uncond = s (E[v | c] - E[v]) with s = omega / (1 - kappa) for
+        MeanFlow's form (its Sec. 4.2) and s = 1 / (1 - omega) for model guidance (DMF's omega 0.6: 2.5); 1 is none.
+        A kappa of 1 or a model-guidance omega of 1 or more has no fixed point: the difference grows every step."""
         if self.form == "meanflow":
-            return self.omega / (1.0 - self.kappa) if self.kappa != 1.0 else math.inf
-        return 1.0 + self.omega
+            return self.omega / (1.0 - self.kappa) if self.kappa < 1.0 else math.inf
+        return 1.0 / (1.0 - self.omega) if self.omega < 1.0 else math.inf
 
     @property
     def is_identity(self) -> bool:

@@ -33,6 +33,11 @@ def register_feature_extractor(name: str, factory: FeatureFactory) -> None:
     _EXTRACTORS[name] = factory
 
 
+def is_known_extractor(spec: str) -> bool:
+    """Whether `load_feature_extractor(spec)` can find it: a registered name or an existing file."""
+    return spec in _EXTRACTORS or Path(spec).is_file()
+
+
 def load_feature_extractor(spec: str, device: torch.device, weights: Path | None = None) -> tuple[Callable, str]:
     """(extractor, name) for a registered name, a TorchScript file (torch.jit.save) or a tagged .safetensors file."""
     if spec in _EXTRACTORS:

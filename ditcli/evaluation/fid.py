@@ -24,9 +24,11 @@ from ditcli.evaluation.features import (
     INCEPTION,
     Activations,
     Progress,
+    Stats,
     _rank_deficient,
     _stage,
     extract,
+    is_known_extractor,
     load_feature_extractor,
     register_feature_extractor,
 )
@@ -36,29 +38,16 @@ from ditcli.evaluation.protocol import check_samples
 from ditcli.evaluation.readers import FolderImages, open_images
 from ditcli.evaluation.references import Reference, _json_field, open_reference
 from ditcli.evaluation.scores import (
+    KID_SUBSETS,
     NEAREST_K,
+    distance_blocks,
     frechet_distance,
     kernel_inception_distance,
     precision_recall,
 )
 
-# Images.
-
-
-# Feature extractors.
-
-
 register_feature_extractor(INCEPTION, lambda path, device: load_inception(path, device))
 register_feature_extractor(JUDGE_NAME, judge_extractor)  # the Fashion-MNIST judge: pool (128) and logits (10)
-
-
-# Streaming statistics.
-
-
-# Metrics.
-
-
-# References.
 
 
 # Scoring.
@@ -70,11 +59,12 @@ class FidConfig:
     samples: Path
     ref: Path
     batch_size: int = 64
-    features: str = INCEPTION
+    features: str | None = None  # None: the extractor the reference records (`references.Reference.features`)
     inception_weights: Path | None = None
     resize: int | None = None
     num_workers: int = 4
-    precision_recall: bool = True  # off for FID while training: its k-NN radii of a large reference cost minutes
+    precision_recall: bool = True  # off for FID while training and with --no-pr: the k-NN radii of a large reference
+    # cost minutes
 
 
 @dataclass(frozen=True)
@@ -102,13 +92,15 @@ def evaluate(config: FidConfig, device: torch.device, progress: Progress | None 
     """Score samples against a reference with ADM's metrics; inputs are checked before any network loads.
 
     `ref_acts`: the reference's activations from an earlier call with the same reference and features (training
-    evaluates against one reference many times), instead of extracting them again.
+    evaluates against one reference many times), instead of extracting them again. `progress(stage, done, total)`
+    hears every stage that can take seconds: "reference" and "samples" (images), "Frechet distance" (scores),
+    "precision/recall" (distance blocks) and "KID" (subsets).
     """
     if config.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
     samples = open_images(config.samples, config.resize, config.num_workers)
     ref = open_reference(config.ref, config.resize, config.num_workers)
-    extractor, features = load_feature_extractor(config.features, device, config.inception_weights)
+    extractor, features = load_feature_extractor(features_for(config, ref), device, config.inception_weights)
     use_stored = ref.pool is not None and ref.features == features
     if ref.images is None and not use_stored:
         raise UserError(f"{ref.path} has statistics from {ref.features!r} but no images to recompute them",
@@ -121,25 +113,11 @@ def evaluate(config: FidConfig, device: torch.device, progress: Progress | None 
     sample_acts = extract(samples.batches(config.batch_size), extractor, device,
                           progress=_stage(progress, "samples", samples.num_images))
 
-    # Pick the reference statistics: stored ones when they come from this extractor, else computed.
-    if use_stored:
-        ref_pool, ref_spatial = ref.pool, ref.spatial
-        ref_stats = f"stored mu/sigma{'/mu_s/sigma_s' if ref.spatial else ''} of {ref.path.name}"
-    else:
-        ref_pool = ref_acts.pool.stats()
-        ref_spatial = ref_acts.spatial.stats() if ref_acts.spatial else None
-        ref_stats = f"computed from the {ref_acts.count} reference images"
-
-    fid = frechet_distance(*sample_acts.pool.stats(), *ref_pool)
-    sfid = None
-    if sample_acts.spatial is not None and ref_spatial is not None:
-        sfid = frechet_distance(*sample_acts.spatial.stats(), *ref_spatial)
-    precision = recall = None
-    if config.precision_recall and ref_acts is not None and min(ref_acts.count, sample_acts.count) > NEAREST_K:
-        precision, recall = precision_recall(ref_acts.pool_features, sample_acts.pool_features)
-    kid = kid_std = None
-    if ref_acts is not None and min(ref_acts.count, sample_acts.count) >= 2:
-        kid, kid_std = kernel_inception_distance(sample_acts.pool_features, ref_acts.pool_features)
+    # Score: the Frechet distances from stored or computed reference statistics, then the k-NN and kernel scores.
+    ref_pool, ref_spatial, ref_stats = reference_stats(ref, ref_acts, use_stored)
+    fid, sfid = frechet_scores(sample_acts, ref_pool, ref_spatial, progress)
+    precision, recall = nearest_neighbour_scores(config, ref_acts, sample_acts, progress)
+    kid, kid_std = kernel_scores(ref_acts, sample_acts, progress)
     height, width = samples.resolution
     protocol, off_protocol = check_samples(config.samples, config.ref, sample_acts.count,
                                            height if height == width else None)
@@ -147,6 +125,66 @@ def evaluate(config: FidConfig, device: torch.device, progress: Progress | None 
                      sample_acts.count, ref_acts.count if ref_acts else None, ref_stats, features,
                      (*_warnings(samples, ref, sample_acts, ref_acts, use_stored), *off_protocol), protocol, kid,
                      kid_std)
+
+
+def features_for(config: FidConfig, ref: Reference) -> str:
+    """--features as given, else the extractor the reference's statistics were made with (`--make-ref` records it;
+    ADM's batches, which record none, are Inception's)."""
+    features = config.features or ref.features
+    if config.features is None and not is_known_extractor(features):
+        raise UserError(f"{ref.path.name} was made with the feature extractor {features!r}, which is neither "
+                        "registered nor a file here", "pass --features with that extractor (its file)")
+    if config.inception_weights is not None and features != INCEPTION:
+        why = "" if config.features else f" (the reference's, {ref.path.name}, since --features is not given)"
+        raise UserError(f"--inception-weights only applies to --features inception, and the features are "
+                        f"{features}{why}", "drop --inception-weights, or pass --features inception")
+    return features
+
+
+def reference_stats(ref: Reference, ref_acts: Activations | None, use_stored: bool
+                    ) -> tuple[Stats, Stats | None, str]:
+    """The reference's pool and spatial statistics, stored ones when they come from this extractor, else computed;
+    and which, in words."""
+    if use_stored:
+        return ref.pool, ref.spatial, f"stored mu/sigma{'/mu_s/sigma_s' if ref.spatial else ''} of {ref.path.name}"
+    spatial = ref_acts.spatial.stats() if ref_acts.spatial else None
+    return ref_acts.pool.stats(), spatial, f"computed from the {ref_acts.count} reference images"
+
+
+def frechet_scores(sample_acts: Activations, ref_pool: Stats, ref_spatial: Stats | None,
+                   progress: Progress | None) -> tuple[float, float | None]:
+    """FID, and sFID where both sides have spatial features; each is two eigendecompositions in float64 (seconds for
+    Inception's 2048 features on a CPU)."""
+    pairs = [(sample_acts.pool, ref_pool)]
+    if sample_acts.spatial is not None and ref_spatial is not None:
+        pairs.append((sample_acts.spatial, ref_spatial))
+    tick = _stage(progress, "Frechet distance", len(pairs))
+    scores = []
+    for moments, ref_stats in pairs:
+        scores.append(frechet_distance(*moments.stats(), *ref_stats))
+        if tick is not None:
+            tick(len(scores))
+    return scores[0], scores[1] if len(scores) > 1 else None
+
+
+def nearest_neighbour_scores(config: FidConfig, ref_acts: Activations | None, sample_acts: Activations,
+                             progress: Progress | None) -> tuple[float | None, float | None]:
+    """Precision and recall, unless `config.precision_recall` is off or a side has too few images (a warning)."""
+    if not config.precision_recall or ref_acts is None or min(ref_acts.count, sample_acts.count) <= NEAREST_K:
+        return None, None
+    tick = _stage(progress, "precision/recall", distance_blocks(ref_acts.count, sample_acts.count))
+    return precision_recall(ref_acts.pool_features, sample_acts.pool_features,
+                            progress=None if tick is None else lambda done, total: tick(done))
+
+
+def kernel_scores(ref_acts: Activations | None, sample_acts: Activations,
+                  progress: Progress | None) -> tuple[float | None, float | None]:
+    """KID and its spread over subsets, where the reference's images were read."""
+    if ref_acts is None or min(ref_acts.count, sample_acts.count) < 2:
+        return None, None
+    tick = _stage(progress, "KID", KID_SUBSETS)
+    return kernel_inception_distance(sample_acts.pool_features, ref_acts.pool_features,
+                                     progress=None if tick is None else lambda done, total: tick(done))
 
 
 def reference_activations(config: FidConfig, device: torch.device) -> Activations | None:

@@ -65,19 +65,34 @@ class Batch:
     images: torch.Tensor
     nfe: int
     reused: float = 0.0  # of the `nfe` evaluations, how many (in rows' worth) reused `BlockCache`'s deep blocks
+    passes: float | None = None  # forward passes per image: a guided evaluation's doubled batch counts twice
+
+
+class ForwardRows:
+    """The model as a model_fn adapter calls it, counting the rows of every forward. Over the batch's width that is
+    the forward passes per image: the NFE counts a guided evaluation's doubled batch [cond, uncond] once, this
+    twice."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.config, self.rows = model, model.config, 0
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.rows += x.shape[0]
+        return self.model(x, *args, **kwargs)
 
 
 def make_model_fn(model: torch.nn.Module, labels: torch.Tensor, diffusion, guidance: Guidance, precision: str,
-                  device: torch.device) -> CountingModelFn:
+                  device: torch.device, rows: ForwardRows | None = None) -> CountingModelFn:
     """The counted model_fn: CFG for class-conditional models, the null class for unconditional ones.
 
     A model whose weights are fp32 asked to run in bf16/fp16 (a caller that skipped `inference_model`) runs under
-    autocast; `CastWeights` and fp32 runs need no context.
+    autocast; `CastWeights` and fp32 runs need no context. `rows`, a `ForwardRows` of `model`, counts its forwards.
     """
+    called = model if rows is None else rows
     if model.config.num_classes == 0:
-        inner = unconditional_model_fn(model, diffusion)
+        inner = unconditional_model_fn(called, diffusion)
     else:
-        inner = guided_model_fn(model, labels, diffusion, guidance, null_class=model.config.num_classes)
+        inner = guided_model_fn(called, labels, diffusion, guidance, null_class=model.config.num_classes)
     dtype = resolve_precision(precision)
     cast = dtype != torch.float32 and not isinstance(_unwrapped(model), CastWeights)
     context = (lambda: autocast(device, dtype)) if cast else contextlib.nullcontext
@@ -97,20 +112,21 @@ def check_guidance(config: DiTConfig, guidance: Guidance) -> None:
 
 
 def sample_latents(model: torch.nn.Module, plan, config: GenerateConfig, indices: list[int], width: int,
-                   device: torch.device, on_step: StepFn = None) -> tuple[torch.Tensor, int, float]:
-    """Denoise images `indices`, padded to `width` by repeating the last one: (width, C, H, W) latents, the NFE and
-    how many of those evaluations reused the cache (a fresh one per batch)."""
+                   device: torch.device, on_step: StepFn = None) -> tuple[torch.Tensor, int, float, float]:
+    """Denoise images `indices`, padded to `width` by repeating the last one: (width, C, H, W) latents, the NFE, how
+    many of those evaluations reused the cache (a fresh one per batch) and the forward passes per image."""
     padded = indices + indices[-1:] * (width - len(indices))
     model = model if config.cache is None else BlockCache(model, config.cache)
     labels = torch.tensor([config.labels[i] for i in padded], device=device)
     noise = ImageNoise(config.seed, padded)
-    model_fn = make_model_fn(model, labels, plan.process, config.guidance, config.precision, device)
+    rows = ForwardRows(model)
+    model_fn = make_model_fn(model, labels, plan.process, config.guidance, config.precision, device, rows)
     shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
     x = noise(torch.empty((width, *shape), device=device))  # (B, C, H, W)
     callback = None if on_step is None else (lambda step, num_steps, x: on_step(step, num_steps))
     with torch.no_grad():
         latents = plan.sample(model_fn, x, plan.process, noise, callback)
-    return latents.float(), model_fn.calls, getattr(model, "reused", 0.0)
+    return latents.float(), model_fn.calls, getattr(model, "reused", 0.0), rows.rows / width
 
 
 def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indices: Sequence[int],
@@ -131,10 +147,10 @@ def generate_images(model: torch.nn.Module, codec, config: GenerateConfig, indic
     width = batch_width(config)
     for start in range(0, len(indices), width):
         chunk = [int(i) for i in indices[start:start + width]]
-        latents, nfe, reused = sample_latents(net, plan, config, chunk, width, device, on_step)
+        latents, nfe, reused, passes = sample_latents(net, plan, config, chunk, width, device, on_step)
         with torch.no_grad():
             images = to_uint8(decoder.decode(latents))[: len(chunk)]  # (n, H, W, C)
-        yield Batch(chunk, [config.labels[i] for i in chunk], images.cpu(), nfe, reused)
+        yield Batch(chunk, [config.labels[i] for i in chunk], images.cpu(), nfe, reused, passes)
 
 
 # The run: split, skip, sample, write, finish.
@@ -149,6 +165,7 @@ class RunSummary:
     files: list[str] = field(default_factory=list)
     compile_seconds: float | None = None  # a compiled run's first batch less the median of the others
     reused_share: float | None = None  # with --cache, the share of the rows' evaluations that skipped the deep blocks
+    passes: int | float | None = None  # forward passes per image (a doubled CFG batch counts twice; the NFE once)
 
     @property
     def images_per_second(self) -> float | None:
@@ -177,19 +194,21 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
         on_plan(len(mine))
 
     # Sample and write.
-    start, counts, reused, times = time.perf_counter(), [], [], []
+    start, counts, reused, times, passes = time.perf_counter(), [], [], [], []
     for batch in generate_images(model, codec, config, mine, device, on_step, plan):
         for writer in writers:
             writer.write(batch)
         counts.append(batch.nfe)
         reused.append(batch.reused)
+        passes.append(batch.passes)
         times.append(time.perf_counter() - start - sum(times))
         if on_batch is not None:
             on_batch(batch)
     seconds = time.perf_counter() - start
     nfe = mean_nfe(counts)
     compile_seconds = round(times[0] - statistics.median(times[1:]), 3) if config.compile and len(times) > 1 else None
-    summary = RunSummary(config.num_images, len(mine), len(done), nfe, seconds, compile_seconds=compile_seconds)
+    summary = RunSummary(config.num_images, len(mine), len(done), nfe, seconds, compile_seconds=compile_seconds,
+                         passes=mean_nfe(passes))
     if config.cache is not None and counts:
         summary.reused_share = round(sum(reused) / sum(counts), 4)
 
@@ -198,7 +217,9 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
         if ranks.rank != 0:
             return []
         summary.nfe = nfe if nfe is not None else (provenance or {}).get("nfe")
-        record = {**(provenance or {}), "nfe": summary.nfe, "world_size": ranks.world, "batch_size": config.batch_size,
+        summary.passes = summary.passes if summary.passes is not None else (provenance or {}).get("passes")
+        record = {**(provenance or {}), "nfe": summary.nfe, "passes": summary.passes, "world_size": ranks.world,
+                  "batch_size": config.batch_size,
                   "rank0_seconds": round(seconds, 3), "rank0_images": len(mine), "skipped_images": len(done)}
         return [str(p) for writer in writers for p in writer.finish(config.labels, record)]
 
@@ -207,13 +228,13 @@ def sample_run(model: torch.nn.Module, codec, config: GenerateConfig, device: to
     return summary
 
 
-def mean_nfe(counts: list[int]) -> int | float | None:
-    """The model evaluations per image: the same for every batch of a fixed-step sampler, an adaptive solver's
-    mean over the batches otherwise."""
+def mean_nfe(counts: list[int | float]) -> int | float | None:
+    """The model evaluations (or forward passes) per image: the same for every batch of a fixed-step sampler, an
+    adaptive solver's mean over the batches otherwise."""
     if not counts:
         return None
     if len(set(counts)) == 1:
-        return counts[0]
+        return int(counts[0]) if float(counts[0]).is_integer() else counts[0]
     return round(sum(counts) / len(counts), 2)
 
 

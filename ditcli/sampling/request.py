@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 
 from ditcli.data.classes import ClassTable, class_table, slug
-from ditcli.data.images import GRID_MAX
+from ditcli.data.images import GRID_MAX, pil_image
 from ditcli.diffusion.guidance import DEFAULT_CHANNELS, GUIDED_CHANNELS, MAX_SEED, Guidance
 from ditcli.diffusion.objectives import Objective
-from ditcli.diffusion.samplers import SamplerPlan
+from ditcli.diffusion.samplers import FLOW_MAP, SamplerPlan, SamplingDefaults
 from ditcli.downloads import home_dir, remembered_sha256
 from ditcli.errors import UserError
-from ditcli.evaluation.protocol import expand_preset
+from ditcli.evaluation.protocol import SAMPLE_PRESETS, expand_preset
 from ditcli.hub import is_offline
 from ditcli.model.codec import (
     LATENT_CHANNELS,
@@ -42,6 +43,7 @@ from ditcli.sampling.generate import (
     check_guidance,
     class_labels,
     default_out_dir,
+    generate_images,
     random_labels,
 )
 from ditcli.sampling.writers import ImageDirWriter, NpzWriter
@@ -56,6 +58,7 @@ from ditcli.weights.record import Checkpoint, describe
 from ditcli.weights.registry import KnownWeights
 
 DEFAULT_NUM = 16
+PIXELS = "none"  # `--vae none`: the model works in pixels, as `dit train --vae none` trains it
 DEFAULT_PRECISION = "fp32"
 MAX_IMAGES = 10_000_000  # 200 ImageNet FID-50k runs; a bound so a typo fails at once, not after building labels
 MAX_STEPS = 10_000
@@ -98,6 +101,7 @@ class SampleRequest:
     cache: float | None = None  # `BlockCache`'s threshold; None: every block at every step
     notes: tuple[str, ...] = ()  # what --preset's expansion said, shown with the preset
     decoupled_depth: int | None = None  # --decoupled-depth, for a DMF file that does not record it
+    num_heads: int | None = None  # --num-heads, for a bare state dict of a width outside the presets
 
     def check(self) -> None:
         """The numbers and the choice of model, before any file is read or written."""
@@ -110,11 +114,18 @@ class SampleRequest:
     def read(self, ranks: Ranks, download: DownloadProgress = None
              ) -> tuple[Path, KnownWeights | None, Checkpoint]:
         """Find the checkpoint (rank 0 downloads first) and read it with the weights, the objective (a known model's
-        own where none is given) and the decoupled depth asked for: its path, registry entry and record."""
+        own where none is given), the decoupled depth and the heads asked for: its path, registry entry and record."""
         with ranks.zero_first():
             path, entry = find_checkpoint(self.model, self.image_size, self.ckpt, self.offline, download)
         objective = self.objective or (entry and entry.objective)
-        return path, entry, read_checkpoint(path, self.model, self.weights, objective, self.decoupled_depth)
+        return path, entry, read_checkpoint(path, self.model, self.weights, objective, self.decoupled_depth,
+                                            self.num_heads)
+
+    def source_note(self, path: Path) -> list[str]:
+        """What --ckpt became, where it was a `dit train` run folder: its newest checkpoint, named."""
+        if self.ckpt is None or not Path(self.ckpt).is_dir() or not path.is_file():
+            return []
+        return [f"--ckpt {self.ckpt} is a dit train run folder: sampling its newest checkpoint, {path.name}"]
 
 
 @dataclass
@@ -132,68 +143,154 @@ class SamplingRun:
     run_key: str
     weights: str
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the run chose for the user, each shown as one note line
 
 
-def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, download: DownloadProgress = None,
-                on_warning: Callable[[str], None] | None = None,
-                on_ready: Callable[..., None] | None = None
-                ) -> SamplingRun:
-    """Find and read the checkpoint (rank 0 downloads first), check everything cheap, load the codec, build the model
-    and prepare the writers. `on_warning` hears a stale EMA before the codec loads; `on_ready(config, codec, out, npz,
-    notes)` hears the settings just before the writers touch the disk."""
+@dataclass
+class LoadedRun:
+    """A request once its checkpoint is read and checked: the model, its codec and the run's settings, before any
+    output is named."""
+
+    path: Path
+    entry: KnownWeights | None
+    checkpoint: Checkpoint
+    net: torch.nn.Module
+    codec: object
+    config: GenerateConfig
+    plan: SamplerPlan
+    names: ClassTable
+    columns: int | None
+    notes: list[str]
+    warnings: list[str]
+    compile_choice: str
+
+
+def load_run(request: SampleRequest, device: torch.device, ranks: Ranks = Ranks(), download: DownloadProgress = None,
+             on_warning: Callable[[str], None] | None = None) -> LoadedRun:
+    """Find and read the checkpoint (rank 0 downloads first), check everything cheap, load the codec and build the
+    model: everything `dit sample` and `ditcli.generate` share. `on_warning` hears a stale EMA before the codec
+    loads."""
     r = request
     checkpoint_path, entry, checkpoint = r.read(ranks, download)
-    model_config = checkpoint.config
+    notes = r.source_note(checkpoint_path) + list(r.notes)
 
-    # Check everything cheap (sampler, guidance, classes, sizes, outputs) before the codec loads.
-    defaults = checkpoint.sampling or (entry.sampling if entry else checkpoint.objective.default_sampling)
-    channels = r.guidance_channels or defaults.channels or DEFAULT_CHANNELS
-    guidance = make_guidance(r.cfg if r.cfg is not None else defaults.cfg, channels, r.guidance_interval,
-                             model_config, defaults.interval)
-    checkpoint.objective.check_interval(guidance.interval, f": this is {checkpoint.objective.noun()}")
-    check_second_time(model_config, r.cache, r.compile)
-    sampler, steps = r.sampler or defaults.sampler, r.steps or defaults.steps
-    if r.eta is not None and sampler != "ddim":
-        raise UserError(f"--eta only applies to --sampler ddim, and this run uses {sampler}",
-                        "add --sampler ddim, or drop --eta")
-    eta = r.eta or 0.0
-    flow = checkpoint.objective.sampler_settings(r.time_shift, r.atol, r.rtol)
-    notes = list(r.notes)
-    vae = vae_choice(checkpoint, r.vae, r.vae_from_preset, notes)
-    names = class_table(model_config.num_classes, checkpoint.class_names)
-    labels, columns = plan_run(names, model_config.num_classes, list(r.classes), r.num_per_class, r.num, r.seed)
-    config = GenerateConfig(tuple(labels), r.seed, sampler, steps, eta, guidance, r.batch_size, r.precision,
-                            False, checkpoint.schedule, checkpoint.objective, flow, r.cache)
-    plan = config.plan(model_config.learn_sigma)
+    # Check everything cheap (sampler, guidance, classes, sizes) before the codec loads.
+    config, names, columns, vae = run_config(r, checkpoint, entry, notes)
+    plan = config.plan(checkpoint.config.learn_sigma)
     given_size = r.image_size if r.ckpt is not None else None
     check_image_size(checkpoint, given_size, vae)
-    warnings = stale_weights(checkpoint) + [line for line in [checkpoint.objective.guidance_warning(guidance.scale)]
-                                            if line]
+    warnings = stale_weights(checkpoint) + [line for line in [checkpoint.objective.guidance_warning(
+        config.guidance.scale)] if line]
     for warning in warnings:
         if on_warning is not None:
             on_warning(warning)
 
     # Load the codec (rank 0 first: it may download) and check it fits the model.
     with ranks.zero_first():
-        codec = codec_from_dict(checkpoint.codec, device, model_config.in_channels, vae, is_offline(r.offline))
+        codec = codec_from_dict(checkpoint.codec, device, checkpoint.config.in_channels, vae, is_offline(r.offline))
     check_codec(checkpoint, codec, given_size)
 
-    # Build the model, name the outputs and record how they are made.
-    net = inference_model(checkpoint.build(device), r.precision)  # cast once, here, so a package can be looked up
-    config, compile_choice = from_rank0(choose_compile(r.compile, config, net, plan, device))  # one choice for all
-    hashed = remembered_sha256(checkpoint_path)
+    # Build the model (cast once, here, so a package can be looked up) and take one compile choice for all ranks.
+    net = inference_model(checkpoint.build(device), r.precision)
+    config, compile_choice = from_rank0(choose_compile(r.compile, config, net, plan, device))
+    return LoadedRun(checkpoint_path, entry, checkpoint, net, codec, config, plan, names, columns, notes, warnings,
+                     compile_choice)
+
+
+def run_config(r: SampleRequest, checkpoint: Checkpoint, entry: KnownWeights | None, notes: list[str]
+               ) -> tuple[GenerateConfig, ClassTable, int | None, str | None]:
+    """The run's settings from the request over the checkpoint's own defaults (then its registry entry's, then its
+    objective's), checked against the model: the config, the class table, the grid's columns and the --vae to load."""
+    model_config = checkpoint.config
+    defaults = checkpoint.sampling or (entry.sampling if entry else checkpoint.objective.default_sampling)
+    channels = r.guidance_channels or defaults.channels or DEFAULT_CHANNELS
+    guidance = make_guidance(r.cfg if r.cfg is not None else defaults.cfg, channels, r.guidance_interval,
+                             model_config, defaults.interval)
+    checkpoint.objective.check_interval(guidance.interval, f": this is {checkpoint.objective.noun()}")
+    check_second_time(model_config, r.cache, r.compile)
+    sampler, steps = sampler_and_steps(r.sampler, r.steps, defaults)
+    check_preset_fits(r.preset, sampler, checkpoint)
+    if r.eta is not None and sampler != "ddim":
+        raise UserError(f"--eta only applies to --sampler ddim, and this run uses {sampler}",
+                        "add --sampler ddim, or drop --eta")
+    flow = checkpoint.objective.sampler_settings(r.time_shift, r.atol, r.rtol)
+    vae = vae_choice(checkpoint, r.vae, r.vae_from_preset, notes)
+    names = class_table(model_config.num_classes, checkpoint.class_names)
+    labels, columns = plan_run(names, model_config.num_classes, list(r.classes), r.num_per_class, r.num, r.seed)
+    config = GenerateConfig(tuple(labels), r.seed, sampler, steps, r.eta or 0.0, guidance, r.batch_size, r.precision,
+                            False, checkpoint.schedule, checkpoint.objective, flow, r.cache)
+    return config, names, columns, vae
+
+
+def sample_images(request: SampleRequest, device: torch.device,
+                  on_warning: Callable[[str], None] | None = None) -> list[Image.Image]:
+    """`dit sample` without files: the same checks and defaults, the same sampling core, the same pixels (image i of
+    a seed is image i of the command's run), returned as PIL images in index order. Nothing is written; `request`
+    must name no outputs."""
+    if request.out is not None or request.npz is not None or request.preset is not None:
+        raise UserError("images are returned, not written, so outputs and presets do not apply",
+                        "drop out, npz and preset; write the images with their save()")
+    request.check()
+    run = load_run(request, device, on_warning=on_warning)
+    return [pil_image(image.numpy()) for batch in generate_images(run.net, run.codec, run.config,
+                                                                  range(run.config.num_images), device, plan=run.plan)
+            for image in batch.images]
+
+
+def prepare_run(request: SampleRequest, device: torch.device, ranks: Ranks, download: DownloadProgress = None,
+                on_warning: Callable[[str], None] | None = None,
+                on_ready: Callable[..., None] | None = None
+                ) -> SamplingRun:
+    """`load_run`, then name the outputs, record how they are made and prepare the writers. `on_ready(config,
+    codec, out, npz, notes)` hears the settings just before the writers touch the disk."""
+    r = request
+    run = load_run(r, device, ranks, download, on_warning)
+    checkpoint, config, codec = run.checkpoint, run.config, run.codec
+    hashed = remembered_sha256(run.path)
     run_key = config.run_key(hashed.sha256, codec.to_dict())
-    out, npz = output_paths(r, default_out_dir(entry.model if entry else checkpoint_path.stem, config, run_key))
-    provenance = make_provenance(entry.model if entry else describe(model_config), checkpoint_path, hashed.sha256,
-                                 checkpoint, config, plan.nfe, codec, resolve_precision(r.precision), device,
-                                 r.deterministic, run_key, r.cfg is not None)
+    out, npz = output_paths(r, default_out_dir(run.entry.model if run.entry else run.path.stem, config, run_key))
+    provenance = make_provenance(run.entry.model if run.entry else describe(checkpoint.config), run.path,
+                                 hashed.sha256, checkpoint, config, run.plan.nfe, codec,
+                                 resolve_precision(r.precision), device, r.deterministic, run_key, r.cfg is not None)
     provenance["preset"] = r.preset
-    provenance["compile"] = {"compiled": config.compile, "why": compile_choice}
+    provenance["compile"] = {"compiled": config.compile, "why": run.compile_choice}
     if on_ready is not None:
-        on_ready(config, codec, out, npz, notes)
-    writers = make_writers(out, npz, names, config, run_key, r.force, provenance, columns, ranks)
+        on_ready(config, codec, out, npz, run.notes)
+    writers = make_writers(out, npz, run.names, config, run_key, r.force, provenance, run.columns, ranks)
     hashed.remember()
-    return SamplingRun(net, codec, config, plan, writers, provenance, out, npz, run_key, checkpoint.weights, warnings)
+    return SamplingRun(run.net, codec, config, run.plan, writers, provenance, out, npz, run_key, checkpoint.weights,
+                       run.warnings, run.notes)
+
+
+# Sampler steps a sampler takes when it is named without --steps and the file records another sampler: the
+# reference's DDPM-250, DDIM's 50 (DiTPipeline's default), DPM-Solver++(2M)'s 25 (what `dit train` records) and
+# UniPC's 20 (both at DDPM-250's quality on the embedded model, docs/fashion-mnist.md), Euler at 50, Heun at 25 (50
+# evaluations); a flow model's SDE at REPA's 50 (SiT's published FID uses 250), dopri5 at SiT's 50 (its grid; the
+# solver adapts); a mean flow's map in one step.
+SAMPLER_STEPS = {"ddpm": 250, "ddim": 50, "dpm++2m": 25, "unipc": 20, "euler": 50, "heun": 25, "dopri5": 50,
+                 "sde": 50, FLOW_MAP: 1}
+
+
+def sampler_and_steps(sampler: str | None, steps: int | None, defaults: SamplingDefaults) -> tuple[str, int]:
+    """The sampler and its steps: as given, else the file's. A sampler named without --steps takes the file's steps
+    only where the file records that sampler, else its own (`SAMPLER_STEPS`): steps tuned for Euler are too few for
+    the SDE."""
+    sampler = sampler or defaults.sampler
+    if steps is not None:
+        return sampler, steps
+    if sampler == defaults.sampler:
+        return sampler, defaults.steps
+    return sampler, SAMPLER_STEPS.get(sampler, defaults.steps)
+
+
+def check_preset_fits(preset: str | None, sampler: str, checkpoint: Checkpoint) -> None:
+    """A preset is a published protocol for one kind of model: one that picked a sampler this model's objective
+    cannot run is refused naming the preset, not the sampler it chose."""
+    if preset is None or sampler in checkpoint.objective.samplers or sampler != SAMPLE_PRESETS[preset].sampler:
+        return
+    raise UserError(f"--preset {preset} is DiT's FID protocol for DDPM models ({SAMPLE_PRESETS[preset].describe()}), "
+                    f"and this is {checkpoint.objective.noun()}",
+                    "drop --preset: sample with the model's own settings and --num-images, and score with `dit fid`")
 
 
 def check_second_time(model_config, cache: float | None, compile_model: bool | None) -> None:
@@ -248,10 +345,23 @@ def expand_sample_preset(preset: str | None, **options) -> tuple[dict, list[str]
 
 
 def vae_choice(checkpoint: Checkpoint, vae: str | None, from_preset: bool, notes: list[str]) -> str | None:
-    """The --vae to use; a preset's VAE is dropped, with a note, for a pixel-space model, which has none."""
-    if from_preset and (checkpoint.codec or {}).get("kind") == "pixel":
+    """The --vae to load, None for the checkpoint's own codec. `--vae none` says the model works in pixels (as `dit
+    train` names it): a file from elsewhere that records no codec gets the pixel codec, one that records a VAE is
+    refused. A preset's VAE is dropped, with a note, for a pixel-space model, which has none."""
+    spec, channels = checkpoint.codec or {}, checkpoint.config.in_channels
+    if vae == PIXELS:
+        if spec.get("kind") == "vae" and checkpoint.config_recorded:
+            raise UserError(f"--vae none: the checkpoint records the VAE {spec.get('vae')}, so it is a latent model",
+                            "drop --vae none, or pass --vae with another VAE")
+        checkpoint.codec = {"kind": "pixel", "channels": channels}
+        return None
+    if from_preset and spec.get("kind") == "pixel":
         notes.append(f"the model is pixel-space, so the preset's {vae} VAE does not apply")
         return None
+    if vae is None and checkpoint.codec is None and channels != LATENT_CHANNELS:
+        raise UserError(f"the checkpoint records no codec, and its {channels} input channels fit no SD VAE (they "
+                        f"have {LATENT_CHANNELS})", "pass --vae none for a model that works in pixels, or --vae with "
+                                                    "its VAE")
     return vae
 
 

@@ -6,10 +6,16 @@ order and `Checkpoints.load` walks the same list, so what is saved and what is r
 `CheckpointIO`). The component also owns the decisions around the files, as torchtitan's checkpointer does: whether
 one is due at a step, which one a run resumes from (chosen by rank 0, read by every rank), the atomic write and
 keeping the last `keep_last`.
+
+It also owns the run folder as a whole. Nothing a user made is lost: a folder that holds a run (checkpoints,
+metrics.jsonl or run.json) is only continued (`--resume`), never started over, and `keep_last` deletes only this run's
+own checkpoints, never one of a later step than the one just written. `run.json`, rewritten at every start, keeps the
+run's settings, so `--resume auto` alone continues it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -21,13 +27,17 @@ import torch.distributed as dist
 
 from ditcli.data.sources import ImageSet
 from ditcli.errors import UserError
-from ditcli.io import atomic_write, safe_torch_load
+from ditcli.io import atomic_write, read_json, safe_torch_load, write_json
 from ditcli.model.dit import DiTConfig
 from ditcli.ranks import SHARED_DISK_HINT, Ranks, from_rank0, on_every_rank
 from ditcli.training.config import RESUMABLE_CHANGES, TrainConfig
 from ditcli.weights.checkpoint import TRAIN_FORMAT, train_ema_record
 
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)\.pt")  # ckpt-0001000.pt holds step 1000
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"  # the run's settings, rewritten at every start
+RUN_FORMAT = "ditcli-run"
+NO_RESUME = (None, "", "none")  # --resume values that start afresh
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class Checkpoints:
     def __init__(self, out: Path, every: int, keep_last: int, ranks: Ranks, slots: list[Slot]):
         self.out, self.every, self.keep_last, self.ranks, self.slots = Path(out), every, keep_last, ranks, slots
         self.saved_step = -1  # the step last saved or resumed from
+        self.owned: set[int] = set()  # rank 0: the steps of this run's checkpoints, which keep_last may delete
 
     def due(self, step: int, last: bool = False) -> bool:
         """Is a checkpoint due after `step`: every `every` steps, and at the end of a run unless `step` is saved."""
@@ -101,9 +112,17 @@ class Checkpoints:
         payload = {slot.name: gathered[slot.name] if slot.every_rank else slot.save() for slot in self.slots}
         path = self.path(step)
         atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
-        for _, old in list_checkpoints(self.out)[: -self.keep_last]:
-            old.unlink(missing_ok=True)
+        self.owned.add(step)
+        self.keep(step)
         return path
+
+    def keep(self, step: int) -> None:
+        """Delete this run's checkpoints before its `keep_last` newest up to `step`; never a checkpoint of a later
+        step, nor a file this run did not write or resume from."""
+        mine = sorted(s for s in self.owned if s <= step)
+        for old in mine[: -self.keep_last]:
+            self.path(old).unlink(missing_ok=True)
+            self.owned.discard(old)
 
     def load(self, payload: dict) -> None:
         """Put back every entry a resumed run takes back, in the list's order; rank 0 trims the metrics log."""
@@ -112,14 +131,19 @@ class Checkpoints:
                 slot.load(slot.read(payload) if slot.read is not None else payload[slot.name])
         self.saved_step = int(payload["step"])
         if self.ranks.rank == 0:
-            trim_metrics(self.out / "metrics.jsonl", self.saved_step)
+            trim_metrics(self.out / METRICS_FILE, self.saved_step)
 
     def agreed_resume(self, resume: str | None) -> tuple[dict, Path] | None:
         """The checkpoint `--resume` names (`auto`: the latest in the run folder) and its payload, or None to start
         afresh. Rank 0 picks it and its step; every rank then reads that one, and a rank that cannot stops them all."""
         def choose() -> int | None:
-            path = find_resume(resume, self.out) if self.ranks.rank == 0 else None
-            return None if path is None else _checkpoint_step(path)
+            if self.ranks.rank != 0:
+                return None
+            path = find_resume(resume, self.out)
+            check_run_folder(self.out, resume, path)
+            step = None if path is None else _checkpoint_step(path)
+            self.owned = {s for s, _ in list_checkpoints(self.out) if step is not None and s <= step}
+            return step
 
         step = from_rank0(on_every_rank(choose))
         if step is None:
@@ -128,6 +152,80 @@ class Checkpoints:
         payload = on_every_rank(lambda: read_train_checkpoint(path, step),
                                 f"cannot read the checkpoint {path} that rank 0 resumes from", SHARED_DISK_HINT)
         return payload, path
+
+
+    def agreed_run_file(self) -> dict | None:
+        """Rank 0's run.json on every rank, or None where the folder has none."""
+        return from_rank0(on_every_rank(
+            lambda: read_run_file(self.out) if self.ranks.rank == 0 and (self.out / RUN_FILE).exists() else None))
+
+    def start(self, record: dict) -> None:
+        """Rank 0, before the first step: write run.json (atomically), the settings a bare --resume reads; a run
+        that restarts from step 0 (stopped before its first checkpoint) drops the rows it logged."""
+        if self.ranks.rank != 0:
+            return
+        if self.saved_step < 0:
+            trim_metrics(self.out / METRICS_FILE, 0)
+        write_json(self.out / RUN_FILE, {"format": RUN_FORMAT, **record})
+
+
+# The run folder.
+
+def run_marks(out: Path) -> list[str]:
+    """What makes `out` hold a run: its newest checkpoint, metrics.jsonl, run.json (the names found)."""
+    newest = [path.name for _, path in list_checkpoints(out)[-1:]]
+    return newest + [name for name in (METRICS_FILE, RUN_FILE) if (Path(out) / name).exists()]
+
+
+def check_run_folder(out: Path, resume: str | None, path: Path | None) -> None:
+    """Rank 0, before anything is written: a folder that holds a run is continued, from its newest checkpoint, and
+    never started over, so no run's checkpoints or metrics are overwritten, deleted or mixed with another's."""
+    marks = run_marks(out)
+    if not marks:
+        return
+    held = f"--out {out} already holds a run ({', '.join(marks)})"
+    if resume in NO_RESUME:
+        raise UserError(held, "continue it with --resume auto, or pass a new --out for a new run")
+    if path is None or resume == "auto":
+        return
+    if Path(path).resolve().parent != Path(out).resolve():
+        raise UserError(f"{held}, and --resume {path} continues the run of another folder",
+                        "pass a new --out to continue that run there, or --resume auto to continue the run in --out")
+    later = [later.name for step, later in list_checkpoints(out) if step > _checkpoint_step(path)]
+    if later:
+        raise UserError(f"--resume {path} is older than {later[-1]} in --out {out}, which continuing from it would "
+                        "overwrite", "continue from the newest with --resume auto, or copy the checkpoint into a new "
+                        "--out")
+
+
+def read_run_file(out: Path) -> dict:
+    """The run folder's run.json: the settings (`train`, `model`) and data fingerprint of the run's last start."""
+    path = Path(out) / RUN_FILE
+    data = read_json(path)
+    if data.get("format") != RUN_FORMAT or not isinstance(data.get("train"), dict):
+        raise UserError(f"{path} is not a dit train run file", "move it out of the run folder")
+    return data
+
+
+def stored_settings(resume: str | None, out: Path) -> dict | None:
+    """The settings `--resume` continues with where an option is not given: those of --resume CHECKPOINT, else the
+    run folder's run.json, else its newest checkpoint's; None where there is no run. The folder (`out`) is never
+    taken, nor, from a checkpoint named, the --init-from source (a run resumed from a file does not start from one)."""
+    if resume in NO_RESUME:
+        return None
+    path = find_resume(resume, out)
+    if resume == "auto" and (Path(out) / RUN_FILE).exists():
+        train = read_run_file(out)["train"]
+    elif path is not None:
+        train = read_train_checkpoint(path, mmap=True)["config"]["train"]
+    else:
+        return None
+    skipped = {"out"} | (set() if resume == "auto" else {"init_from", "init_weights"})
+    names = {field.name for field in dataclasses.fields(TrainConfig)} - skipped
+    settings = {name: value for name, value in train.items() if name in names}
+    if "log" in settings:
+        settings["log"] = tuple(settings["log"])
+    return settings
 
 
 def check_resume(resume: str | None, init_from: str | None) -> None:
@@ -145,7 +243,7 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 def find_resume(resume: str | None, out: Path) -> Path | None:
     """The file `--resume` names: None for none, the latest in `out` for `auto` (None if there is none yet)."""
-    if resume in (None, "", "none"):
+    if resume in NO_RESUME:
         return None
     if resume == "auto":
         found = list_checkpoints(out)
@@ -156,9 +254,11 @@ def find_resume(resume: str | None, out: Path) -> Path | None:
     return path
 
 
-def read_train_checkpoint(path: Path, step: int | None = None) -> dict:
-    """A complete training checkpoint's payload; `step`, if given, must be the one it holds."""
-    data = safe_torch_load(path)
+def read_train_checkpoint(path: Path, step: int | None = None, mmap: bool = False) -> dict:
+    """A complete training checkpoint's payload; `step`, if given, must be the one it holds. `mmap` maps the tensors
+    instead of reading them, for a look at the settings."""
+    data = _mapped(path) if mmap else None
+    data = safe_torch_load(path) if data is None else data
     if not isinstance(data, dict) or data.get("format") != TRAIN_FORMAT or not all(
             isinstance(data.get(k), dict) for k in ("config", "model", "ema", "optimizer")):
         raise UserError(f"{path} is not a complete ditcli training checkpoint",
@@ -166,6 +266,14 @@ def read_train_checkpoint(path: Path, step: int | None = None) -> dict:
     if step is not None and int(data["step"]) != step:
         raise UserError(f"{path} holds step {data['step']}, not step {step} as on rank 0")
     return data
+
+
+def _mapped(path: Path) -> dict | None:
+    """The checkpoint with its tensors memory-mapped; None where that fails (safe_torch_load then says why)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # any failure is reported by the plain load that follows
+        return None
 
 
 def _checkpoint_step(path: Path) -> int:

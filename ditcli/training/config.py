@@ -24,6 +24,7 @@ from ditcli.errors import UserError
 from ditcli.evaluation.features import INCEPTION
 from ditcli.model.codec import DEFAULT_VAE, LATENT_CHANNELS, VAE_ALIASES, VaeCodec
 from ditcli.model.dit import DiTConfig, preset, preset_names
+from ditcli.sampling.request import MAX_CFG, MAX_STEPS
 from ditcli.training.trackers import check_trackers
 from ditcli.weights.checkpoint import WEIGHT_CHOICES
 
@@ -40,7 +41,7 @@ OBJECTIVE_SETTINGS = ("time_direction", "time_sampling", "time_shift", "decouple
                       "mf_time_mean", "mf_time_std", "adaptive_p", "adaptive_c", "train_guidance", "train_omega",
                       "train_kappa", "train_guidance_interval")
 RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "log", "eval_every", "eval_ref",
-                     "eval_num", "eval_features", "micro_batch", "compile",
+                     "eval_num", "eval_features", "eval_sampler", "eval_steps", "eval_cfg", "micro_batch", "compile",
                      "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights"}
 
 
@@ -148,14 +149,22 @@ class TrainConfig:
 
     # Evaluation: sample grids, and the FD of the EMA (ditcli.evaluation) every N steps; 0 never.
     sample_every: int = option(0, help="EMA sample grid every N steps; 0 never.", group=EVALUATION)
-    eval_every: int = option(0, help="Every N steps, sample --eval-num images from the EMA with the model's default "
-                             "sampler and log their FD and KID against --eval-ref (dit fid's code); 0 never.",
-                             group=EVALUATION)
+    eval_every: int = option(0, help="Every N steps, sample --eval-num images from the EMA (--eval-sampler, "
+                             "--eval-steps, --eval-cfg) and log their FD and KID against --eval-ref (dit fid's code); "
+                             "0 never.", group=EVALUATION)
     eval_ref: str | None = option(None, help="The reference .npz for --eval-every (dit fid --make-ref). Default: none.",
                                   group=EVALUATION)
     eval_num: int = option(1000, help="Images per evaluation.", group=EVALUATION)
     eval_features: str = option(INCEPTION, help="Feature extractor, as dit fid --features (fashion-judge for "
                                                 "Fashion-MNIST).", group=EVALUATION)
+    # The evaluation's sampling; None: what the checkpoints record for `dit sample` (the objective's trained defaults).
+    eval_sampler: str | None = option(None, help="Sampler of the evaluation, one of the objective's dit sample "
+                                      "--sampler names. Default: the model's own (ddpm: dpm++2m, flow: heun, "
+                                      "meanflow: flow-map).", group=EVALUATION)
+    eval_steps: int | None = option(None, help="Sampling steps of the evaluation. Default: the model's own (25; 2 for "
+                                    "meanflow).", group=EVALUATION)
+    eval_cfg: float | None = option(None, help="Guidance scale of the evaluation (1: none). Default: the model's own "
+                                    "(4, or 1 without a null class or with guidance trained in).", group=EVALUATION)
 
     # Logging: metrics.jsonl is always written; `log` names the trackers besides it (ditcli.training.trackers).
     log_every: int = option(100, help="Append a metrics.jsonl row every N steps.", group=LOGGING)
@@ -191,6 +200,7 @@ class TrainConfig:
         if self.schedule not in BETA_SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}", f"choose from {', '.join(BETA_SCHEDULES)}")
         self.check_objective()
+        check_evaluation(self)
         check_trackers(tuple(self.log))
         if self.eval_every and not self.eval_ref:
             raise UserError("--eval-every needs --eval-ref", "pass the reference .npz to score against "
@@ -217,37 +227,7 @@ class TrainConfig:
         given = [f"--{name.replace('_', '-')}" for name in OBJECTIVE_SETTINGS
                  if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
         objective_from_record(self.objective, self.time_direction, "run").check_training(self.schedule, given)
-        self.check_mean_flow()
-
-    def check_mean_flow(self) -> None:
-        """The mean-flow options' ranges (they reach the process only once the run is built)."""
-        numbers = (("--interval-ratio", self.interval_ratio, 0.0, 1.0), ("--mf-time-std", self.mf_time_std, 1e-6, 1e3),
-                   ("--mf-time-mean", self.mf_time_mean, -1e3, 1e3), ("--adaptive-p", self.adaptive_p, 0.0, 10.0),
-                   ("--adaptive-c", self.adaptive_c, 1e-12, 1e6), ("--train-omega", self.train_omega, -100, 100),
-                   ("--train-kappa", self.train_kappa, -100, 100))
-        for flag, value, low, high in numbers:
-            if not (math.isfinite(value) and low <= value <= high):
-                raise UserError(f"{flag} must be a number in [{low:g}, {high:g}], got {value:g}")
-        if self.train_guidance not in TRAINED_GUIDANCE:
-            raise UserError(f"unknown --train-guidance {self.train_guidance!r}",
-                            f"choose from {', '.join(TRAINED_GUIDANCE)}")
-        unused = [f"--{name.replace('_', '-')}" for name in ("train_omega", "train_kappa", "train_guidance_interval")
-                  if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
-        if self.train_guidance == "none" and unused:
-            raise UserError(f"{unused[0]} only applies with --train-guidance meanflow or model",
-                            f"add --train-guidance, or drop {unused[0]}")
-        if self.train_guidance == "meanflow" and self.train_kappa >= 1:
-            raise UserError(f"--train-kappa {self.train_kappa:g} leaves no room for omega: the trained scale is "
-                            "omega / (1 - kappa)", "pass --train-kappa below 1 (MeanFlow's L/2: 0.92 with omega 0.2)")
-        if self.train_guidance == "model" and self.train_kappa != 0:
-            raise UserError(f"--train-kappa {self.train_kappa:g} has no place in model guidance, "
-                            "v + omega (u_cond - u_uncond)", "drop --train-kappa, or pass --train-guidance meanflow")
-        self.trained_guidance()
-        if self.decoupled_depth is not None:
-            depth = self.depth or preset(self.model).depth
-            if not 1 <= self.decoupled_depth <= depth:
-                raise UserError(f"--decoupled-depth {self.decoupled_depth} is not in [1, {depth}], the model's depth",
-                                f"pass a depth of 1 to {depth} (DMF-XL/2: 20 of 28)")
+        check_mean_flow(self)
 
     def trained_guidance(self) -> TrainedGuidance:
         """--train-guidance and its omega, kappa and interval (ditcli.diffusion.meanflow)."""
@@ -289,6 +269,7 @@ class TrainConfig:
                 ("--log-every", self.log_every, 1, 10**12), ("--ckpt-every", self.ckpt_every, 1, 10**12),
                 ("--sample-every", self.sample_every, 0, 10**12), ("--max-bad-steps", self.max_bad_steps, 1, 10**6),
                 ("--eval-every", self.eval_every, 0, 10**12), ("--eval-num", self.eval_num, 2, 10**7),
+                ("--eval-steps", self.eval_steps, 1, MAX_STEPS),
                 ("--lr-warmup", self.lr_warmup, 0, max(0, self.steps - 1)), ("--seed", self.seed, 0, MAX_SEED)]
 
     def float_checks(self) -> list[tuple[str, float | None, Callable[[float], bool], str, str]]:
@@ -299,7 +280,9 @@ class TrainConfig:
                 ("--grad-clip", self.grad_clip, lambda v: v >= 0, "a finite norm >= 0",
                  "pass the norm to clip at, or 0 to not clip"),
                 ("--class-dropout-prob", self.class_dropout_prob, lambda v: 0 <= v < 1, "in [0, 1)",
-                 "0.1 as DiT; 0 trains without a null class, so no classifier-free guidance")]
+                 "0.1 as DiT; 0 trains without a null class, so no classifier-free guidance"),
+                ("--eval-cfg", self.eval_cfg, lambda v: 0 <= v <= MAX_CFG, f"in [0, {MAX_CFG:g}]",
+                 "1 disables guidance, 0 is unconditional")]
 
     def check_architecture(self) -> None:
         """The model's shape options against each other; the class count is not known yet, so any will do."""
@@ -354,6 +337,87 @@ class TrainConfig:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_evaluation(config: TrainConfig) -> None:
+    """--eval-sampler must sample the run's objective (the steps and scale are ranges, checked with the others)."""
+    objective = config.training_objective()
+    if config.eval_sampler is not None and config.eval_sampler not in objective.samplers:
+        raise UserError(f"--eval-sampler {config.eval_sampler!r} does not sample {objective.noun()}",
+                        f"choose from {', '.join(objective.samplers)}")
+    if config.eval_cfg not in (None, 1.0) and config.class_dropout_prob == 0:
+        raise UserError(f"--eval-cfg {config.eval_cfg:g} needs a null class, and --class-dropout-prob 0 trains none",
+                        "drop --eval-cfg, or train with --class-dropout-prob 0.1")
+
+
+def check_mean_flow(config: TrainConfig) -> None:
+    """The mean-flow options' ranges (they reach the process only once the run is built)."""
+    numbers = (("--interval-ratio", config.interval_ratio, 0.0, 1.0),
+               ("--mf-time-std", config.mf_time_std, 1e-6, 1e3), ("--mf-time-mean", config.mf_time_mean, -1e3, 1e3),
+               ("--adaptive-p", config.adaptive_p, 0.0, 10.0), ("--adaptive-c", config.adaptive_c, 1e-12, 1e6),
+               ("--train-omega", config.train_omega, -100, 100), ("--train-kappa", config.train_kappa, -100, 100))
+    for flag, value, low, high in numbers:
+        if not (math.isfinite(value) and low <= value <= high):
+            raise UserError(f"{flag} must be a number in [{low:g}, {high:g}], got {value:g}")
+    if config.train_guidance not in TRAINED_GUIDANCE:
+        raise UserError(f"unknown --train-guidance {config.train_guidance!r}",
+                        f"choose from {', '.join(TRAINED_GUIDANCE)}")
+    unused = [f"--{name.replace('_', '-')}" for name in ("train_omega", "train_kappa", "train_guidance_interval")
+              if getattr(config, name) != TrainConfig.__dataclass_fields__[name].default]
+    if config.train_guidance == "none" and unused:
+        raise UserError(f"{unused[0]} only applies with --train-guidance meanflow or model",
+                        f"add --train-guidance, or drop {unused[0]}")
+    if config.train_guidance == "meanflow" and config.train_kappa >= 1:
+        raise UserError(f"--train-kappa {config.train_kappa:g} leaves no room for omega: the trained scale is "
+                        "omega / (1 - kappa)", "pass --train-kappa below 1 (MeanFlow's L/2: 0.92 with omega 0.2)")
+    if config.train_guidance == "model" and not 0 <= config.train_omega < 1:
+        raise UserError(f"--train-omega {config.train_omega:g} has no fixed point under model guidance: the target "
+                        "feeds the model's own u_cond - u_uncond back, which then grows as 1 / (1 - omega)",
+                        "pass --train-omega in [0, 1): 0.6 trains scale 2.5 (DMF), 2/3 scale 3")
+    if config.train_guidance == "model" and config.train_kappa != 0:
+        raise UserError(f"--train-kappa {config.train_kappa:g} has no place in model guidance, "
+                        "v + omega (u_cond - u_uncond)", "drop --train-kappa, or pass --train-guidance meanflow")
+    config.trained_guidance()
+    if config.decoupled_depth is not None:
+        depth = config.depth or preset(config.model).depth
+        if not 1 <= config.decoupled_depth <= depth:
+            raise UserError(f"--decoupled-depth {config.decoupled_depth} is not in [1, {depth}], the model's depth",
+                            f"pass a depth of 1 to {depth} (DMF-XL/2: 20 of 28)")
+
+
+def check_image_shape(config: TrainConfig, shape: tuple[int, ...], source: str) -> None:
+    """Images (N, H, W, C) that are not --image-size square with --channels are refused, naming the options that
+    train them as they are."""
+    _, height, width, channels = shape
+    if (height, width, channels) == (config.image_size, config.image_size, config.channels):
+        return
+    kind = {1: "grayscale", 3: "RGB"}
+    what = (f"{source} holds {width}x{height} {kind.get(channels, channels)} images, but this run trains "
+            f"{config.image_size}x{config.image_size} {kind[config.channels]} ones (idx data is not resized)")
+    options = fitting_options(config, height, channels) if height == width else None
+    if options is None:
+        raise UserError(what, "save the images to an .npz (np.savez(path, images=uint8 NHWC array, labels=ints)), "
+                              "which is cropped and resized to --image-size")
+    raise UserError(what, f"add {' '.join(options)}")
+
+
+def fitting_options(config: TrainConfig, size: int, channels: int) -> list[str] | None:
+    """The options that train `size`-px images of `channels` as they are (pixel space where the VAE cannot take
+    them, a patch of the same model that divides the size); None where no model does."""
+    patch, options, latent = preset(config.model).patch_size, [], config.latent
+    if latent and (channels != 3 or size % (VaeCodec.downsample * patch)):
+        options, latent = ["--vae none"], False
+    options += [f"--image-size {size}"] if size != config.image_size else []
+    options += [f"--channels {channels}"] if channels != config.channels else []
+    unit = VaeCodec.downsample if latent else 1
+    if size % (unit * patch):
+        family = config.model.rpartition("/")[0]
+        fits = [name for name in preset_names()
+                if name.rpartition("/")[0] == family and size % (unit * preset(name).patch_size) == 0]
+        if not fits:
+            return None
+        options.append(f"--model {fits[-1]}")  # the largest patch that fits: the fewest tokens
+    return options
+
+
 # A small pixel-space DiT for the embedded Fashion-MNIST models: 28x28 at patch 4 is 49 tokens.
 FASHION_MNIST = dict(data="fashion-mnist", model="DiT-S/4", image_size=28, channels=1, vae=None, hidden_size=192,
                      depth=6, num_heads=3, global_batch=128, lr=3e-4, ema_decay=0.999, ema_warmup=True,
@@ -367,7 +431,9 @@ TRAIN_PRESETS = {
 }
 
 
-def train_preset(name: str, **overrides) -> TrainConfig:
+def preset_values(name: str, overrides: dict) -> dict:
+    """The values --preset `name` gives, less the flow-only ones when `overrides` change the objective, and with a
+    warm-up that fits a shortened run."""
     if name not in TRAIN_PRESETS:
         raise UserError(f"unknown training preset {name!r}", f"choose from {', '.join(TRAIN_PRESETS)}")
     preset = dict(TRAIN_PRESETS[name])
@@ -376,11 +442,16 @@ def train_preset(name: str, **overrides) -> TrainConfig:
             preset.pop(flow_only, None)
     if "steps" in overrides and "lr_warmup" in preset and "lr_warmup" not in overrides:
         preset["lr_warmup"] = min(preset["lr_warmup"], overrides["steps"] // 10)  # a short trial run still decays
-    return TrainConfig(**{**preset, **overrides})
+    return preset
 
 
-def config_from_options(preset: str | None, **options) -> TrainConfig:
-    """The TrainConfig of `dit train`: options left None take the --preset's value, else TrainConfig's default.
+def train_preset(name: str, **overrides) -> TrainConfig:
+    return TrainConfig(**{**preset_values(name, overrides), **overrides})
+
+
+def config_from_options(preset: str | None, stored: dict | None = None, **options) -> TrainConfig:
+    """The TrainConfig of `dit train`: options left None take the --preset's value, else the `stored` settings of
+    the run that --resume continues (ditcli.training.checkpoints.stored_settings), else TrainConfig's default.
 
     --vae takes an alias (ema, mse), an id or a folder; 'none' trains in pixel space.
     """
@@ -388,9 +459,10 @@ def config_from_options(preset: str | None, **options) -> TrainConfig:
     chosen = {k: v for k, v in options.items() if v is not None}
     if vae is not None:
         chosen["vae"] = None if vae.lower() == "none" else VAE_ALIASES.get(vae, vae)
+    base = dict(stored or {})
     if preset is not None:
-        return train_preset(preset, **chosen)
-    if options.get("data") is None:
-        raise UserError("no training data given",
-                        "pass --data FOLDER|FILE.npz|fashion-mnist, or --preset fashion-mnist")
-    return TrainConfig(**chosen)
+        base.update(preset_values(preset, chosen))
+    elif "data" not in chosen and not base.get("data"):
+        raise UserError("no training data given", "pass --data FOLDER|FILE.npz|fashion-mnist, or --preset "
+                        "fashion-mnist; --resume auto alone needs the --out of an existing run")
+    return TrainConfig(**{**base, **chosen})

@@ -1,17 +1,20 @@
 """FID while training (`dit train --eval-every N --eval-ref REF.npz`).
 
-At every Nth step, K images are drawn from the EMA weights with the model's own default sampler. They are the
-images `dit sample --ckpt ckpt-N.pt --num-images K --seed SEED` would draw. Under torchrun the ranks split them. They
-are written as an ADM .npz, and rank 0 scores that file with `dit fid`'s own `metrics.evaluate`, so the number
-logged is the number `dit fid` gives on the same file. The draws come from per-image generators, and the global RNG
-is restored afterwards, so a run with and without evaluation trains the same weights. Nothing here prints.
+At every Nth step, K images are drawn from the EMA weights with the model's own default sampler, or the one
+--eval-sampler, --eval-steps and --eval-cfg name. They are the images `dit sample --ckpt ckpt-N.pt --num-images K
+--seed SEED` (with the same sampler options) would draw. Under torchrun the ranks split them. They are written as an
+ADM .npz, and rank 0 scores that file with `dit fid`'s own `metrics.evaluate`, so the number logged is the number
+`dit fid` gives on the same file. The draws come from per-image generators, and the global RNG is restored
+afterwards, so a run with and without evaluation trains the same weights. Nothing here prints: the evaluation calls
+back with its start, its progress (`eval_start`, `eval_progress`) and the warnings `dit fid` would show (`warning`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,24 +22,30 @@ from ditcli.diffusion.guidance import DEFAULT_CHANNELS, Guidance
 from ditcli.diffusion.objectives import Objective
 from ditcli.diffusion.samplers import SamplingDefaults
 from ditcli.errors import UserError
-from ditcli.evaluation.features import INCEPTION
-from ditcli.evaluation.fid import FidConfig, evaluate, reference_activations
+from ditcli.evaluation.features import INCEPTION, Activations, Progress, extract, load_feature_extractor
+from ditcli.evaluation.fid import FidConfig, evaluate
+from ditcli.evaluation.references import open_reference
 from ditcli.runtime import set_backend_flags
 from ditcli.sampling.config import GenerateConfig
 from ditcli.sampling.generate import random_labels, sample_run
 from ditcli.sampling.writers import NpzWriter
 
 EVAL_BATCH = 64  # images per forward while evaluating; the images do not depend on it
+Emit = Callable[[str, dict], None]  # the trainer's on_event
 
 
 @dataclass(frozen=True)
 class EvalRequest:
-    """What `--eval-*` asks for: every `every` steps, `num` images scored against `ref` in `features`."""
+    """What `--eval-*` asks for: every `every` steps, `num` images scored against `ref` in `features`, drawn with
+    `sampler`, `steps` and `cfg` (None: the model's own)."""
 
     every: int
     ref: Path
     num: int
     features: str = INCEPTION
+    sampler: str | None = None
+    steps: int | None = None
+    cfg: float | None = None
 
     def check(self) -> None:
         """The reference must be readable before training starts (checked on every rank)."""
@@ -48,6 +57,12 @@ class EvalRequest:
         """The decision comes from the step alone, so every rank takes it alike."""
         return self.every > 0 and step % self.every == 0
 
+    def sampling(self, defaults: SamplingDefaults, guided: bool) -> SamplingDefaults:
+        """The model's own sampling with what --eval-sampler, --eval-steps and --eval-cfg change; an unguided model
+        (no null class) samples without guidance whatever --eval-cfg says."""
+        cfg = defaults.cfg if self.cfg is None or not guided else self.cfg
+        return replace(defaults, sampler=self.sampler or defaults.sampler, steps=self.steps or defaults.steps, cfg=cfg)
+
 
 class Evaluator:
     """FD while training: whether an evaluation is due (`due`), running it (`__call__`), the reference's activations
@@ -57,23 +72,45 @@ class Evaluator:
         self.request, self.out = request, Path(out)
         self.reference: dict = {}  # the reference's activations, extracted once
         self.seconds = 0.0
+        self.warned: set[str] = set()  # warnings already shown: each once a run
 
     @classmethod
     def from_config(cls, config, out: Path) -> Evaluator:
         """From a TrainConfig's --eval-* slice; an evaluator that is never due without --eval-every."""
         request = None if not config.eval_every else EvalRequest(
-            config.eval_every, Path(config.eval_ref), config.eval_num, config.eval_features)
+            config.eval_every, Path(config.eval_ref), config.eval_num, config.eval_features, config.eval_sampler,
+            config.eval_steps, config.eval_cfg)
         return cls(request, out)
 
     def due(self, step: int) -> bool:
         return self.request is not None and self.request.due(step)
 
-    def __call__(self, model, codec, config: GenerateConfig, ranks, device, step: int) -> dict | None:
-        """Evaluate the EMA `model` at `step` into out/eval/step-<step>.npz; rank 0 gets the record, others None."""
+    def remaining(self, step: int, steps: int) -> int:
+        """How many evaluations are still due after `step` up to `steps` (for the ETA)."""
+        return 0 if self.request is None else steps // self.request.every - step // self.request.every
+
+    def __call__(self, model, codec, config: GenerateConfig, ranks, device, step: int,
+                 emit: Emit | None = None) -> dict | None:
+        """Evaluate the EMA `model` at `step` into out/eval/step-<step>.npz; rank 0 gets the record, others None.
+
+        `emit` hears `eval_start`, `eval_progress` (stage, done, total: this rank's sampling, then rank 0's feature
+        extraction) and, on rank 0, each new warning of the scoring as `warning`.
+        """
+        emit = emit or (lambda kind, data: None)
+        emit("eval_start", {"step": step, "num": config.num_images, "sampler": config.sampler, "steps": config.steps,
+                            "cfg": config.guidance.scale, "features": self.request.features})
         started = time.perf_counter()
         path = self.out / "eval" / f"step-{step:07d}.npz"
-        record = evaluate_ema(model, codec, config, self.request, path, ranks, device, step, self.reference)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            emit("eval_progress", {"step": step, "stage": stage, "done": done, "total": total})
+
+        record = evaluate_ema(model, codec, config, self.request, path, ranks, device, step, self.reference, progress)
         self.seconds += time.perf_counter() - started
+        for warning in record.pop("warnings") if record is not None else ():
+            if warning not in self.warned:
+                self.warned.add(warning)
+                emit("warning", {"message": f"warning: evaluation at step {step}: {warning}", "step": step})
         return record
 
 
@@ -97,11 +134,13 @@ def provenance_of(config: GenerateConfig, model, codec, step: int) -> dict:
 
 
 def evaluate_ema(model, codec, config: GenerateConfig, request: EvalRequest, path: Path, ranks, device,
-                 step: int, reference: dict | None = None) -> dict | None:
-    """Sample `config` into `path` across the ranks, then score it on rank 0; rank 0 gets the record, others None.
+                 step: int, reference: dict | None = None, progress: Progress | None = None) -> dict | None:
+    """Sample `config` into `path` across the ranks, then score it on rank 0; rank 0 gets the record (with the
+    scoring's `warnings`), others None.
 
     `reference` is the caller's cache of the reference's activations, kept between evaluations: a 60,000-image
-    reference is read through the feature extractor once per run, not once per evaluation.
+    reference is read through the feature extractor once per run, not once per evaluation. `progress(stage, done,
+    total)` hears the stages: sampling, then (rank 0) reference (once a run) and samples.
     """
     started = time.perf_counter()
     rng = torch.get_rng_state()
@@ -111,7 +150,9 @@ def evaluate_ema(model, codec, config: GenerateConfig, request: EvalRequest, pat
         path.parent.mkdir(parents=True, exist_ok=True)
         writer.prepare(config.run_key(f"ema-step-{step}", codec.to_dict()), force=True)
     ranks.barrier()
-    sample_run(model, codec, config, device, [writer], ranks, provenance_of(config, model, codec, step))
+    counted = SamplingProgress(progress)
+    sample_run(model, codec, config, device, [writer], ranks, provenance_of(config, model, codec, step),
+               on_batch=counted.batch, on_plan=counted.plan)
     torch.set_rng_state(rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state(cuda_rng, device)
@@ -122,10 +163,44 @@ def evaluate_ema(model, codec, config: GenerateConfig, request: EvalRequest, pat
         fid_config = FidConfig(path, request.ref, features=request.features, precision_recall=False)
         cache = {} if reference is None else reference
         if "activations" not in cache:
-            cache["activations"] = reference_activations(fid_config, device)
-        result = evaluate(fid_config, device, ref_acts=cache["activations"])
+            cache["activations"] = reference_activations(fid_config, device, progress)
+        result = evaluate(fid_config, device, progress, ref_acts=cache["activations"])
     finally:
         set_backend_flags()  # back to training's TF32 and autotuning
     return {"step": step, "fd": result.fid, "kid": result.kid, "eval_num": result.num_samples,
-            "eval_features": result.features, "eval_seconds": round(time.perf_counter() - started, 3),
-            "eval_npz": str(path)}
+            "eval_features": result.features, "eval_sampler": config.sampler, "eval_steps": config.steps,
+            "eval_cfg": config.guidance.scale, "eval_seconds": round(time.perf_counter() - started, 3),
+            "eval_npz": str(path), "warnings": list(result.warnings)}
+
+
+def reference_activations(config: FidConfig, device, progress: Progress | None = None) -> Activations | None:
+    """The reference's activations in `config.features` (as `dit fid`'s `reference_activations`), with progress:
+    a 60,000-image reference takes minutes on a CPU. None when the reference holds statistics only."""
+    ref = open_reference(config.ref, config.resize, config.num_workers)
+    if ref.images is None:
+        return None
+    extractor, _ = load_feature_extractor(config.features, device, config.inception_weights)
+    total = ref.images.num_images
+
+    def done(count: int) -> None:
+        if progress is not None:
+            progress("reference", count, total)
+
+    return extract(ref.images.batches(config.batch_size), extractor, device, progress=done)
+
+
+class SamplingProgress:
+    """sample_run's `on_plan` and `on_batch` as progress("sampling", done, total) of this rank's images."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.done, self.total = progress, 0, 0
+
+    def plan(self, total: int) -> None:
+        self.total = total
+        if self.progress is not None:
+            self.progress("sampling", 0, total)
+
+    def batch(self, batch) -> None:
+        self.done += len(batch.indices)
+        if self.progress is not None:
+            self.progress("sampling", self.done, self.total)

@@ -137,9 +137,13 @@ def check_architecture(source: DiTConfig, target: DiTConfig, name: str) -> None:
     """One line naming every difference that makes the weights unusable for `target`."""
     differences = [f"{label} {getattr(source, field)} (source) vs {getattr(target, field)}"
                    for field, label in ARCHITECTURE if getattr(source, field) != getattr(target, field)]
+    if source.mlp_ratio != target.mlp_ratio:
+        fix = f"no dit train option sets the MLP ratio: fine-tune a source of ratio {target.mlp_ratio:g}"
+    else:
+        fix = f"train the source's shape: {source_flags(source)}"
     if differences:
         raise UserError(f"--init-from {name} holds {describe(source)}, which does not match the model to train: "
-                        + "; ".join(differences), f"train the source's shape: {source_flags(source)}")
+                        + "; ".join(differences), fix)
 
 
 def objective_change(checkpoint: Checkpoint, objective: Objective, name: str) -> str | None:
@@ -152,14 +156,17 @@ def objective_change(checkpoint: Checkpoint, objective: Objective, name: str) ->
 
 
 def source_flags(config: DiTConfig) -> str:
-    """The `dit train` options that give the source's architecture."""
+    """The `dit train` options that give the source's architecture: every field of ARCHITECTURE that an option sets
+    (the MLP ratio has none: `check_architecture` says so)."""
     base = next((name for name, shape in PRESET_SHAPES.items()
                  if (shape["depth"], shape["hidden_size"], shape["num_heads"])
                  == (config.depth, config.hidden_size, config.num_heads)), None)
     flags = [f"--model {base}/{config.patch_size}"] if base else [
         f"--model DiT-S/{config.patch_size} --hidden-size {config.hidden_size} --depth {config.depth} "
         f"--num-heads {config.num_heads}"]
-    flags.append("--vae ema" if config.in_channels == LATENT_CHANNELS else f"--vae none --channels {config.in_channels}")
+    latent = config.in_channels == LATENT_CHANNELS
+    flags.append("--vae ema" if latent else f"--vae none --channels {config.in_channels}")
+    flags.append("--learn-sigma" if config.learn_sigma else "--no-learn-sigma")
     return " ".join(flags)
 
 

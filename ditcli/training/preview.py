@@ -1,4 +1,8 @@
-"""Small sample grids for watching a run: a fixed set of labels and seeds, DDIM, the EMA weights."""
+"""Small sample grids for watching a run: a fixed set of labels and seeds, a quick sampler, the EMA weights.
+
+The grid is `dit sample`'s grid.png: small images upscaled to at least PREVIEW_CELL px (nearest neighbour), each with
+its class name below it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditcli.data.images import image_grid
+from ditcli.data.images import make_grid
 from ditcli.diffusion.guidance import (
     Guidance,
     ImageNoise,
@@ -20,14 +24,17 @@ PER_CLASS = 2  # images of each shown class
 SHOWN_CLASSES = 10  # at most this many classes, spread over the label range
 UNCONDITIONAL_IMAGES = 16  # a 4 x 4 grid for a model without labels
 STEPS, CFG = 25, 2.0  # steps and guidance: quick, and enough to see a run improve
+PREVIEW_CELL = 96  # the smallest shown image side in px: a 28 px Fashion-MNIST image is drawn 4x
 
 
 @torch.no_grad()
-def ema_preview(model, codec, objective, schedule: str, path: Path, seed: int) -> Path:
-    """Write a grid of PER_CLASS images of up to SHOWN_CLASSES classes (or UNCONDITIONAL_IMAGES) to `path`.
+def ema_preview(model, codec, objective, schedule: str, path: Path, seed: int,
+                class_names: list[str] | None = None) -> Path:
+    """Write a grid of PER_CLASS images of up to SHOWN_CLASSES classes (or UNCONDITIONAL_IMAGES) to `path`, two
+    classes a row, each image captioned with its class's name (from `class_names`, else its id).
 
-    `objective` is the training process (`Diffusion` on `schedule`'s betas, or `FlowMatching`), so the preview
-    samples what was trained.
+    `objective` is the training objective (its quick preview sampler on `schedule`'s betas, or the flow), so the
+    preview samples what was trained.
     """
     config = model.config
     device = next(model.parameters()).device
@@ -43,7 +50,9 @@ def ema_preview(model, codec, objective, schedule: str, path: Path, seed: int) -
     shape = (len(labels), config.in_channels, config.input_size, config.input_size)
     x = noise(torch.empty(shape, device=device))
     latents = plan.sample(model_fn, x, plan.process, noise)
-    images = to_uint8(codec.decode(latents)).cpu().numpy()
+    images = to_uint8(codec.decode(latents)).cpu().numpy()  # (N, H, W, C)
+    names = class_names or [str(i) for i in range(config.num_classes)]
+    captions = [names[label] if config.num_classes else "" for label in labels.tolist()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, PER_CLASS * 2 if config.num_classes else 4).save(path)
+    make_grid(list(images), captions, PER_CLASS * 2 if config.num_classes else 4, min_cell=PREVIEW_CELL).save(path)
     return path

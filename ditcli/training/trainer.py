@@ -18,10 +18,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ditcli.data.sources import ImageSet, check_source, load_images
+from ditcli.data.sources import ImageSet, check_source, is_idx_source, load_images
 from ditcli.diffusion.samplers import (
     SamplingDefaults,
 )
+from ditcli.errors import UserError
 from ditcli.hub import is_offline
 from ditcli.io import check_creatable
 from ditcli.model.codec import PixelCodec, VaeCodec, locate_vae
@@ -39,8 +40,8 @@ from ditcli.ranks import (
 )
 from ditcli.runtime import resolve_device, resolve_precision
 from ditcli.training import finetune
-from ditcli.training.checkpoints import Checkpoints, check_compatible, check_resume, train_state
-from ditcli.training.config import TrainConfig
+from ditcli.training.checkpoints import METRICS_FILE, RUN_FILE, Checkpoints, check_compatible, check_resume, train_state
+from ditcli.training.config import OBJECTIVE_SETTINGS, TrainConfig, check_image_shape
 from ditcli.training.draws import StepDraws, TrainingData, draw_step
 from ditcli.training.eval_hook import Evaluator, eval_config
 from ditcli.training.latent_cache import LatentCache
@@ -91,6 +92,8 @@ class Trainer:
         """
         with self.group(), collectives(self.dist.rank, self.dist.world, self.dist.timeout_s, self.doing):
             self.setup()
+            self.checkpoints.start({"train": self.config.to_dict(), "model": self.model_config.to_dict(),
+                                    "data_fingerprint": self.images.fingerprint(), "start_step": self.state.step})
             self.emit("start", self.summary())
             started, images_seen = time.perf_counter(), 0
             while self.state.step < self.config.steps and not self.stopping:
@@ -137,14 +140,13 @@ class Trainer:
     def setup(self):
         config = self.config
         self.stopping = False
+        agree_settings(config)  # --resume fills the options not given from the run folder, which each rank reads
         on_every_rank(lambda: check_creatable(self.out, "--out"), "cannot use --out", SHARED_DISK_HINT)
         self.checkpoints = Checkpoints(self.out, config.ckpt_every, config.keep_last, self.dist, train_state(self))
+        # The run folder, before anything is written: a run in it is only continued (rank 0 decides for all).
         resumed = self.checkpoints.agreed_resume(self.resume_arg)  # (payload, path), before anything is built
-        if self.preloaded is None:
-            on_every_rank(lambda: check_source(config.data), "cannot read --data")
-        locate_codec(config)  # before the data: a VAE that cannot be had fails in seconds, not after reading it all
-        self.images = self.preloaded or on_every_rank(
-            lambda: load_images(config.data, config.image_size, config.channels), "cannot read --data")
+        restarted = None if resumed or self.resume_arg != "auto" else self.checkpoints.agreed_run_file()
+        self.images = load_data(config, self.preloaded)
         if self.images.skipped:
             self.emit("warning", {"message": skipped_message(self.images.skipped), "files": self.images.skipped[:10]})
         self.model_config = config.model_config(self.images.num_classes)
@@ -155,6 +157,9 @@ class Trainer:
         self.init = None if resumed else initialize_from(config, self.model, self.model_config, self.images, self.emit)
         self.model_config = self.init.config if self.init is not None else self.model_config
         self.ema_from_source = self.init is not None  # a resume reads it from the checkpoint's record
+        if restarted is not None:  # a run stopped before its first checkpoint starts again, with its settings
+            on_every_rank(lambda: check_compatible(config, self.model_config, self.images, restarted,
+                                                   self.out / RUN_FILE, restarted.get("data_fingerprint"), self.force))
         self.codec = load_codec(config, self.device)
         cache = prepare_cache(self.images, self.codec, config, self.out, self.dist, self.emit)
         self.data = TrainingData(self.images, cache, config.flip)
@@ -176,13 +181,17 @@ class Trainer:
                                                        config.to_dict(), self.dist.rank))  # rank 0 opens them
 
     def summary(self) -> dict:
+        """The start-up table: what is trained on what, how, and where it goes."""
         c, m = self.config, self.model_config
+        evaluation = {} if self.evaluator.request is None else {"evaluation": eval_text(c, self.eval_sampling())}
         return {"images": len(self.images), "classes": self.images.num_classes, "data": self.images.source,
                 "model": f"{c.model} depth {m.depth} width {m.hidden_size} heads {m.num_heads} input {m.input_size}",
                 "parameters": count_parameters(m), "train_gflops_per_image": training_flops(m) / 1e9,
-                "global_batch": c.global_batch, "micro_batch": self.micro_batch, "precision": c.precision,
-                "device": f"{self.device} x {self.dist.world}", "start_step": self.state.step, "steps": c.steps,
-                "codec": self.codec.to_dict(), **(self.init.summary() if self.init else {})}
+                "codec": codec_text(self.codec.to_dict()), **recipe_rows(c), "global_batch": c.global_batch,
+                "micro_batch": self.micro_batch, "precision": c.precision,
+                "device": f"{self.device} x {self.dist.world}",
+                "start_step": self.state.step, "steps": c.steps, **evaluation, "out": str(self.out),
+                **(self.init.summary() if self.init else {})}
 
     @property
     def micro_batch(self) -> int:
@@ -258,7 +267,7 @@ class Trainer:
         record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
                   "lr": self.optimizer.param_groups[0]["lr"], "bad_steps": self.state.bad_steps,
                   "peak_mem_mb": _peak_memory_mb(self.device)}
-        self.write_record("step", record)
+        self.write_record("step", record, shown={"evals_left": self.evaluator.remaining(step, self.config.steps)})
 
     def maybe_sample(self):
         every = self.config.sample_every
@@ -268,26 +277,27 @@ class Trainer:
 
         path = self.out / "samples" / f"step-{self.state.step:07d}.png"
         ema_preview(self.ema, self.codec, self.config.training_objective(), self.config.schedule, path,
-                    self.config.seed)
+                    self.config.seed, self.images.class_names)
         self.trackers.image(self.state.step, "ema_preview", path)
         self.emit("sample", {"path": str(path), "step": self.state.step})
 
     def evaluate(self):
-        """FD (and KID) of the EMA, on every rank; the evaluator keeps its time out of img/s."""
-        config = eval_config(self.model_config.num_classes, self.sampling_defaults(),
-                             self.config.training_objective(),
+        """FD (and KID) of the EMA, on every rank; the evaluator keeps its time out of img/s and calls back with
+        its progress and warnings."""
+        config = eval_config(self.model_config.num_classes, self.eval_sampling(), self.config.training_objective(),
                              self.config.schedule, self.config.eval_num, self.config.seed)
-        record = self.evaluator(self.ema, self.codec, config, self.dist, self.device, self.state.step)
+        record = self.evaluator(self.ema, self.codec, config, self.dist, self.device, self.state.step, self.emit)
         if record is not None:  # rank 0's
             self.write_record("eval", record, "eval")
 
-    def write_record(self, kind: str, record: dict, group: str = "train"):
-        """Rank 0 appends `record` to metrics.jsonl and hands it to the trackers; every rank emits it as `kind`."""
+    def write_record(self, kind: str, record: dict, group: str = "train", shown: dict | None = None):
+        """Rank 0 appends `record` to metrics.jsonl and hands it to the trackers; every rank emits it as `kind`,
+        with `shown` (for the progress display only)."""
         if self.dist.rank == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.out / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.trackers.scalars(record["step"], record, group)
-        self.emit(kind, record)
+        self.emit(kind, {**record, **(shown or {})})
 
     # Checkpoints.
 
@@ -313,9 +323,17 @@ class Trainer:
 
     def sampling_defaults(self) -> SamplingDefaults:
         """What `dit sample` uses for this checkpoint unless told otherwise; no guidance without a null class."""
-        guided = self.model_config.num_classes > 0 and self.model_config.class_dropout_prob > 0
         trained = self.config.training_objective().trained_sampling
-        return trained if guided else SamplingDefaults(trained.sampler, trained.steps, 1.0)
+        return trained if self.guided else SamplingDefaults(trained.sampler, trained.steps, 1.0)
+
+    def eval_sampling(self) -> SamplingDefaults:
+        """How --eval-every samples: the checkpoint's defaults, changed by --eval-sampler, --eval-steps, --eval-cfg."""
+        return self.evaluator.request.sampling(self.sampling_defaults(), self.guided)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the model has a null class to guide with."""
+        return self.model_config.num_classes > 0 and self.model_config.class_dropout_prob > 0
 
 
 # The parts `Trainer.setup` builds, in the order it builds them.
@@ -352,6 +370,76 @@ def data_parallel(model: DiT, ranks: Ranks, device: torch.device) -> torch.nn.Mo
         return model
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def agree_settings(config: TrainConfig) -> None:
+    """Every rank runs rank 0's settings (the run folder may differ: each rank checks its own later)."""
+    theirs = from_rank0(config.to_dict())
+    differ = [name for name, value in config.to_dict().items() if name != "out" and theirs[name] != value]
+
+    def check() -> None:
+        if differ:
+            raise UserError(f"its settings differ from rank 0's ({', '.join(differ)})",
+                            "start every rank with the same options; --resume takes those not given from --out, "
+                            "which must be on a disk that all nodes share, at the same path")
+
+    on_every_rank(check, "has other settings than rank 0")
+
+
+def load_data(config: TrainConfig, preloaded: ImageSet | None) -> ImageSet:
+    """The training images at --image-size and --channels: a folder or an .npz is cropped and resized to them; idx
+    data (Fashion-MNIST) is read at its own size, so a run of another is refused, naming the options that fit it.
+
+    Idx data is small and read first, so that this refusal comes before any VAE is looked for; other sources after
+    their VAE is found, so that one that cannot be had fails in seconds, not after reading them all.
+    """
+    if preloaded is None:
+        on_every_rank(lambda: check_source(config.data), "cannot read --data")
+    as_stored = preloaded is None and is_idx_source(config.data)
+    if not as_stored:
+        locate_codec(config)
+
+    def read() -> ImageSet:
+        images = preloaded or load_images(config.data, config.image_size, config.channels)
+        check_image_shape(config, images.images.shape, images.source)
+        return images
+
+    images = on_every_rank(read, "cannot read --data")
+    if as_stored:
+        locate_codec(config)
+    return images
+
+
+def recipe_rows(config: TrainConfig) -> dict[str, str]:
+    """Start-up table rows: the objective (with the settings of its own not at their defaults), learning rate and
+    EMA."""
+    objective = config.training_objective()
+    defaults = TrainConfig.__dataclass_fields__
+    own = [f"{name.replace('_', ' ')} {getattr(config, name)}" for name in OBJECTIVE_SETTINGS
+           if getattr(config, name) != defaults[name].default]
+    sigma = ["learned sigma"] if config.learn_sigma else []
+    end = f" to 0 at step {config.steps:,}" if config.lr_schedule == "cosine" else ""
+    lr = [f"{config.lr:g}", config.lr_schedule + end]
+    lr += [f"{config.lr_warmup:,} warm-up steps"] if config.lr_warmup else []
+    lr += [f"weight decay {config.weight_decay:g}"] if config.weight_decay else []
+    lr += [f"gradient clip {config.grad_clip:g}"] if config.grad_clip else []
+    return {"objective": ", ".join([objective.describe(), *sigma, *own]),
+            "schedule": objective.schedule_text(config.schedule), "learning_rate": ", ".join(lr),
+            "ema": f"decay {config.ema_decay:g}" + (", warm-up" if config.ema_warmup else "")}
+
+
+def codec_text(codec: dict) -> str:
+    """A codec record as the start-up table shows it: "pixels, 1 channel (no VAE)", "VAE org/name, scale 0.18215"."""
+    if codec.get("kind") == "pixel":
+        channels = codec.get("channels", 3)
+        return f"pixels, {channels} channel{'s' * (channels != 1)} (no VAE)"
+    return f"VAE {codec.get('vae')}, latent scale {codec.get('scale', 0):g}"
+
+
+def eval_text(config: TrainConfig, sampling: SamplingDefaults) -> str:
+    """The start-up table's row for --eval-every."""
+    return (f"every {config.eval_every:,} steps: {config.eval_num:,} images, {sampling.sampler} {sampling.steps} "
+            f"steps, cfg {sampling.cfg:g}, {config.eval_features} features")
 
 
 def locate_codec(config: TrainConfig) -> None:

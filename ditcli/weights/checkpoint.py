@@ -56,6 +56,7 @@ DMF_EXTRA_PREFIX = "logvar_linear."  # DMF's learned log-variance of its loss we
 TRAINING_EXTRAS = {REPA_EXTRA_PREFIX: ("REPA", "REPA's representation-alignment projectors"),
                    DMF_EXTRA_PREFIX: ("DMF", "DMF's learned log-variance of its adaptive loss weight")}
 SEPARATE_FORM_PREFIX = "r_embedder."  # MeanFlow's embedder of t - r, as the PyTorch port names it
+RUN_CHECKPOINT = re.compile(r"ckpt-(\d+)\.pt")  # a `dit train` run folder's checkpoints: ckpt-0001000.pt is step 1000
 
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", num_heads: int | None = None,
@@ -95,12 +96,24 @@ def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, con
     return checkpoint
 
 
+def newest_run_checkpoint(path: Path) -> Path | None:
+    """The newest `ckpt-<step>.pt` (by step) of a `dit train` run folder; None for anything else, a diffusers folder
+    included."""
+    if not path.is_dir() or any((path / name).is_file() for name in ("model_index.json", "config.json")):
+        return None
+    found = [(int(m.group(1)), p) for p in path.glob("ckpt-*.pt") if (m := RUN_CHECKPOINT.fullmatch(p.name))]
+    return max(found)[1] if found else None
+
+
 def _read_any(path: Path, num_heads: int | None, config: DiTConfig | None, weights: str | None) -> Checkpoint:
-    """The reader for what `path` is: a diffusers folder, a safetensors file or a torch file."""
+    """The reader for what `path` is: a `dit train` run folder (its newest checkpoint), a diffusers folder, a
+    safetensors file or a torch file."""
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}", "check the path, or pass --model to use a known checkpoint")
     if path.is_dir():
-        return read_diffusers(path, config=config)
+        newest = newest_run_checkpoint(path)
+        return read_diffusers(path, config=config) if newest is None else _read_torch(newest, num_heads, config,
+                                                                                       weights or "ema")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty", "the download or copy was interrupted; fetch the file again")
     if _is_safetensors(path):

@@ -24,7 +24,7 @@ from ditcli.diffusion.samplers import (
 from ditcli.errors import UserError
 from ditcli.model.dit import DiT, DiTConfig
 from ditcli.runtime import PRECISIONS
-from ditcli.weights.checkpoint import load_checkpoint, save_safetensors
+from ditcli.weights.checkpoint import load_checkpoint, newest_run_checkpoint, save_safetensors
 from ditcli.weights.diffusers_format import (
     is_rounded_table,
     read_diffusers,
@@ -172,9 +172,11 @@ def convert(source: str | Path, destination: str | Path, to: str | None = None, 
     """
     destination = Path(destination)
     to = check_request(source, destination, to, dtype, force, sampling)
+    source = newest_run_checkpoint(Path(source)) or source  # a `dit train` run folder: its newest checkpoint
     checkpoint = load_checkpoint(source, num_heads=num_heads, weights=weights, objective=objective, heads_given=True,
                                  decoupled_depth=decoupled_depth)
     checkpoint.objective.check_export(to, source)
+    check_pipeline_codec(checkpoint, to, vae, source)
     checkpoint.sampling = sampling.record(checkpoint, source)
     warnings = list(checkpoint.warnings)
     warnings += [f"dropped {group}" for group in checkpoint.dropped]
@@ -189,12 +191,32 @@ def convert(source: str | Path, destination: str | Path, to: str | None = None, 
     else:
         codec_vae = (checkpoint.codec or {}).get("vae") if (checkpoint.codec or {}).get("kind") == "vae" else None
         warnings += to_diffusers(checkpoint, destination, torch_dtype, codec_vae if vae == "auto" else vae, force)
+        warnings += [PIXEL_PIPELINE_WARNING] if (checkpoint.codec or {}).get("kind") == "pixel" else []
         result = read_diffusers(destination)
         parity = {"roundtrip": _roundtrip(checkpoint, result, torch_dtype, source_model)}
         if diffusers_check:
             parity["diffusers"] = diffusers_parity(source_model, destination / "transformer")
     return ConversionReport(str(source), checkpoint.format, str(destination), to, describe(checkpoint.config),
                             checkpoint.config.to_dict(), dtype, checkpoint.weights, parity, warnings)
+
+
+def check_pipeline_codec(checkpoint: Checkpoint, to: str, vae: str | None, source) -> None:
+    """A pixel-space model does not run in diffusers' DiTPipeline, which always decodes its samples through a VAE
+    (`vae.decode(latents / vae.config.scaling_factor)`): without one it fails at decode, and no AutoencoderKL gives
+    pixels back unchanged. So its export is refused unless `vae` is None (`--vae none`): the transformer alone, which
+    `DiTTransformer2DModel` and `dit` read, with a warning that the pipeline cannot sample it."""
+    if to != "diffusers" or (checkpoint.codec or {}).get("kind") != "pixel" or vae is None:
+        return
+    if vae != "auto":
+        raise UserError(f"--vae {vae} does not apply: {source} is a pixel-space model, and a VAE would decode its "
+                        "pixels as latents", "drop --vae; see `dit convert --help` for what works")
+    raise UserError(f"{source} is a pixel-space model, and diffusers' DiTPipeline always decodes its samples "
+                    "through a VAE, so it cannot sample one", "convert to a .safetensors file for `dit sample`, or "
+                    "pass --vae none to write the transformer alone, which DiTTransformer2DModel loads")
+
+
+PIXEL_PIPELINE_WARNING = ("a pixel-space model: DiTPipeline cannot sample this folder (it always decodes through a "
+                          "VAE); load transformer/ with DiTTransformer2DModel, or sample it with `dit sample --ckpt`")
 
 
 def check_request(source: str | Path, destination: Path, to: str | None, dtype: str, force: bool,

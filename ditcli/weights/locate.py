@@ -5,6 +5,7 @@ first) and read, and checked against the preset asked for.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -13,7 +14,7 @@ from ditcli.downloads import ProgressFn
 from ditcli.errors import UserError
 from ditcli.hub import is_offline, resolve_source
 from ditcli.model.dit import PRESET_SHAPES, preset_names
-from ditcli.weights.checkpoint import load_checkpoint
+from ditcli.weights.checkpoint import load_checkpoint, newest_run_checkpoint
 from ditcli.weights.record import Checkpoint, describe
 from ditcli.weights.registry import (
     KnownWeights,
@@ -42,22 +43,26 @@ def check_model_choice(model: str | None, image_size: int | None, ckpt: Path | N
 
 
 def read_checkpoint(path: Path, model: str | None, weights: str | None,
-                    objective: Objective | None = None, decoupled_depth: int | None = None) -> Checkpoint:
-    """The checkpoint, checked against a --model preset, the --weights, the objective and the decoupled depth asked
-    for."""
-    checkpoint = load_checkpoint(path, num_heads=preset_heads(model), weights=weights,  # refuses a missing set
-                                 objective=objective, decoupled_depth=decoupled_depth)
+                    objective: Objective | None = None, decoupled_depth: int | None = None,
+                    num_heads: int | None = None) -> Checkpoint:
+    """The checkpoint, checked against a --model preset, the --weights, the objective, the decoupled depth and the
+    --num-heads asked for (a file whose config records other heads is refused)."""
+    checkpoint = load_checkpoint(path, num_heads=num_heads or preset_heads(model), weights=weights,  # refuses a
+                                 objective=objective, decoupled_depth=decoupled_depth,  # missing set
+                                 heads_given=num_heads is not None)
     check_preset(model, checkpoint)
     return checkpoint
 
 
 def find_checkpoint(model: str | None, image_size: int | None, ckpt: Path | None, offline: bool,
                     download: DownloadProgress = None) -> tuple[Path, KnownWeights | None]:
-    """--ckpt (a path, or a hub id fetched into the Hugging Face cache) wins; otherwise a known model is found in the
-    weights folders or downloaded, reporting through `download(filename)`, a context yielding a byte callback."""
+    """--ckpt (a path, or a hub id fetched into the Hugging Face cache; a `dit train` run folder gives its newest
+    checkpoint) wins; otherwise a known model is found in the weights folders or downloaded, reporting through
+    `download(filename)`, a context yielding a byte callback."""
     if ckpt is not None:
         entry = known_weights(model, image_size) if model in registry_models() else None
-        return resolve_source(ckpt, is_offline(offline)), entry
+        path = resolve_source(ckpt, is_offline(offline))
+        return newest_run_checkpoint(path) or path, entry
     model = model or DEFAULT_MODEL
     entry = known_weights(model, image_size) if model in registry_models() else None
     if entry is None:
@@ -67,6 +72,14 @@ def find_checkpoint(model: str | None, image_size: int | None, ckpt: Path | None
         raise UserError(f"unknown --model {model!r}", f"choose from {', '.join(choices)}")
     with (download or _no_progress)(entry.filename) as progress:
         return resolve_weights(entry, offline, progress), entry
+
+
+def model_or_ckpt(source: str | os.PathLike) -> tuple[str | None, Path | None]:
+    """A name as `ditcli.load_model` and `ditcli.generate` take it: (--model, None) for a registry name that is no
+    local path, else (None, --ckpt) for a file, a run folder, a diffusers folder or a hub id."""
+    if str(source) in registry_models() and not Path(source).exists():
+        return str(source), None
+    return None, Path(source)
 
 
 def preset_heads(model: str | None) -> int | None:
