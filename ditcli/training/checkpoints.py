@@ -191,9 +191,10 @@ def check_run_folder(out: Path, resume: str | None, path: Path | None) -> None:
     if Path(path).resolve().parent != Path(out).resolve():
         raise UserError(f"{held}, and --resume {path} continues the run of another folder",
                         "pass a new --out to continue that run there, or --resume auto to continue the run in --out")
-    later = [later.name for step, later in list_checkpoints(out) if step > _checkpoint_step(path)]
-    if later:
-        raise UserError(f"--resume {path} is older than {later[-1]} in --out {out}, which continuing from it would "
+    resumed = _checkpoint_step(path)
+    newer = [found.name for step, found in list_checkpoints(out) if step > resumed]
+    if newer:
+        raise UserError(f"--resume {path} is older than {newer[-1]} in --out {out}, which continuing from it would "
                         "overwrite", "continue from the newest with --resume auto, or copy the checkpoint into a new "
                         "--out")
 

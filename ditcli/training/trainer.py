@@ -40,7 +40,14 @@ from ditcli.ranks import (
 )
 from ditcli.runtime import resolve_device, resolve_precision
 from ditcli.training import finetune
-from ditcli.training.checkpoints import METRICS_FILE, RUN_FILE, Checkpoints, check_compatible, check_resume, train_state
+from ditcli.training.checkpoints import (
+    METRICS_FILE,
+    RUN_FILE,
+    Checkpoints,
+    check_compatible,
+    check_resume,
+    train_state,
+)
 from ditcli.training.config import OBJECTIVE_SETTINGS, TrainConfig, check_image_shape
 from ditcli.training.draws import StepDraws, TrainingData, draw_step
 from ditcli.training.eval_hook import Evaluator, eval_config
