@@ -155,7 +155,7 @@ def sample(
         run = prepare_run(
             request, torch_device, ranks, downloads(not quiet),
             on_warning=lambda text: quiet or console.print(f"warning: {text}", markup=False),
-            on_ready=lambda *shown: quiet or show_preset(console, preset, *shown))
+            on_ready=lambda *shown: quiet or show_ready(console, preset, *shown))
         summary = sample_with_bar(run, torch_device, ranks, quiet, console)
         if ranks.rank == 0:
             report(summary, run.out, run.npz, run.run_key, json_output, run.weights, run.warnings)
@@ -198,10 +198,10 @@ def interrupted_line(run, planned: int | None, done: int, world: int) -> str:
             "command again to resume with the rest")
 
 
-def show_preset(console: Console, preset: str | None, config: GenerateConfig, codec, out: Path | None,
-                npz: Path | None, notes: list[str]) -> None:
-    """The preset as the options it stands for, then one note per explicit override or choice made for the user
-    (a run folder's newest checkpoint)."""
+def show_ready(console: Console, preset: str | None, config: GenerateConfig, codec, out: Path | None,
+               npz: Path | None, notes: list[str]) -> None:
+    """Before the writers start: a preset as the options it stands for, then one note per explicit override or choice
+    made for the user (a run folder's newest checkpoint)."""
     if preset is None:
         for note in notes:
             console.print(f"note: {note}", markup=False)

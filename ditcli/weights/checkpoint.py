@@ -371,7 +371,8 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, n
                         "pass a number of heads that divides it")
     if heads is None:
         raise UserError(f"cannot infer the number of attention heads for hidden size {hidden}",
-                        "pass num_heads (presets: " + ", ".join(f"{w}->{h}" for w, h in HEADS_BY_WIDTH.items()) + ")")
+                        "pass --num-heads (num_heads in Python); the presets have " +
+                        ", ".join(f"{w}->{h}" for w, h in HEADS_BY_WIDTH.items()))
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     mlp_ratio = fc1.shape[0] / hidden if fc1 is not None else 4.0
     rows = state["y_embedder.embedding_table.weight"].shape[0]

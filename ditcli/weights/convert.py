@@ -40,6 +40,8 @@ DRIFT_CAUSES = (
     "diffusers' pre-MLP LayerNorm uses config.norm_eps (default 1e-5, the hub's DiT folders); the reference uses "
     "1e-6, which our exports write",
 )
+PIXEL_PIPELINE_WARNING = ("a pixel-space model: DiTPipeline cannot sample this folder (it always decodes through a "
+                          "VAE); load transformer/ with DiTTransformer2DModel, or sample it with `dit sample --ckpt`")
 
 
 # Parity and the `dit convert` entry point.
@@ -213,10 +215,6 @@ def check_pipeline_codec(checkpoint: Checkpoint, to: str, vae: str | None, sourc
     raise UserError(f"{source} is a pixel-space model, and diffusers' DiTPipeline always decodes its samples "
                     "through a VAE, so it cannot sample one", "convert to a .safetensors file for `dit sample`, or "
                     "pass --vae none to write the transformer alone, which DiTTransformer2DModel loads")
-
-
-PIXEL_PIPELINE_WARNING = ("a pixel-space model: DiTPipeline cannot sample this folder (it always decodes through a "
-                          "VAE); load transformer/ with DiTTransformer2DModel, or sample it with `dit sample --ckpt`")
 
 
 def check_request(source: str | Path, destination: Path, to: str | None, dtype: str, force: bool,

@@ -47,8 +47,9 @@ def read_checkpoint(path: Path, model: str | None, weights: str | None,
                     num_heads: int | None = None) -> Checkpoint:
     """The checkpoint, checked against a --model preset, the --weights, the objective, the decoupled depth and the
     --num-heads asked for (a file whose config records other heads is refused)."""
-    checkpoint = load_checkpoint(path, num_heads=num_heads or preset_heads(model), weights=weights,  # refuses a
-                                 objective=objective, decoupled_depth=decoupled_depth,  # missing set
+    # load_checkpoint refuses a missing set of weights, and with heads_given heads that contradict the file's record.
+    checkpoint = load_checkpoint(path, num_heads=num_heads or preset_heads(model), weights=weights,
+                                 objective=objective, decoupled_depth=decoupled_depth,
                                  heads_given=num_heads is not None)
     check_preset(model, checkpoint)
     return checkpoint
