@@ -137,9 +137,10 @@ def _check_cached(hub_id: HubId) -> None:
     """Without the hub, name what is missing from the cache: the repo, or the revision (with the cached ones)."""
     root = cache_dir() / f"models--{hub_id.repo.replace('/', '--')}"
     if not root.is_dir():
-        raise UserError(f"hub repo {hub_id.repo} is not in the Hugging Face cache at {cache_dir()}, and the hub is "
-                        "off or out of reach",
-                        "check the spelling, or connect and unset HF_HUB_OFFLINE / DIT_OFFLINE once to download it")
+        raise UserError(f"{hub_id} is no file or folder here, and hub repo {hub_id.repo} is not in the Hugging Face "
+                        f"cache at {cache_dir()}, and the hub is off or out of reach",
+                        "check the spelling of the path or id, or connect and unset HF_HUB_OFFLINE / DIT_OFFLINE once "
+                        "to download it")
     revision = hub_id.revision or "main"
     if not ((root / "refs" / revision).is_file() or (root / "snapshots" / revision).is_dir()):
         refs = {p.name: p.read_text().strip() for p in sorted((root / "refs").glob("*")) if p.is_file()}

@@ -315,3 +315,33 @@ def test_load_model_takes_a_hub_id_and_generate_samples_it(tmp_path, monkeypatch
     model = ditcli.load_model("org/tiny-dit")
     assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in source.state_dict.items())
     assert len(ditcli.generate("org/tiny-dit", classes=["a"], num_per_class=2, steps=2, cfg=1)) == 2
+
+
+def test_a_compiled_run_says_so_before_its_build():
+    """The build takes tens of seconds before the first batch; the user is told, not left with a still bar."""
+    import io
+
+    from rich.console import Console
+
+    from ditcli.cli.sample import show_ready
+    from ditcli.sampling.config import GenerateConfig
+
+    for compile_model, expected in ((True, True), (False, False)):
+        buffer = io.StringIO()
+        show_ready(Console(file=buffer, width=200), None, GenerateConfig((0,), compile=compile_model), None, None,
+                   None, [])
+        assert ("compiling the forward" in buffer.getvalue()) is expected
+
+
+def test_a_mistyped_run_folder_is_named_as_a_path_too(tmp_path, monkeypatch):
+    """`--ckpt runs/typo` looks like a hub id; the error must not read as if the user had meant the hub."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIT_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from typer.testing import CliRunner
+
+    from ditcli.cli.app import app
+
+    result = CliRunner().invoke(app, ["sample", "--ckpt", "runs/typo", "--num", "1", "--out", "x"])
+    assert result.exit_code == 2 and "runs/typo is no file or folder here" in result.output
+    assert not (tmp_path / "x").exists()

@@ -39,6 +39,7 @@ from ditcli.ranks import (
 )
 from ditcli.runtime import resolve_device, set_backend_flags
 from ditcli.sampling.config import GenerateConfig
+from ditcli.sampling.forward import COMPILE_SECONDS
 from ditcli.sampling.generate import sample_run
 from ditcli.sampling.request import (
     DEFAULT_NUM,
@@ -201,7 +202,11 @@ def interrupted_line(run, planned: int | None, done: int, world: int) -> str:
 def show_ready(console: Console, preset: str | None, config: GenerateConfig, codec, out: Path | None,
                npz: Path | None, notes: list[str]) -> None:
     """Before the writers start: a preset as the options it stands for, then one note per explicit override or choice
-    made for the user (a run folder's newest checkpoint)."""
+    made for the user (a run folder's newest checkpoint). A compiled run says so first: its build takes tens of
+    seconds before the first batch, where the bar would otherwise sit still."""
+    if config.compile:
+        console.print(f"compiling the forward before the first batch (up to {COMPILE_SECONDS['cpu']:.0f} s on a CPU, "
+                      "once: later runs load the package)", markup=False)
     if preset is None:
         for note in notes:
             console.print(f"note: {note}", markup=False)
