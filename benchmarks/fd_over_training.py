@@ -11,6 +11,7 @@ Results are cached per checkpoint in RUN/eval/, so an interrupted sweep resumes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -25,20 +26,24 @@ from ditcli.weights.checkpoint import load_checkpoint
 
 
 def evaluate_checkpoint(path: Path, args, reference: dict) -> dict:
-    record_path = path.parent / "eval" / f"{path.stem}-n{args.num}.json"
+    # The cached record is keyed by everything that decides it, so a rerun with another sampler, step count,
+    # feature extractor or reference scores afresh instead of reusing the old figures.
+    key = hashlib.sha256(json.dumps([args.sampler, args.steps, args.features, str(args.ref.resolve())]).encode())
+    stem = f"{path.stem}-n{args.num}-{key.hexdigest()[:8]}"
+    record_path = path.parent / "eval" / f"{stem}.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
     checkpoint = load_checkpoint(path)
     model = checkpoint.build("cpu")
     codec = codec_from_dict(checkpoint.codec, torch.device("cpu"), model.config.in_channels, None, True)
     sampling = checkpoint.sampling or SamplingDefaults()
-    if args.sampler:
-        sampling = replace(sampling, sampler=args.sampler, steps=args.steps or sampling.steps)
+    if args.sampler or args.steps:  # either one alone overrides the checkpoint's own
+        sampling = replace(sampling, sampler=args.sampler or sampling.sampler, steps=args.steps or sampling.steps)
     train = torch.load(path, weights_only=True, map_location="cpu")["config"]["train"]
     config = eval_config(model.config.num_classes, sampling, checkpoint.objective, checkpoint.schedule, args.num,
                          int(train.get("seed", 0)))
     request = EvalRequest(1, args.ref, args.num, args.features)
-    record = evaluate_ema(model, codec, config, request, path.parent / "eval" / f"{path.stem}-n{args.num}.npz",
+    record = evaluate_ema(model, codec, config, request, path.parent / "eval" / f"{stem}.npz",
                           Ranks(), torch.device("cpu"), int(checkpoint.step or 0), reference)
     record.update(sampler=sampling.sampler, steps=sampling.steps, cfg=sampling.cfg)
     record_path.write_text(json.dumps(record, indent=1))
@@ -52,7 +57,7 @@ def main():
     parser.add_argument("--features", default="inception")
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--sampler", default=None, help="Instead of each checkpoint's own default sampler.")
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="Instead of the sampler's recorded steps.")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--title", default=None)
     args = parser.parse_args()
