@@ -229,3 +229,12 @@ def test_a_file_with_an_unusable_form_is_refused_naming_the_file_and_field(case,
                  ["convert", path, tmp_path / "out.safetensors"], ["convert", "--info", path]):
         one_line_error(dit(*args), str(path), "unusable model config", *fragments)
     assert set(tmp_path.iterdir()) == before
+
+
+def test_runtime_guidance_on_a_model_with_guidance_trained_in_warns(recorded, tiny_vae, tmp_path, offline):
+    """Guiding such a model again at sampling time extrapolates twice (MeanFlow issue 45): one warning line, and the
+    run still goes ahead; at cfg 1 nothing is said."""
+    guided = ok("sample", "--ckpt", recorded, "--vae", tiny_vae, "--num", 1, "--cfg", 2, "--out", tmp_path / "a")
+    plain = ok("sample", "--ckpt", recorded, "--vae", tiny_vae, "--num", 1, "--cfg", 1, "--out", tmp_path / "b")
+    assert "guidance 2.5 trained in" in guided.output and "pass --cfg 1" in guided.output
+    assert "trained in" not in plain.output
