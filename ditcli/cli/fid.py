@@ -16,13 +16,17 @@ from rich.table import Table
 from ditcli.cli.options import DeviceOpt, JsonOpt
 from ditcli.cli.progress import ProgressBar, StageBars
 from ditcli.errors import UserError
-from ditcli.evaluation.features import INCEPTION
+from ditcli.evaluation.features import DINOV2, INCEPTION
 from ditcli.evaluation.inception import WEIGHTS_NAME
 from ditcli.io import check_creatable
 
 InceptionWeightsOpt = Annotated[Path | None, typer.Option(
     "--inception-weights", help=f"torch-fidelity's {WEIGHTS_NAME}; default: the cache ($DIT_HOME or ~/.cache/ditcli), "
                                 "downloading it once.")]
+Dinov2WeightsOpt = Annotated[str | None, typer.Option(
+    "--dinov2-weights", metavar="PATH|URL",
+    help="With --features dinov2: a torch-hub DINOv2 checkpoint, or a URL downloaded once into the cache; default: "
+         "the released ViT-L/14 (dinov2_vitl14_pretrain.pth, size and sha256 checked).")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward; the scores don't depend on it.")]
 WorkersOpt = Annotated[int, typer.Option("--num-workers", help="Threads decoding folder images.")]
 
@@ -71,7 +75,7 @@ def fid(
     output: OutputOpt = None, resize: ResizeOpt = None, batch_size: BatchSizeOpt = 64, device: DeviceOpt = "auto",
     inception_weights: InceptionWeightsOpt = None, features: FeaturesOpt = None,
     num_workers: WorkersOpt = min(4, os.cpu_count() or 1), force: ReplaceRefOpt = False, json_output: JsonOpt = False,
-    no_pr: NoPrOpt = False,
+    no_pr: NoPrOpt = False, dinov2_weights: Dinov2WeightsOpt = None,
 ):
     """Score samples against a reference: FID, sFID, IS, precision and recall, as ADM's evaluator."""
     from ditcli.evaluation.fid import FidConfig, check_fid_mode, check_options, evaluate
@@ -81,6 +85,9 @@ def fid(
     if inception_weights is not None and features not in (None, INCEPTION):
         raise UserError("--inception-weights only applies to --features inception",
                         "drop --inception-weights, or pass --features inception")
+    if dinov2_weights is not None and features not in (None, DINOV2):
+        raise UserError("--dinov2-weights only applies to --features dinov2",
+                        "drop --dinov2-weights, or pass --features dinov2")
     check_fid_mode(samples, ref, make_ref, output, split)
     if no_pr and make_ref is not None:
         raise UserError("--no-pr applies to scoring, and --make-ref only builds a reference", "drop --no-pr")
@@ -98,10 +105,10 @@ def fid(
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         if make_ref is not None:
             result = make_reference(make_ref, output, resize, features, inception_weights, torch_device,
-                                      batch_size, num_workers, bars, split)
+                                      batch_size, num_workers, bars, split, dinov2_weights=dinov2_weights)
         else:
             config = FidConfig(samples, ref, batch_size, features, inception_weights, resize, num_workers,
-                               precision_recall=not no_pr)
+                               precision_recall=not no_pr, dinov2_weights=dinov2_weights)
             result = evaluate(config, torch_device, bars)
 
     if json_output:

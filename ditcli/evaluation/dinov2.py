@@ -18,6 +18,7 @@ The FD-DINOv2 feature (EDM2's `DINOv2Detector`, dgm-eval) is `forward`: the clas
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ditcli.downloads import DownloadError, ProgressFn, download, home_dir
 from ditcli.errors import UserError
+from ditcli.hub import is_offline
 from ditcli.io import read_safetensors, safe_torch_load
 
 PATCH_SIZE = 14
@@ -271,7 +274,12 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
 def load_dinov2(path: Path | str, device: torch.device | str = "cpu", num_heads: int | None = None) -> DINOv2:
     """The DINOv2 backbone of a torch-hub checkpoint, its size and registers read from the shapes, in eval mode."""
     state = read_state_dict(path)
-    model = DINOv2(DINOv2Config.from_state_dict(state, num_heads))
+    config = DINOv2Config.from_state_dict(state, num_heads)
+    if config.num_heads < 1 or config.embed_dim % config.num_heads:
+        raise UserError(f"{path}: a DINOv2 of embed dim {config.embed_dim} cannot have {config.num_heads} heads",
+                        f'dim / 64 holds for the released sizes; for another, write {{"num_heads": N}} to '
+                        f"{Path(path).name}.json beside it")
+    model = DINOv2(config)
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     wrong = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
@@ -308,3 +316,61 @@ def normalize_imagenet(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     return (x - mean) / std
+
+
+# FD-DINOv2 in `dit fid --features dinov2`.
+
+def fetch_dinov2_weights(spec: str | Path | None = None, progress: ProgressFn = None) -> Path:
+    """The weight file for `--dinov2-weights PATH|URL`: a local file as it is; a URL (default: the released ViT-L/14)
+    downloaded once into the home directory ($DIT_HOME or ~/.cache/ditcli), with the size and sha256 of
+    `RELEASED_WEIGHTS` checked before it is renamed into place where the URL is a released one."""
+    spec = None if spec is None else str(spec)
+    if spec is not None and not spec.startswith(("http://", "https://")):
+        if not Path(spec).is_file():
+            raise UserError(f"DINOv2 weights not found: {spec}",
+                            "pass --dinov2-weights PATH of a torch-hub checkpoint, or a URL")
+        return Path(spec)
+    url = spec or RELEASED_WEIGHTS[FD_DINOV2_WEIGHTS].url
+    released = next((w for w in RELEASED_WEIGHTS.values() if w.url == url), None)
+    dest = home_dir() / url.rstrip("/").rsplit("/", 1)[-1]
+    if dest.is_file():  # only a download that passed its checks is renamed to this name
+        return dest
+    hint = f"download {url} to {dest}, or pass --dinov2-weights PATH"
+    if is_offline():
+        raise UserError(f"the DINOv2 weights are not in {dest.parent} and downloads are off (offline)", hint)
+    try:
+        return download(url, dest, size=released.size if released else None,
+                        sha256=released.sha256 if released else None, progress=progress)
+    except DownloadError as exc:
+        raise UserError(f"the DINOv2 weights are not in {dest.parent} and the download failed: {exc}",
+                        hint) from None
+
+
+def sidecar_num_heads(path: Path) -> int | None:
+    """The head count of `PATH.json` ({"num_heads": N}) beside a checkpoint, else None (dim / 64, as every released
+    size): the shapes of a state dict do not give the head count of a model of another width."""
+    sidecar = path.with_name(path.name + ".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        heads = json.loads(sidecar.read_text())["num_heads"]
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise UserError(f"cannot read num_heads from {sidecar}: {exc}", 'write {"num_heads": N} there') from None
+    if not isinstance(heads, int) or heads < 1:
+        raise UserError(f"{sidecar} gives num_heads {heads!r}", "write a positive integer")
+    return heads
+
+
+def dinov2_extractor(weights: str | Path | None, device: torch.device):
+    """The `--features dinov2` callable: uint8 (N, C, H, W) in, {"pool": the (N, D) class token} out, of EDM2's
+    default preprocessing (`edm2_preprocess(x, "torch")`); grayscale images are repeated to 3 channels."""
+    path = fetch_dinov2_weights(weights)
+    model = load_dinov2(path, device, sidecar_num_heads(path))
+
+    @torch.inference_mode()
+    def extract(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        return {"pool": model(edm2_preprocess(images, "torch"))}
+
+    return extract

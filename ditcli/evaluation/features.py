@@ -18,6 +18,7 @@ from ditcli.io import safetensors_metadata
 Progress = Callable[[str, int, int], None]  # (stage, images done, images in total)
 IS_SPLIT_SIZE = 5000  # ADM's Evaluator.compute_inception_score(split_size=5000)
 INCEPTION = "inception"
+DINOV2 = "dinov2"  # FD-DINOv2 (EDM2): the class token of DINOv2 ViT-L/14 (ditcli.evaluation.dinov2)
 Stats = tuple[torch.Tensor, torch.Tensor]  # (mu, sigma) in float64
 FeatureFactory = Callable[[Path | None, torch.device], Callable]
 _EXTRACTORS: dict[str, FeatureFactory] = {}
@@ -28,7 +29,7 @@ def register_feature_extractor(name: str, factory: FeatureFactory) -> None:
 
     `factory(path, device)` returns a callable from uint8 images (N, 3, H, W) on `device` to a (N, D) tensor, or to a
     mapping with "pool" (N, D) and optionally "spatial" (N, D_s) for sFID and "logits" (N, C) for the Inception Score.
-    `path` is the weight file to load (`--inception-weights`, or the .safetensors file), or None for the default.
+    `path` is the weight file to load (`--inception-weights`, `--dinov2-weights`, or the .safetensors file), or None for the default.
     """
     _EXTRACTORS[name] = factory
 

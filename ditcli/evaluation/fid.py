@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from ditcli.errors import UserError
+from ditcli.evaluation.dinov2 import dinov2_extractor
 from ditcli.evaluation.features import (
+    DINOV2,
     INCEPTION,
     Activations,
     Progress,
@@ -48,6 +50,7 @@ from ditcli.evaluation.scores import (
 
 register_feature_extractor(INCEPTION, lambda path, device: load_inception(path, device))
 register_feature_extractor(JUDGE_NAME, judge_extractor)  # the Fashion-MNIST judge: pool (128) and logits (10)
+register_feature_extractor(DINOV2, dinov2_extractor)  # FD-DINOv2: the class token of EDM2's preprocessed input
 
 
 # Scoring.
@@ -65,6 +68,7 @@ class FidConfig:
     num_workers: int = 4
     precision_recall: bool = True  # off for FID while training and with --no-pr: the k-NN radii of a large reference
     # cost minutes
+    dinov2_weights: str | None = None  # --dinov2-weights PATH|URL; None: the released ViT-L/14, downloaded once
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,8 @@ def evaluate(config: FidConfig, device: torch.device, progress: Progress | None 
         raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
     samples = open_images(config.samples, config.resize, config.num_workers)
     ref = open_reference(config.ref, config.resize, config.num_workers)
-    extractor, features = load_feature_extractor(features_for(config, ref), device, config.inception_weights)
+    name = features_for(config, ref)
+    extractor, features = load_feature_extractor(name, device, extractor_weights(config, name))
     use_stored = ref.pool is not None and ref.features == features
     if ref.images is None and not use_stored:
         raise UserError(f"{ref.path} has statistics from {ref.features!r} but no images to recompute them",
@@ -138,7 +143,18 @@ def features_for(config: FidConfig, ref: Reference) -> str:
         why = "" if config.features else f" (the reference's, {ref.path.name}, since --features is not given)"
         raise UserError(f"--inception-weights only applies to --features inception, and the features are "
                         f"{features}{why}", "drop --inception-weights, or pass --features inception")
+    if config.dinov2_weights is not None and features != DINOV2:
+        raise UserError(f"--dinov2-weights only applies to --features dinov2, and the features are {features}",
+                        "drop --dinov2-weights, or pass --features dinov2")
+    if features == DINOV2 and ref.features != DINOV2:
+        raise UserError(f"{ref.path.name} was made with {ref.features!r} features, not dinov2",
+                        "make one with `dit fid --make-ref DATA --features dinov2 -o REF.npz`")
     return features
+
+
+def extractor_weights(config: FidConfig, features: str | None) -> Path | str | None:
+    """The weight option that belongs to the extractor: --dinov2-weights for dinov2, else --inception-weights."""
+    return config.dinov2_weights if features == DINOV2 else config.inception_weights
 
 
 def reference_stats(ref: Reference, ref_acts: Activations | None, use_stored: bool
@@ -193,7 +209,7 @@ def reference_activations(config: FidConfig, device: torch.device) -> Activation
     ref = open_reference(config.ref, config.resize, config.num_workers)
     if ref.images is None:
         return None
-    extractor, _ = load_feature_extractor(config.features, device, config.inception_weights)
+    extractor, _ = load_feature_extractor(config.features, device, extractor_weights(config, config.features))
     return extract(ref.images.batches(config.batch_size), extractor, device)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ditcli.errors import UserError
 from ditcli.evaluation.features import (
+    DINOV2,
     INCEPTION,
     Activations,
     Progress,
@@ -103,14 +104,16 @@ class MakeRefResult:
 
 def make_ref(source: str | Path, output: Path, resolution: int | None = None, features: str | None = INCEPTION,
              inception_weights: Path | None = None, device: torch.device | str = "cpu", batch_size: int = 64,
-             num_workers: int = 4, progress: Progress | None = None, split: str | None = None) -> MakeRefResult:
+             num_workers: int = 4, progress: Progress | None = None, split: str | None = None,
+             dinov2_weights: str | None = None) -> MakeRefResult:
     """Write an ADM reference batch from any `dit train --data` source: arr_0, mu, sigma, mu_s, sigma_s.
 
     arr_0 streams into the zip as the images are scored. A `feature_extractor` entry records which extractor made
     the statistics; ADM's evaluator ignores it. `features` None is Inception's, as for ADM's batches.
     """
     images = reference_images(str(source), resolution, split, num_workers)
-    extractor, name = load_feature_extractor(features or INCEPTION, torch.device(device), inception_weights)
+    weights = dinov2_weights if features == DINOV2 else inception_weights
+    extractor, name = load_feature_extractor(features or INCEPTION, torch.device(device), weights)
     with replacing(output) as partial:
         acts = _write_reference(partial, images, extractor, name, torch.device(device), batch_size, progress)
     warnings = [f"only {acts.count} images for {acts.pool.mean.numel()} features: the covariance is rank-deficient"] \
