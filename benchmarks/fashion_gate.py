@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditcli.data.images import image_grid
 from ditcli.data.sources import load_fashion_mnist
 from ditcli.diffusion.guidance import Guidance
 from ditcli.evaluation.judge import JUDGE_NAME, load_judge
 from ditcli.model.codec import PixelCodec
 from ditcli.sampling.config import GenerateConfig
 from ditcli.sampling.generate import class_labels, generate_images
-from ditcli.training.preview import image_grid
 from ditcli.weights.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
