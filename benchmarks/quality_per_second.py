@@ -58,6 +58,11 @@ FLOW_SAMPLER_STEPS = {"euler": (5, 10, 15, 25), "heun": (4, 5, 7, 10), "sde": (1
 LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)", "unipc": "UniPC", "heun": "Heun"}
 FLOW_COLOURS = {"euler": "tab:purple", "heun": "tab:brown", "sde": "tab:pink", "dopri5": "tab:olive"}
 FLOW_LABELS = {"euler": "flow Euler", "heun": "flow Heun", "sde": "flow SDE (Euler-Maruyama)", "dopri5": "flow dopri5"}
+# A mean-flow model's rows: the flow map at cfg 1, its guidance being trained in (runtime CFG hurts there).
+MEANFLOW_SAMPLER_STEPS = {"flow-map": (1, 2, 4)}
+MEANFLOW_COLOURS = {"flow-map": "tab:cyan"}
+MEANFLOW_LABELS = {"flow-map": "mean flow, flow map"}
+SAMPLER_LABELS = {"ddpm": LABELS, "flow": FLOW_LABELS, "meanflow": MEANFLOW_LABELS}
 
 
 def flow_guidance_interval(flow, sigmas: tuple[float, float] = GUIDANCE_SIGMAS) -> tuple[float, float]:
@@ -67,8 +72,10 @@ def flow_guidance_interval(flow, sigmas: tuple[float, float] = GUIDANCE_SIGMAS) 
     return round(ends[0], 4), round(ends[1], 4)
 
 
-def interval_of(checkpoint) -> tuple[float, float]:
-    """GUIDANCE_SIGMAS on the model's own clock: training timesteps, or flow time."""
+def interval_of(checkpoint) -> tuple[float, float] | None:
+    """GUIDANCE_SIGMAS on the model's own clock: training timesteps, or flow time (None for mean flow)."""
+    if checkpoint.objective.name == "meanflow":
+        return None
     if checkpoint.objective.name == "flow":
         return flow_guidance_interval(checkpoint.process())
     return guidance_interval(checkpoint.schedule)
@@ -106,6 +113,8 @@ def parse_row(name: str) -> dict:
 
 
 def all_rows(objective: str = "ddpm") -> list[str]:
+    if objective == "meanflow":
+        return [row_name(s, n, False, cfg=1.0) for s, steps in MEANFLOW_SAMPLER_STEPS.items() for n in steps]
     table = FLOW_SAMPLER_STEPS if objective == "flow" else SAMPLER_STEPS
     rows = [row_name(s, n, False) for s, steps in table.items() for n in steps]
     return rows + [row_name(s, n, True) for s, steps in table.items() for n in steps]
@@ -171,6 +180,8 @@ def forwards_per_image(config: GenerateConfig, nfe: int | float | None = None) -
     """Model passes per image: 2 per guided evaluation (cond + uncond), 1 per unguided one."""
     from ditcli.diffusion.samplers import SOLVERS, make_scheduler, plan_sampler
 
+    if config.objective.name == "meanflow":  # one forward per flow-map step, two where runtime CFG is on
+        return config.steps * (1 if config.guidance.scale in (0, 1) else 2)
     if config.objective.name == "flow":
         return flow_forwards_per_image(config, nfe)
     plan = plan_sampler(config.sampler, config.steps, True, schedule=config.schedule)
@@ -398,7 +409,7 @@ def cmd_score(args) -> None:
     summary = {"checkpoint": str(args.ckpt), "weights": work.name, "cfg": CFG, "per_class": PER_CLASS,
                "reference": "fashion-mnist train split (60,000), judge features", "floor": floors, "rows": rows,
                "objective": load_checkpoint(args.ckpt).objective.to_metadata(),
-               "guidance_interval_t": list(interval_of(load_checkpoint(args.ckpt))),
+               "guidance_interval_t": list(interval_of(load_checkpoint(args.ckpt)) or []),
                "guidance_interval_sigma": list(GUIDANCE_SIGMAS)}
     for race in sorted(work.glob("race*.json")):  # race.json is the latest; race-N.json earlier runs kept by hand
         summary[race.stem] = json.loads(race.read_text())
@@ -480,9 +491,10 @@ def cmd_report(args) -> None:
     rows = [r for r in summary["rows"] if r["precision"] == "fp32" and r["seed"] == 0 and r.get("cfg", CFG) == CFG]
     fig, (big, small) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     colours = {"ddpm": dict(zip(LABELS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red"))),
-               "flow": FLOW_COLOURS}
+               "flow": FLOW_COLOURS, "meanflow": MEANFLOW_COLOURS}
     for key, label in [*((("ddpm", s), l) for s, l in LABELS.items()),
-                       *((("flow", s), l) for s, l in FLOW_LABELS.items())]:
+                       *((("flow", s), l) for s, l in FLOW_LABELS.items()),
+                       *((("meanflow", s), l) for s, l in MEANFLOW_LABELS.items())]:
         objective, sampler = key
         for interval, style in ((False, "-o"), (True, "--s")):
             pts = sorted((r["nfe"], r) for r in rows if r["sampler"] == sampler and r["interval"] == interval
@@ -519,7 +531,7 @@ def cmd_report(args) -> None:
         print(f"| floor: real test images | | | | | {f['seed']} | 1,000 | {f['fd']:.2f} | {small_fd(f)} | "
               f"{f['kid']:.1f} ± {f['kid_std']:.1f} | {f['accuracy'] * 100:.1f}% |")
     def label(r: dict) -> str:
-        return (FLOW_LABELS if r.get("objective", "ddpm") == "flow" else LABELS)[r["sampler"]]
+        return SAMPLER_LABELS[r.get("objective", "ddpm")][r["sampler"]]
 
     for r in sorted(summary["rows"], key=lambda r: (r.get("objective", "ddpm"), r["interval"], label(r), r["steps"],
                                                     r["precision"], r["seed"])):

@@ -123,7 +123,7 @@ def read_json(path: Path) -> dict:
     """A JSON object from `path`, or one line saying why not."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # or nested too deep
         raise UserError(f"{path} is not readable JSON: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object")

@@ -141,3 +141,40 @@ def test_an_unwritable_package_folder_is_one_line(model, tmp_path):
     compiled = AotCompiled(CastWeights(model, torch.bfloat16), tmp_path / "file" / "aoti")
     with pytest.raises(UserError, match="cannot write the compiled package .*set DIT_HOME"):
         compiled(*inputs(model, 4))
+
+
+@pytest.fixture(scope="module")
+def mean_flow_model():
+    torch.manual_seed(0)
+    config = tiny_config(depth=2, learn_sigma=False, mean_flow_form="decoupled", decoupled_depth=1)
+    return perturbed(DiT(config), seed=2, std=0.05).eval()
+
+
+def test_a_mean_flow_package_takes_the_second_time(mean_flow_model, tmp_path):
+    """The package of a mean-flow model has r as a fourth input: it equals the eager forward at (r, t), and r = t
+    would give another output, so r is not dropped on the way."""
+    compiled = AotCompiled(mean_flow_model, tmp_path)
+    x, t, y = inputs(mean_flow_model, 6)
+    t = t / 999
+    r = t * 0.3
+    with torch.no_grad():
+        ours, eager = compiled(x, t, y, r=r), mean_flow_model(x, t, y, r=r)
+        without_r = (mean_flow_model(x, t, y) - eager).abs().max()
+    assert (ours - eager).abs().max() <= min(1e-4 * eager.abs().max(), without_r / 10)
+    assert compiled.built is True and package_exists(tmp_path, mean_flow_model)
+
+
+def test_dit_sample_compile_runs_a_mean_flow_model(tmp_path, offline, mean_flow_model):
+    from ditcli.diffusion.objectives import MeanFlowObjective
+
+    path = tmp_path / "mf.safetensors"
+    save_safetensors(Checkpoint(mean_flow_model.state_dict(), mean_flow_model.config, "safetensors", "ema", None,
+                                {"kind": "pixel", "channels": mean_flow_model.config.in_channels},
+                                objective=MeanFlowObjective("data-to-noise")), path)
+    common = ("sample", "--ckpt", path, "--num", 4, "--steps", 2, "--seed", 1)
+    ok(*common, "--compile", "--out", tmp_path / "compiled")
+    ok(*common, "--no-compile", "--out", tmp_path / "eager")
+    grids = {d: np.asarray(Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("compiled", "eager")}
+    assert np.abs(grids["compiled"] - grids["eager"]).max() <= 2
+    record = json.loads((tmp_path / "compiled" / "provenance.json").read_text())
+    assert record["compile"] == {"compiled": True, "why": "--compile given"} and record["nfe"] == 2

@@ -169,7 +169,7 @@ def test_sample_takes_what_convert_takes_for_a_foreign_pixel_file(tmp_path):
     assert "3 input channels" in error and "--vae none" in error
 
     out = tmp_path / "out"
-    ok("sample", "--ckpt", source, "--num-heads", 3, *flow, "--vae", "none", "--num", 2, "--steps", 2, "--out", out)
+    ok("sample", "--ckpt", source, "--num-heads", 3, *flow, "--vae", "none", "--num", 2, "--out", out)  # dopri5
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["codec"] == {"kind": "pixel", "channels": 3} and provenance["model_config"]["num_heads"] == 3
     assert provenance["objective"] == {"objective": "flow", "time_direction": "noise-to-data"}

@@ -105,7 +105,8 @@ def test_cli_trains_a_flow_model_then_samples_it_with_each_flow_sampler(tmp_path
     ckpt = tmp_path / "run" / "ckpt-0000003.pt"
     nfe = {}
     for sampler in ("euler", "heun", "dopri5", "sde"):
-        out = json.loads(ok("sample", "--ckpt", ckpt, "--sampler", sampler, "--steps", 4, "--class", "a",
+        steps = [] if sampler == "dopri5" else ["--steps", 4]  # dopri5 chooses its own: --steps is refused
+        out = json.loads(ok("sample", "--ckpt", ckpt, "--sampler", sampler, *steps, "--class", "a",
                             "--num-per-class", 2, "--out", tmp_path / sampler, "--json").stdout.splitlines()[-1])
         provenance = json.loads((tmp_path / sampler / "provenance.json").read_text())
         assert provenance["objective"] == {"objective": "flow", "time_direction": "noise-to-data"}

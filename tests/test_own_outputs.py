@@ -232,7 +232,7 @@ def test_an_unusable_recorded_interval_is_one_error_line(tmp_path, record):
     with safe_open(str(model), "pt") as f:
         metadata = {**f.metadata(), "sampling": record}
     save_file(tensors, str(model), metadata=metadata)
-    with pytest.raises(UserError, match="unreadable 'sampling' record"):
+    with pytest.raises(UserError, match="unusable sampling record: its interval"):
         load_checkpoint(model)
 
 

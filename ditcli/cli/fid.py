@@ -89,6 +89,10 @@ def fid(
         raise UserError("--dinov2-weights only applies to --features dinov2",
                         "drop --dinov2-weights, or pass --features dinov2")
     check_fid_mode(samples, ref, make_ref, output, split)
+    unused = [flag for flag, given in (("-o", output is not None), ("--force", force)) if given]
+    if make_ref is None and unused:
+        raise UserError(f"{unused[0]} only applies to --make-ref, which writes a reference; scoring writes nothing",
+                        f"drop {unused[0]}")
     if no_pr and make_ref is not None:
         raise UserError("--no-pr applies to scoring, and --make-ref only builds a reference", "drop --no-pr")
     check_options(batch_size, num_workers, resize)

@@ -22,9 +22,10 @@ from rich.console import Console
 
 from ditcli.cli.options import DistTimeoutOpt, JsonOpt, in_panel
 from ditcli.cli.progress import TrainProgress
+from ditcli.errors import UserError
 from ditcli.ranks import DEFAULT_TIMEOUT_S, env_rank, from_arguments, world_size
 from ditcli.runtime import set_backend_flags
-from ditcli.training.checkpoints import stored_settings
+from ditcli.training.checkpoints import NO_RESUME, stored_settings
 from ditcli.training.config import (
     CHECKPOINTS,
     DATA,
@@ -63,6 +64,9 @@ def train(
     the run's stored settings (`dit train --resume auto --out RUN` alone continues RUN).
     """
     with from_arguments():  # the same options on every rank, and the same run folder (a disk all nodes share)
+        if force and resume in NO_RESUME:
+            raise UserError("--force only applies with --resume: it resumes a run whose settings differ",
+                            "drop --force, or add --resume auto")
         values = config_values(fields)
         out = Path(values.get("out") or TrainConfig.__dataclass_fields__["out"].default)
         config = config_from_options(preset, stored_settings(resume, out), **values)

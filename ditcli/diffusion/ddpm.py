@@ -61,7 +61,8 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if count > size:
-            raise UserValueError(f"respacing {spec!r}: cannot take {count} steps from a section of {size}")
+            raise UserValueError(f"respacing {spec!r}: cannot take {count} steps from a section of {size}",
+                                 f"take at most {size} steps")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         kept += [start + round(j * stride) for j in range(count)]
         start += size
@@ -136,6 +137,10 @@ class Diffusion:
         if index.is_floating_point():
             return index
         return torch.as_tensor(self.timesteps, device=index.device)[index]
+
+    def less_noisy(self, index: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+        """The step `amount` of the whole chain nearer the data than `index`, at least step 0."""
+        return (index - torch.round(amount * self.num_steps).long()).clamp(min=0)
 
     def q_sample(self, x_start: torch.Tensor, index: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0), Eq. 4 of DDPM."""

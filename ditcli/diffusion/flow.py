@@ -95,6 +95,10 @@ class FlowMatching:
         """The network sees flow time itself."""
         return t
 
+    def less_noisy(self, t: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+        """The time of noise level sigma(t) - amount, at least 0 (SRA's teacher time t - t_max u on REPA's path)."""
+        return self.time_at((self.noise_level(t) - amount).clamp(min=0.0))
+
     def loss(self, net, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor,
              drop: torch.Tensor) -> dict:
         """One forward on x_t, scored against this process's target (ditcli.diffusion.process)."""

@@ -19,6 +19,7 @@ PAPER_CHANNELS = "paper"  # the first 3 latent channels, as DiT's reference samp
 GUIDED_CHANNELS = (PAPER_CHANNELS, "all")
 DEFAULT_CHANNELS = PAPER_CHANNELS  # for a file that records no guided channels
 MAX_SEED = 2**63 - 1  # the largest seed of a run: every generator of a run is seeded by `image_seed(seed, i)`
+MAX_CFG = 100.0  # the largest guidance scale, of `--cfg` and of a file's record: larger ones only overflow the eps
 
 
 def image_seed(seed: int, index: int) -> int:

@@ -175,6 +175,10 @@ class MeanFlow:
     def time_grid(self, steps: int, shift: float = 1.0) -> list[float]:
         return self.path.time_grid(steps, shift)
 
+    def less_noisy(self, tr: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+        """From the pair (t, r) of each row, the path's time nearer the data than t (the teacher sees r = t)."""
+        return self.path.less_noisy(tr[:, 0], amount)
+
     # Training.
     def draw_times(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """(t, r) per row, shape (batch, 2), from `generator` only: a normal pair, then a uniform."""

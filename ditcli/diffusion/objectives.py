@@ -371,10 +371,21 @@ def objective_from_options(objective: str | None, time_direction: str | None) ->
 def objective_from_record(objective: str | None, time_direction: str | None = None, path="the file",
                           trained_cfg: str | float | None = None) -> Objective:
     """The record of a file; files from before the field are DDPM models. A direction recorded beside an objective
-    that takes none (a DDPM run's unused --time-direction) is ignored."""
-    kind = OBJECTIVES.get(objective or DdpmObjective.name)
+    that takes none (a DDPM run's unused --time-direction) is ignored. A name that is no string, or a trained scale
+    that is no number, is one line naming the file and the field."""
+    kind = OBJECTIVES.get(objective or DdpmObjective.name) if isinstance(objective, (str, type(None))) else None
     takes_direction = kind is not None and "--time-direction" in kind.training_flags
+    for name, value, known in (("objective", objective, OBJECTIVES),
+                               ("time_direction", time_direction if takes_direction else None, TIME_DIRECTIONS)):
+        if value is not None and not (isinstance(value, str) and value in known):
+            shown = f"{value[:40]!r}" if isinstance(value, str) else f"a {type(value).__name__}"
+            raise UserError(f"{path} records an unusable objective: its {name} {shown} is not one of "
+                            f"{', '.join(known)}",
+                            "convert the source checkpoint again")
     record = {} if trained_cfg is None else {"trained_cfg": _number(trained_cfg, path)}
+    if record and "trained_cfg" not in kind.__dataclass_fields__:
+        raise UserError(f"{path} records a trained guidance scale (trained_cfg) for a {kind.name} model, which has "
+                        "none", "convert the source checkpoint again")
     try:
         return make_objective(objective or DdpmObjective.name, time_direction if takes_direction else None, **record)
     except UserError as exc:
@@ -382,12 +393,14 @@ def objective_from_record(objective: str | None, time_direction: str | None = No
                         "convert the source checkpoint again") from None
 
 
-
 def _number(value: str | float, path) -> float:
+    """A recorded trained guidance scale: a number, or the text of one (safetensors metadata holds text)."""
     try:
+        if isinstance(value, bool):
+            raise TypeError("a boolean is no scale")
         return float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{path} records an unusable trained guidance scale {value!r}",
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{path} records an unusable trained guidance scale (trained_cfg) {str(value)[:40]!r}",
                         "convert the source checkpoint again") from None
 
 

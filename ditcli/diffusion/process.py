@@ -13,7 +13,11 @@ import torch
 
 
 class TrainingNet(Protocol):
-    """The network as a training step calls it: the run's precision, data parallelism and compilation applied."""
+    """The network as a training step calls it: the run's precision, data parallelism and compilation applied. A run
+    that aligns representations reads the tokens its last differentiable forward tapped from `taps` afterwards; no
+    process needs them."""
+
+    taps: list[torch.Tensor] | None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,
                  r: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,6 +50,10 @@ class Process(Protocol):
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The time input of the network for process times (or respaced indices) `t`."""
+
+    def less_noisy(self, t: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+        """Per row, the time (as `q_sample` takes it) whose noise is lower than that of the training time `t` by
+        `amount`, a share of the whole noise range, stopping at the data: the EMA teacher's time of SRA."""
 
     def split_output(self, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prediction and, for a learned-sigma model, its extra channels."""

@@ -31,7 +31,7 @@ from ditcli.diffusion.flow_samplers import (
     sample_flow_heun,
     sample_flow_sde,
 )
-from ditcli.diffusion.guidance import GUIDED_CHANNELS, ModelFn, NoiseFn
+from ditcli.diffusion.guidance import GUIDED_CHANNELS, MAX_CFG, ModelFn, NoiseFn
 from ditcli.diffusion.process import Process
 from ditcli.errors import UserValueError
 
@@ -85,6 +85,7 @@ SOLVERS = {
 SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 FLOW_SAMPLER_NAMES = ("euler", "heun", "dopri5", "sde")  # the keys of FLOW_SAMPLERS, below
 FLOW_MAP = "flow-map"  # a mean-flow model's sampler: z_r = z_t - (t - r) u (ditcli.diffusion.flow_map)
+MAX_STEPS = 10_000  # the most sampling steps, of `--steps` and of a file's record
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,12 @@ class SamplingDefaults:
     channels: str | None = None
 
     def __post_init__(self):
-        if self.sampler not in (*SAMPLERS, *FLOW_SAMPLER_NAMES, FLOW_MAP) or self.steps < 1 or not 0 <= self.cfg < float("inf"):
-            raise UserValueError(f"unusable sampling defaults {self.sampler!r}, {self.steps} steps, cfg {self.cfg}")
-        if self.interval is not None and not (len(self.interval) == 2 and 0 <= self.interval[0] <= self.interval[1]):
+        if (self.sampler not in (*SAMPLERS, *FLOW_SAMPLER_NAMES, FLOW_MAP) or not 1 <= self.steps <= MAX_STEPS
+                or not 0 <= self.cfg <= MAX_CFG):
+            raise UserValueError(f"unusable sampling defaults {self.sampler!r}, {self.steps} steps, cfg {self.cfg}",
+                                 f"expected a known sampler, 1 to {MAX_STEPS:,} steps and cfg in [0, {MAX_CFG:g}]")
+        if self.interval is not None and not (len(self.interval) == 2 and all(map(math.isfinite, self.interval))
+                                              and 0 <= self.interval[0] <= self.interval[1]):
             raise UserValueError(f"unusable guidance interval {self.interval!r}",
                                  "expected [low, high], 0 <= low <= high")
         if self.channels is not None and self.channels not in GUIDED_CHANNELS:
@@ -184,6 +188,9 @@ class SamplerPlan:
 def plan_sampler(name: str, steps: int, learn_sigma: bool, eta: float = 0.0, respacing: str | None = None,
                  schedule: str = "linear") -> SamplerPlan:
     """Choose the process and function for `--sampler name --steps steps`."""
+    if name == FLOW_MAP:
+        raise UserValueError(f"sampler {name!r} samples mean-flow models, and this is a DDPM model",
+                             f"choose from {', '.join(SAMPLERS)}")
     if name not in SAMPLERS:
         raise UserValueError(f"unknown sampler {name!r}", f"choose from {', '.join(SAMPLERS)}")
     if steps < 1:
@@ -229,7 +236,8 @@ def plan_flow_sampler(name: str, steps: int, flow: FlowMatching, settings: FlowS
                       ) -> SamplerPlan:
     """Choose the function for `--sampler name --steps steps` on a flow-matching model; dopri5 ignores the steps."""
     if name not in FLOW_SAMPLERS:
-        what = "samples DDPM models, and this is a flow-matching model" if name in SAMPLERS else "is unknown"
+        what = ("samples DDPM models, and this is a flow-matching model" if name in SAMPLERS else
+                "samples mean-flow models, and this is a flow-matching model" if name == FLOW_MAP else "is unknown")
         raise UserValueError(f"sampler {name!r} {what}", f"choose from {', '.join(FLOW_SAMPLERS)}")
     if steps < 1:
         raise UserValueError(f"steps must be >= 1, got {steps}")
@@ -239,6 +247,29 @@ def plan_flow_sampler(name: str, steps: int, flow: FlowMatching, settings: FlowS
     extra = {"last_step": settings.last_step} if name == "sde" else {}
     sample = partial(FLOW_SAMPLERS[name], steps=steps, shift=settings.shift, **extra)
     return SamplerPlan(name, steps, flow, sample, 2 * steps if name == "heun" else steps)
+
+
+# The settings each sampler reads besides the model and the noise. One that a sampler does not read is refused where
+# it is given, never recorded as if it had been used: dopri5 picks its own steps to meet its tolerances and ignores
+# the grid's shift; only DDIM takes an eta; only dopri5 has tolerances.
+SAMPLER_SETTINGS = {**{name: ("steps",) for name in SAMPLERS}, "ddim": ("steps", "eta"),
+                    **{name: ("steps", "time-shift") for name in ("euler", "heun", "sde", FLOW_MAP)},
+                    "dopri5": ("atol", "rtol")}
+
+
+def check_sampler_settings(sampler: str, given: dict[str, str], sampler_flag: str = "--sampler") -> None:
+    """Refuse a setting in `given` (setting -> the option the user gave it as) that `sampler` does not read."""
+    for setting, flag in given.items():
+        if setting in SAMPLER_SETTINGS.get(sampler, (setting,)):
+            continue
+        if setting == "steps":
+            raise UserValueError(f"{sampler_flag} {sampler} does not take {flag}: it chooses its own steps to meet "
+                                 "its tolerances", f"drop {flag}, or pass a fixed-step {sampler_flag}")
+        takers = [name for name, settings in SAMPLER_SETTINGS.items() if setting in settings]
+        named = " or ".join(takers) if len(takers) < 3 else f"{', '.join(takers[:-1])} or {takers[-1]}"
+        raise UserValueError(f"{flag} only applies to {sampler_flag} {named}, and this run uses {sampler}",
+                             f"add {sampler_flag} {takers[0]}, or drop {flag}" if len(takers) == 1 else
+                             f"drop {flag}, or pass {sampler_flag} {takers[0]}")
 
 
 def _ddim_spacing_exists(steps: int) -> bool:

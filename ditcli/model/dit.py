@@ -21,6 +21,11 @@ PRESET_SHAPES = {
 }
 PATCH_SIZES = (2, 4, 8)
 HEADS_BY_WIDTH = {shape["hidden_size"]: shape["num_heads"] for shape in PRESET_SHAPES.values()}
+# Upper bounds of a model's sizes, of `dit train`'s options and of a file's config record: far above any real DiT,
+# low enough that a typo or a hostile file cannot allocate the machine away.
+MAX_IMAGE_SIZE = 4096  # pixels, so also the largest input grid (a pixel model's)
+MAX_HIDDEN_SIZE = 16384
+MAX_DEPTH = 512
 # How timestep frequencies are spaced: the reference divides by `half` (ADM), diffusers by `half - 1`
 # (`get_timestep_embedding(downscale_freq_shift=1)`). The value is the shift subtracted from `half`.
 TIMESTEP_CONVENTIONS = {"reference": 0, "diffusers": 1}
@@ -368,18 +373,41 @@ class DiT(nn.Module):
         `drop_mask` replaces labels by the null class. Left as None in training mode, labels are dropped with
         probability `class_dropout_prob` from the global RNG, as the reference does; in eval mode never.
         """
+        x, c, c_late = self.conditioning(x, t, y, drop_mask, r)
+        x, _ = self.run_blocks(x, c, c_late, len(self.blocks))
+        return self.head(x, c_late)
+
+    def forward_tokens(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor | None,
+                       r: torch.Tensor | None, depths: tuple[int, ...], head: bool = True
+                       ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The forward's output and the tokens (N, T, D) after each block of `depths`, counted from 1 as REPA's
+        `encoder_depth` (training's representation alignment). Without `head` the blocks after the deepest of `depths`
+        are not run and the output is None (a teacher that only gives tokens)."""
+        x, c, c_late = self.conditioning(x, t, y, drop_mask, r)
+        x, taps = self.run_blocks(x, c, c_late, len(self.blocks) if head else max(depths), depths)
+        return (self.head(x, c_late) if head else None), taps
+
+    def conditioning(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor | None,
+                     r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens, the conditioning of the blocks that see t and of those (and the final layer) that see r."""
         if r is None and self.config.mean_flow_form is None:
             x, c = self.embed(x, t, y, drop_mask)
-            c_late = c
-        else:
-            x, c, c_late = self.embed_interval(x, t, r if r is not None else t, y, drop_mask)
-        for i, block in enumerate(self.blocks):
+            return x, c, c
+        return self.embed_interval(x, t, r if r is not None else t, y, drop_mask)
+
+    def run_blocks(self, x: torch.Tensor, c: torch.Tensor, c_late: torch.Tensor, last: int,
+                   depths: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Blocks 1..`last` on the tokens; also the tokens after each block of `depths`, in their order."""
+        taps: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks[:last]):
             cond = c if i < self.config.t_blocks else c_late
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cond, use_reentrant=False)
             else:
                 x = block(x, cond)  # (N, T, D)
-        return self.head(x, c_late)
+            if i + 1 in depths:
+                taps[i + 1] = x
+        return x, [taps[depth] for depth in depths]
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
               drop_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

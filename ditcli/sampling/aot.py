@@ -5,8 +5,9 @@ second `dit sample --compile` paid most of the first one's compile again (60 s, 
 A package holds the frozen, compiled forward for one set of weights, one dtype and any batch size. It lives in the
 home directory under a key of everything that decides its code: the weights' bytes, the input signature, torch,
 ditcli and the CPU's instruction set. The first run builds it (tens of seconds); later runs load it in a few
-seconds. Its inputs are always (x float32, t float32, y int64), whatever dtypes the sampler hands over (the timestep
-features are computed in float32 anyway), so `package_exists` can tell before a run whether a package is ready.
+seconds. Its inputs are always (x float32, t float32, y int64), and a mean-flow model's second time r float32, whatever
+dtypes the sampler hands over (the timestep features are computed in float32 anyway), so `package_exists` can tell
+before a run whether a package is ready.
 """
 
 from __future__ import annotations
@@ -52,17 +53,25 @@ def package_key(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:
     return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def standard_inputs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def standard_inputs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                    r: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The dtypes every package takes: float32 images and times (integer timesteps are exact in float32), int64
-    labels."""
-    return x.float(), t.float(), y.long()
+    labels, and a mean-flow model's float32 second time r as a fourth input."""
+    inputs = (x.float(), t.float(), y.long())
+    return inputs if r is None else (*inputs, r.float())
+
+
+def split_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """(x, t, y) by position and r by name: a DiT's fourth positional argument is the training-only drop mask."""
+    return inputs[:3], dict(zip(("r",), inputs[3:]))
 
 
 def package_path(folder: Path, model: nn.Module) -> Path:
     """Where the package of `model` (a DiT or its `CastWeights` copy) lives in `folder`."""
     config = model.config
-    x = torch.zeros(1, config.in_channels, config.input_size, config.input_size)
-    inputs = standard_inputs(x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    x, time = torch.zeros(1, config.in_channels, config.input_size, config.input_size), torch.zeros(1)
+    second = time if getattr(config, "mean_flow_form", None) is not None else None
+    inputs = standard_inputs(x, time, torch.zeros(1, dtype=torch.long), second)
     return Path(folder) / f"{package_key(model, inputs)}.pt2"
 
 
@@ -81,11 +90,12 @@ class AotCompiled(nn.Module):
         self.runner = None
         self.built: bool | None = None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        inputs = standard_inputs(x, t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = standard_inputs(x, t, y, r)
         if self.runner is None:
             self.runner = self.load_or_build(inputs)
-        return self.runner(*inputs)
+        args, kwargs = split_inputs(inputs)
+        return self.runner(*args, **kwargs)
 
     def load_or_build(self, inputs: tuple[torch.Tensor, ...]):
         """Load the package for these weights; build it when there is none, or when the one there cannot be loaded
@@ -107,8 +117,10 @@ def build_package(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path
     """Export `model` with a dynamic batch, compile it with freezing and move the package into place atomically,
     so that two processes building the same package never leave half of one."""
     batch = torch.export.Dim("batch", min=1, max=MAX_ROWS)
+    args, kwargs = split_inputs(inputs)
+    dynamic = {"x": {0: batch}, "t": {0: batch}, "y": {0: batch}, **{name: {0: batch} for name in kwargs}}
     with torch.no_grad():
-        program = torch.export.export(model, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
+        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.pt2")  # AOTInductor wants the .pt2 suffix
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

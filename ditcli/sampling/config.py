@@ -14,7 +14,7 @@ from ditcli.diffusion.guidance import (
     Guidance,
 )
 from ditcli.diffusion.objectives import DDPM, Objective
-from ditcli.diffusion.samplers import FlowSettings, SamplerPlan
+from ditcli.diffusion.samplers import MAX_STEPS, FlowSettings, SamplerPlan
 from ditcli.errors import UserValueError
 from ditcli.sampling.block_cache import check_threshold
 
@@ -46,8 +46,9 @@ class GenerateConfig:
                                  "use --num N or --num-per-class N with N >= 1")
         if self.batch_size < 1:
             raise UserValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.steps < 1:
-            raise UserValueError(f"steps must be >= 1, got {self.steps}")
+        if not 1 <= self.steps <= MAX_STEPS:  # whether from --steps or from a file's defaults: never a 10M-step run
+            raise UserValueError(f"steps must be between 1 and {MAX_STEPS:,}, got {self.steps:,}",
+                                 f"sample with --steps {min(max(self.steps, 1), MAX_STEPS)}")
         if self.seed < 0:
             raise UserValueError(f"seed must be >= 0, got {self.seed}")
         check_threshold(self.cache)

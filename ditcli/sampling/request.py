@@ -17,13 +17,14 @@ from PIL import Image
 
 from ditcli.data.classes import ClassTable, class_table, slug
 from ditcli.data.images import GRID_MAX, pil_image
-from ditcli.diffusion.guidance import DEFAULT_CHANNELS, GUIDED_CHANNELS, MAX_SEED, Guidance
+from ditcli.diffusion.guidance import DEFAULT_CHANNELS, GUIDED_CHANNELS, MAX_CFG, MAX_SEED, Guidance
 from ditcli.diffusion.objectives import Objective
-from ditcli.diffusion.samplers import FLOW_MAP, SamplerPlan, SamplingDefaults
+from ditcli.diffusion.samplers import FLOW_MAP, MAX_STEPS, SamplerPlan, SamplingDefaults, check_sampler_settings
 from ditcli.downloads import home_dir, remembered_sha256
 from ditcli.errors import UserError
 from ditcli.evaluation.protocol import SAMPLE_PRESETS, expand_preset
 from ditcli.hub import is_offline
+from ditcli.io import check_creatable
 from ditcli.model.codec import (
     LATENT_CHANNELS,
     VAE_ALIASES,
@@ -35,7 +36,7 @@ from ditcli.model.codec import (
 )
 from ditcli.ranks import Ranks, from_rank0, on_every_rank
 from ditcli.runtime import resolve_precision
-from ditcli.sampling.aot import package_exists
+from ditcli.sampling.aot import package_exists, package_path
 from ditcli.sampling.block_cache import check_threshold
 from ditcli.sampling.config import GenerateConfig
 from ditcli.sampling.forward import compile_pays, inference_model
@@ -61,8 +62,6 @@ DEFAULT_NUM = 16
 PIXELS = "none"  # `--vae none`: the model works in pixels, as `dit train --vae none` trains it
 DEFAULT_PRECISION = "fp32"
 MAX_IMAGES = 10_000_000  # 200 ImageNet FID-50k runs; a bound so a typo fails at once, not after building labels
-MAX_STEPS = 10_000
-MAX_CFG = 100.0  # far past any useful scale; larger ones only overflow the guided eps
 
 
 @dataclass(frozen=True)
@@ -110,6 +109,12 @@ class SampleRequest:
         check_model_choice(self.model, self.image_size, self.ckpt)
         resolve_precision(self.precision)
         check_cache(self.cache, self.compile)
+
+    def sampler_settings(self) -> dict[str, str]:
+        """The sampler's settings given (setting -> option), each refused where the sampler does not read it."""
+        given = (("steps", "--steps", self.steps), ("eta", "--eta", self.eta), ("time-shift", "--time-shift",
+                 self.time_shift), ("atol", "--atol", self.atol), ("rtol", "--rtol", self.rtol))
+        return {setting: flag for setting, flag, value in given if value is not None}
 
     def read(self, ranks: Ranks, download: DownloadProgress = None
              ) -> tuple[Path, KnownWeights | None, Checkpoint]:
@@ -193,6 +198,8 @@ def load_run(request: SampleRequest, device: torch.device, ranks: Ranks = Ranks(
     # Build the model (cast once, here, so a package can be looked up) and take one compile choice for all ranks.
     net = inference_model(checkpoint.build(device), r.precision)
     config, compile_choice = from_rank0(choose_compile(r.compile, config, net, plan, device))
+    if config.compile:
+        on_every_rank(lambda: check_compile_home(net, device), "cannot keep the compiled forward")
     return LoadedRun(checkpoint_path, entry, checkpoint, net, codec, config, plan, names, columns, notes, warnings,
                      compile_choice)
 
@@ -207,13 +214,14 @@ def run_config(r: SampleRequest, checkpoint: Checkpoint, entry: KnownWeights | N
     guidance = make_guidance(r.cfg if r.cfg is not None else defaults.cfg, channels, r.guidance_interval,
                              model_config, defaults.interval)
     checkpoint.objective.check_interval(guidance.interval, f": this is {checkpoint.objective.noun()}")
-    check_second_time(model_config, r.cache, r.compile)
+    if guidance.scale == 1 and parse_interval(r.guidance_interval) is not None:
+        raise UserError("--guidance-interval only applies to a guided run, and this one samples without guidance "
+                        "(cfg 1)", "drop --guidance-interval, or pass a --cfg other than 1")
+    check_second_time(model_config, r.cache)
     sampler, steps = sampler_and_steps(r.sampler, r.steps, defaults)
     check_preset_fits(r.preset, sampler, checkpoint)
-    if r.eta is not None and sampler != "ddim":
-        raise UserError(f"--eta only applies to --sampler ddim, and this run uses {sampler}",
-                        "add --sampler ddim, or drop --eta")
     flow = checkpoint.objective.sampler_settings(r.time_shift, r.atol, r.rtol)
+    check_sampler_settings(sampler, r.sampler_settings())
     vae = vae_choice(checkpoint, r.vae, r.vae_from_preset, notes)
     names = class_table(model_config.num_classes, checkpoint.class_names)
     labels, columns = plan_run(names, model_config.num_classes, list(r.classes), r.num_per_class, r.num, r.seed)
@@ -293,14 +301,12 @@ def check_preset_fits(preset: str | None, sampler: str, checkpoint: Checkpoint) 
                     "drop --preset: sample with the model's own settings and --num-images, and score with `dit fid`")
 
 
-def check_second_time(model_config, cache: float | None, compile_model: bool | None) -> None:
-    """A mean-flow model's forward takes a second time r, which the block cache and compiled packages do not pass."""
-    if model_config.mean_flow_form is None:
-        return
-    for flag, given in (("--cache", cache is not None), ("--compile", bool(compile_model))):
-        if given:
-            raise UserError(f"{flag} does not yet run a mean-flow model (its forward takes a second time r)",
-                            f"drop {flag}: one or two steps need neither")
+def check_second_time(model_config, cache: float | None) -> None:
+    """A mean-flow model's forward takes a second time r, which the block cache does not pass (a compiled package
+    takes it as a fourth input)."""
+    if model_config.mean_flow_form is not None and cache is not None:
+        raise UserError("--cache does not run a mean-flow model (its forward takes a second time r, and one or two "
+                        "steps leave nothing to reuse)", "drop --cache")
 
 
 def choose_compile(given: bool | None, config: GenerateConfig, net: torch.nn.Module, plan: SamplerPlan,
@@ -311,13 +317,25 @@ def choose_compile(given: bool | None, config: GenerateConfig, net: torch.nn.Mod
         return replace(config, compile=given), f"{'--compile' if given else '--no-compile'} given"
     if config.cache is not None:
         return config, "eager: --cache runs the blocks one at a time"
-    if net.config.mean_flow_form is not None:
-        return config, "eager: a mean-flow model's forward takes a second time, which compiled packages do not yet"
     choice, why = compile_pays(config, net.config, plan.nfe, device)
     if not choice and device.type == "cpu" and compile_pays(config, net.config, plan.nfe, device, built=True)[0] \
             and package_exists(home_dir() / "aoti", net):  # hashing the weights only where a package would pay
         choice, why = compile_pays(config, net.config, plan.nfe, device, built=True)
     return replace(config, compile=choice), why
+
+
+def check_compile_home(net: torch.nn.Module, device: torch.device) -> None:
+    """A compiled run keeps inductor's caches in the home folder (DIT_HOME) and, on a CPU, its AOTInductor package
+    there: a home that cannot hold them is refused before any output is written or the compile (tens of seconds)
+    runs."""
+    paths = [(home_dir() / "inductor", "folder")]
+    if device.type == "cpu":
+        paths.append((package_path(home_dir() / "aoti", net), "file"))
+    try:
+        for path, kind in paths:
+            check_creatable(path, "DIT_HOME: the compile cache", kind)
+    except UserError as exc:
+        raise UserError(exc.what, "set DIT_HOME to a writable folder, or pass --no-compile") from None
 
 
 def output_paths(request: SampleRequest, default: Path) -> tuple[Path | None, Path | None]:

@@ -30,6 +30,7 @@ from ditcli.errors import UserError
 from ditcli.io import atomic_write, read_json, safe_torch_load, write_json
 from ditcli.model.dit import DiTConfig
 from ditcli.ranks import SHARED_DISK_HINT, Ranks, from_rank0, on_every_rank
+from ditcli.training.align import load_heads
 from ditcli.training.config import RESUMABLE_CHANGES, TrainConfig
 from ditcli.weights.checkpoint import TRAIN_FORMAT, train_ema_record
 
@@ -80,7 +81,21 @@ def train_state(run) -> list[Slot]:
              read=train_ema_record),
         Slot("data_fingerprint", lambda: run.images.fingerprint()),
         Slot("versions", lambda: {"torch": str(torch.__version__), "ditcli": _version()}),
+        *align_slots(run),
     ]
+
+
+def align_slots(run) -> list[Slot]:
+    """A run that trains alignment heads (--align repa or self): the heads, in REPA's key layout
+    (`projectors.0.0.weight`, ...), and their optimizer's state. A checkpoint without them (resumed with --force)
+    leaves them as initialised."""
+    if run.config.align == "none":
+        return []
+    return [Slot("align", lambda: run.alignment.heads.state_dict(),
+                 lambda state: load_heads(run.alignment.heads, state, run.out), read=lambda payload: payload.get("align")),
+            Slot("align_optimizer", lambda: run.head_optimizer.state_dict(),
+                 lambda state: state and run.head_optimizer.load_state_dict(state),
+                 read=lambda payload: payload.get("align_optimizer"))]
 
 
 class Checkpoints:
@@ -125,13 +140,12 @@ class Checkpoints:
             self.owned.discard(old)
 
     def load(self, payload: dict) -> None:
-        """Put back every entry a resumed run takes back, in the list's order; rank 0 trims the metrics log."""
+        """Put back every entry a resumed run takes back, in the list's order. The metrics log is trimmed only once
+        the run goes ahead (`start`): a resume refused after this leaves it as it was."""
         for slot in self.slots:
             if slot.load is not None:
                 slot.load(slot.read(payload) if slot.read is not None else payload[slot.name])
         self.saved_step = int(payload["step"])
-        if self.ranks.rank == 0:
-            trim_metrics(self.out / METRICS_FILE, self.saved_step)
 
     def agreed_resume(self, resume: str | None) -> tuple[dict, Path] | None:
         """The checkpoint `--resume` names (`auto`: the latest in the run folder) and its payload, or None to start
@@ -160,12 +174,12 @@ class Checkpoints:
             lambda: read_run_file(self.out) if self.ranks.rank == 0 and (self.out / RUN_FILE).exists() else None))
 
     def start(self, record: dict) -> None:
-        """Rank 0, before the first step: write run.json (atomically), the settings a bare --resume reads; a run
-        that restarts from step 0 (stopped before its first checkpoint) drops the rows it logged."""
+        """Rank 0, once every check has passed and before the first step: drop the metrics rows logged after the
+        step the run starts from (a resumed run's checkpoint, or step 0 for a run stopped before its first one), then
+        write run.json (atomically), the settings a bare --resume reads. Nothing in the folder changes before."""
         if self.ranks.rank != 0:
             return
-        if self.saved_step < 0:
-            trim_metrics(self.out / METRICS_FILE, 0)
+        trim_metrics(self.out / METRICS_FILE, max(self.saved_step, 0))
         write_json(self.out / RUN_FILE, {"format": RUN_FORMAT, **record})
 
 

@@ -12,27 +12,39 @@ from typing import Callable
 from ditcli.diffusion.ddpm import BETA_SCHEDULES
 from ditcli.diffusion.flow import TIME_DIRECTIONS, TIME_SAMPLINGS
 from ditcli.diffusion.guidance import MAX_SEED
+from ditcli.diffusion.meanflow import GUIDANCE_FORMS, TrainedGuidance
 from ditcli.diffusion.objectives import (
     DEFAULT_TIME_DIRECTION,
     OBJECTIVES,
     Objective,
     objective_from_record,
 )
-from ditcli.diffusion.meanflow import GUIDANCE_FORMS, TrainedGuidance
 from ditcli.diffusion.process import Process
+from ditcli.diffusion.samplers import check_sampler_settings
 from ditcli.errors import UserError
 from ditcli.evaluation.features import INCEPTION
 from ditcli.model.codec import DEFAULT_VAE, LATENT_CHANNELS, VAE_ALIASES, VaeCodec
-from ditcli.model.dit import DiTConfig, preset, preset_names
+from ditcli.model.dit import (
+    MAX_DEPTH,
+    MAX_HIDDEN_SIZE,
+    MAX_IMAGE_SIZE,
+    DiTConfig,
+    preset,
+    preset_names,
+)
 from ditcli.sampling.request import MAX_CFG, MAX_STEPS
+from ditcli.training.align import (
+    ALIGN_WEIGHT,
+    DISPERSIVE_TEMPERATURE,
+    DISPERSIVE_WEIGHT,
+    REPA_PROJECTOR_DIM,
+    check_alignment,
+)
 from ditcli.training.trackers import check_trackers
 from ditcli.weights.checkpoint import WEIGHT_CHOICES
 
 # Upper bounds of the size options: far above any real run, low enough that a typo cannot allocate the machine away.
 MAX_GLOBAL_BATCH = 1 << 20
-MAX_IMAGE_SIZE = 4096
-MAX_HIDDEN_SIZE = 16384
-MAX_DEPTH = 512
 LR_SCHEDULES = ("constant", "cosine")
 # Fields that may change when resuming; any other difference needs --force.
 TRAINED_GUIDANCE = ("none", *GUIDANCE_FORMS)  # --train-guidance
@@ -42,12 +54,13 @@ OBJECTIVE_SETTINGS = ("time_direction", "time_sampling", "time_shift", "decouple
                       "train_kappa", "train_guidance_interval")
 RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "log", "eval_every", "eval_ref",
                      "eval_num", "eval_features", "eval_sampler", "eval_steps", "eval_cfg", "micro_batch", "compile",
-                     "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights"}
+                     "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights",
+                     "dinov2_weights"}
 
 
 # The groups of TrainConfig's fields, in the order `dit train --help` shows them as panels.
-DATA, MODEL, OBJECTIVE, OPTIMISATION, CHECKPOINTS, EVALUATION, LOGGING, PERFORMANCE = OPTION_GROUPS = (
-    "Data", "Model", "Objective", "Optimisation", "Checkpoints", "Evaluation", "Logging", "Performance")
+DATA, MODEL, OBJECTIVE, ALIGNMENT, OPTIMISATION, CHECKPOINTS, EVALUATION, LOGGING, PERFORMANCE = OPTION_GROUPS = (
+    "Data", "Model", "Objective", "Alignment", "Optimisation", "Checkpoints", "Evaluation", "Logging", "Performance")
 
 
 def option(default=MISSING, *, help: str, group: str, flag: str | None = None, parse: type | None = None):
@@ -123,6 +136,33 @@ class TrainConfig:
     train_guidance_interval: str = option("0,1", help="Mean flow: LOW,HIGH, the times t (the model's own) where the "
                                           "trained guidance applies.", group=OBJECTIVE)
 
+    # Alignment (ditcli.training.align): an extra loss on the tokens after one block; none by default.
+    align: str = option("none", help="Representation alignment: none, repa (REPA: block D's tokens through an MLP "
+                        "projector towards a frozen encoder's patch tokens of the clean image, by negative cosine) or "
+                        "self (SRA: towards a later block of the EMA at a less noisy time, through a small head; no "
+                        "encoder).", group=ALIGNMENT)
+    align_encoder: str | None = option(None, help="--align repa's encoder: dinov2 (the file of --dinov2-weights), "
+                                       "fashion-judge (weights/fashion-judge.safetensors) or a file of either kind. "
+                                       "Default: none; --align repa needs one.", group=ALIGNMENT)
+    align_depth: int | None = option(None, help="The block aligned, counted from 1. Default: repa a third of the "
+                                     "depth, at most 8 (REPA: 8 of 28); self a sixth, at most 4 (SRA: 4 of 28).",
+                                     group=ALIGNMENT)
+    align_weight: float = option(ALIGN_WEIGHT, help="Weight of the alignment loss (REPA's proj_coeff).",
+                                 group=ALIGNMENT)
+    align_projector_dim: int = option(REPA_PROJECTOR_DIM, help="--align repa: width of the projector's two hidden "
+                                      "layers.", group=ALIGNMENT)
+    align_teacher_depth: int | None = option(None, help="--align self: the EMA's block the student aligns to, at "
+                                             "least --align-depth. Default: twice --align-depth, at most the depth.",
+                                             group=ALIGNMENT)
+    dispersive: bool = option(False, help="Add the dispersive loss (Diffuse and Disperse): the tokens after one block "
+                              "of a batch's images pushed apart; no parameters, no encoder.", group=ALIGNMENT,
+                              flag="--dispersive")
+    dispersive_depth: int | None = option(None, help="--dispersive: the block it reads. Default: the last.",
+                                          group=ALIGNMENT)
+    dispersive_weight: float = option(DISPERSIVE_WEIGHT, help="--dispersive: its weight (lambda).", group=ALIGNMENT)
+    dispersive_temperature: float = option(DISPERSIVE_TEMPERATURE, help="--dispersive: its temperature tau, on "
+                                           "squared distances divided by the feature count (> 0).", group=ALIGNMENT)
+
     # Optimisation.
     steps: int = option(400_000, help="Total optimizer steps.", group=OPTIMISATION)
     global_batch: int = option(256, help="Images per step, all ranks.", group=OPTIMISATION)
@@ -157,6 +197,9 @@ class TrainConfig:
     eval_num: int = option(1000, help="Images per evaluation.", group=EVALUATION)
     eval_features: str = option(INCEPTION, help="Feature extractor, as dit fid --features (fashion-judge for "
                                                 "Fashion-MNIST).", group=EVALUATION)
+    dinov2_weights: str | None = option(None, help="DINOv2 weights, a PATH or URL of a torch-hub dinov2_vit*14 "
+                                        "checkpoint, for --eval-features dinov2 and --align-encoder dinov2. Default: "
+                                        "the released ViT-L/14, downloaded once.", group=EVALUATION)
     # The evaluation's sampling; None: what the checkpoints record for `dit sample` (the objective's trained defaults).
     eval_sampler: str | None = option(None, help="Sampler of the evaluation, one of the objective's dit sample "
                                       "--sampler names. Default: the model's own (ddpm: dpm++2m, flow: heun, "
@@ -199,7 +242,7 @@ class TrainConfig:
             raise UserError(f"unknown --lr-schedule {self.lr_schedule!r}", f"choose from {', '.join(LR_SCHEDULES)}")
         if self.schedule not in BETA_SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}", f"choose from {', '.join(BETA_SCHEDULES)}")
-        self.check_objective()
+        check_objective(self)
         check_evaluation(self)
         check_trackers(tuple(self.log))
         if self.eval_every and not self.eval_ref:
@@ -213,21 +256,7 @@ class TrainConfig:
             raise UserError(f"--channels {self.channels} needs a pixel-space model: the VAE encodes RGB images",
                             "add --vae none, or drop --channels")
         self.check_architecture()
-
-    def check_objective(self) -> None:
-        """--objective and the options that belong to one objective only."""
-        for flag, value, choices in (("--objective", self.objective, OBJECTIVES),
-                                     ("--time-direction", self.time_direction, TIME_DIRECTIONS),
-                                     ("--time-sampling", self.time_sampling, TIME_SAMPLINGS)):
-            if value not in choices:
-                raise UserError(f"unknown {flag} {value!r}", f"choose from {', '.join(choices)}")
-        if not (math.isfinite(self.time_shift) and self.time_shift > 0):
-            raise UserError(f"--time-shift must be a finite number > 0, got {self.time_shift:g}",
-                            "1 leaves the times as drawn; > 1 spends more steps at high noise")
-        given = [f"--{name.replace('_', '-')}" for name in OBJECTIVE_SETTINGS
-                 if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
-        objective_from_record(self.objective, self.time_direction, "run").check_training(self.schedule, given)
-        check_mean_flow(self)
+        check_alignment(self)
 
     def trained_guidance(self) -> TrainedGuidance:
         """--train-guidance and its omega, kappa and interval (ditcli.diffusion.meanflow)."""
@@ -337,12 +366,31 @@ class TrainConfig:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_objective(config: TrainConfig) -> None:
+    """--objective and the options that belong to one objective only."""
+    for flag, value, choices in (("--objective", config.objective, OBJECTIVES),
+                                 ("--time-direction", config.time_direction, TIME_DIRECTIONS),
+                                 ("--time-sampling", config.time_sampling, TIME_SAMPLINGS)):
+        if value not in choices:
+            raise UserError(f"unknown {flag} {value!r}", f"choose from {', '.join(choices)}")
+    if not (math.isfinite(config.time_shift) and config.time_shift > 0):
+        raise UserError(f"--time-shift must be a finite number > 0, got {config.time_shift:g}",
+                        "1 leaves the times as drawn; > 1 spends more steps at high noise")
+    given = [f"--{name.replace('_', '-')}" for name in OBJECTIVE_SETTINGS
+             if getattr(config, name) != TrainConfig.__dataclass_fields__[name].default]
+    objective_from_record(config.objective, config.time_direction, "run").check_training(config.schedule, given)
+    check_mean_flow(config)
+
+
 def check_evaluation(config: TrainConfig) -> None:
     """--eval-sampler must sample the run's objective (the steps and scale are ranges, checked with the others)."""
     objective = config.training_objective()
     if config.eval_sampler is not None and config.eval_sampler not in objective.samplers:
         raise UserError(f"--eval-sampler {config.eval_sampler!r} does not sample {objective.noun()}",
                         f"choose from {', '.join(objective.samplers)}")
+    if config.eval_steps is not None:  # dopri5 chooses its own
+        check_sampler_settings(config.eval_sampler or objective.trained_sampling.sampler, {"steps": "--eval-steps"},
+                               "--eval-sampler")
     if config.eval_cfg not in (None, 1.0) and config.class_dropout_prob == 0:
         raise UserError(f"--eval-cfg {config.eval_cfg:g} needs a null class, and --class-dropout-prob 0 trains none",
                         "drop --eval-cfg, or train with --class-dropout-prob 0.1")
@@ -465,4 +513,27 @@ def config_from_options(preset: str | None, stored: dict | None = None, **option
     elif "data" not in chosen and not base.get("data"):
         raise UserError("no training data given", "pass --data FOLDER|FILE.npz|fashion-mnist, or --preset "
                         "fashion-mnist; --resume auto alone needs the --out of an existing run")
-    return TrainConfig(**{**base, **chosen})
+    config = TrainConfig(**{**base, **chosen})
+    check_given(config, set(chosen))
+    return config
+
+
+# Options that act only with another: (fields, whether the run uses them, the option that makes it, what it does).
+NEEDS = ((("eval_ref", "eval_num", "eval_features", "eval_sampler", "eval_steps", "eval_cfg"),
+          lambda c: c.eval_every > 0, "--eval-every N", "evaluate"),
+         (("train_omega", "train_kappa", "train_guidance_interval"), lambda c: c.train_guidance != "none",
+          "--train-guidance meanflow or model", "train guidance in"),
+         (("init_weights",), lambda c: c.init_from is not None, "--init-from SRC", "start from another model"))
+
+
+def check_given(config: TrainConfig, given: set[str]) -> None:
+    """Options given on the command line that the run would not use are refused, never kept and recorded as if used;
+    given at its default value counts (`--time-direction noise-to-data` trains no DDPM model any more than
+    `data-to-noise` does). The stored settings a --resume takes are not checked again: they were the run's own."""
+    flags = [f"--{name.replace('_', '-')}" for name in (*OBJECTIVE_SETTINGS, "schedule") if name in given]
+    config.training_objective().check_training("linear", flags)
+    for names, used, option, what in NEEDS:
+        unused = [f"--{name.replace('_', '-')}" for name in names if name in given and not used(config)]
+        if unused:
+            raise UserError(f"{unused[0]} only applies with {option}, and this run does not {what}",
+                            f"add {option.split(' or ')[0]}, or drop {unused[0]}")

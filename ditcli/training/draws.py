@@ -1,5 +1,6 @@
 """The randomness contract of training: every random draw of a global batch (image order, times, noise, label
-dropout) comes from (seed, step) alone, so a run is the same on one process or eight, resumed or not.
+dropout, SRA's teacher time) comes from (seed, step) alone, so a run is the same on one process or eight, resumed or
+not.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ class TrainingData:
         flipped = torch.from_numpy(flips.astype(bool))
         return torch.where(flipped[:, None, None, None], x.flip(3), x)
 
+    def pixels(self, indices: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        """The clean images as uint8 (n, C, H, W), flipped as `x_start` (what an alignment encoder sees)."""
+        x = torch.from_numpy(np.ascontiguousarray(self.images.images[indices])).permute(0, 3, 1, 2)  # (n, C, H, W)
+        flipped = torch.from_numpy(flips.astype(bool))
+        return torch.where(flipped[:, None, None, None], x.flip(3), x)
+
 
 @dataclass
 class StepDraws:
@@ -45,10 +52,11 @@ class StepDraws:
     noise: torch.Tensor
     drop: torch.Tensor
     posterior_noise: torch.Tensor
+    shift: torch.Tensor  # uniform in [0, 1): how much less noisy SRA's teacher sees the image (`--align self`)
 
     def slice(self, lo: int, hi: int) -> StepDraws:
         return StepDraws(self.indices[lo:hi], self.flips[lo:hi], self.t[lo:hi], self.noise[lo:hi],
-                         self.drop[lo:hi], self.posterior_noise[lo:hi])
+                         self.drop[lo:hi], self.posterior_noise[lo:hi], self.shift[lo:hi])
 
 
 @functools.lru_cache(maxsize=2)
@@ -75,4 +83,5 @@ def draw_step(config: TrainConfig, step: int, num_images: int, shape: tuple, obj
     noise = torch.randn((batch, *shape), generator=g)
     drop = torch.rand(batch, generator=g) < dropout
     posterior_noise = torch.randn((batch, *shape), generator=g)
-    return StepDraws(indices, flips.astype(np.int64), t, noise, drop, posterior_noise)
+    shift = torch.rand(batch, generator=g)  # last, so that the draws before it are those of runs from before it
+    return StepDraws(indices, flips.astype(np.int64), t, noise, drop, posterior_noise, shift)

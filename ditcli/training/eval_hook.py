@@ -22,8 +22,15 @@ from ditcli.diffusion.guidance import DEFAULT_CHANNELS, Guidance
 from ditcli.diffusion.objectives import Objective
 from ditcli.diffusion.samplers import SamplingDefaults
 from ditcli.errors import UserError
-from ditcli.evaluation.features import INCEPTION, Activations, Progress, extract, load_feature_extractor
-from ditcli.evaluation.fid import FidConfig, evaluate
+from ditcli.evaluation.features import (
+    DINOV2,
+    INCEPTION,
+    Activations,
+    Progress,
+    extract,
+    load_feature_extractor,
+)
+from ditcli.evaluation.fid import FidConfig, evaluate, extractor_weights, features_for
 from ditcli.evaluation.references import open_reference
 from ditcli.runtime import set_backend_flags
 from ditcli.sampling.config import GenerateConfig
@@ -46,12 +53,32 @@ class EvalRequest:
     sampler: str | None = None
     steps: int | None = None
     cfg: float | None = None
+    dinov2_weights: str | None = None  # --dinov2-weights: the DINOv2 file of --eval-features dinov2
 
-    def check(self) -> None:
-        """The reference must be readable before training starts (checked on every rank)."""
-        if not self.ref.is_file():
+    @property
+    def weights(self) -> str | None:
+        """The weight file of the extractor, as `dit fid` takes it: --dinov2-weights for dinov2 features only."""
+        return self.dinov2_weights if self.features == DINOV2 else None
+
+    def check(self, load_extractor: bool = True) -> None:
+        """Before training starts: the reference reads as one, in features the evaluation can score against (its
+        images, or statistics in `features`), and the feature extractor loads (on the CPU, then dropped; rank 0, which
+        scores, passes `load_extractor`)."""
+        if not self.ref.exists():
             raise UserError(f"--eval-ref {self.ref} not found",
                             "make one with `dit fid --make-ref DATA -o REF.npz` (add --features to match)")
+        ref = open_reference(self.ref)
+        features = features_for(FidConfig(self.ref, self.ref, features=self.features), ref)
+        if ref.images is None and ref.features != features:
+            raise UserError(f"--eval-ref {self.ref} holds {ref.features} statistics and no images, and --eval-features "
+                            f"is {features}", f"pass --eval-features {ref.features}, or make the reference with "
+                                              f"`dit fid --make-ref DATA --features {features} -o REF.npz`")
+        if not load_extractor:
+            return
+        try:
+            load_feature_extractor(features, torch.device("cpu"), self.weights)
+        except UserError as exc:  # `dit fid`'s hint may name its --inception-weights, which `dit train` does not take
+            raise UserError(exc.what, (exc.hint or "").split(", or pass --")[0] or None) from None
 
     def due(self, step: int) -> bool:
         """The decision comes from the step alone, so every rank takes it alike."""
@@ -79,7 +106,7 @@ class Evaluator:
         """From a TrainConfig's --eval-* slice; an evaluator that is never due without --eval-every."""
         request = None if not config.eval_every else EvalRequest(
             config.eval_every, Path(config.eval_ref), config.eval_num, config.eval_features, config.eval_sampler,
-            config.eval_steps, config.eval_cfg)
+            config.eval_steps, config.eval_cfg, config.dinov2_weights)
         return cls(request, out)
 
     def due(self, step: int) -> bool:
@@ -160,7 +187,8 @@ def evaluate_ema(model, codec, config: GenerateConfig, request: EvalRequest, pat
         return None
     set_backend_flags(allow_tf32=False, autotune=False)  # as `dit fid` scores
     try:
-        fid_config = FidConfig(path, request.ref, features=request.features, precision_recall=False)
+        fid_config = FidConfig(path, request.ref, features=request.features, precision_recall=False,
+                               dinov2_weights=request.weights)
         cache = {} if reference is None else reference
         if "activations" not in cache:
             cache["activations"] = reference_activations(fid_config, device, progress)
@@ -179,7 +207,7 @@ def reference_activations(config: FidConfig, device, progress: Progress | None =
     ref = open_reference(config.ref, config.resize, config.num_workers)
     if ref.images is None:
         return None
-    extractor, _ = load_feature_extractor(config.features, device, config.inception_weights)
+    extractor, _ = load_feature_extractor(config.features, device, extractor_weights(config, config.features))
     total = ref.images.num_images
 
     def done(count: int) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ditcli.data.classes import IMAGENET_CLASSES, ClassTable, class_table, normalize
-from ditcli.diffusion.objectives import DDPM, Objective
+from ditcli.diffusion.objectives import DDPM, FlowObjective, Objective
 from ditcli.errors import UserError
 from ditcli.hub import parse_hub_id
 from ditcli.model.codec import LATENT_CHANNELS
@@ -93,7 +93,7 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
                         "pass a checkpoint file, a diffusers folder or a hub id org/name[@revision]")
     # Heads cannot be read from a bare state dict: a preset width gives them, else the model to train does.
     heads = None if target.hidden_size in HEADS_BY_WIDTH else target.num_heads
-    checkpoint, stale, note = read_source(source, heads, weights)
+    checkpoint, stale, note = read_source(source, heads, weights, foreign_readings(objective))
     check_architecture(checkpoint.config, target, source)
     notes = tuple(line for line in (note, objective_change(checkpoint, objective, source)) if line)
     config = replace(target, timestep_convention=checkpoint.config.timestep_convention,
@@ -110,20 +110,43 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
     return InitFrom(str(source), checkpoint.format, checkpoint.weights, config, state, plan, source_grid, stale, notes)
 
 
-def read_source(source: str, heads: int | None, weights: str | None
+def foreign_readings(objective: Objective) -> tuple[Objective, ...]:
+    """How a run reads a source from elsewhere that records no objective (a SiT or REPA release), as `dit sample`
+    reads it given the same --objective and --time-direction: as the run's objective, or as the flow of its time
+    direction (a mean-flow run's start, DMF's). None for a run without a time direction: such a file stays refused,
+    naming the options."""
+    direction = getattr(objective, "time_direction", None)
+    return () if direction is None else (objective, FlowObjective(direction))
+
+
+def load_source(source: str, heads: int | None, weights: str | None, readings: tuple[Objective, ...]) -> Checkpoint:
+    """The source by its own record, or, where it records no objective and is refused without one, by the first of
+    `readings` it fits; the first refusal where none does."""
+    try:
+        return load_checkpoint(source, num_heads=heads, weights=weights)
+    except UserError as refused:
+        for objective in readings:
+            try:
+                return load_checkpoint(source, num_heads=heads, weights=weights, objective=objective)
+            except UserError:
+                continue
+        raise refused from None
+
+
+def read_source(source: str, heads: int | None, weights: str | None, readings: tuple[Objective, ...] = ()
                 ) -> tuple[Checkpoint, EmaRecord | None, str | None]:
     """The source's weights, the EMA record that says they are mostly initial weights (or None), and the line to say.
 
     A stale EMA is swapped for the model weights when `weights` is None and the source holds them (a `dit train`
     checkpoint, the one source with a step and both sets); asked for, or the only set, it is kept with a warning.
     """
-    checkpoint = load_checkpoint(source, num_heads=heads, weights=weights)
+    checkpoint = load_source(source, heads, weights, readings)
     record = checkpoint.ema if checkpoint.weights == "ema" else None
     if record is None or not record.mostly_initial:
         return checkpoint, None, None
     both = checkpoint.step is not None
     if weights is None and both:
-        return (load_checkpoint(source, num_heads=heads, weights="model"), record,
+        return (load_source(source, heads, "model", readings), record,
                 f"warning: --init-from {source}: starting from its model weights, not its EMA weights, which have "
                 f"{record.history()}; pass --init-weights ema to start from the EMA anyway")
     fix = ("pass --init-weights model, or train the source longer" if both else

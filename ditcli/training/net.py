@@ -2,6 +2,10 @@
 through DDP (and `--compile`) under the run's autocast, a forward without gradients, and the JVP a mean-flow target
 needs.
 
+With representation alignment the forward module is the DiT with its heads (`ditcli.training.align.TapNet`), which
+also returns the tokens of the tapped blocks: the net keeps them as `taps`, for the trainer to add the alignment
+terms once the objective has its loss; the objectives never see them.
+
 The JVP runs on the unwrapped module under `no_grad`: forward-mode AD cannot pass through a DDP wrapper (whose hooks
 belong to the backward pass), and running the differentiable forward outside DDP would skip the gradient sync. The
 fused attention kernels have no forward-mode rule, so the JVP alone uses the math kernel; the forward keeps the
@@ -17,17 +21,21 @@ from ditcli.runtime import autocast
 
 
 class RunNet:
-    """`forward`: the DDP-wrapped (maybe compiled) model; `module`: the model itself."""
+    """`forward`: the DDP-wrapped (maybe compiled) model; `module`: the model itself. `tapped`: the forward returns
+    (output, taps), and `taps` keeps those of the last differentiable forward."""
 
-    def __init__(self, forward: torch.nn.Module, module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
-        self.forward, self.module, self.device, self.dtype = forward, module, device, dtype
+    def __init__(self, forward: torch.nn.Module, module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 tapped: bool = False):
+        self.forward, self.module, self.device, self.dtype, self.tapped = forward, module, device, dtype, tapped
+        self.taps: list[torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,
                  r: torch.Tensor | None = None) -> torch.Tensor:
         with autocast(self.device, self.dtype):
-            if r is None:
-                return self.forward(x, t, y, drop_mask)
-            return self.forward(x, t, y, drop_mask, r=r)
+            out = self.forward(x, t, y, drop_mask) if r is None else self.forward(x, t, y, drop_mask, r=r)
+        if self.tapped:
+            out, self.taps = out
+        return out
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,

@@ -29,6 +29,14 @@ def check_trackers(names: tuple[str, ...]) -> None:
             raise UserError(f"unknown --log {name!r}", f"choose from {', '.join(TRACKERS)} (repeat --log for several)")
 
 
+def check_packages(names: tuple[str, ...]) -> None:
+    """Every tracker named, and its package importable: checked before a run touches its folder."""
+    check_trackers(names)
+    for name in names:
+        if name != "jsonl":
+            require(name, name)
+
+
 def require(module: str, extra: str):
     """Import an optional tracker package, or one line naming the pip command."""
     try:
@@ -93,10 +101,7 @@ class Trackers:
 
     def __init__(self, names: tuple[str, ...], out: Path, start_step: int, config: dict, rank: int = 0):
         """Every rank checks that the packages import (so all fail alike); rank 0 alone opens the trackers."""
-        check_trackers(names)
-        for name in names:
-            if name != "jsonl":
-                require(name, name)
+        check_packages(names)
         self.open = []
         if rank != 0:
             return

@@ -40,6 +40,14 @@ from ditcli.ranks import (
 )
 from ditcli.runtime import resolve_device, resolve_precision
 from ditcli.training import finetune
+from ditcli.training.align import (
+    AlignBatch,
+    Alignment,
+    adopt_projectors,
+    align_encoder,
+    build_alignment,
+    source_projectors,
+)
 from ditcli.training.checkpoints import (
     METRICS_FILE,
     RUN_FILE,
@@ -53,7 +61,7 @@ from ditcli.training.draws import StepDraws, TrainingData, draw_step
 from ditcli.training.eval_hook import Evaluator, eval_config
 from ditcli.training.latent_cache import LatentCache
 from ditcli.training.net import RunNet
-from ditcli.training.trackers import Trackers
+from ditcli.training.trackers import Trackers, check_packages
 from ditcli.weights.ema import EmaRecord, ema_decay_at
 
 NO_VAE = "pass --vae none to train in pixel space"  # the offline way out when a VAE cannot be had
@@ -149,6 +157,7 @@ class Trainer:
         self.stopping = False
         agree_settings(config)  # --resume fills the options not given from the run folder, which each rank reads
         on_every_rank(lambda: check_creatable(self.out, "--out"), "cannot use --out", SHARED_DISK_HINT)
+        self.evaluator = check_options(config, self.out, self.dist.rank)  # what the options name, before any write
         self.checkpoints = Checkpoints(self.out, config.ckpt_every, config.keep_last, self.dist, train_state(self))
         # The run folder, before anything is written: a run in it is only continued (rank 0 decides for all).
         resumed = self.checkpoints.agreed_resume(self.resume_arg)  # (payload, path), before anything is built
@@ -167,6 +176,9 @@ class Trainer:
         if restarted is not None:  # a run stopped before its first checkpoint starts again, with its settings
             on_every_rank(lambda: check_compatible(config, self.model_config, self.images, restarted,
                                                    self.out / RUN_FILE, restarted.get("data_fingerprint"), self.force))
+        if resumed is not None:  # its stored forward and a check of its settings, before the latent cache is written
+            self.adopt_checkpoint(*resumed)
+        self.encoder = on_every_rank(lambda: align_encoder(config, self.device), "cannot load --align-encoder")
         self.codec = load_codec(config, self.device)
         cache = prepare_cache(self.images, self.codec, config, self.out, self.dist, self.emit)
         self.data = TrainingData(self.images, cache, config.flip)
@@ -174,18 +186,23 @@ class Trainer:
         self.model.grad_checkpointing = config.grad_checkpointing
         self.ema = ema_copy(self.model, self.model_config, self.device)
         self.optimizer = adamw(self.model, config, self.device)
+        self.alignment, self.head_optimizer = setup_alignment(config, self.model_config, self.encoder, self.ema,
+                                                              self.objective, self.device, self.dtype, self.init,
+                                                              self.emit)
         self.state = TrainState()
         if resumed is not None:
             self.load_checkpoint(*resumed)
-        self.ddp = data_parallel(self.model, self.dist, self.device)
+        trained = self.model if self.alignment is None else self.alignment.wrap(self.model)  # with its heads
+        self.ddp = data_parallel(trained, self.dist, self.device)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
-        self.net = RunNet(self.forward, self.model, self.device, self.dtype)
+        self.net = RunNet(self.forward, self.model, self.device, self.dtype, tapped=self.alignment is not None)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.evaluator = Evaluator.from_config(config, self.out)
-        if self.evaluator.request is not None:
-            on_every_rank(self.evaluator.request.check, "cannot read --eval-ref", SHARED_DISK_HINT)
         self.trackers = on_every_rank(lambda: Trackers(tuple(config.log), self.out, self.state.step,
                                                        config.to_dict(), self.dist.rank))  # rank 0 opens them
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] + ([self.head_optimizer] if self.head_optimizer is not None else [])
 
     def summary(self) -> dict:
         """The start-up table: what is trained on what, how, and where it goes."""
@@ -198,6 +215,7 @@ class Trainer:
                 "micro_batch": self.micro_batch, "precision": c.precision,
                 "device": f"{self.device} x {self.dist.world}",
                 "start_step": self.state.step, "steps": c.steps, **evaluation, "out": str(self.out),
+                **({"alignment": self.alignment.describe()} if self.alignment else {}),
                 **(self.init.summary() if self.init else {})}
 
     @property
@@ -216,7 +234,7 @@ class Trainer:
         per_rank = config.global_batch // world
         mine = draws.slice(rank * per_rank, (rank + 1) * per_rank)
         self.model.train()
-        totals = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        totals = dict.fromkeys(("loss", "mse", "vb", *(self.alignment.metrics if self.alignment else ())), 0.0)
         chunks = list(range(0, per_rank, self.micro_batch))
         for i, lo in enumerate(chunks):
             part = mine.slice(lo, lo + self.micro_batch)
@@ -235,20 +253,27 @@ class Trainer:
         x_start = self.data.x_start(part.indices, part.flips, part.posterior_noise).to(self.device)
         t, noise = part.t.to(self.device), part.noise.to(self.device)
         labels = torch.from_numpy(self.images.labels[part.indices]).to(self.device)
-        terms = self.objective.loss(self.net, x_start, t, noise, labels, part.drop.to(self.device))
+        drop = part.drop.to(self.device)
+        terms = self.objective.loss(self.net, x_start, t, noise, labels, drop)
+        if self.alignment is not None:  # on the tokens the differentiable forward tapped
+            pixels = self.data.pixels(part.indices, part.flips).to(self.device)
+            batch = AlignBatch(pixels, x_start, t, noise, labels, drop, part.shift.to(self.device))
+            terms = self.alignment.add(terms, self.net.taps, batch)
         (terms["loss"].sum() / per_rank).backward()
         return {k: v.detach().sum().item() / per_rank for k, v in terms.items()}
 
     def clip_gradients(self) -> float:
         max_norm = self.config.grad_clip if self.config.grad_clip else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        heads = [] if self.head_optimizer is None else list(self.alignment.heads.parameters())
+        return float(torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *heads], max_norm))
 
     def apply_update(self, ok: bool):
         """Optimizer and EMA step, or a counted skip when the loss or gradient is not finite."""
         if ok:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.config.lr_at(self.state.step)
-            self.optimizer.step()
+            for optimizer in self.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.config.lr_at(self.state.step)
+                optimizer.step()
             update_ema(self.ema, self.model, ema_decay_at(self.config.ema_decay, self.config.ema_warmup,
                                                           self.state.step))
             self.state.consecutive_bad = 0
@@ -262,7 +287,8 @@ class Trainer:
                                   f"non-finite loss or gradient at step {self.state.step}",
                                   "lower --lr, set --grad-clip, or use --precision fp32; the last good weights are in "
                                   "the latest checkpoint")
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
 
     # Observability.
@@ -314,14 +340,19 @@ class Trainer:
         if path is not None:
             self.emit("checkpoint", {"path": str(path), "step": self.state.step})
 
-    def load_checkpoint(self, data: dict, path: Path):
-        """Resume from `data`: its stored forward, a check of the configuration, then every entry of the state."""
-        stored = DiTConfig.from_dict(data["config"]["model"])  # a fine-tuned run keeps its source's forward
-        for model in (self.model, self.ema):
-            model.set_forward(stored.timestep_convention, stored.norm_eps)
+    def adopt_checkpoint(self, data: dict, path: Path):
+        """Before a resumed run builds or writes anything: its stored forward (a fine-tuned run keeps its source's),
+        which the EMA then copies, and the check of its configuration against this run's."""
+        stored = DiTConfig.from_dict(data["config"]["model"])
+        self.model.set_forward(stored.timestep_convention, stored.norm_eps)
         self.model_config = self.model.config
         on_every_rank(lambda: check_compatible(self.config, self.model_config, self.images, data["config"], path,
                                                data.get("data_fingerprint"), self.force))
+
+    def load_checkpoint(self, data: dict, path: Path):
+        """Resume from `data`: every entry of the state, in the EMA the stored forward was adopted for."""
+        stored = DiTConfig.from_dict(data["config"]["model"])
+        self.ema.set_forward(stored.timestep_convention, stored.norm_eps)
         self.checkpoints.load(data)
         self.emit("resume", {"path": str(path), "step": self.state.step})
 
@@ -345,6 +376,18 @@ class Trainer:
 
 # The parts `Trainer.setup` builds, in the order it builds them.
 
+def check_options(config: TrainConfig, out: Path, rank: int) -> Evaluator:
+    """What the options name outside the run, checked on every rank before the run folder is read or written: the
+    trackers' packages, the evaluation's reference and (on rank 0, which scores) its feature extractor. A run refused
+    here leaves every file as it found it. Returns the run's evaluator."""
+    on_every_rank(lambda: check_packages(tuple(config.log)))
+    evaluator = Evaluator.from_config(config, out)
+    if evaluator.request is not None:
+        on_every_rank(lambda: evaluator.request.check(load_extractor=rank == 0), "cannot evaluate as --eval-* asks",
+                      SHARED_DISK_HINT)
+    return evaluator
+
+
 def initialize_from(config: TrainConfig, model: DiT, model_config: DiTConfig, images: ImageSet,
                     emit: Callable[[str, dict], None]) -> finetune.InitFrom | None:
     """--init-from: the source's weights replace `model`'s fresh ones (once, before training); EMA copies them."""
@@ -359,6 +402,21 @@ def initialize_from(config: TrainConfig, model: DiT, model_config: DiTConfig, im
     return init
 
 
+def setup_alignment(config: TrainConfig, model_config: DiTConfig, encoder, ema: DiT, process, device: torch.device,
+                    dtype: torch.dtype, init: finetune.InitFrom | None, emit: Callable[[str, dict], None]
+                    ) -> tuple[Alignment | None, torch.optim.AdamW | None]:
+    """--align and --dispersive (ditcli.training.align): the terms and their heads, with an optimizer of their own;
+    an --init-from source's heads where it holds some that fit (a REPA checkpoint's projectors)."""
+    alignment = build_alignment(config, model_config, encoder, ema, process, device, dtype)
+    if alignment is None or alignment.heads is None:
+        return alignment, None
+    if init is not None:
+        note = adopt_projectors(alignment.heads, source_projectors(config.init_from, init.weights), config.init_from)
+        if note:
+            emit("warning", {"message": note})
+    return alignment, adamw(alignment.heads, config, device)
+
+
 def ema_copy(model: DiT, config: DiTConfig, device: torch.device) -> DiT:
     """The EMA model: `model`'s weights, frozen, in eval mode."""
     ema = DiT(config).to(device).eval().requires_grad_(False)
@@ -366,12 +424,12 @@ def ema_copy(model: DiT, config: DiTConfig, device: torch.device) -> DiT:
     return ema
 
 
-def adamw(model: DiT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def adamw(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
 
 
-def data_parallel(model: DiT, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+def data_parallel(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
     """DDP over the group's ranks (even one under torchrun); the model itself when run alone."""
     if not ranks.grouped:
         return model

@@ -7,7 +7,6 @@ Nothing here runs pickled code: `.pt` files go through `torch.load(weights_only=
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -17,9 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ditcli.diffusion.objectives import Objective, objective_from_record
-from ditcli.diffusion.samplers import SamplingDefaults
-from ditcli.errors import UserError
+from ditcli.diffusion.objectives import Objective
+from ditcli.errors import UserError, UserValueError
 from ditcli.hub import resolve_source
 from ditcli.io import atomic_write, read_safetensors, safe_torch_load
 from ditcli.model.codec import (
@@ -28,21 +26,46 @@ from ditcli.model.codec import (
     VAE_ALIASES,
     default_codec_spec,
 )
-from ditcli.model.dit import HEADS_BY_WIDTH, DiT, DiTConfig, preset
+from ditcli.model.dit import (
+    HEADS_BY_WIDTH,
+    MAX_DEPTH,
+    MAX_IMAGE_SIZE,
+    DiT,
+    DiTConfig,
+    preset,
+)
 from ditcli.weights.diffusers_format import from_diffusers_state, read_diffusers
 from ditcli.weights.ema import EmaRecord
+from ditcli.weights.fields import (
+    EMA_FIELDS,
+    MAX_CLASSES,
+    WEIGHT_CHOICES,
+    Field,
+    as_object,
+    check_defaults_fit,
+    read_choice,
+    read_class_names,
+    read_codec,
+    read_config,
+    read_ema,
+    read_fields,
+    read_object,
+    read_objective,
+    read_sampling,
+    read_schedule,
+    read_step,
+    read_value,
+    refuse,
+)
 from ditcli.weights.record import (
     SAFETENSORS_FORMAT,
     Checkpoint,
     check_state_dict,
     describe,
     form_name,
-    read_record,
-    read_schedule,
 )
 
 TRAIN_FORMAT = "ditcli-train"
-WEIGHT_CHOICES = ("ema", "model")
 FLOW_HINTS = {"SiT": "pass --objective flow --time-direction noise-to-data, as SiT trains",
               "REPA": "pass --objective flow --time-direction data-to-noise, as REPA trains",
               "MeanFlow": "pass --objective meanflow --time-direction data-to-noise, as the MeanFlow port trains",
@@ -57,6 +80,16 @@ TRAINING_EXTRAS = {REPA_EXTRA_PREFIX: ("REPA", "REPA's representation-alignment 
                    DMF_EXTRA_PREFIX: ("DMF", "DMF's learned log-variance of its adaptive loss weight")}
 SEPARATE_FORM_PREFIX = "r_embedder."  # MeanFlow's embedder of t - r, as the PyTorch port names it
 RUN_CHECKPOINT = re.compile(r"ckpt-(\d+)\.pt")  # a `dit train` run folder's checkpoints: ckpt-0001000.pt is step 1000
+# The tensors whose shapes give a bare state dict's config, and their dimensions.
+SHAPE_KEYS = {"x_embedder.proj.weight": 4, "pos_embed": 3, "final_layer.linear.weight": 2,
+              "y_embedder.embedding_table.weight": 2}
+# The fields of an objective record (their values are checked by objective_from_record).
+OBJECTIVE_FIELDS = {name: Field(object, required=False, nullable=True)
+                    for name in ("objective", "time_direction", "trained_cfg")}
+# The arguments of a reference train.py checkpoint that reading it uses (the others are left alone).
+REFERENCE_ARGS = {"model": Field(str, required=False), "image_size": Field(int, LATENT_DOWNSAMPLE, MAX_IMAGE_SIZE,
+                                                                          required=False),
+                  "num_classes": Field(int, 0, MAX_CLASSES, required=False), "vae": Field(str, required=False)}
 
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", num_heads: int | None = None,
@@ -93,6 +126,8 @@ def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, con
         check_recorded_heads(checkpoint, num_heads, path)
     checkpoint = settle_form(settle_objective(checkpoint, objective, path), decoupled_depth, path)
     check_form_fits(checkpoint, path, decoupled_depth is not None)
+    check_defaults_fit(checkpoint.sampling, checkpoint.objective, checkpoint.config, checkpoint.schedule,
+                       f"{path} records")
     return checkpoint
 
 
@@ -218,38 +253,29 @@ def _read_safetensors(path: Path, num_heads: int | None, config: DiTConfig | Non
             return read_diffusers(path, config=config)
         return from_diffusers_state(state, config=config, num_heads=num_heads)
     if metadata.get("format") == SAFETENSORS_FORMAT:
-        fields = json.loads(metadata["config"])
-        stored = read_config(fields, path)
-        if config is not None and config != stored:
-            raise UserError(f"{path} holds {describe(stored)}, not {describe(config)}", "drop --model or fix it")
-        check_state_dict(state, stored, str(path))
-        return Checkpoint(state, stored, "safetensors", metadata.get("weights", "ema"),
-                          json.loads(metadata["class_names"]) if "class_names" in metadata else None,
-                          json.loads(metadata["codec"]) if "codec" in metadata else None,
-                          schedule=read_schedule(metadata.get("schedule"), path),
-                          objective=read_objective(metadata, path),
-                          objective_recorded=True,
-                          sampling=read_record(metadata.get("sampling"), SamplingDefaults, path, "sampling"),
-                          ema=read_record(metadata.get("ema"), EmaRecord, path, "ema"),
-                          convention_source=convention_source(fields), weights_recorded=True, config_recorded=True)
+        return _from_metadata(state, metadata, path, config)
     return _from_bare_state(state, "safetensors (no ditcli metadata)", num_heads, config, str(path))
 
 
-def read_config(fields: dict, path: Path) -> DiTConfig:
-    """A file's recorded model config; a field DiTConfig refuses (an unknown mean-flow form, a decoupled depth out of
-    range) is one line naming the file and the field."""
-    try:
-        return DiTConfig.from_dict(fields)
-    except (TypeError, ValueError) as exc:
-        what = exc.what if isinstance(exc, UserError) else str(exc)
-        raise UserError(f"{path} records an unusable model config: {what}",
-                        "fix its config record, or convert the source checkpoint again") from None
-
-
-def read_objective(record: dict, path: Path) -> Objective:
-    """The objective a file records (older training checkpoints keep it in their train config only)."""
-    return objective_from_record(record.get("objective"), record.get("time_direction"), path,
-                                 record.get("trained_cfg"))
+def _from_metadata(state: dict, metadata: dict[str, str], path: Path, config: DiTConfig | None) -> Checkpoint:
+    """Our .safetensors: every record of its metadata through the one validation (ditcli.weights.fields), then its
+    tensors against its config."""
+    if "config" not in metadata:
+        raise UserError(f"{path} is a ditcli file without its config record", "convert the source checkpoint again")
+    fields = as_object(metadata["config"], path, "model config")
+    stored = read_config(fields, path)
+    if config is not None and config != stored:
+        raise UserError(f"{path} holds {describe(stored)}, not {describe(config)}", "drop --model or fix it")
+    check_state_dict(state, stored, str(path))
+    return Checkpoint(state, stored, "safetensors",
+                      read_choice(metadata.get("weights"), WEIGHT_CHOICES, path, "weights", "ema"),
+                      read_class_names(metadata.get("class_names"), path, stored.num_classes),
+                      read_codec(metadata.get("codec"), path),
+                      schedule=read_schedule(metadata.get("schedule"), path),
+                      objective=read_objective(metadata, path), objective_recorded=True,
+                      sampling=read_sampling(metadata.get("sampling"), path),
+                      ema=read_ema(metadata.get("ema"), path),
+                      convention_source=convention_source(fields), weights_recorded=True, config_recorded=True)
 
 
 def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, weights: str) -> Checkpoint:
@@ -257,22 +283,7 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a {type(data).__name__}, not a DiT state dict or checkpoint")
     if data.get("format") == TRAIN_FORMAT:
-        stored = read_config(data["config"]["model"], path)
-        if not isinstance(data.get(weights), dict):
-            held = " and ".join(k for k in WEIGHT_CHOICES if isinstance(data.get(k), dict)) or "no"
-            raise UserError(f"{path} has no {weights} weights (it holds {held} weights)",
-                            f"pass --weights {'model' if weights == 'ema' else 'ema'}" if held != "no" else
-                            "the checkpoint is incomplete; use another one")
-        state = data[weights]
-        check_state_dict(state, stored, str(path))
-        train = data["config"].get("train", {})
-        ema = train_ema_record(data)
-        return Checkpoint(state, stored, "ditcli training checkpoint", weights, data.get("class_names"),
-                          data.get("codec"), schedule=read_schedule(train.get("schedule"), path),
-                          objective=read_objective(data.get("objective") or train, path), objective_recorded=True,
-                          sampling=read_record(data.get("sampling"), SamplingDefaults, path, "sampling"), ema=ema,
-                          step=data.get("step"), convention_source=convention_source(data["config"]["model"]),
-                          weights_recorded=True, config_recorded=True)
+        return _from_train_checkpoint(data, path, weights)
     if "model" in data and "args" in data:
         return _from_reference_train(data, weights, num_heads, config, str(path))
     checkpoint = _from_bare_state(data, "official DiT state dict", num_heads, config, str(path))
@@ -281,15 +292,59 @@ def _read_torch(path: Path, num_heads: int | None, config: DiTConfig | None, wei
     return checkpoint
 
 
-def train_ema_record(data: dict) -> EmaRecord | None:
+def _from_train_checkpoint(data: dict, path: Path, weights: str) -> Checkpoint:
+    """A `dit train` checkpoint: its records (config, codec, class names, schedule, objective, sampling defaults, EMA
+    record, step) through the one validation, then the weights asked for against its config."""
+    records = as_object(data.get("config"), path, "config record")
+    stored = read_config(records.get("model"), path, "model config (config.model)")
+    train = read_object(records.get("train"), path, "config.train record") or {}
+    if not isinstance(data.get(weights), dict):
+        held = " and ".join(k for k in WEIGHT_CHOICES if isinstance(data.get(k), dict)) or "no"
+        raise UserError(f"{path} has no {weights} weights (it holds {held} weights)",
+                        f"pass --weights {'model' if weights == 'ema' else 'ema'}" if held != "no" else
+                        "the checkpoint is incomplete; use another one")
+    state = data[weights]
+    check_state_dict(state, stored, str(path))
+    return Checkpoint(state, stored, "ditcli training checkpoint", weights,
+                      read_class_names(data.get("class_names"), path, stored.num_classes),
+                      read_codec(data.get("codec"), path),
+                      schedule=read_schedule(train.get("schedule"), path, "config.train.schedule"),
+                      objective=train_objective(data.get("objective"), train, path), objective_recorded=True,
+                      sampling=read_sampling(data.get("sampling"), path), ema=train_ema_record(data, path),
+                      step=read_step(data.get("step"), path), convention_source=convention_source(records["model"]),
+                      weights_recorded=True, config_recorded=True, dropped=train_extras(data))
+
+
+def train_extras(data: dict) -> list[str]:
+    """What a `dit train` checkpoint keeps beside its weights for training only, as `dropped` reports it: the
+    representation-alignment heads of its `align` entry (REPA's `projectors.*` layout)."""
+    heads = data.get("align")
+    if not isinstance(heads, dict) or not heads:
+        return []
+    what = "the run's representation-alignment heads, used only in training"
+    return [f"{REPA_EXTRA_PREFIX}* ({len(heads)} tensors: {what})"]
+
+
+def train_objective(record, train: dict, path: Path) -> Objective:
+    """A training checkpoint's objective: its own record, which holds nothing else, or (files from before it) its
+    train settings'."""
+    if not record:
+        return read_objective(train, path, "config.train record")
+    read_fields(record, OBJECTIVE_FIELDS, path, "objective record")
+    return read_objective(record, path, "objective record")
+
+
+def train_ema_record(data: dict, path="the training checkpoint") -> EmaRecord | None:
     """How a training checkpoint's EMA was made: its own record, else (files from before it) its training config's,
     where a run with `init_from` started its EMA from the source."""
     if data.get("ema_record"):
-        return EmaRecord.from_dict(data["ema_record"])
-    train = data["config"].get("train", {})
+        return read_ema(data["ema_record"], path, "ema_record record")
+    records = as_object(data.get("config"), path, "config record")
+    train = read_object(records.get("train"), path, "config.train record") or {}
     if "ema_decay" not in train:
         return None
-    return EmaRecord(float(train["ema_decay"]), bool(train.get("ema_warmup")), int(data.get("step") or 0),
+    decay = read_value(train["ema_decay"], EMA_FIELDS["decay"], path, "config.train record", "ema_decay")
+    return EmaRecord(decay, bool(train.get("ema_warmup")), read_step(data.get("step"), path) or 0,
                      bool(train.get("init_from")))
 
 
@@ -297,22 +352,21 @@ def _from_reference_train(data: dict, weights: str, num_heads: int | None, confi
                           name: str) -> Checkpoint:
     """A reference train.py checkpoint: {model, ema, opt, args}; the model name in args gives the heads."""
     args = data["args"]
-    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    if weights not in data:
-        raise UserError(f"{name} has no {weights!r} weights", f"it holds: {', '.join(sorted(data))}")
+    args = vars(args) if isinstance(args, argparse.Namespace) else as_object(args, name, "args record")
+    values = read_fields(args, REFERENCE_ARGS, name, "args record", strict=False)
+    if weights not in data or not isinstance(data[weights], dict):
+        raise UserError(f"{name} has no {weights!r} weights", f"it holds: {', '.join(sorted(map(str, data)))}")
     family = flow_family(args, data[weights])
-    named = config is None and bool(args.get("model")) and family is None  # args.model records the config
+    named = config is None and bool(values.get("model")) and family is None  # args.model records the config
     if named:
-        latent = int(args.get("image_size", 256)) // LATENT_DOWNSAMPLE
-        num_classes = int(args.get("num_classes", DiTConfig.num_classes))
-        config = preset(args["model"], input_size=latent, num_classes=num_classes)
+        config = reference_config(values, name)
     fmt = f"{family} train.py checkpoint" if family else "reference train.py checkpoint"
     checkpoint = _from_bare_state(data[weights], fmt, num_heads, config, name)
     checkpoint.config_recorded = named
     checkpoint.flow_hint = checkpoint.flow_hint or family  # the keys' family (MeanFlow, DMF) over the arguments'
     checkpoint.weights = weights
     checkpoint.weights_recorded = True
-    checkpoint.codec = {"kind": "vae", "vae": VAE_ALIASES.get(args.get("vae", "ema"), DEFAULT_VAE)}
+    checkpoint.codec = {"kind": "vae", "vae": VAE_ALIASES.get(values.get("vae", "ema"), DEFAULT_VAE)}
     return checkpoint
 
 
@@ -338,6 +392,15 @@ def _from_bare_state(state: dict, fmt: str, num_heads: int | None, config: DiTCo
     return checkpoint
 
 
+def reference_config(args: dict, name: str) -> DiTConfig:
+    """The preset a reference train.py run names in its arguments, at their image size and class count."""
+    try:
+        return preset(args["model"], input_size=args.get("image_size", 256) // LATENT_DOWNSAMPLE,
+                      num_classes=args.get("num_classes", DiTConfig.num_classes))
+    except UserValueError as exc:
+        raise refuse(name, "args record", exc.what) from None
+
+
 def flow_family(args: dict, state: dict) -> str | None:
     """"SiT" or "REPA" when a train.py checkpoint's arguments (or REPA's projector keys) name one; None for DiT."""
     if any(k.startswith(REPA_EXTRA_PREFIX) for k in state) or {"enc_type", "proj_coeff"} & set(args):
@@ -357,14 +420,22 @@ def convention_source(fields: dict) -> str:
 def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, name: str = "checkpoint") -> DiTConfig:
     """Read the architecture off the tensor shapes; heads come from the preset table or `num_heads`. MeanFlow's
     `r_embedder.*` gives its separate form; DMF's decoupled depth leaves no trace in the tensors (`settle_form`)."""
-    needed = ["x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "y_embedder.embedding_table.weight"]
-    missing = [k for k in needed if k not in state]
+    missing = [k for k in SHAPE_KEYS if k not in state]
     if missing:
-        raise UserError(f"{name} is not a DiT checkpoint: missing {', '.join(missing)}")
+        raise UserError(f"{name} is not a DiT checkpoint: missing {', '.join(missing)}",
+                        "pass a DiT's weights: a released .pt, a dit train checkpoint, a .safetensors or a diffusers "
+                        "folder")
+    for key, dims in SHAPE_KEYS.items():
+        if state[key].dim() != dims or 0 in state[key].shape:
+            raise UserError(f"{name} is not a DiT checkpoint: {key} has shape {tuple(state[key].shape)}",
+                            f"a DiT's {key} has {dims} dimensions, none of them 0")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     grid = math.isqrt(state["pos_embed"].shape[1])
     out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if depth > MAX_DEPTH:
+        raise UserError(f"{name} has a key of block {depth - 1}, past the largest depth {MAX_DEPTH}",
+                        "pass a DiT's weights; its blocks are numbered from 0")
     heads = num_heads or HEADS_BY_WIDTH.get(hidden)
     if num_heads is not None and hidden % num_heads:
         raise UserError(f"--num-heads {num_heads} does not divide the width {hidden} of {name}",
@@ -377,9 +448,13 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, n
     mlp_ratio = fc1.shape[0] / hidden if fc1 is not None else 4.0
     rows = state["y_embedder.embedding_table.weight"].shape[0]
     form = {"mean_flow_form": "separate"} if any(k.startswith(SEPARATE_FORM_PREFIX) for k in state) else {}
-    return DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
-                     depth=max(depth, 1), num_heads=heads, mlp_ratio=mlp_ratio, num_classes=rows - 1,
-                     learn_sigma=out_channels == 2 * in_channels, **form)
+    try:
+        return DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
+                         depth=max(depth, 1), num_heads=heads, mlp_ratio=mlp_ratio, num_classes=rows - 1,
+                         learn_sigma=out_channels == 2 * in_channels, **form)
+    except UserValueError as exc:
+        raise UserError(f"{name} holds no DiT its shapes describe: {exc.what}",
+                        "pass a DiT's weights, with --num-heads where its width is no preset's") from None
 
 
 def save_safetensors(checkpoint: Checkpoint, path: Path, dtype: torch.dtype | None = None, force: bool = False):

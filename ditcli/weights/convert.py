@@ -14,22 +14,28 @@ from pathlib import Path
 import torch
 
 from ditcli.diffusion.ddpm import TRAIN_TIMESTEPS
-from ditcli.diffusion.guidance import GUIDED_CHANNELS
+from ditcli.diffusion.guidance import GUIDED_CHANNELS, MAX_CFG
 from ditcli.diffusion.objectives import Objective
 from ditcli.diffusion.samplers import (
     FLOW_SAMPLER_NAMES,
+    MAX_STEPS,
     SAMPLERS,
     SamplingDefaults,
 )
 from ditcli.errors import UserError
 from ditcli.model.dit import DiT, DiTConfig
 from ditcli.runtime import PRECISIONS
-from ditcli.weights.checkpoint import load_checkpoint, newest_run_checkpoint, save_safetensors
+from ditcli.weights.checkpoint import (
+    load_checkpoint,
+    newest_run_checkpoint,
+    save_safetensors,
+)
 from ditcli.weights.diffusers_format import (
     is_rounded_table,
     read_diffusers,
     to_diffusers,
 )
+from ditcli.weights.fields import check_defaults_fit
 from ditcli.weights.record import Checkpoint, describe, form_name
 
 OUTPUT_FORMATS = ("safetensors", "diffusers")
@@ -40,6 +46,7 @@ DRIFT_CAUSES = (
     "diffusers' pre-MLP LayerNorm uses config.norm_eps (default 1e-5, the hub's DiT folders); the reference uses "
     "1e-6, which our exports write",
 )
+RECORD_HINT = "record others with --sampler, --steps, --cfg, --guidance-interval or --guidance-channels"
 PIXEL_PIPELINE_WARNING = ("a pixel-space model: DiTPipeline cannot sample this folder (it always decodes through a "
                           "VAE); load transformer/ with DiTTransformer2DModel, or sample it with `dit sample --ckpt`")
 
@@ -124,11 +131,12 @@ class SamplingChoice:
         known = list(dict.fromkeys((*SAMPLERS, *FLOW_SAMPLER_NAMES)))
         if self.sampler is not None and self.sampler not in known:
             raise UserError(f"unknown --sampler {self.sampler!r}", f"choose from {', '.join(known)}")
-        if self.steps is not None and self.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {self.steps}", "pass the number of sampling steps to record")
-        if self.cfg is not None and not (math.isfinite(self.cfg) and self.cfg >= 0):
+        if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
+            raise UserError(f"--steps must be >= 1 and <= {MAX_STEPS:,}, got {self.steps:,}",
+                            "pass the number of sampling steps to record, as dit sample --steps takes it")
+        if self.cfg is not None and not (math.isfinite(self.cfg) and 0 <= self.cfg <= MAX_CFG):
             raise UserError(f"--cfg {self.cfg:g} is out of range",
-                            "pass a finite scale >= 0: 1 disables guidance, 0 is unconditional")
+                            f"pass a scale in [0, {MAX_CFG:g}]: 1 disables guidance, 0 is unconditional")
         if self.channels is not None and self.channels not in GUIDED_CHANNELS:
             raise UserError(f"unknown --guidance-channels {self.channels!r}", f"choose {' or '.join(GUIDED_CHANNELS)}")
         low, high = self.interval or (0.0, 0.0)
@@ -138,15 +146,20 @@ class SamplingChoice:
 
     def record(self, checkpoint: Checkpoint, source) -> SamplingDefaults | None:
         """The defaults to record: the source's (where it records none, the ones `dit sample` gives it) with the
-        options given on top, each checked against the model."""
-        if not self.given():
-            return checkpoint.sampling
-        self.check_fit(checkpoint, source)
-        changes = {key: value for key, value in (("sampler", self.sampler), ("steps", self.steps),
-                                                 ("cfg", self.cfg), ("channels", self.channels)) if value is not None}
-        if self.set_interval:
-            changes["interval"] = self.interval
-        return replace(checkpoint.sampling or checkpoint.objective.default_sampling, **changes)
+        options given on top, each checked against the model; then the whole record as `dit sample` would check it,
+        sampler plan included, so that no file is written with defaults it refuses."""
+        defaults = checkpoint.sampling
+        if self.given():
+            self.check_fit(checkpoint, source)
+            changes = {key: value for key, value in (("sampler", self.sampler), ("steps", self.steps),
+                                                     ("cfg", self.cfg), ("channels", self.channels))
+                       if value is not None}
+            if self.set_interval:
+                changes["interval"] = self.interval
+            defaults = replace(defaults or checkpoint.objective.default_sampling, **changes)
+        check_defaults_fit(defaults, checkpoint.objective, checkpoint.config, checkpoint.schedule,
+                           "dit convert would record", RECORD_HINT, plan=True)
+        return defaults
 
     def check_fit(self, checkpoint: Checkpoint, source) -> None:
         """The sampler and the interval against the model's objective, the scale against its null class."""

@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import save_file
 
 from ditcli.diffusion.ddpm import BETA_SCHEDULES, TRAIN_TIMESTEPS, named_betas
-from ditcli.diffusion.samplers import SamplingDefaults
 from ditcli.errors import UserError
 from ditcli.hub import WEIGHT_FILES, repo_of
 from ditcli.io import (
@@ -33,15 +32,37 @@ from ditcli.io import (
     write_json,
 )
 from ditcli.model.codec import VAE_ALIASES, default_codec_spec
-from ditcli.model.dit import REFERENCE_NORM_EPS, DiT, DiTConfig, sincos_2d
-from ditcli.weights.ema import EmaRecord
+from ditcli.model.dit import (
+    MAX_DEPTH,
+    MAX_HIDDEN_SIZE,
+    MAX_IMAGE_SIZE,
+    REFERENCE_NORM_EPS,
+    TIMESTEP_CONVENTIONS,
+    DiT,
+    DiTConfig,
+    sincos_2d,
+)
+from ditcli.weights.fields import (
+    MAX_CLASSES,
+    WEIGHT_CHOICES,
+    Field,
+    is_kind,
+    read_choice,
+    read_codec,
+    read_config,
+    read_ema,
+    read_fields,
+    read_object,
+    read_sampling,
+    read_schedule,
+    read_value,
+    refuse,
+)
 from ditcli.weights.record import (
     Checkpoint,
     check_keys,
     check_state_dict,
     describe,
-    read_record,
-    read_schedule,
     state_shapes,
 )
 from ditcli.weights.registry import reference_repos
@@ -52,6 +73,16 @@ DITCLI_KEY = "_ditcli"  # model_index.json entry diffusers ignores (leading unde
 DIFFUSERS_NORM_EPS = 1e-5  # DiTTransformer2DModel's default norm_eps, which the hub's DiT folders leave in place
 CONVENTION_KEY = "timestep_convention"  # in the `_ditcli` entry: the forward the weights were trained with
 PIPELINE_NULL_CLASS = 1000  # the label DiTPipeline hard-codes as the null class for guidance
+# The fields of a DiTTransformer2DModel config.json that give our config, each within the limits of ours.
+TRANSFORMER_FIELDS = {
+    "num_attention_heads": Field(int, 1, MAX_HIDDEN_SIZE), "attention_head_dim": Field(int, 1, MAX_HIDDEN_SIZE),
+    "in_channels": Field(int, 1, MAX_HIDDEN_SIZE),
+    "out_channels": Field(int, 1, MAX_HIDDEN_SIZE, required=False, nullable=True),
+    "num_layers": Field(int, 1, MAX_DEPTH), "sample_size": Field(int, 1, MAX_IMAGE_SIZE),
+    "patch_size": Field(int, 1, MAX_IMAGE_SIZE), "num_embeds_ada_norm": Field(int, 0, MAX_CLASSES),
+    "norm_eps": Field(float, 0, open="low", required=False),
+}
+VAE_SCALE = Field(float, 0, open="low", required=False, nullable=True)  # an AutoencoderKL's scaling_factor
 
 # One-to-one tensors outside the blocks: (ours, diffusers).
 TOP_PAIRS = (
@@ -158,9 +189,10 @@ def to_diffusers_state(state: dict[str, torch.Tensor], config: DiTConfig) -> tup
     return out, warnings
 
 
-def from_diffusers_weights(state: dict[str, torch.Tensor], config: DiTConfig) -> tuple[dict, list[str]]:
+def from_diffusers_weights(state: dict[str, torch.Tensor], config: DiTConfig,
+                           name: str = "the diffusers weights") -> tuple[dict, list[str]]:
     """diffusers keys to ours: block 0's embedders kept (others checked), q/k/v joined, pos_embed rebuilt."""
-    check_diffusers_keys(state, config, "the diffusers weights")
+    check_diffusers_keys(state, config, name)
     warnings = []
     out = {ours: state[theirs] for ours, theirs in one_to_one_pairs(config.depth)}
     for ours, theirs in EMBEDDER_PAIRS:
@@ -199,28 +231,26 @@ def config_from_diffusers(data: dict, name: str = "config.json", convention: str
     for key, value in expected.items():
         if data.get(key, value) != value:
             raise UserError(f"{name} has {key}={data[key]!r}; a DiT needs {value!r}")
-    try:
-        heads, in_channels = int(data["num_attention_heads"]), int(data["in_channels"])
-        out_channels = int(data.get("out_channels") or in_channels)
-        return DiTConfig(input_size=int(data["sample_size"]), patch_size=int(data["patch_size"]),
-                         in_channels=in_channels, hidden_size=heads * int(data["attention_head_dim"]),
-                         depth=int(data["num_layers"]), num_heads=heads, mlp_ratio=4.0,
-                         num_classes=int(data["num_embeds_ada_norm"]), learn_sigma=out_channels == 2 * in_channels,
-                         timestep_convention=convention,
-                         norm_eps=float(data.get("norm_eps", DIFFUSERS_NORM_EPS)))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{name} is not a usable DiT config: {exc}") from None
+    values = read_fields(data, TRANSFORMER_FIELDS, name, "transformer config", strict=False)
+    heads, in_channels = values["num_attention_heads"], values["in_channels"]
+    out_channels = values.get("out_channels") or in_channels
+    return read_config({"input_size": values["sample_size"], "patch_size": values["patch_size"],
+                        "in_channels": in_channels, "hidden_size": heads * values["attention_head_dim"],
+                        "depth": values["num_layers"], "num_heads": heads, "mlp_ratio": 4.0,
+                        "num_classes": values["num_embeds_ada_norm"], "learn_sigma": out_channels == 2 * in_channels,
+                        "timestep_convention": convention,
+                        "norm_eps": values.get("norm_eps", DIFFUSERS_NORM_EPS)}, name, "model config")
 
 
 def from_diffusers_state(state: dict[str, torch.Tensor], config: DiTConfig | None = None,
-                         num_heads: int | None = None) -> Checkpoint:
+                         num_heads: int | None = None, name: str = "the diffusers weights") -> Checkpoint:
     """A Checkpoint from diffusers-keyed weights; without `config` the latent size is unknown, so it is refused."""
     if config is None:
         raise UserError("diffusers weights alone do not record the model's input size",
                         "convert the transformer/ folder (with its config.json) or the pipeline folder instead")
     if num_heads is not None and num_heads != config.num_heads:
         raise UserError(f"--num-heads {num_heads} contradicts the config's {config.num_heads} heads", "drop it")
-    state, warnings = from_diffusers_weights(state, config)
+    state, warnings = from_diffusers_weights(state, config, name)
     return Checkpoint(state, config, "diffusers", "ema", codec=default_codec_spec(config.in_channels),
                       warnings=warnings)
 
@@ -246,8 +276,8 @@ def read_diffusers(path: str | Path, config: DiTConfig | None = None) -> Checkpo
         stored = dataclasses.replace(stored, norm_eps=REFERENCE_NORM_EPS)  # the hub's conversions leave diffusers' default eps
     if config is not None and config != stored:
         raise UserError(f"{folder} holds {describe(stored)}, not {describe(config)}", "drop --model or fix it")
-    state = _read_weights(path if path.is_file() else _weights_file(folder))
-    checkpoint = from_diffusers_state(state, stored)
+    weights = path if path.is_file() else _weights_file(folder)
+    checkpoint = from_diffusers_state(_read_weights(weights), stored, name=str(weights))
     checkpoint.convention_source = why
     checkpoint.config_recorded = True  # config.json gives the heads
     if index:
@@ -262,9 +292,10 @@ def source_convention(folder: Path, index: dict) -> tuple[str, str]:
     conversions of the released .pt (the registry's hub repos, such as facebook/DiT-XL-2-256) are reference
     weights; any other folder was trained with diffusers' forward.
     """
-    ours = index.get(DITCLI_KEY)
-    if isinstance(ours, dict):
-        return ours.get(CONVENTION_KEY, "reference"), "recorded by the ditcli export"
+    ours = read_object(index.get(DITCLI_KEY), folder.parent / "model_index.json", f"{DITCLI_KEY} record")
+    if ours is not None:
+        return (read_choice(ours.get(CONVENTION_KEY), tuple(TIMESTEP_CONVENTIONS), folder.parent / "model_index.json",
+                            f"{DITCLI_KEY}.{CONVENTION_KEY}", "reference"), "recorded by the ditcli export")
     repo = repo_of(folder)
     if repo in reference_repos():
         return "reference", f"{repo} is a conversion of the released reference weights"
@@ -292,37 +323,52 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _apply_pipeline_index(checkpoint: Checkpoint, index: dict, root: Path) -> None:
-    """Class names from id2label, codec and weights from what our export recorded or from the vae/ folder."""
-    labels = index.get("id2label") or {}
-    if labels:
-        names = [labels.get(str(i)) for i in range(checkpoint.config.num_classes)]
-        if None in names or len(labels) != checkpoint.config.num_classes:
-            checkpoint.warnings.append(f"model_index.json id2label has {len(labels)} entries for "
-                                                f"{checkpoint.config.num_classes} classes; class names dropped")
-        else:
-            checkpoint.class_names = names
-    ours = index.get(DITCLI_KEY) or {}
-    checkpoint.weights = ours.get("weights", checkpoint.weights)
-    checkpoint.weights_recorded = "weights" in ours
+    """Class names from id2label, codec and weights from what our export recorded or from the vae/ folder; every
+    record through the one validation (ditcli.weights.fields)."""
     index_path = root / "model_index.json"
+    _apply_labels(checkpoint, read_object(index.get("id2label"), index_path, "id2label") or {}, index_path)
+    ours = read_object(index.get(DITCLI_KEY), index_path, f"{DITCLI_KEY} record") or {}
+    checkpoint.weights = read_choice(ours.get("weights"), WEIGHT_CHOICES, index_path, f"{DITCLI_KEY}.weights",
+                                     checkpoint.weights)
+    checkpoint.weights_recorded = "weights" in ours
     if "schedule" in ours:
-        checkpoint.schedule = read_schedule(ours["schedule"], index_path)
+        checkpoint.schedule = read_schedule(ours["schedule"], index_path, f"{DITCLI_KEY}.schedule")
     elif (root / "scheduler" / "scheduler_config.json").is_file():  # a folder another tool wrote
         checkpoint.schedule = _scheduler_schedule(root / "scheduler" / "scheduler_config.json", checkpoint)
-    checkpoint.sampling = read_record(ours.get("sampling"), SamplingDefaults, index_path, "sampling")
-    checkpoint.ema = read_record(ours.get("ema"), EmaRecord, index_path, "ema")
+    checkpoint.sampling = read_sampling(ours.get("sampling"), index_path, f"{DITCLI_KEY}.sampling record")
+    checkpoint.ema = read_ema(ours.get("ema"), index_path, f"{DITCLI_KEY}.ema record")
     if ours.get("codec"):
-        checkpoint.codec = ours["codec"]
+        checkpoint.codec = read_codec(ours["codec"], index_path, f"{DITCLI_KEY}.codec record")
     elif (root / "vae" / "config.json").is_file():
         scale = read_json(root / "vae" / "config.json").get("scaling_factor")
         checkpoint.codec = {"kind": "vae", "vae": str((root / "vae").resolve())}
         if scale is not None:
-            checkpoint.codec["scale"] = float(scale)
-    elif (index.get("vae") or [None])[0] and checkpoint.codec is not None:
-        if repo_of(root) not in reference_repos():  # those were converted with the SD VAE ema
-            checkpoint.warnings.append(
-                f"the pipeline names its own VAE but {root / 'vae'} is absent (a hub id fetches only the DiT); the SD "
-                "VAE ema is assumed: pass --vae with the pipeline's VAE if it differs")
+            checkpoint.codec["scale"] = read_value(scale, VAE_SCALE, root / "vae" / "config.json", "scaling_factor")
+    elif names_vae(index) and checkpoint.codec is not None and repo_of(root) not in reference_repos():
+        checkpoint.warnings.append(  # the reference repos were converted with the SD VAE ema
+            f"the pipeline names its own VAE but {root / 'vae'} is absent (a hub id fetches only the DiT); the SD VAE "
+            "ema is assumed: pass --vae with the pipeline's VAE if it differs")
+
+
+def names_vae(index: dict) -> bool:
+    """Whether model_index.json names a VAE component: ["diffusers", "AutoencoderKL"], not [null, null]."""
+    entry = index.get("vae")
+    return isinstance(entry, list) and bool(entry) and bool(entry[0])
+
+
+def _apply_labels(checkpoint: Checkpoint, labels: dict, index_path: Path) -> None:
+    """Class names from model_index.json's id2label (names, by class id as text); a table that does not cover the
+    classes is dropped with a warning."""
+    if not labels:
+        return
+    if not all(isinstance(name, str) for name in labels.values()):
+        raise refuse(index_path, "id2label", "a label that is no string")
+    names = [labels.get(str(i)) for i in range(checkpoint.config.num_classes)]
+    if None in names or len(labels) != checkpoint.config.num_classes:
+        checkpoint.warnings.append(f"model_index.json id2label has {len(labels)} entries for "
+                                   f"{checkpoint.config.num_classes} classes; class names dropped")
+    else:
+        checkpoint.class_names = names
 
 
 def _scheduler_schedule(path: Path, checkpoint: Checkpoint) -> str:
@@ -330,7 +376,10 @@ def _scheduler_schedule(path: Path, checkpoint: Checkpoint) -> str:
     of ours (DiT was trained with linear betas, as the hub's DiT folders say)."""
     config = read_json(path)
     if config.get("trained_betas"):
-        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+        betas = config["trained_betas"]
+        if not isinstance(betas, list) or not all(is_kind(beta, float) and 0 < beta < 1 for beta in betas):
+            raise refuse(path, "trained_betas", "it is no list of betas in (0, 1)")
+        betas = torch.tensor(betas, dtype=torch.float64)
         for name in BETA_SCHEDULES:
             if betas.shape == (TRAIN_TIMESTEPS,) and torch.allclose(betas, torch.from_numpy(named_betas(name))):
                 return name

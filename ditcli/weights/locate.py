@@ -1,21 +1,27 @@
 """From `--model`/`--ckpt` to a checkpoint: a registry name, a local file or a hub id, found (rank 0 downloads
-first) and read, and checked against the preset asked for.
+first) and read, and checked against the preset asked for. A file found or fetched under a registry name is verified
+before it is trusted: it must be that release.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, ContextManager
+
+import torch
 
 from ditcli.diffusion.objectives import Objective
-from ditcli.downloads import ProgressFn
+from ditcli.downloads import ProgressFn, remembered_sha256
 from ditcli.errors import UserError
 from ditcli.hub import is_offline, resolve_source
-from ditcli.model.dit import PRESET_SHAPES, preset_names
+from ditcli.io import read_json, safe_torch_load
+from ditcli.model.dit import PRESET_SHAPES, DiTConfig, preset_names
 from ditcli.weights.checkpoint import load_checkpoint, newest_run_checkpoint
-from ditcli.weights.record import Checkpoint, describe
+from ditcli.weights.diffusers_format import config_from_diffusers
+from ditcli.weights.record import Checkpoint, check_state_dict, describe
 from ditcli.weights.registry import (
     KnownWeights,
     known_weights,
@@ -24,7 +30,10 @@ from ditcli.weights.registry import (
 )
 
 DEFAULT_MODEL = "DiT-XL/2"
-DownloadProgress = Callable[[str], ContextManager[ProgressFn]] | None
+DownloadProgress = Callable[[str], AbstractContextManager[ProgressFn]] | None
+# The fields of a config that the tensors of a release fix (the heads only where its config records them).
+RELEASE_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
+                  "learn_sigma")
 
 
 @contextlib.contextmanager
@@ -72,7 +81,62 @@ def find_checkpoint(model: str | None, image_size: int | None, ckpt: Path | None
         choices = dict.fromkeys(registry_models() + preset_names())
         raise UserError(f"unknown --model {model!r}", f"choose from {', '.join(choices)}")
     with (download or _no_progress)(entry.filename) as progress:
-        return resolve_weights(entry, offline, progress), entry
+        path = resolve_weights(entry, offline, progress)
+    verify_known(entry, path)
+    return path, entry
+
+
+def verify_known(entry: KnownWeights, path: Path) -> None:
+    """A file found or fetched under a registry name must be that release, or it is refused rather than sampled under
+    the release's name: its size and sha256 where the registry has them (the embedded models), else the keys and
+    shapes of its preset (DiT's and SiT's releases, whose hashes are not published), read without loading it twice;
+    a hub copy (a diffusers folder) by the config it records."""
+    if path.is_file() and entry.size is not None and path.stat().st_size != entry.size:
+        raise not_the_release(entry, path, f"it has {path.stat().st_size:,} bytes, the release {entry.size:,}")
+    if path.is_file() and entry.sha256 is not None:
+        digest = remembered_sha256(path).sha256
+        if digest != entry.sha256.lower():
+            raise not_the_release(entry, path, f"its sha256 is {digest[:16]}..., the release's {entry.sha256[:16]}...")
+        return
+    expected = entry.config()
+    if expected is None:
+        return
+    if path.is_dir():
+        check_release_config(entry, path, expected)
+        return
+    try:
+        check_state_dict(release_tensors(path), expected, str(path))
+    except UserError as exc:
+        raise not_the_release(entry, path, exc.what.removeprefix(f"{path} ")) from None
+
+
+def not_the_release(entry: KnownWeights, path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not {entry.model} as released: {why}",
+                     f"delete it to fetch the release again, or pass another model with --ckpt {path}")
+
+
+def release_tensors(path: Path) -> dict:
+    """The tensors of a released .pt, memory-mapped (their shapes, without reading gigabytes the load that follows
+    reads again); a file that cannot be mapped is read plainly, which says what is wrong with it."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any failure is reported by the plain load that follows
+        data = safe_torch_load(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, not a state dict", "delete it to fetch the release "
+                        "again")
+    return data
+
+
+def check_release_config(entry: KnownWeights, folder: Path, expected: DiTConfig) -> None:
+    """A hub copy of a release (a DiTPipeline folder or its transformer) by the config its config.json records."""
+    config_file = folder / "transformer" / "config.json"
+    config_file = config_file if config_file.is_file() else folder / "config.json"
+    stored = config_from_diffusers(read_json(config_file), str(config_file))
+    differing = [f"{name} {getattr(stored, name)} (the release's {getattr(expected, name)})"
+                 for name in RELEASE_FIELDS if getattr(stored, name) != getattr(expected, name)]
+    if differing:
+        raise not_the_release(entry, folder, "its config records " + ", ".join(differing))
 
 
 def model_or_ckpt(source: str | os.PathLike) -> tuple[str | None, Path | None]:

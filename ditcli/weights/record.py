@@ -1,7 +1,8 @@
 """A DiT state dict and what is known about it: the `Checkpoint` record, its metadata, and the one key/shape check.
 
 Every reader (ditcli.weights.checkpoint for our files and the reference's, ditcli.weights.diffusers_format for diffusers folders)
-fills the same typed record. Imports only model, diffusion, ema, samplers and errors.
+fills the same typed record, each of its fields read through ditcli.weights.fields, the one validation of a file's
+records. Imports only model, diffusion, ema, samplers and errors.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ditcli.diffusion.ddpm import BETA_SCHEDULES
-from ditcli.diffusion.process import Process
 from ditcli.diffusion.objectives import DDPM, Objective
+from ditcli.diffusion.process import Process
 from ditcli.diffusion.samplers import SamplingDefaults
 from ditcli.errors import UserError
 from ditcli.model.dit import PRESET_SHAPES, DiT, DiTConfig
@@ -78,24 +78,6 @@ class Checkpoint:
         return data
 
 
-def read_schedule(name: str | None, path) -> str:
-    """The recorded beta schedule (files from before it was recorded were all trained with linear betas)."""
-    if name is None:
-        return "linear"
-    if name not in BETA_SCHEDULES:
-        raise UserError(f"{path} records an unknown beta schedule {name!r}", f"expected {', '.join(BETA_SCHEDULES)}")
-    return name
-
-
-def read_record(value: str | dict | None, kind, path, key: str):
-    """A recorded SamplingDefaults or EmaRecord (JSON text in safetensors metadata, a dict in a .pt), or None."""
-    try:
-        return kind.from_dict(json.loads(value) if isinstance(value, str) else value)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path} has an unreadable {key!r} record: {value!r} ({type(exc).__name__}: {exc})",
-                        f"fix or drop the {key!r} metadata, or convert the source checkpoint again") from None
-
-
 def describe(config: DiTConfig) -> str:
     name = next((n for n, s in PRESET_SHAPES.items()
                  if s["depth"] == config.depth and s["hidden_size"] == config.hidden_size), "DiT")
@@ -117,17 +99,23 @@ def state_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(state: dict[str, torch.Tensor], config: DiTConfig, name: str = "checkpoint") -> None:
     """Raise one line naming missing or unexpected keys and wrong shapes against our DiT of `config`."""
-    check_keys(state, state_shapes(config), f"{name} does not match {describe(config)}", config.depth)
+    check_keys(state, state_shapes(config), f"{name} does not match {describe(config)}", config.depth,
+               "its tensors are not those of that model: is the file complete, and is that its config?")
 
 
 def check_keys(state: dict[str, torch.Tensor], expected: dict[str, tuple], problem: str, depth: int,
                hint: str | None = None) -> None:
     """The one key/shape check: `problem: <missing/unexpected keys, blocks found>` or `problem: <key> has shape`."""
+    if not all(isinstance(key, str) for key in state):
+        raise UserError(f"{problem}: a key that is no name ({next(k for k in state if not isinstance(k, str))!r})",
+                        hint)
     missing = sorted(set(expected) - set(state), key=_natural)
     unexpected = sorted(set(state) - set(expected), key=_natural)
     if missing or unexpected:
         raise UserError(f"{problem}: {_key_problem(missing, unexpected, state, depth)}", hint)
     for key, shape in expected.items():
+        if not isinstance(state[key], torch.Tensor):
+            raise UserError(f"{problem}: {key} is a {type(state[key]).__name__}, not a tensor", hint)
         if tuple(state[key].shape) != tuple(shape):
             raise UserError(f"{problem}: {key} has shape {tuple(state[key].shape)}, expected {tuple(shape)}", hint)
 
@@ -148,4 +136,4 @@ def _key_problem(missing: list[str], unexpected: list[str], state: dict, depth: 
 
 
 def _natural(key: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(key))]

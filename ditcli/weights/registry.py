@@ -13,15 +13,20 @@ from ditcli.diffusion.samplers import SamplingDefaults
 from ditcli.downloads import DownloadError, ProgressFn, download, home_dir
 from ditcli.errors import UserError
 from ditcli.hub import HubId, fetch_dit, is_offline
+from ditcli.model.codec import LATENT_DOWNSAMPLE
+from ditcli.model.dit import DiTConfig
+from ditcli.model.dit import preset as preset_config
 
 
 @dataclass(frozen=True)
 class KnownWeights:
     """A checkpoint the tool knows by name, with the sampling defaults that suit it.
 
-    size and sha256 are checked after a download where known (None where they have not been established). `hub`
-    names a diffusers copy on the Hugging Face hub, the second source when the direct download fails; the registry's
-    hub repos are conversions of the released weights, so they keep the reference's timestep convention.
+    size and sha256 are checked after a download, and of a file found in a weights folder, where known (None where
+    they have not been published); `preset` names the DiT preset whose keys and shapes a release without them holds,
+    checked instead (ditcli.weights.locate). `hub` names a diffusers copy on the Hugging Face hub, the second source
+    when the direct download fails; the registry's hub repos are conversions of the released weights, so they keep
+    the reference's timestep convention.
     """
 
     model: str
@@ -37,43 +42,56 @@ class KnownWeights:
     licence: str = ""
     hub: str | None = None
     objective: Objective | None = None  # for weights that do not record theirs: SiT's flow, say
-
+    preset: str | None = None  # the architecture of a release without a published size and sha256
 
     @property
     def sampling(self) -> SamplingDefaults:
         """The registry's defaults; a file's own metadata, where it has some, takes precedence."""
         return SamplingDefaults(self.sampler, self.steps, self.cfg, self.interval)
 
+    def config(self) -> DiTConfig | None:
+        """The model the release holds: its preset at the latent size of its images (1000 ImageNet classes, learned
+        sigma, as DiT's and SiT's releases); None without a preset."""
+        if self.preset is None or self.image_size is None:
+            return None
+        return preset_config(self.preset, input_size=self.image_size // LATENT_DOWNSAMPLE)
+
 
 DIT_RELEASE = "https://dl.fbaipublicfiles.com/DiT/models"
+# The embedded models as the repository's weights/ folder ships them: (file, url, size, sha256). A rewrite of a file
+# (its metadata included) must update its line here; tests/test_bad_records.py checks that they agree.
+FASHION_FLOW = ("fashion-mnist.safetensors", None, 8_361_408,
+                "e6ac5262a1744244a1f3958945d985642353c03610a77b4f21dae2293ffc3cba")
+FASHION_DDPM = ("fashion-mnist-ddpm.safetensors", None, 8_367_512,
+                "335dd80a31eccd7db47b64d6407de62987dca3155b6caf218cf7c4706a6e088d")
 SIT_RELEASE = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
                "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0")  # the link of SiT's README and download.py
 REGISTRY: dict[tuple[str, int | None], KnownWeights] = {
     ("DiT-XL/2", 256): KnownWeights("DiT-XL/2", 256, "DiT-XL-2-256x256.pt", f"{DIT_RELEASE}/DiT-XL-2-256x256.pt",
-                                    licence="CC-BY-NC 4.0", hub="facebook/DiT-XL-2-256"),
+                                    licence="CC-BY-NC 4.0", hub="facebook/DiT-XL-2-256", preset="DiT-XL/2"),
     ("DiT-XL/2", 512): KnownWeights("DiT-XL/2", 512, "DiT-XL-2-512x512.pt", f"{DIT_RELEASE}/DiT-XL-2-512x512.pt",
-                                    licence="CC-BY-NC 4.0", hub="facebook/DiT-XL-2-512"),
+                                    licence="CC-BY-NC 4.0", hub="facebook/DiT-XL-2-512", preset="DiT-XL/2"),
     # SiT (Ma et al., 2024): DiT-XL/2's exact layout (32 output channels, 4 used), trained as a flow from noise (t = 0)
     # to data (t = 1), which the file does not say. Its sample.py defaults: SDE, 250 steps, cfg 4 (FID: cfg 1.5).
     ("SiT-XL/2", 256): KnownWeights("SiT-XL/2", 256, "SiT-XL-2-256x256.pt", SIT_RELEASE, sampler="sde", steps=250,
-                                    cfg=4.0, licence="MIT", objective=FlowObjective("noise-to-data")),
+                                    cfg=4.0, licence="MIT", objective=FlowObjective("noise-to-data"),
+                                    preset="DiT-XL/2"),
     # Shipped in the repository's weights/ folder; no URL. Both are DiT-S/4 at width 192 trained 12,017 steps at batch
     # 128 by `dit train`, scored on 1,000 images by the judge (docs/flow.md, docs/fashion-mnist.md). The flow model
     # (logit-normal times, 4 output channels) at Euler 9 and cfg 3, guided for flow time in [0.156, 0.781] (15
     # forwards per image), scored FD 22.3 and 97.7% against the DDPM model's 48.0 and 97.2% at its own best
     # 15-forward setting, so it is `fashion-mnist`, and the DDPM model keeps its own name. cfg 3 beat 2.5, 3.5 and 4.
-    ("fashion-mnist", None): KnownWeights("fashion-mnist", None, "fashion-mnist.safetensors", sampler="euler",
-                                          steps=9, cfg=3.0, interval=(0.156, 0.781), licence="MIT",
+    ("fashion-mnist", None): KnownWeights("fashion-mnist", None, *FASHION_FLOW, sampler="euler", steps=9, cfg=3.0,
+                                          interval=(0.156, 0.781), licence="MIT",
                                           objective=FlowObjective("noise-to-data")),
     # The same flow model under its own name, which stays when `fashion-mnist` names another model.
-    ("fashion-mnist-flow", None): KnownWeights("fashion-mnist-flow", None, "fashion-mnist.safetensors",
-                                               sampler="euler", steps=9, cfg=3.0, interval=(0.156, 0.781),
-                                               licence="MIT", objective=FlowObjective("noise-to-data")),
+    ("fashion-mnist-flow", None): KnownWeights("fashion-mnist-flow", None, *FASHION_FLOW, sampler="euler", steps=9,
+                                               cfg=3.0, interval=(0.156, 0.781), licence="MIT",
+                                               objective=FlowObjective("noise-to-data")),
     # cfg 4 gave the lowest Fréchet distance of cfg 1, 2 and 4; dpm++2m at 10 steps, guided only for t in [82, 578]
     # (EDM2's sigma interval 0.28-5.42 on the linear betas), reached DDPM-250's FD at 15 forwards per image.
-    ("fashion-mnist-ddpm", None): KnownWeights("fashion-mnist-ddpm", None, "fashion-mnist-ddpm.safetensors",
-                                               sampler="dpm++2m", steps=10, cfg=4.0, interval=(82.0, 578.0),
-                                               licence="MIT"),
+    ("fashion-mnist-ddpm", None): KnownWeights("fashion-mnist-ddpm", None, *FASHION_DDPM, sampler="dpm++2m",
+                                               steps=10, cfg=4.0, interval=(82.0, 578.0), licence="MIT"),
 }
 
 
