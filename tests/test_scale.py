@@ -210,3 +210,47 @@ def test_sampling_worker_killed_then_rerun_gives_a_byte_identical_npz(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
     assert "sampling (rank 0 of 2)" in again.stderr and "wrote 13 images" in again.stdout  # the bar: rank 0's share
+
+
+# The same fault trials for the mean-flow objective, whose step adds a JVP on the unwrapped module to the DDP forward.
+MEAN_FLOW = ["--objective", "meanflow", "--decoupled-depth", "1", "--interval-ratio", "0.5", "--train-guidance",
+             "model", "--train-omega", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def mean_flow_straight(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mean-flow-straight")
+    result = torchrun([*TRAIN, *MEAN_FLOW, "--data", str(data), "--steps", "12", "--ckpt-every", "4", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_mean_flow_sigterm_to_one_rank_then_resume_is_bit_exact(mean_flow_straight, data, tmp_path):
+    args = [*TRAIN, *MEAN_FLOW, "--data", str(data), "--steps", "12", "--ckpt-every", "4", "--out", str(tmp_path)]
+    stopped = torchrun(args, fault="TERM:1:5")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert steps_saved(tmp_path) == [4, 6]  # rank 1's request reached rank 0 in step 6's all-reduce
+    resumed = torchrun([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(ckpt(mean_flow_straight, 12), ckpt(tmp_path, 12))
+
+
+def test_mean_flow_killed_worker_is_restarted_and_ends_bit_exact(mean_flow_straight, data, tmp_path):
+    args = [*TRAIN, *MEAN_FLOW, "--data", str(data), "--steps", "12", "--ckpt-every", "4", "--out", str(tmp_path),
+            "--resume", "auto"]
+    result = torchrun(args, fault="KILL:1:6", max_restarts=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resume: " in result.stderr and "(step 4)" in result.stderr
+    assert_same_state(ckpt(mean_flow_straight, 12), ckpt(tmp_path, 12))
+
+
+def test_mean_flow_sampling_on_two_ranks_equals_one(mean_flow_straight, tmp_path):
+    args = ["sample", "--ckpt", str(mean_flow_straight / "ckpt-0000012.pt"), "--num-images", "7", "--steps", "2",
+            "--weights", "model", "--batch-size", "2", "--device", "cpu"]
+    whole = subprocess.run([sys.executable, "-m", "ditcli", *args, "--npz", str(tmp_path / "one.npz")],
+                           capture_output=True, text=True, timeout=WAIT_S, env=env())
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    two = torchrun([*args, "--npz", str(tmp_path / "two.npz")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
+    assert "NFE 2 per image" in whole.stdout  # the flow map: one forward per step
