@@ -1,6 +1,7 @@
 """Files on disk, written whole or not at all, and read with one-line errors.
 
-The one owner of: atomic file and folder writes, JSON files, safetensors reading and the weights-only `torch.load`.
+The one owner of: atomic file and folder writes, JSON files, safetensors reading, the weights-only `torch.load` and
+the pickle-free `np.load` of an .npz.
 Imports nothing from ditcli but `errors`.
 """
 
@@ -19,6 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
@@ -42,6 +44,10 @@ def refuse_existing(path: Path, force: bool) -> None:
 def check_creatable(path: Path, flag: str, kind: str = "folder") -> None:
     """Refuse, before any work, a `kind` ("folder" or "file") at `path` that could not be written; creates nothing."""
     path = Path(path).absolute()
+    broken = next((p for p in [path, *path.parents] if p.is_symlink() and not p.exists()), None)
+    if broken is not None:  # a link to nowhere, or to itself: nothing can be created through it
+        raise UserError(f"{flag} {path} is not writable: {broken} is a symbolic link that leads nowhere",
+                        f"choose another {flag}, or remove the link")
     if path.exists() and not (path.is_dir() or path.is_file()):
         raise UserError(f"{flag} {path} is a device, pipe or socket, not a {kind}", f"choose another {flag}")
     if path.exists() and path.is_dir() != (kind == "folder"):
@@ -155,6 +161,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def safe_torch_load(path: str | os.PathLike):
     """torch.load with weights_only=True and only argparse.Namespace allowed; one-line errors otherwise."""
+    refuse_special(path, "a checkpoint file", "pass a .pt file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected pickle protocol")  # garbage bytes read as a protocol number
@@ -167,7 +174,7 @@ def safe_torch_load(path: str | os.PathLike):
         raise UserError(f"refusing to load {path}: it contains pickled code or objects ({culprit.group(1)}) that a "
                         f"weight file should not", "only tensors, plain containers and argparse.Namespace are "
                         "allowed") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, SafetensorError) as exc:  # torch reads *.safetensors
         if _is_npz(path):
             raise UserError(f"{path} is a NumPy .npz archive (images or statistics), not a checkpoint",
                             "pass a .pt, a .safetensors or a diffusers folder") from None
@@ -179,6 +186,39 @@ def safe_torch_load(path: str | os.PathLike):
     except (IndexError, KeyError, ValueError) as exc:  # the unpickler tripping over random bytes
         raise UserError(f"{path} is not a readable checkpoint: the unpickler failed with {type(exc).__name__}",
                         "the file is corrupt or not a PyTorch weight file; fetch it again") from None
+
+
+def refuse_special(path: str | os.PathLike, kind: str, hint: str) -> None:
+    """A pipe, socket or device where `kind` belongs is refused: reading a pipe waits for a writer forever."""
+    path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise UserError(f"{path} is a pipe, socket or device, not {kind}", hint)
+
+
+def open_npz(path: Path, hint: str, reads: tuple[str, ...]):
+    """`np.load` of an .npz, never of pickles: a file that is no zip (a text file, a lone .npy, a pickle named .npz),
+    a cut one, or one whose arrays the reader `reads` hold Python objects is one line, with `hint`."""
+    refuse_special(path, "an .npz", hint)
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz: np.savez writes a zip of .npy arrays, and this file is no zip", hint)
+    try:
+        archive = np.load(path, allow_pickle=False)
+        pickled = [name for name in archive.files if name in reads and _array_dtype(archive.zip, name).hasobject]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise UserError(f"cannot read {path} as an .npz: {' '.join(str(exc).split()) or type(exc).__name__}",
+                        hint) from None
+    if pickled:
+        archive.close()
+        raise UserError(f"{path} holds {pickled[0]} as Python objects, which only unpickling reads", hint)
+    return archive
+
+
+def _array_dtype(archive: zipfile.ZipFile, name: str) -> np.dtype:
+    """The dtype an .npz member's header declares, read without its data."""
+    with archive.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return header(f)[2]
 
 
 def _is_npz(path: str | os.PathLike) -> bool:

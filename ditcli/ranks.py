@@ -25,6 +25,7 @@ from ditcli.errors import UserError
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600  # longest wait in one collective: a rank-0 checkpoint write, a VAE download, cache encoding
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: a longer wait is a hang, and 1e300 s overflows the process group's timedelta
 SHARED_DISK_HINT = "--out must be on a disk that all nodes share, at the same path"
 
 
@@ -54,8 +55,9 @@ def env_rank() -> int:
 
 
 def check_timeout(timeout_s: float) -> float:
-    if not timeout_s > 0:  # the same option on every rank: rank 0 reports it
-        raise AgreedError(f"--dist-timeout must be > 0 seconds, got {timeout_s:g}", "the default is 600")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:  # the same option on every rank: rank 0 reports it
+        raise AgreedError(f"--dist-timeout must be in (0, {MAX_TIMEOUT_S:,}] seconds, got {timeout_s:g}",
+                          "the default is 600")
     return timeout_s
 
 

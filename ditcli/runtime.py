@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
 from ditcli.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_NAME = re.compile(r"(?P<base>[a-z]+)(?::(?P<index>[0-9]+))?")  # cuda, cuda:1; torch refuses anything else
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -20,11 +22,15 @@ def resolve_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    base = name.split(":")[0]
-    if base not in DEVICES:
-        raise UserError(f"unknown device {name!r}", f"choose from {', '.join(DEVICES)}")
+    match = DEVICE_NAME.fullmatch(name)
+    base = match["base"] if match else None
+    if base not in DEVICES or base == "auto":
+        raise UserError(f"unknown device {name!r}", f"choose from {', '.join(DEVICES)}, or cuda:N for GPU N")
     if base == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+    if base == "cuda" and match["index"] is not None and int(match["index"]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: no such GPU, {torch.cuda.device_count()} are visible",
+                        f"pass cuda:0 to cuda:{torch.cuda.device_count() - 1}, or cuda")
     if base == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but MPS is not available", "use --device cpu or auto")
     return torch.device(name)

@@ -50,16 +50,21 @@ def make_fixtures(fx: Path) -> None:
     np.savez(fx / "flat.npz", images=np.zeros((8, 0, 8, 1), np.uint8))
     np.savez(fx / "fivedim.npz", images=np.zeros((2, 8, 8, 1, 1), np.uint8))
     np.savez(fx / "objects.npz", images=np.array([{"a": 1}] * 8, dtype=object))
+    np.savez(fx / "oneimage.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    np.savez(fx / "objectstats.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.array([None], dtype=object))
     (fx / "truncated.npz").write_bytes((fx / "good.npz").read_bytes()[:300])
     (fx / "truncrgb.npz").write_bytes((fx / "rgb.npz").read_bytes()[:500])
     (fx / "zerobytes.npz").write_bytes(b"")
     (fx / "text.npz").write_text("not a zip\n")
+    np.save(fx / "lone.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    (fx / "lone.npy").rename(fx / "lone.npz")  # np.save's single array under an .npz name
     np.savez(fx / "nanref.npz", mu=np.full(4, np.nan), sigma=np.eye(4))
     np.savez(fx / "infref.npz", mu=np.zeros(4), sigma=np.full((4, 4), np.inf))
     np.savez(fx / "shaperef.npz", mu=np.zeros(4), sigma=np.eye(3))
     np.savez(fx / "existing.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     (fx / "afile").write_text("a file, not a folder\n")
     os.mkfifo(fx / "fifo")  # a path that exists but is neither a file nor a folder
+    os.mkfifo(fx / "fifo.npz")  # ... under the name of what a reader opens
     (fx / "emptydir").mkdir()
     (fx / "imgs").mkdir()
     from PIL import Image
@@ -280,7 +285,16 @@ CORPUS: list[tuple[str, list[str], str | None]] = [
      "torch.safetensors"),
     ("sample-ckpt-pickled-code", ["sample", "--ckpt", "{fx}/pickled.pt", "--out", "out"], "pickled.pt"),
     ("sample-ckpt-not-dit", ["sample", "--ckpt", "{fx}/notdit.pt", "--out", "out"], "notdit.pt"),
-    ("sample-ckpt-empty-path", ["sample", "--ckpt", "", "--out", "out"], "diffusers"),  # Typer reads "" as "."
+    ("sample-ckpt-empty-path", ["sample", "--ckpt", "", "--out", "out"], "--ckpt is empty"),  # not "." as Typer reads it
+    # An empty value (an unset shell variable) read as the option's default, or a path as the working folder.
+    ("sample-out-empty", ["sample", "--ckpt", "{fx}/tiny.safetensors", "--out", ""], "--out is empty"),
+    ("sample-out-equals-empty", ["sample", "--ckpt", "{fx}/tiny.safetensors", "--out="], "--out is empty"),
+    ("sample-sampler-empty", [*S, "--sampler", ""], "--sampler is empty"),
+    ("convert-dtype-empty", ["convert", "{fx}/tiny.safetensors", "o.safetensors", "--dtype", ""], "--dtype is empty"),
+    ("fid-output-empty", ["fid", "--make-ref", "{fx}/imgs", "-o", ""], "-o is empty"),
+    # With --ckpt, --model names a preset: an unknown one was ignored; so was --num-heads 0.
+    ("sample-model-unknown-with-ckpt", [*S, "--model", "DiT-Q/3"], "unknown --model 'DiT-Q/3'"),
+    ("sample-num-heads-zero", [*S, "--num-heads", "0"], "--num-heads must be >= 1"),
     ("sample-model-unknown", ["sample", "--model", "DiT-Q/2", "--out", "out"], "DiT-Q/2"),
     ("sample-model-with-ckpt", [*S, "--model", "fashion-mnist"], "--model"),
     ("sample-image-size-one-size-model", ["sample", "--model", "fashion-mnist", "--image-size", "256", "--out", "out"],
@@ -395,6 +409,37 @@ CORPUS: list[tuple[str, list[str], str | None]] = [
     ("convert-info-text", ["convert", "--info", "{fx}/text.safetensors"], "text.safetensors"),
     ("convert-info-weights-model-of-ema-file", ["convert", "--info", "{fx}/tiny.safetensors", "--weights", "model"],
      "--weights"),
+    # A file that is no zip says so, not "pickled (object) data" (numpy's fallback for what is no .npz or .npy).
+    ("fid-ref-text-is-no-npz", ["fid", "{fx}/rgb.npz", "--ref", "{fx}/text.npz"], "is not an .npz"),
+    ("fid-ref-lone-npy", ["fid", "{fx}/rgb.npz", "--ref", "{fx}/lone.npz"], "is not an .npz"),
+    ("train-data-text-is-no-npz", ["train", "--data", "{fx}/text.npz", "--out", "run", *TINY], "is not an .npz"),
+    ("train-data-lone-npy", ["train", "--data", "{fx}/lone.npz", "--out", "run", *TINY], "is not an .npz"),
+    # A name longer than the file system takes: the system's one line, not its traceback.
+    ("convert-dst-name-too-long", ["convert", "{fx}/tiny.safetensors", "x" * 300 + ".safetensors"], "too long"),
+    ("sample-ckpt-name-too-long", ["sample", "--ckpt", "x" * 300 + ".pt", "--out", "out"], "too long"),
+    # A named pipe to read from: its read waited for a writer forever.
+    ("train-resume-fifo", ["train", "--data", "{fx}/good.npz", "--out", "run", *TINY, "--resume", "{fx}/fifo"],
+     "fifo"),
+    # Statistics stored as Python objects: numpy's "Object arrays cannot be loaded" ended in a traceback.
+    ("fid-ref-object-statistics", ["fid", "{fx}/rgb.npz", "--ref", "{fx}/objectstats.npz"], "Python objects"),
+    ("train-eval-ref-object-statistics", ["train", "--data", "{fx}/good.npz", "--out", "run", *TINY, "--eval-every",
+                                          "1", "--eval-ref", "{fx}/objectstats.npz", "--eval-features",
+                                          "fashion-judge"], "Python objects"),
+    # One image has no covariance: found only after extracting the other side's features, or a training step.
+    ("fid-samples-one-image", ["fid", "{fx}/oneimage.npz", "--ref", "{fx}/rgb.npz"], "at least 2"),
+    ("fid-ref-one-image", ["fid", "{fx}/rgb.npz", "--ref", "{fx}/oneimage.npz"], "at least 2"),
+    ("train-eval-ref-one-image", ["train", "--data", "{fx}/good.npz", "--out", "run", *TINY, "--eval-every", "1",
+                                  "--eval-ref", "{fx}/oneimage.npz", "--eval-features", "fashion-judge"], "at least 2"),
+    ("fid-samples-fifo-npz", ["fid", "{fx}/fifo.npz", "--ref", "{fx}/rgb.npz"], "pipe"),
+    ("fid-ref-fifo-npz", ["fid", "{fx}/rgb.npz", "--ref", "{fx}/fifo.npz"], "pipe"),
+    ("train-data-fifo-npz", ["train", "--data", "{fx}/fifo.npz", "--out", "run", *TINY], "pipe"),
+    ("train-eval-ref-fifo-npz", ["train", "--data", "{fx}/good.npz", "--out", "run", *TINY, "--eval-every", "1",
+                                 "--eval-ref", "{fx}/fifo.npz", "--eval-features", "fashion-judge"], "pipe"),
+    # torch.load reads a *.safetensors name as safetensors, and raised safetensors' own error, not torch's.
+    ("train-resume-text-safetensors", ["train", "--data", "{fx}/good.npz", "--out", "run", *TINY, "--resume",
+                                       "{fx}/text.safetensors"], "text.safetensors"),
+    ("fid-inception-weights-text-safetensors", ["fid", "{fx}/rgb.npz", "--ref", "{fx}/rgb.npz", "--inception-weights",
+                                                "{fx}/text.safetensors"], "text.safetensors"),
 ]
 
 
@@ -408,6 +453,22 @@ def test_bad_input_gets_one_line_and_leaves_nothing(case, fx, tmp_path, monkeypa
     code, output = invoke(args, work, monkeypatch)
     assert_one_line_error(code, output, mentions)
     assert snapshot(fx, work) == before, "files were created or changed"
+
+
+def test_a_home_or_output_behind_a_symlink_loop_is_one_line(fx, tmp_path, monkeypatch):
+    """A link to itself exists to nothing: it was passed as writable, and --compile then failed with ELOOP."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "loop").symlink_to("loop")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("DIT_OFFLINE", "1")
+    for args in (["sample", "--ckpt", f"{fx}/tiny.safetensors", "--num", "2", "--compile", "--out", "out"],
+                 ["sample", "--ckpt", f"{fx}/tiny.safetensors", "--num", "2", "--out", "loop/out"]):
+        monkeypatch.setenv("DIT_HOME", str(work / "loop"))
+        before = snapshot(fx, work)
+        result = CliRunner().invoke(app, args)
+        assert_one_line_error(result.exit_code, result.output, "symbolic link that leads nowhere")
+        assert snapshot(fx, work) == before
 
 
 def test_corpus_is_large_and_covers_every_command():

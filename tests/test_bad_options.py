@@ -29,6 +29,7 @@ from conftest import perturbed, tiny_config
 from typer.testing import CliRunner
 
 from ditcli.cli.app import app
+from ditcli.diffusion.objectives import MeanFlowObjective
 from ditcli.model.dit import DiT
 from ditcli.training.config import TrainConfig
 from ditcli.training.trainer import Trainer
@@ -67,6 +68,12 @@ def make_fixtures(fx: Path) -> None:
     torch.save(state, fx / SIT)
     torch.save({**state, "projectors.0.0.weight": torch.zeros(8, 32), "projectors.0.0.bias": torch.zeros(8)},
                fx / "repa.pt")
+    # DMF's release in miniature: DiT's layout plus its training-only log-variance head; and our mean-flow file.
+    torch.save({**state, "logvar_linear.weight": torch.zeros(1, 32), "logvar_linear.bias": torch.zeros(1)},
+               fx / "DMF-tiny.pt")
+    decoupled = tiny_config(in_channels=1, num_classes=2, mean_flow_form="decoupled", decoupled_depth=1)
+    save_safetensors(Checkpoint(state, decoupled, "safetensors", "ema", codec={"kind": "pixel", "channels": 1},
+                                objective=MeanFlowObjective()), fx / "meanflow.safetensors")
     latent = DiT(tiny_config())  # a latent model that records no codec: the SD VAE's 4 channels
     save_safetensors(Checkpoint(latent.state_dict(), latent.config, "safetensors", "ema"), fx / "latent.safetensors")
     for objective in ("ddpm", "flow"):  # one step of our own training of each objective
@@ -360,3 +367,150 @@ def test_dit_classes_reads_a_sit_file_with_the_options_dit_sample_takes(fx, work
         rows = json.loads(ok(*fill(["classes", "--ckpt", f"{{fx}}/{SIT}", "--num-heads", "2", "--json", *given],
                                    fx)))
         assert [row["id"] for row in rows] == [0, 1]
+
+
+# Found by trying every option at its edges from the outside (benchmarks/hostile_probe.py).
+
+EDGES = [
+    # A time shift past fp32's reach: S = 1e-300 is 0 (a division by zero), 1e300 infinite (a NaN loss).
+    (["sample", "--ckpt", "{fx}/flow/ckpt-0000001.pt", "--out", "out", "--steps", "2", "--time-shift", "1e-300"],
+     "time shift must be a finite number in [0.001, 1000]"),
+    ([*T, "--objective", "flow", "--time-shift", "1e300"], "--time-shift must be a finite number in [0.001, 1000]"),
+    # Tolerances no fp32 state meets: every dopri5 step was rejected until its 10,000-step limit.
+    (["sample", "--ckpt", "{fx}/flow/ckpt-0000001.pt", "--out", "out", "--sampler", "dopri5", "--atol", "1e-300",
+      "--rtol", "1e-300"], "atol and rtol must be finite numbers in [1e-10, 1]"),
+    # A trained guidance scale that --cfg would refuse, or one below 0 (it was refused as if the run were a file).
+    ([*T, "--objective", "meanflow", "--train-guidance", "meanflow", "--train-omega", "100", "--train-kappa", "0.99"],
+     "trains guidance scale 10000, outside [0, 100]"),
+    ([*T, "--objective", "meanflow", "--train-guidance", "meanflow", "--train-omega", "-5"],
+     "--train-omega -5 with --train-kappa 0 trains guidance scale -5"),
+    ([*T, "--objective", "meanflow", "--train-guidance", "model", "--train-omega", "0.999"], "scale 1000"),
+    # dopri5 chooses its own steps, so convert records no --steps for it (as dit sample refuses them).
+    (["convert", "{fx}/flow/ckpt-0000001.pt", "out.safetensors", "--sampler", "dopri5", "--steps", "9"],
+     "--sampler dopri5 does not take --steps"),
+    # A device string torch cannot parse ended in its RuntimeError; an index past the visible GPUs too.
+    ([*S, "--device", "cpu:abc"], "unknown device 'cpu:abc'"),
+    ([*T, "--device", "cpu:"], "unknown device 'cpu:'"),
+    ([*F, "--device", "cuda:-1"], "unknown device 'cuda:-1'"),
+    # A wait past any use overflowed the process group's timedelta under torchrun.
+    ([*S, "--dist-timeout", "1e300"], "--dist-timeout must be in (0, 604,800] seconds"),
+    # A learning rate or a decay that only overflows the weights.
+    ([*T, "--lr", "1e300"], "--lr must be a finite number in (0, 1]"),
+    ([*T, "--weight-decay", "1e300"], "--weight-decay must be a finite number >= 0 whose product with --lr"),
+    # An interval recorded for an unguided default, which dit sample refuses on its command line.
+    (["convert", "{fx}/meanflow.safetensors", "out.safetensors", "--guidance-interval", "0.2,0.5"],
+     "--guidance-interval only applies to a guided run, and the recorded cfg is 1"),
+    # convert has no --model to suggest.
+    (["convert", "--info", "{fx}/missing.pt"], "checkpoint not found"),
+    # A DMF file's time direction is the option that names it, its depth the run's own.
+    ([*T, "--objective", "meanflow", "--time-direction", "data-to-noise", "--init-from", "{fx}/DMF-tiny.pt"],
+     "--decoupled-depth K"),
+]
+
+
+@pytest.mark.parametrize("argv, message", EDGES, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(EDGES)])
+def test_an_option_at_its_edge_is_one_line(argv, message, fx, work, tmp_path):
+    line = refused(fill(argv, fx), fx, work, tmp_path / "home")
+    assert message in line and "--model" not in line, line
+
+
+def test_convert_records_flow_map_for_a_mean_flow_model(fx, work):
+    ok(*fill(["convert", "{fx}/meanflow.safetensors", "a.safetensors", "--sampler", "flow-map", "--steps", "3"], fx))
+    ok(*fill(["convert", "{fx}/meanflow.safetensors", "b.safetensors", "--sampler", "dopri5"], fx))
+    info = json.loads(ok("convert", "--info", "a.safetensors", "--json"))
+    assert (info["sampling"]["sampler"], info["sampling"]["steps"]) == ("flow-map", 3)
+
+
+def test_a_dmf_file_starts_a_fine_tune_at_the_runs_decoupled_depth(fx, work):
+    ok(*fill([*T, "--objective", "meanflow", "--decoupled-depth", "1", "--time-direction", "data-to-noise",
+              "--init-from", "{fx}/DMF-tiny.pt"], fx))
+    started = json.loads((work / "run" / "run.json").read_text())
+    assert started["model"]["decoupled_depth"] == 1 and started["train"]["init_from"].endswith("DMF-tiny.pt")
+
+
+def test_dopri5_stops_in_one_line_where_its_step_underflows():
+    """A velocity that is pure noise meets no tolerance: the step shrinks below MIN_STEP, long before the step
+    limit, and the run ends with one line instead of thousands of rejected steps."""
+    from ditcli.diffusion.flow import FlowMatching
+    from ditcli.diffusion.flow_samplers import sample_flow_dopri5
+    from ditcli.errors import UserError
+
+    generator, calls = torch.Generator().manual_seed(0), []
+
+    def noise(x, t):
+        calls.append(t)
+        return torch.randn(x.shape, generator=generator) * 1e3
+
+    with pytest.raises(UserError, match="step fell below"):
+        sample_flow_dopri5(noise, torch.zeros(1, 1, 2, 2), FlowMatching(), atol=1e-10, rtol=1e-10)
+    assert len(calls) < 1000
+
+
+# A hostile checkpoint given to --resume: each of its entries is read as a file's records are, before any is used.
+
+def hostile(run: Path, entry: tuple, value) -> None:
+    """Set the entry at key path `entry` of the run's newest checkpoint to `value`."""
+    path = max(run.glob("ckpt-*.pt"))
+    payload = torch.load(path, weights_only=True)
+    target = payload
+    for key in entry[:-1]:
+        target = target[key]
+    target[entry[-1]] = value
+    torch.save(payload, path)
+
+
+RESUME_ENTRIES = [
+    (("config", "train", "steps"), "2", "stored settings (config.train): its steps"),
+    (("config", "train", "lr"), float("nan"), "its lr NaN is not a finite number"),
+    (("config", "train", "log"), "wandb", "its log \"wandb\" is no list of tracker names"),
+    (("config", "train", "global_batch"), [4], "its global_batch"),
+    (("config", "model", "depth"), "2", "model config (config.model): its depth"),
+    (("step",), "1", "unusable step"),
+    (("step",), -1, "unusable step"),
+    (("bad_steps",), float("inf"), "unusable bad_steps"),
+    (("model", "pos_embed"), torch.zeros(3), "model weights"),
+    (("ema", "pos_embed"), torch.zeros(1, 16, 32, dtype=torch.int64), "int64"),
+    (("rng",), [5], "unusable rng record"),
+    (("rng",), [{"torch": torch.zeros(3, dtype=torch.uint8)}], "unusable rng record"),
+    (("optimizer", "param_groups"), "x", "unusable optimizer record"),
+    (("optimizer", "param_groups"), [], "unusable optimizer"),
+]
+
+
+@pytest.mark.parametrize("entry, value, mentions", RESUME_ENTRIES,
+                         ids=[f"{'.'.join(e)}-{i}" for i, (e, _, _) in enumerate(RESUME_ENTRIES)])
+def test_a_hostile_checkpoint_given_to_resume_is_one_line(entry, value, mentions, fx, work):
+    import shutil
+
+    shutil.copytree(fx / "ddpm", work / "run")
+    (work / "run" / "run.json").unlink()  # the checkpoint's own settings, not run.json's
+    hostile(work / "run", entry, value)
+    line = refused(["train", "--resume", "auto", "--out", "run", "--steps", "2"], work)
+    assert mentions in line and "ckpt-0000001.pt" in line, line
+
+
+def test_a_hostile_run_file_given_to_resume_is_one_line(fx, work):
+    import shutil
+
+    shutil.copytree(fx / "ddpm", work / "run")
+    record = json.loads((work / "run" / "run.json").read_text())
+    for key, value in (("lr", "1e-4"), ("seed", 0.5), ("precision", None)):
+        (work / "run" / "run.json").write_text(json.dumps({**record, "train": {**record["train"], key: value}}))
+        line = refused(["train", "--resume", "auto", "--out", "run", "--steps", "2"], work)
+        assert f"run.json records an unusable stored settings (config.train): its {key}" in line, line
+
+
+def test_objective_options_that_agree_with_a_files_record_are_taken(fx, work, tmp_path):
+    """A lone --time-direction (a flow objective to a file without a record) agrees with a mean-flow record of the
+    same time, and a trained guidance scale, which no option gives, is not compared; another time is refused."""
+    guided = tmp_path / "guided.safetensors"
+    config = tiny_config(in_channels=1, num_classes=2, mean_flow_form="decoupled", decoupled_depth=1)
+    save_safetensors(Checkpoint(DiT(config).state_dict(), config, "safetensors", "ema",
+                                codec={"kind": "pixel", "channels": 1}, objective=MeanFlowObjective(trained_cfg=2.5)),
+                     guided)
+    for path, given in ((fx / "meanflow.safetensors", ["--time-direction", "noise-to-data"]),
+                        (guided, ["--objective", "meanflow", "--time-direction", "noise-to-data"])):
+        ok("sample", "--ckpt", path, "--num", "2", "--out", f"out-{path.stem}", *given)
+    line = refused(["sample", "--ckpt", fx / "meanflow.safetensors", "--num", "2", "--out", "out",
+                    "--time-direction", "data-to-noise"], fx, work)
+    assert "records the objective meanflow, time noise-to-data" in line

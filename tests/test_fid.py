@@ -647,7 +647,7 @@ def test_missing_reference_and_samples(tmp_path):
     assert_user_error(run(samples, "--ref", samples, "--features", "x.pt", "--inception-weights", "w.pth"),
                       "--inception-weights only applies")
     (tmp_path / "not.npz").write_bytes(b"plain text")
-    assert_user_error(run(samples, "--ref", tmp_path / "not.npz"), "cannot read", "as an .npz")
+    assert_user_error(run(samples, "--ref", tmp_path / "not.npz"), "not.npz is not an .npz", "no zip")
 
 
 def test_corrupt_and_mixed_images(tmp_path, tiny_file):

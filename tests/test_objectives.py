@@ -107,8 +107,10 @@ def test_a_flow_model_refuses_what_only_ddpm_takes_and_the_other_way_round():
     with pytest.raises(UserError, match="DiTPipeline"):
         FlowObjective().check_export("diffusers", "m.safetensors")
     DDPM.check_export("diffusers", "m.safetensors")
-    with pytest.raises(UserError, match="only apply to flow-matching models"):
+    with pytest.raises(UserError, match="--time-shift only applies to flow-matching and mean-flow models"):
         DDPM.sampler_settings(2.0, None, None)
+    with pytest.raises(UserError, match="--atol and --rtol only apply to flow-matching"):
+        DDPM.sampler_settings(None, 1e-3, 1e-3)
     assert FlowObjective().sampler_settings(2.0, None, None).shift == 2.0
     with pytest.raises(UserError, match="not in flow time"):
         FlowObjective().check_interval((0, 700), ": here")

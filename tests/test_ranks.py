@@ -22,10 +22,10 @@ def test_alone_the_helpers_are_local_calls():
 
 
 @pytest.mark.parametrize("command", [["train", "--data", "fashion-mnist"], ["sample", "--ckpt", "x.pt"]])
-@pytest.mark.parametrize("value", ["0", "-5"])
-def test_dist_timeout_must_be_positive(command, value):
+@pytest.mark.parametrize("value", ["0", "-5", "inf", "1e300"])
+def test_dist_timeout_must_be_positive_and_at_most_a_week(command, value):
     result = CliRunner().invoke(app, [*command, "--dist-timeout", value, "--device", "cpu"])
-    assert result.exit_code == 2 and "error: --dist-timeout must be > 0 seconds" in result.output
+    assert result.exit_code == 2 and "error: --dist-timeout must be in (0, 604,800] seconds" in result.output
 
 
 def test_the_last_step_is_saved_once_when_it_is_a_checkpoint_step(tmp_path, monkeypatch):

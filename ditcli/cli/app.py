@@ -16,8 +16,9 @@ from ditcli.errors import UserError
 from ditcli.ranks import AgreedError, env_rank, world_size
 from ditcli.version import __version__
 
-# Errors the shell reports as one line: a UserError, or a path the user gave that the system refused. Anything else,
-# a ValueError included, is a bug and keeps its traceback.
+# Errors the shell reports as one line: a UserError, or a path the user gave that the system refused (these, and any
+# OSError that names its file: a name too long, a symlink loop, a full or read-only disk). Anything else, a ValueError
+# included, is a bug and keeps its traceback.
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 # Typer's usage errors (unknown option or command, malformed value, missing argument): the base class of its public
 # BadParameter, whichever click (its own copy or the click package) this Typer is built on.
@@ -55,7 +56,16 @@ class _ShownOneWay:
 
 
 class _Command(_ShownOneWay, TyperCommand):
-    """A `dit` subcommand."""
+    """A `dit` subcommand; an option given an empty value (`--out ""`, `--out=`, an unset shell variable), which
+    would silently read as its default, or as the working folder for a path, is refused."""
+
+    def parse_args(self, ctx, args):
+        valued = {opt for param in self.params if not getattr(param, "is_flag", False) for opt in param.opts}
+        for i, arg in enumerate(args):
+            name, equals, value = str(arg).partition("=")  # CliRunner callers may pass numbers
+            if name in valued and (value == "" if equals else i + 1 < len(args) and args[i + 1] == ""):
+                raise UserError(f"{name} is empty", f"pass a value, or drop {name} for its default")
+        return super().parse_args(ctx, args)
 
 
 class _ErrorsAsOneLine(_ShownOneWay, TyperGroup):
@@ -74,8 +84,8 @@ class _ErrorsAsOneLine(_ShownOneWay, TyperGroup):
             return super().invoke(ctx)
         except USAGE_ERROR as exc:  # a subcommand's options failed to parse
             raise _report(_switch_line(exc, given) or _usage_line(exc, _help_hint(ctx))) from None
-        except USER_ERRORS as exc:
-            if ctx.params.get("debug"):
+        except (*USER_ERRORS, OSError) as exc:
+            if ctx.params.get("debug") or not isinstance(exc, USER_ERRORS) and exc.filename is None:
                 raise
             if isinstance(exc, AgreedError) and env_rank() != 0:  # every rank raised it; rank 0 reports it
                 raise typer.Exit(2) from None

@@ -19,7 +19,7 @@ from ditcli.cli.options import (
 )
 from ditcli.diffusion.guidance import DEFAULT_CHANNELS, GUIDED_CHANNELS
 from ditcli.diffusion.objectives import objective_from_options, objective_from_record
-from ditcli.diffusion.samplers import FLOW_SAMPLER_NAMES, SAMPLERS
+from ditcli.diffusion.samplers import FLOW_MAP, FLOW_SAMPLER_NAMES, SAMPLERS
 from ditcli.errors import UserError
 from ditcli.io import check_creatable
 from ditcli.runtime import PRECISIONS
@@ -54,7 +54,9 @@ InfoOpt = Annotated[Path | None, typer.Option("--info", metavar="FILE", help="De
 
 RecordSamplerOpt = Annotated[str | None, typer.Option(
     "--sampler", help=f"Record the sampler `dit sample` uses by default (DDPM models: {', '.join(SAMPLERS)}; flow "
-                      f"models: {', '.join(FLOW_SAMPLER_NAMES)}). Default: the source's.", show_default=False)]
+                      f"models: {', '.join(FLOW_SAMPLER_NAMES)}; mean-flow models: {FLOW_MAP} or those of flow "
+                      "models; not --steps with dopri5, which chooses its own). Default: the source's.",
+    show_default=False)]
 RecordStepsOpt = Annotated[int | None, typer.Option(
     "--steps", help="Record the default sampling steps (>= 1). Default: the source's.", show_default=False)]
 RecordCfgOpt = Annotated[float | None, typer.Option(

@@ -27,7 +27,7 @@ from ditcli.cli.options import (
 from ditcli.cli.progress import ProgressBar, downloads
 from ditcli.diffusion.guidance import DEFAULT_CHANNELS, GUIDED_CHANNELS
 from ditcli.diffusion.objectives import objective_from_options
-from ditcli.diffusion.samplers import FLOW_SAMPLER_NAMES, SAMPLERS
+from ditcli.diffusion.samplers import FLOW_MAP, FLOW_SAMPLER_NAMES, SAMPLERS
 from ditcli.evaluation.protocol import PAPER_FID, SAMPLE_PRESETS
 from ditcli.ranks import (
     DEFAULT_TIMEOUT_S,
@@ -74,8 +74,8 @@ IntervalOpt = Annotated[str | None, typer.Option(
     "--guidance-interval", help="LOW,HIGH: guide only in [LOW, HIGH], in training timesteps (e.g. 0,700) or a flow "
                                 "model's time (e.g. 0,0.7); 'none' guides every step. Default: the model's.")]
 SamplerOpt = Annotated[str | None, typer.Option(
-    "--sampler", help=f"DDPM models: {', '.join(SAMPLERS)}; flow models: {', '.join(FLOW_SAMPLER_NAMES)}. Default: the "
-                      "model's.")]
+    "--sampler", help=f"DDPM models: {', '.join(SAMPLERS)}; flow models: {', '.join(FLOW_SAMPLER_NAMES)}; mean-flow "
+                      f"models: {FLOW_MAP} or those of flow models. Default: the model's.")]
 TimeShiftOpt = Annotated[float | None, typer.Option(
     "--time-shift", help="Flow models: shift the step grid's noise levels s to S s / (1 + (S - 1) s) (> 0; > 1 puts "
                          "more steps at high noise). Default: 1.", show_default=False)]

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ditcli.data.images import IMAGE_SUFFIXES, image_files
 from ditcli.errors import UserError
+from ditcli.io import open_npz, refuse_special
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -105,7 +106,8 @@ def load_npz(path: Path, image_size: int | None, channels: int | None) -> ImageS
 def _read_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """The images (N, H, W, C), labels (N,) and class names of an .npz, each checked against the others."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open_npz(path, "write it with np.savez(path, images=uint8 NHWC array, labels=ints)",
+                      ("images", "arr_0", "labels", "arr_1", "class_names")) as data:
             key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
             if key is None:
                 held = ", ".join(data.files) or "nothing"
@@ -258,6 +260,7 @@ def check_source(data: str, split: str | None = None) -> None:
     if not path.exists():
         raise UserError(f"data not found: {path}", "pass an image folder, an .npz, a folder of idx files or "
                                                    "'fashion-mnist'")
+    refuse_special(path, "an image folder or an .npz", "pass an image folder, an .npz or a folder of idx files")
     if is_idx_source(data):
         return
     if split is not None:

@@ -22,6 +22,16 @@ from ditcli.errors import UserValueError
 
 TIME_DIRECTIONS = ("noise-to-data", "data-to-noise")
 TIME_SAMPLINGS = ("uniform", "logit-normal")
+# The largest time shift S, and 1 / S the smallest: beyond them fp32 times collapse onto the grid's ends (S = 1e300
+# is infinite in fp32, and 1e-300 is 0), and a shift 1,000 times SD3's 3 has no use.
+MAX_TIME_SHIFT = 1e3
+
+
+def check_time_shift(shift: float, name: str = "time shift") -> None:
+    """A time shift within [1 / MAX_TIME_SHIFT, MAX_TIME_SHIFT]: the one check of training's and sampling's."""
+    if not (math.isfinite(shift) and 1 / MAX_TIME_SHIFT <= shift <= MAX_TIME_SHIFT):
+        raise UserValueError(f"{name} must be a finite number in [{1 / MAX_TIME_SHIFT:g}, {MAX_TIME_SHIFT:g}], got "
+                             f"{shift:g}", "1 leaves the times as they are; > 1 spends more of them at high noise")
 
 
 def shift_noise_level(sigma: torch.Tensor | float, shift: float):
@@ -45,8 +55,7 @@ class FlowMatching:
         if self.time_sampling not in TIME_SAMPLINGS:
             raise UserValueError(f"unknown time sampling {self.time_sampling!r}",
                                  f"choose from {', '.join(TIME_SAMPLINGS)}")
-        if not (math.isfinite(self.time_shift) and self.time_shift > 0):
-            raise UserValueError(f"time shift must be a finite number > 0, got {self.time_shift}")
+        check_time_shift(self.time_shift)
 
     @property
     def data_time(self) -> float:

@@ -25,6 +25,10 @@ ModelFn = Callable[..., torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None] | None
 
 MAX_ADAPTIVE_STEPS = 10_000  # a dopri5 run that needs more is not converging at these tolerances
+# dopri5's atol and rtol, lowest and highest: below, an fp32 state's round-off alone exceeds the tolerance (1e-300 is
+# 0 in fp32, and err / 0 rejects every step); above 1, no step is ever rejected.
+TOLERANCES = (1e-10, 1.0)
+MIN_STEP = 1e-9  # the smallest dopri5 step, as a share of the time from noise to data: a smaller one cannot converge
 
 
 def times_like(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -200,5 +204,9 @@ def sample_flow_dopri5(model_fn: ModelFn, x: torch.Tensor, flow: FlowMatching, n
         factor = MAX_GROWTH if ratio == 0 else min(MAX_GROWTH, max(SAFETY * ratio ** -0.2,
                                                                     1.0 if ratio < 1 else MAX_SHRINK))
         h = h * factor
+        if abs(h) < MIN_STEP * abs(end - start):
+            raise UserValueError(f"dopri5's step fell below {MIN_STEP:g} of the way from noise to data at atol "
+                                 f"{atol:g}, rtol {rtol:g}: the model's velocity is not smooth enough for them",
+                                 "loosen the tolerances or use a fixed-step sampler")
     raise UserValueError(f"dopri5 did not reach the data in {MAX_ADAPTIVE_STEPS} steps at atol {atol:g}, rtol {rtol:g}",
                          "loosen the tolerances or use a fixed-step sampler")

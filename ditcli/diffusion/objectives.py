@@ -18,6 +18,7 @@ from typing import ClassVar, Protocol
 from ditcli.diffusion.ddpm import Diffusion
 from ditcli.diffusion.flow import TIME_DIRECTIONS, FlowMatching
 from ditcli.diffusion.flow_map import sample_flow_map
+from ditcli.diffusion.guidance import MAX_CFG
 from ditcli.diffusion.meanflow import MeanFlow
 from ditcli.diffusion.process import Process
 from ditcli.diffusion.samplers import (
@@ -133,8 +134,9 @@ class DdpmObjective:
         given = [flag for flag, value in (("--time-shift", shift), ("--atol", atol), ("--rtol", rtol))
                  if value is not None]
         if given:
-            raise UserError(f"{', '.join(given)} only apply to flow-matching models, and this is a DDPM model",
-                            f"drop {', '.join(given)}")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UserError(f"{' and '.join(given)} only {verb} to flow-matching and mean-flow models, and this is a "
+                            "DDPM model", f"drop {' and '.join(given)}")
         return FlowSettings()
 
     def check_interval(self, interval: tuple[float, float] | None, context: str) -> None:
@@ -264,8 +266,9 @@ class MeanFlowObjective:
         if self.time_direction not in TIME_DIRECTIONS:
             raise UserError(f"a mean-flow objective needs a time direction, got {self.time_direction!r}",
                             f"pass --time-direction {' or '.join(TIME_DIRECTIONS)}")
-        if not (math.isfinite(self.trained_cfg) and self.trained_cfg >= 0):
-            raise UserError(f"the trained guidance scale must be a finite number >= 0, got {self.trained_cfg}")
+        if not (math.isfinite(self.trained_cfg) and 0 <= self.trained_cfg <= MAX_CFG):
+            raise UserError(f"the trained guidance scale must be a finite number in [0, {MAX_CFG:g}] as --cfg, got "
+                            f"{self.trained_cfg:g}")
 
     def describe(self) -> str:
         guided = f", guidance {self.trained_cfg:g} trained in" if self.trained_cfg != 1 else ""

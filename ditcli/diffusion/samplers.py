@@ -24,8 +24,9 @@ from typing import Callable
 import torch
 
 from ditcli.diffusion.ddpm import Diffusion
-from ditcli.diffusion.flow import FlowMatching
+from ditcli.diffusion.flow import FlowMatching, check_time_shift
 from ditcli.diffusion.flow_samplers import (
+    TOLERANCES,
     sample_flow_dopri5,
     sample_flow_euler,
     sample_flow_heun,
@@ -224,10 +225,11 @@ class FlowSettings:
     last_step: float = 0.04
 
     def __post_init__(self):
-        if not (math.isfinite(self.shift) and self.shift > 0):
-            raise UserValueError(f"time shift must be a finite number > 0, got {self.shift}")
-        if not all(math.isfinite(v) and v > 0 for v in (self.atol, self.rtol)):
-            raise UserValueError(f"atol and rtol must be finite numbers > 0, got {self.atol:g} and {self.rtol:g}")
+        check_time_shift(self.shift)
+        low, high = TOLERANCES
+        if not all(math.isfinite(v) and low <= v <= high for v in (self.atol, self.rtol)):
+            raise UserValueError(f"atol and rtol must be finite numbers in [{low:g}, {high:g}], got {self.atol:g} and "
+                                 f"{self.rtol:g}", "SiT samples at atol 1e-6, rtol 1e-3")
         if not 0 < self.last_step < 1:
             raise UserValueError(f"the SDE's last step must be in (0, 1), got {self.last_step:g}")
 

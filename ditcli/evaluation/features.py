@@ -17,6 +17,7 @@ from ditcli.io import safetensors_metadata
 
 Progress = Callable[[str, int, int], None]  # (stage, images done, images in total)
 IS_SPLIT_SIZE = 5000  # ADM's Evaluator.compute_inception_score(split_size=5000)
+MIN_IMAGES = 2  # the fewest images of a side: a covariance needs two
 INCEPTION = "inception"
 DINOV2 = "dinov2"  # FD-DINOv2 (EDM2): the class token of DINOv2 ViT-L/14 (ditcli.evaluation.dinov2)
 Stats = tuple[torch.Tensor, torch.Tensor]  # (mu, sigma) in float64
@@ -94,8 +95,8 @@ class Moments:
 
     def stats(self) -> Stats:
         """(mu, sigma) with sigma normalised by N - 1, as np.cov."""
-        if self.count < 2:
-            raise UserError(f"a covariance needs at least 2 images, got {self.count}", "pass more images")
+        if self.count < MIN_IMAGES:
+            raise UserError(f"a covariance needs at least {MIN_IMAGES} images, got {self.count}", "pass more images")
         return self.mean.cpu(), (self.scatter / (self.count - 1)).cpu()
 
 

@@ -16,6 +16,8 @@ from PIL import Image
 from ditcli.data.images import IMAGE_SUFFIXES, image_files
 from ditcli.data.sources import center_crop_arr, is_idx_source, load_images
 from ditcli.errors import UserError
+from ditcli.evaluation.features import MIN_IMAGES
+from ditcli.io import refuse_special
 
 FOLDER_REF_SIZE = 256  # ADM's ImageNet 256 reference batches; `--resize` picks another
 SKIPPED_FILES = ("grid.png",)  # the contact sheet `dit sample` writes next to its images
@@ -42,12 +44,15 @@ class NpzImages:
             raise UserError(f"{path}: arr_0 is {dtype} with shape {shape}, expected uint8 (N, H, W, 3), "
                             "(N, H, W, 1) or (N, H, W)",
                             "save samples as ADM does: np.savez(path, arr_0=uint8 images in NHWC order)")
-        if shape[0] == 0:
-            raise UserError(f"{path}: arr_0 holds no images", "pass a batch with at least 2 images")
+        if shape[0] < MIN_IMAGES:  # found before any image is read, not after a pass over the other side
+            held = "no images" if shape[0] == 0 else "1 image"
+            raise UserError(f"{path}: arr_0 holds {held}, and a covariance needs at least {MIN_IMAGES}",
+                            f"pass a batch with at least {MIN_IMAGES} images")
         self.num_images, self.resolution = shape[0], (shape[1], shape[2])
         self.channels = shape[3] if len(shape) == 4 else 1
 
     def _open(self):
+        refuse_special(self.path, "an .npz", "pass an ADM .npz written by np.savez")
         try:
             archive = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as exc:
@@ -121,6 +126,9 @@ class FolderImages:
         self.files = image_files(path, skip=SKIPPED_FILES)
         if not self.files:
             raise UserError(f"no images in {path}", f"expected {', '.join(IMAGE_SUFFIXES)} files")
+        if len(self.files) < MIN_IMAGES:
+            raise UserError(f"{path} holds {len(self.files)} image, and a covariance needs at least {MIN_IMAGES}",
+                            f"pass a folder with at least {MIN_IMAGES} images")
         self.num_images = len(self.files)
         self.resolution = (resize, resize) if resize else self._common_size()
 

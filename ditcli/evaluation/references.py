@@ -32,7 +32,7 @@ from ditcli.evaluation.readers import (
     open_images,
     reference_images,
 )
-from ditcli.io import replacing
+from ditcli.io import open_npz, replacing
 
 
 @dataclass
@@ -46,6 +46,9 @@ class Reference:
     features: str = INCEPTION  # the extractor that made the stored statistics
 
 
+REFERENCE_ARRAYS = ("arr_0", "mu", "sigma", "mu_s", "sigma_s", "feature_extractor")  # what a reference is read for
+
+
 def open_reference(path: Path, resize: int | None = None, num_workers: int = 4) -> Reference:
     """An ADM reference .npz (arr_0 and/or mu, sigma, mu_s, sigma_s) or a folder of images."""
     if not path.exists():
@@ -53,12 +56,7 @@ def open_reference(path: Path, resize: int | None = None, num_workers: int = 4) 
                         "pass an ADM reference .npz such as VIRTUAL_imagenet256_labeled.npz, or a folder of images")
     if path.is_dir() or path.suffix.lower() != ".npz":
         return Reference(path, open_images(path, resize, num_workers, role="reference"))
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read {path} as an .npz: {exc or 'the file is empty'}",
-                        "pass an ADM reference .npz") from None
-    with data:
+    with open_npz(path, "pass an ADM reference .npz", REFERENCE_ARRAYS) as data:
         keys = set(data.files)
         if "arr_0" not in keys and "mu" not in keys:
             raise UserError(f"{path} has neither arr_0 nor mu/sigma",

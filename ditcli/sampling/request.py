@@ -181,9 +181,9 @@ def load_run(request: SampleRequest, device: torch.device, ranks: Ranks = Ranks(
 
     # Check everything cheap (sampler, guidance, classes, sizes) before the codec loads.
     config, names, columns, vae = run_config(r, checkpoint, entry, notes)
-    plan = config.plan(checkpoint.config.learn_sigma)
     given_size = r.image_size if r.ckpt is not None else None
     check_image_size(checkpoint, given_size, vae)
+    plan = config.plan(checkpoint.config.learn_sigma)
     warnings = stale_weights(checkpoint) + [line for line in [checkpoint.objective.guidance_warning(
         config.guidance.scale)] if line]
     for warning in warnings:
@@ -376,6 +376,8 @@ def vae_choice(checkpoint: Checkpoint, vae: str | None, from_preset: bool, notes
     if from_preset and spec.get("kind") == "pixel":
         notes.append(f"the model is pixel-space, so the preset's {vae} VAE does not apply")
         return None
+    if vae is not None and spec.get("kind") == "pixel":  # as the codec would refuse it, before the sampler's plan
+        raise UserError("--vae does not apply: this checkpoint is a pixel-space model", "drop --vae")
     if vae is None and checkpoint.codec is None and channels != LATENT_CHANNELS:
         raise UserError(f"the checkpoint records no codec, and its {channels} input channels fit no SD VAE (they "
                         f"have {LATENT_CHANNELS})", "pass --vae none for a model that works in pixels, or --vae with "

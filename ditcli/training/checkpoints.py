@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,19 @@ from ditcli.ranks import SHARED_DISK_HINT, Ranks, from_rank0, on_every_rank
 from ditcli.training.align import load_heads
 from ditcli.training.config import RESUMABLE_CHANGES, TrainConfig
 from ditcli.weights.checkpoint import TRAIN_FORMAT, train_ema_record
+from ditcli.weights.fields import (
+    STEP,
+    Field,
+    as_object,
+    dataclass_spec,
+    read_config,
+    read_fields,
+    read_step,
+    read_value,
+    refuse,
+    shown,
+)
+from ditcli.weights.record import check_state_dict
 
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)\.pt")  # ckpt-0001000.pt holds step 1000
 METRICS_FILE = "metrics.jsonl"
@@ -139,13 +153,19 @@ class Checkpoints:
             self.path(old).unlink(missing_ok=True)
             self.owned.discard(old)
 
-    def load(self, payload: dict) -> None:
-        """Put back every entry a resumed run takes back, in the list's order. The metrics log is trimmed only once
-        the run goes ahead (`start`): a resume refused after this leaves it as it was."""
+    def load(self, payload: dict, path: Path) -> None:
+        """Put back every entry a resumed run takes back, in the list's order (`check_payload` read each before). The
+        metrics log is trimmed only once the run goes ahead (`start`): a resume refused after this leaves it as it
+        was."""
         for slot in self.slots:
-            if slot.load is not None:
+            if slot.load is None:
+                continue
+            try:
                 slot.load(slot.read(payload) if slot.read is not None else payload[slot.name])
-        self.saved_step = int(payload["step"])
+            except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as exc:  # what torch's loaders raise
+                raise UserError(f"{path} records an unusable {slot.name}: {' '.join(str(exc).split())[:200]}",
+                                "resume from another checkpoint of the run, or pass a new --out") from None
+        self.saved_step = payload["step"]
 
     def agreed_resume(self, resume: str | None) -> tuple[dict, Path] | None:
         """The checkpoint `--resume` names (`auto`: the latest in the run folder) and its payload, or None to start
@@ -214,12 +234,59 @@ def check_run_folder(out: Path, resume: str | None, path: Path | None) -> None:
 
 
 def read_run_file(out: Path) -> dict:
-    """The run folder's run.json: the settings (`train`, `model`) and data fingerprint of the run's last start."""
+    """The run folder's run.json: the settings (`train`, `model`) and data fingerprint of the run's last start, each
+    checked as a checkpoint's are."""
     path = Path(out) / RUN_FILE
     data = read_json(path)
     if data.get("format") != RUN_FORMAT or not isinstance(data.get("train"), dict):
         raise UserError(f"{path} is not a dit train run file", "move it out of the run folder")
+    read_settings(data["train"], path)
+    if data.get("model") is not None:
+        read_config(data["model"], path, "model config (model)")
+    read_value(data.get("data_fingerprint"), FINGERPRINT, path, "data_fingerprint")
     return data
+
+
+# The records of a checkpoint or run.json that resuming reads, each read as the command line would take it.
+FINGERPRINT = Field(str, nullable=True, required=False)
+
+
+@cache
+def settings_spec() -> dict[str, Field]:
+    """TrainConfig's fields by their types; their ranges are TrainConfig's own checks, which name the option."""
+    return dataclass_spec(TrainConfig, {})
+
+
+def read_settings(value, path: Path, what: str = "stored settings (config.train)") -> dict:
+    """The stored settings of a run, each of its option's type (`log` a list of names); fields this version does not
+    know are left out."""
+    settings = read_fields(value, settings_spec(), path, what, strict=False)
+    log = settings.get("log", ())
+    if not isinstance(log, (list, tuple)) or not all(isinstance(name, str) for name in log):
+        raise refuse(path, what, f"its log {shown(log)} is no list of tracker names")
+    return settings
+
+
+def check_payload(data: dict, path: Path) -> None:
+    """Every entry a resume reads, before any of it is used: the model config and both sets of weights against it,
+    the stored settings, the step and bad-step count, the generators' states and the optimizer's layout."""
+    records = as_object(data["config"], path, "config record")
+    config = read_config(records.get("model"), path, "model config (config.model)")
+    read_settings(records.get("train"), path)
+    if read_step(data.get("step"), path) is None:
+        raise refuse(path, "step", "the checkpoint records none")
+    read_value(data.get("bad_steps", 0), STEP, path, "bad_steps")
+    read_value(data.get("data_fingerprint"), FINGERPRINT, path, "data_fingerprint")
+    for name in ("model", "ema"):
+        check_state_dict(data[name], config, f"{path}'s {name} weights")
+    rng, cpu = data.get("rng") or [], torch.get_rng_state()
+    if not isinstance(rng, list) or not all(isinstance(s, dict) and isinstance(s.get("torch"), torch.Tensor)
+                                            and s["torch"].dtype == cpu.dtype and s["torch"].shape == cpu.shape
+                                            for s in rng):
+        raise refuse(path, "rng record", "it is no list of generator states")
+    optimizer = data["optimizer"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        raise refuse(path, "optimizer record", "it has no state and param_groups")
 
 
 def stored_settings(resume: str | None, out: Path) -> dict | None:
@@ -230,9 +297,9 @@ def stored_settings(resume: str | None, out: Path) -> dict | None:
         return None
     path = find_resume(resume, out)
     if resume == "auto" and (Path(out) / RUN_FILE).exists():
-        train = read_run_file(out)["train"]
+        train = read_settings(read_run_file(out)["train"], Path(out) / RUN_FILE)
     elif path is not None:
-        train = read_train_checkpoint(path, mmap=True)["config"]["train"]
+        train = read_settings(read_train_checkpoint(path, mmap=True)["config"]["train"], path)
     else:
         return None
     skipped = {"out"} | (set() if resume == "auto" else {"init_from", "init_weights"})
@@ -266,6 +333,8 @@ def find_resume(resume: str | None, out: Path) -> Path | None:
     path = Path(resume)
     if not path.exists():
         raise UserError(f"resume checkpoint not found: {path}", "pass --resume auto or an existing ckpt-*.pt")
+    if not path.is_file():  # a folder, or a pipe, whose read would wait for a writer forever
+        raise UserError(f"--resume {path} is no checkpoint file", "pass --resume auto or a ckpt-*.pt")
     return path
 
 
@@ -278,7 +347,8 @@ def read_train_checkpoint(path: Path, step: int | None = None, mmap: bool = Fals
             isinstance(data.get(k), dict) for k in ("config", "model", "ema", "optimizer")):
         raise UserError(f"{path} is not a complete ditcli training checkpoint",
                         "resume needs a ckpt-*.pt written by dit train")
-    if step is not None and int(data["step"]) != step:
+    check_payload(data, path)
+    if step is not None and data["step"] != step:
         raise UserError(f"{path} holds step {data['step']}, not step {step} as on rank 0")
     return data
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ditcli.diffusion.ddpm import BETA_SCHEDULES
-from ditcli.diffusion.flow import TIME_DIRECTIONS, TIME_SAMPLINGS
+from ditcli.diffusion.flow import TIME_DIRECTIONS, TIME_SAMPLINGS, check_time_shift
 from ditcli.diffusion.guidance import MAX_SEED
 from ditcli.diffusion.meanflow import GUIDANCE_FORMS, TrainedGuidance
 from ditcli.diffusion.objectives import (
@@ -104,7 +104,8 @@ class TrainConfig:
     # Objective: schedule is ddpm's only, the time options flow's only.
     objective: str = option("ddpm", help="ddpm (DiT: eps prediction on a beta schedule), flow (SiT: velocity on the "
                             "linear path x_t = t x + (1 - t) eps) or meanflow (MeanFlow: the average velocity over "
-                            "[r, t], sampled in 1-4 steps); recorded in every checkpoint.", group=OBJECTIVE)
+                            "the interval from r to t, sampled in 1-4 steps); recorded in every checkpoint.",
+                            group=OBJECTIVE)
     learn_sigma: bool = option(True, help="Learn the variance too (DiT, IDDPM's hybrid loss).", group=OBJECTIVE)
     schedule: str = option("linear", help="Beta schedule: linear (DiT) or cosine (IDDPM); recorded in every "
                                           "checkpoint.", group=OBJECTIVE)
@@ -303,8 +304,11 @@ class TrainConfig:
 
     def float_checks(self) -> list[tuple[str, float | None, Callable[[float], bool], str, str]]:
         """(option, value, test of a finite value, the rule, how to fix)."""
-        return [("--lr", self.lr, lambda v: v > 0, "a finite number > 0", "e.g. --lr 1e-4"),
-                ("--weight-decay", self.weight_decay, lambda v: v >= 0, "a finite number >= 0", "e.g. 0"),
+        # An AdamW step moves each weight by about lr; its decoupled decay multiplies it by 1 - lr x decay, which must
+        # stay above 0 (at 1e300 the weights flipped sign, then overflowed, every step).
+        return [("--lr", self.lr, lambda v: 0 < v <= 1, "a finite number in (0, 1]", "e.g. --lr 1e-4"),
+                ("--weight-decay", self.weight_decay, lambda v: 0 <= v * (self.lr if self.lr > 0 else 1) < 1,
+                 "a finite number >= 0 whose product with --lr is below 1", "e.g. 0, or 0.05"),
                 ("--ema-decay", self.ema_decay, lambda v: 0 <= v < 1, "in [0, 1)", "e.g. 0.9999"),
                 ("--grad-clip", self.grad_clip, lambda v: v >= 0, "a finite norm >= 0",
                  "pass the norm to clip at, or 0 to not clip"),
@@ -373,9 +377,7 @@ def check_objective(config: TrainConfig) -> None:
                                  ("--time-sampling", config.time_sampling, TIME_SAMPLINGS)):
         if value not in choices:
             raise UserError(f"unknown {flag} {value!r}", f"choose from {', '.join(choices)}")
-    if not (math.isfinite(config.time_shift) and config.time_shift > 0):
-        raise UserError(f"--time-shift must be a finite number > 0, got {config.time_shift:g}",
-                        "1 leaves the times as drawn; > 1 spends more steps at high noise")
+    check_time_shift(config.time_shift, "--time-shift")
     given = [f"--{name.replace('_', '-')}" for name in OBJECTIVE_SETTINGS
              if getattr(config, name) != TrainConfig.__dataclass_fields__[name].default]
     objective_from_record(config.objective, config.time_direction, "run").check_training(config.schedule, given)
@@ -423,7 +425,13 @@ def check_mean_flow(config: TrainConfig) -> None:
     if config.train_guidance == "model" and config.train_kappa != 0:
         raise UserError(f"--train-kappa {config.train_kappa:g} has no place in model guidance, "
                         "v + omega (u_cond - u_uncond)", "drop --train-kappa, or pass --train-guidance meanflow")
-    config.trained_guidance()
+    scale = config.trained_guidance().scale
+    if config.train_guidance != "none" and not 0 <= scale <= MAX_CFG:
+        given = f"--train-omega {config.train_omega:g}" + (f" with --train-kappa {config.train_kappa:g}"
+                                                          if config.train_guidance == "meanflow" else "")
+        raise UserError(f"{given} trains guidance scale {scale:g}, outside [0, {MAX_CFG:g}], the scales dit sample "
+                        "--cfg takes", "pass an omega (and kappa) whose scale is in range: omega / (1 - kappa) for "
+                        "meanflow, 1 / (1 - omega) for model")
     if config.decoupled_depth is not None:
         depth = config.depth or preset(config.model).depth
         if not 1 <= config.decoupled_depth <= depth:

@@ -79,6 +79,7 @@ class InitFrom:
                 "pos_embed": pos, "timestep_convention": self.config.timestep_convention}
 
 SECOND_TIME_EMBEDDER = "r_embedder."  # MeanFlow's "separate" form: no flow source holds it
+Reading = tuple[Objective, int | None]  # an objective to read a source by, and the decoupled depth to read it at
 
 
 def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], class_names: list[str] | None,
@@ -93,7 +94,7 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
                         "pass a checkpoint file, a diffusers folder or a hub id org/name[@revision]")
     # Heads cannot be read from a bare state dict: a preset width gives them, else the model to train does.
     heads = None if target.hidden_size in HEADS_BY_WIDTH else target.num_heads
-    checkpoint, stale, note = read_source(source, heads, weights, foreign_readings(objective))
+    checkpoint, stale, note = read_source(source, heads, weights, foreign_readings(objective, target))
     check_architecture(checkpoint.config, target, source)
     notes = tuple(line for line in (note, objective_change(checkpoint, objective, source)) if line)
     config = replace(target, timestep_convention=checkpoint.config.timestep_convention,
@@ -110,30 +111,32 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
     return InitFrom(str(source), checkpoint.format, checkpoint.weights, config, state, plan, source_grid, stale, notes)
 
 
-def foreign_readings(objective: Objective) -> tuple[Objective, ...]:
-    """How a run reads a source from elsewhere that records no objective (a SiT or REPA release), as `dit sample`
-    reads it given the same --objective and --time-direction: as the run's objective, or as the flow of its time
-    direction (a mean-flow run's start, DMF's). None for a run without a time direction: such a file stays refused,
-    naming the options."""
+def foreign_readings(objective: Objective, target: DiTConfig) -> tuple[Reading, ...]:
+    """How a run reads a source from elsewhere that records no objective (a SiT, REPA or DMF release), as `dit sample`
+    reads it given the same --objective, --time-direction and --decoupled-depth: as the run's objective at the run's
+    decoupled depth (a DMF file, whose tensors cannot tell its depth), or as the flow of its time direction (a
+    mean-flow run's start, DMF's). None for a run without a time direction: such a file stays refused, naming the
+    options."""
     direction = getattr(objective, "time_direction", None)
-    return () if direction is None else (objective, FlowObjective(direction))
+    return () if direction is None else ((objective, target.decoupled_depth), (FlowObjective(direction), None))
 
 
-def load_source(source: str, heads: int | None, weights: str | None, readings: tuple[Objective, ...]) -> Checkpoint:
+def load_source(source: str, heads: int | None, weights: str | None, readings: tuple[Reading, ...]) -> Checkpoint:
     """The source by its own record, or, where it records no objective and is refused without one, by the first of
     `readings` it fits; the first refusal where none does."""
     try:
         return load_checkpoint(source, num_heads=heads, weights=weights)
     except UserError as refused:
-        for objective in readings:
+        for objective, depth in readings:
             try:
-                return load_checkpoint(source, num_heads=heads, weights=weights, objective=objective)
+                return load_checkpoint(source, num_heads=heads, weights=weights, objective=objective,
+                                       decoupled_depth=depth)
             except UserError:
                 continue
         raise refused from None
 
 
-def read_source(source: str, heads: int | None, weights: str | None, readings: tuple[Objective, ...] = ()
+def read_source(source: str, heads: int | None, weights: str | None, readings: tuple[Reading, ...] = ()
                 ) -> tuple[Checkpoint, EmaRecord | None, str | None]:
     """The source's weights, the EMA record that says they are mostly initial weights (or None), and the line to say.
 

@@ -353,7 +353,7 @@ class Trainer:
         """Resume from `data`: every entry of the state, in the EMA the stored forward was adopted for."""
         stored = DiTConfig.from_dict(data["config"]["model"])
         self.ema.set_forward(stored.timestep_convention, stored.norm_eps)
-        self.checkpoints.load(data)
+        self.checkpoints.load(data, path)
         self.emit("resume", {"path": str(path), "step": self.state.step})
 
     def ema_record(self) -> EmaRecord:

@@ -144,7 +144,7 @@ def _read_any(path: Path, num_heads: int | None, config: DiTConfig | None, weigh
     """The reader for what `path` is: a `dit train` run folder (its newest checkpoint), a diffusers folder, a
     safetensors file or a torch file."""
     if not path.exists():
-        raise UserError(f"checkpoint not found: {path}", "check the path, or pass --model to use a known checkpoint")
+        raise UserError(f"checkpoint not found: {path}", "check the path; a hub id is written org/name")
     if path.is_dir():
         newest = newest_run_checkpoint(path)
         return read_diffusers(path, config=config) if newest is None else _read_torch(newest, num_heads, config,
@@ -173,7 +173,7 @@ def settle_objective(checkpoint: Checkpoint, given: Objective | None, path: Path
     sampled the wrong way.
     """
     if checkpoint.objective_recorded:
-        if given is not None and given != checkpoint.objective:
+        if given is not None and not agrees(given, checkpoint.objective):
             raise UserError(f"{path} records the objective {checkpoint.objective.describe()}, not "
                             f"{given.describe()}", "drop --objective/--time-direction: the file's record decides")
         return checkpoint
@@ -184,6 +184,14 @@ def settle_objective(checkpoint: Checkpoint, given: Objective | None, path: Path
         raise UserError(f"{path} is a {checkpoint.flow_hint} checkpoint, {kind} whose time direction the file does "
                         "not record", FLOW_HINTS[checkpoint.flow_hint])
     return checkpoint
+
+
+def agrees(given: Objective, recorded: Objective) -> bool:
+    """--objective/--time-direction against a file's record: the same kind in the same time (a trained guidance scale
+    is no option); a flow objective, which a lone --time-direction means, also agrees with a mean-flow record of its
+    time, since a mean-flow model samples as a flow too."""
+    same_time = getattr(given, "time_direction", None) == getattr(recorded, "time_direction", None)
+    return same_time and (given.name == recorded.name or (given.name, recorded.name) == ("flow", "meanflow"))
 
 
 def settle_form(checkpoint: Checkpoint, decoupled_depth: int | None, path: Path) -> Checkpoint:
@@ -329,7 +337,7 @@ def train_objective(record, train: dict, path: Path) -> Objective:
     """A training checkpoint's objective: its own record, which holds nothing else, or (files from before it) its
     train settings'."""
     if not record:
-        return read_objective(train, path, "config.train record")
+        return read_objective(train, path, "config.train record", older=True)
     read_fields(record, OBJECTIVE_FIELDS, path, "objective record")
     return read_objective(record, path, "objective record")
 

@@ -17,10 +17,9 @@ from ditcli.diffusion.ddpm import TRAIN_TIMESTEPS
 from ditcli.diffusion.guidance import GUIDED_CHANNELS, MAX_CFG
 from ditcli.diffusion.objectives import Objective
 from ditcli.diffusion.samplers import (
-    FLOW_SAMPLER_NAMES,
     MAX_STEPS,
-    SAMPLERS,
     SamplingDefaults,
+    check_sampler_settings,
 )
 from ditcli.errors import UserError
 from ditcli.model.dit import DiT, DiTConfig
@@ -35,7 +34,7 @@ from ditcli.weights.diffusers_format import (
     read_diffusers,
     to_diffusers,
 )
-from ditcli.weights.fields import check_defaults_fit
+from ditcli.weights.fields import SAMPLER_NAMES, check_defaults_fit
 from ditcli.weights.record import Checkpoint, describe, form_name
 
 OUTPUT_FORMATS = ("safetensors", "diffusers")
@@ -128,9 +127,8 @@ class SamplingChoice:
 
     def check(self) -> None:
         """Each value on its own, before any file is read."""
-        known = list(dict.fromkeys((*SAMPLERS, *FLOW_SAMPLER_NAMES)))
-        if self.sampler is not None and self.sampler not in known:
-            raise UserError(f"unknown --sampler {self.sampler!r}", f"choose from {', '.join(known)}")
+        if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
+            raise UserError(f"unknown --sampler {self.sampler!r}", f"choose from {', '.join(SAMPLER_NAMES)}")
         if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
             raise UserError(f"--steps must be >= 1 and <= {MAX_STEPS:,}, got {self.steps:,}",
                             "pass the number of sampling steps to record, as dit sample --steps takes it")
@@ -157,6 +155,11 @@ class SamplingChoice:
             if self.set_interval:
                 changes["interval"] = self.interval
             defaults = replace(defaults or checkpoint.objective.default_sampling, **changes)
+            if self.steps is not None:  # dopri5 chooses its own steps: a recorded --steps would never be used
+                check_sampler_settings(defaults.sampler, {"steps": "--steps"})
+            if self.set_interval and self.interval is not None and defaults.cfg == 1:  # as dit sample refuses it
+                raise UserError("--guidance-interval only applies to a guided run, and the recorded cfg is 1",
+                                "drop --guidance-interval, or record a --cfg other than 1")
         check_defaults_fit(defaults, checkpoint.objective, checkpoint.config, checkpoint.schedule,
                            "dit convert would record", RECORD_HINT, plan=True)
         return defaults

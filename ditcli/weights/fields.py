@@ -164,11 +164,12 @@ def read_object(value, path, what: str) -> dict | None:
 # The model config.
 
 # Limits of DiTConfig's fields beyond their declared types: `dit train`'s size limits, and ranges that keep the
-# model buildable (a finite, bounded MLP ratio; a dropout probability below 1; a LayerNorm eps in (0, 1]).
+# model buildable (a finite, bounded MLP ratio; a dropout probability below 1; a LayerNorm eps in (0, 1]). The heads
+# are required: no tensor's shape tells them, and a default would silently sample another model.
 CONFIG_LIMITS = {
     "input_size": {"low": 1, "high": MAX_IMAGE_SIZE}, "patch_size": {"low": 1, "high": MAX_IMAGE_SIZE},
     "in_channels": {"low": 1, "high": MAX_HIDDEN_SIZE}, "hidden_size": {"low": 4, "high": MAX_HIDDEN_SIZE},
-    "depth": {"low": 1, "high": MAX_DEPTH}, "num_heads": {"low": 1, "high": MAX_HIDDEN_SIZE},
+    "depth": {"low": 1, "high": MAX_DEPTH}, "num_heads": {"low": 1, "high": MAX_HIDDEN_SIZE, "required": True},
     "num_classes": {"low": 0, "high": MAX_CLASSES}, "decoupled_depth": {"low": 1, "high": MAX_DEPTH},
     "mlp_ratio": {"low": 0, "high": MAX_MLP_RATIO, "open": "low"},
     "class_dropout_prob": {"low": 0, "high": 1, "open": "high"}, "norm_eps": {"low": 0, "high": 1, "open": "low"},
@@ -176,17 +177,23 @@ CONFIG_LIMITS = {
 }
 
 
-@cache
-def config_spec() -> dict[str, Field]:
-    """DiTConfig's fields with the types it declares (Optional ones may be null), within `CONFIG_LIMITS`; every
-    field may be left out, as files from before it were written without it."""
+def dataclass_spec(cls: type, limits: dict[str, dict]) -> dict[str, Field]:
+    """The fields of dataclass `cls` with the types it declares (Optional ones may be null; a container any value,
+    for its own check), within `limits`; a field may be left out, as files from before it were written without it,
+    unless `limits` require it."""
     spec = {}
-    for name, hint in typing.get_type_hints(DiTConfig).items():
+    for name, hint in typing.get_type_hints(cls).items():
         kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None)]
         kind = kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, bool, str) else object
-        spec[name] = Field(kind, required=False, nullable=len(kinds) < len(typing.get_args(hint) or (hint,)),
-                           **CONFIG_LIMITS.get(name, {}))
+        nullable = len(kinds) < len(typing.get_args(hint) or (hint,))
+        spec[name] = Field(kind, **{"required": False, "nullable": nullable, **limits.get(name, {})})
     return spec
+
+
+@cache
+def config_spec() -> dict[str, Field]:
+    """DiTConfig's fields, within `CONFIG_LIMITS`."""
+    return dataclass_spec(DiTConfig, CONFIG_LIMITS)
 
 
 def read_config(data, path, what: str = "model config") -> DiTConfig:
@@ -291,9 +298,13 @@ def read_class_names(value, path, num_classes: int, what: str = "class_names") -
     return names
 
 
-def read_objective(record, path, what: str = "objective") -> Objective:
-    """The objective a file records: {objective, time_direction, trained_cfg}, each of a known kind."""
+def read_objective(record, path, what: str = "objective", older: bool = False) -> Objective:
+    """The objective a file records: {objective, time_direction, trained_cfg}, each of a known kind. A time direction
+    without an objective is refused: it is a flow model's record that lost its name, which would read as DDPM; but
+    not in the `older` train settings of checkpoints from before the objective record."""
     data = read_object(record, path, what) or {}
+    if not older and data.get("objective") is None and data.get("time_direction") is not None:
+        raise refuse(path, what, f"it records a time_direction {shown(data['time_direction'])} and no objective")
     return objective_from_record(data.get("objective"), data.get("time_direction"), path, data.get("trained_cfg"))
 
 

@@ -46,6 +46,9 @@ def check_model_choice(model: str | None, image_size: int | None, ckpt: Path | N
     if ckpt is not None and model in registry_models() and model not in preset_names():
         raise UserError(f"--model {model} names released weights, but --ckpt {ckpt} gives the weights",
                         "drop --model, or drop --ckpt to use the released weights")
+    if ckpt is not None and model is not None and model not in preset_names():  # it would be silently ignored
+        raise UserError(f"unknown --model {model!r}: with --ckpt it names a preset the file must match",
+                        f"choose from {', '.join(preset_names())}, or drop --model")
     if ckpt is None and image_size is not None and model in registry_models() and \
             known_weights(model).image_size is None:
         raise UserError(f"--model {model} comes in one size, so --image-size does not apply", "drop --image-size")
@@ -57,7 +60,8 @@ def read_checkpoint(path: Path, model: str | None, weights: str | None,
     """The checkpoint, checked against a --model preset, the --weights, the objective, the decoupled depth and the
     --num-heads asked for (a file whose config records other heads is refused)."""
     # load_checkpoint refuses a missing set of weights, and with heads_given heads that contradict the file's record.
-    checkpoint = load_checkpoint(path, num_heads=num_heads or preset_heads(model), weights=weights,
+    checkpoint = load_checkpoint(path, num_heads=num_heads if num_heads is not None else preset_heads(model),
+                                 weights=weights,
                                  objective=objective, decoupled_depth=decoupled_depth,
                                  heads_given=num_heads is not None)
     check_preset(model, checkpoint)

@@ -118,6 +118,9 @@ def check_keys(state: dict[str, torch.Tensor], expected: dict[str, tuple], probl
             raise UserError(f"{problem}: {key} is a {type(state[key]).__name__}, not a tensor", hint)
         if tuple(state[key].shape) != tuple(shape):
             raise UserError(f"{problem}: {key} has shape {tuple(state[key].shape)}, expected {tuple(shape)}", hint)
+        if not state[key].is_floating_point():
+            raise UserError(f"{problem}: {key} holds {str(state[key].dtype).removeprefix('torch.')} numbers, not "
+                            "floating-point weights", hint)
 
 
 def _key_problem(missing: list[str], unexpected: list[str], state: dict, depth: int) -> str:
