@@ -1,8 +1,13 @@
 """Try `dit` as a hostile user would, from the outside, and tally what does not fail cleanly (issue 33).
 
-    python benchmarks/hostile_probe.py                       # every probe, in /tmp/hostile-probe
-    python benchmarks/hostile_probe.py --only st-mf --list   # the probes whose name starts st-mf, not run
-    python benchmarks/hostile_probe.py --subprocess          # each probe a real `dit` process under `timeout`
+    python benchmarks/hostile_probe.py --only fs opt --out o.jsonl   # those corpora, in /tmp/hostile-probe
+    python benchmarks/hostile_probe.py --only st-mf --list           # the probes whose name starts st-mf, not run
+    python benchmarks/hostile_probe.py --only fs-fifo --subprocess   # each probe a real `dit` under `timeout`
+
+The corpora, by the prefix of their probes' names: st (.safetensors metadata, about 6,100 probes), pt (training
+checkpoints and --resume, 4,600), pipe (diffusers folders, 2,400), opt (every option at its edges, 1,400), fs, home,
+long, out (special files, broken links, homes, long names, 950). All of them take a few hours on 2 CPU cores; one
+corpus, or a prefix of one, takes minutes.
 
 The valid files it starts from are made by the command itself (tiny `dit train` runs of each objective, `dit convert`
 to .safetensors and to a diffusers folder), then corrupted by hand: every record field of a .safetensors file's
@@ -12,8 +17,10 @@ a named pipe. Every option of every command is then tried at its edges.
 
 A probe passes when `dit` ends within the timeout with exit code 2 and exactly one stderr line `error: <what> (<how to
 fix>)`, no traceback, and every file under the scratch folder (inputs, working folder, DIT_HOME, TMPDIR) as it was;
-or, for an input that is in fact valid, with exit code 0. Each probe runs in a forked child of one process that has
-imported ditcli once (or, with --subprocess, in a fresh `dit`), with one thread. Writes a JSON line per failure.
+or, for an input that is in fact valid, with exit code 0; a valid run may write its outputs and caches, never into
+its inputs. Each probe runs in a forked child of one process that has imported ditcli once (or, with --subprocess, in
+a fresh `dit`), with one thread. Failures are printed as they come, a tally at the end, every outcome as a JSON line
+with --out; the inputs accepted as valid are listed for review.
 """
 
 from __future__ import annotations
@@ -687,6 +694,8 @@ def npz_things() -> dict:
 
 
 NPZ_THINGS = npz_things()
+# What a reader rightly takes: an array it does not read holds objects; one image trains (a covariance needs two).
+VALID_THINGS = {("npz-object-extractor", "data"), ("npz-object-extractor", "fid-samples"), ("npz-one-image", "data")}
 THINGS = ("empty", "dir", "loop", "dangling", "fifo", "cut-st", "cut-pt", "random", "big-header", "deep-header",
           *PT_THINGS, *NPZ_THINGS)
 
@@ -723,7 +732,8 @@ def thing_probes(fx: Path) -> list[Probe]:
             name = f"thing{suffix}"
             for reader, argv in readers.items():
                 setup = (lambda root, k=kind, n=name: make_thing(k, root / "work" / n, root))
-                probes.append(Probe(f"fs-{kind}{suffix}-{reader}", argv(name), setup=setup))
+                expect = "ok" if (kind, reader) in VALID_THINGS else "refuse"
+                probes.append(Probe(f"fs-{kind}{suffix}-{reader}", argv(name), expect, setup=setup))
     probes += home_probes()
     return probes
 

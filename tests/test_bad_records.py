@@ -330,6 +330,16 @@ def test_every_field_of_a_diffusers_folder(file, keys, pipeline, work, tmp_path)
         all_refused(folder, work, commands="all" if name == "inf" else "sample")
 
 
+def test_a_falsy_record_is_a_bad_record_not_none(pipeline, train_payload, work, tmp_path):
+    """`"codec": 0` or `[]` in model_index.json, and an objective or EMA record of 0 or [] in a training checkpoint,
+    were read as no record at all."""
+    for i, value in enumerate([0, [], False, ""]):
+        folder = pipeline_with(tmp_path / f"c{i}", pipeline, "model_index.json", ("_ditcli", "codec"), value)
+        all_refused(folder, work, "_ditcli.codec record")
+        for key in ("objective", "ema_record"):
+            all_refused(train_with(tmp_path / f"{key}{i}", train_payload, (key,), value), work, f"{key} record")
+
+
 def test_the_valid_folder_reads_and_its_other_files_are_checked(pipeline, work, tmp_path):
     checkpoint = load_checkpoint(pipeline)
     assert checkpoint.sampling == SamplingDefaults.from_dict(SAMPLING) and checkpoint.class_names == ["a", "b"]

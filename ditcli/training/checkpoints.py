@@ -33,7 +33,7 @@ from ditcli.model.dit import DiTConfig
 from ditcli.ranks import SHARED_DISK_HINT, Ranks, from_rank0, on_every_rank
 from ditcli.training.align import load_heads
 from ditcli.training.config import RESUMABLE_CHANGES, TrainConfig
-from ditcli.weights.checkpoint import TRAIN_FORMAT, train_ema_record
+from ditcli.weights.checkpoint import TRAIN_FORMAT, read_train_records, train_ema_record
 from ditcli.weights.fields import (
     STEP,
     Field,
@@ -268,17 +268,16 @@ def read_settings(value, path: Path, what: str = "stored settings (config.train)
 
 
 def check_payload(data: dict, path: Path) -> None:
-    """Every entry a resume reads, before any of it is used: the model config and both sets of weights against it,
-    the stored settings, the step and bad-step count, the generators' states and the optimizer's layout."""
-    records = as_object(data["config"], path, "config record")
-    config = read_config(records.get("model"), path, "model config (config.model)")
-    read_settings(records.get("train"), path)
+    """Every entry a resume reads, before any of it is used: the records and EMA weights as `dit sample` reads them,
+    the raw weights, the stored settings, the step and bad-step count, the generators' states and the optimizer's
+    layout."""
+    config = read_train_records(data, path).config
+    read_settings(as_object(data["config"], path, "config record").get("train"), path)
     if read_step(data.get("step"), path) is None:
         raise refuse(path, "step", "the checkpoint records none")
     read_value(data.get("bad_steps", 0), STEP, path, "bad_steps")
     read_value(data.get("data_fingerprint"), FINGERPRINT, path, "data_fingerprint")
-    for name in ("model", "ema"):
-        check_state_dict(data[name], config, f"{path}'s {name} weights")
+    check_state_dict(data["model"], config, f"{path}'s model weights")
     rng, cpu = data.get("rng") or [], torch.get_rng_state()
     if not isinstance(rng, list) or not all(isinstance(s, dict) and isinstance(s.get("torch"), torch.Tensor)
                                             and s["torch"].dtype == cpu.dtype and s["torch"].shape == cpu.shape

@@ -125,12 +125,12 @@ def load_source(source: str, heads: int | None, weights: str | None, readings: t
     """The source by its own record, or, where it records no objective and is refused without one, by the first of
     `readings` it fits; the first refusal where none does."""
     try:
-        return load_checkpoint(source, num_heads=heads, weights=weights)
+        return load_checkpoint(source, num_heads=heads, weights=weights, weights_flag="--init-weights")
     except UserError as refused:
         for objective, depth in readings:
             try:
                 return load_checkpoint(source, num_heads=heads, weights=weights, objective=objective,
-                                       decoupled_depth=depth)
+                                       decoupled_depth=depth, weights_flag="--init-weights")
             except UserError:
                 continue
         raise refused from None

@@ -102,7 +102,8 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", nu
 
 def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, config: DiTConfig | None = None,
                     weights: str | None = None, objective: Objective | None = None,
-                    heads_given: bool = False, decoupled_depth: int | None = None) -> Checkpoint:
+                    heads_given: bool = False, decoupled_depth: int | None = None,
+                    weights_flag: str = "--weights") -> Checkpoint:
     """Read any supported weight file, or a hub id (`org/name[@rev]`); `config` (if given) is checked against it.
 
     `weights` picks the EMA or the raw model weights of a training checkpoint (None: its EMA). A file holding one set
@@ -112,6 +113,7 @@ def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, con
     user's own --num-heads, and a file whose config records other heads is refused; without, it is a caller's guess
     (a preset's heads), and a file's record wins. `decoupled_depth` is a Decoupled MeanFlow file's K (blocks[:K] see
     t), which its tensors cannot tell: it replaces the form of a file that does not record one (`settle_form`).
+    `weights_flag` is the option that asked for `weights` (`dit train` names it --init-weights).
     """
     if weights is not None and weights not in WEIGHT_CHOICES:
         raise UserError(f"unknown --weights {weights!r}", f"choose from {', '.join(WEIGHT_CHOICES)}")
@@ -120,8 +122,8 @@ def load_checkpoint(source: str | os.PathLike, num_heads: int | None = None, con
     path = resolve_source(source)
     checkpoint = _read_any(path, num_heads, config, weights)
     if weights is not None and checkpoint.weights != weights:
-        raise UserError(f"--weights {weights}: {path} holds only its {checkpoint.weights} weights",
-                        "drop --weights; only training checkpoints hold both ema and model weights")
+        raise UserError(f"{weights_flag} {weights}: {path} holds only its {checkpoint.weights} weights",
+                        f"drop {weights_flag}; only training checkpoints hold both ema and model weights")
     if heads_given:
         check_recorded_heads(checkpoint, num_heads, path)
     checkpoint = settle_form(settle_objective(checkpoint, objective, path), decoupled_depth, path)
@@ -323,6 +325,16 @@ def _from_train_checkpoint(data: dict, path: Path, weights: str) -> Checkpoint:
                       weights_recorded=True, config_recorded=True, dropped=train_extras(data))
 
 
+def read_train_records(data: dict, path: Path) -> Checkpoint:
+    """A `dit train` checkpoint's records and EMA weights as every reader reads them, its sampling defaults against its
+    model included: what `--resume` checks before it takes the run up again, so that it continues no checkpoint that
+    `dit sample` would refuse."""
+    checkpoint = _from_train_checkpoint(data, path, "ema")
+    check_defaults_fit(checkpoint.sampling, checkpoint.objective, checkpoint.config, checkpoint.schedule,
+                       f"{path} records")
+    return checkpoint
+
+
 def train_extras(data: dict) -> list[str]:
     """What a `dit train` checkpoint keeps beside its weights for training only, as `dropped` reports it: the
     representation-alignment heads of its `align` entry (REPA's `projectors.*` layout)."""
@@ -336,7 +348,7 @@ def train_extras(data: dict) -> list[str]:
 def train_objective(record, train: dict, path: Path) -> Objective:
     """A training checkpoint's objective: its own record, which holds nothing else, or (files from before it) its
     train settings'."""
-    if not record:
+    if record is None or record == {}:  # 0 or [] is no record of an objective, but a bad one
         return read_objective(train, path, "config.train record", older=True)
     read_fields(record, OBJECTIVE_FIELDS, path, "objective record")
     return read_objective(record, path, "objective record")
@@ -345,7 +357,7 @@ def train_objective(record, train: dict, path: Path) -> Objective:
 def train_ema_record(data: dict, path="the training checkpoint") -> EmaRecord | None:
     """How a training checkpoint's EMA was made: its own record, else (files from before it) its training config's,
     where a run with `init_from` started its EMA from the source."""
-    if data.get("ema_record"):
+    if data.get("ema_record") not in (None, {}):  # 0 or [] is no record of an EMA, but a bad one
         return read_ema(data["ema_record"], path, "ema_record record")
     records = as_object(data.get("config"), path, "config record")
     train = read_object(records.get("train"), path, "config.train record") or {}

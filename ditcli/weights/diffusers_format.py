@@ -337,7 +337,7 @@ def _apply_pipeline_index(checkpoint: Checkpoint, index: dict, root: Path) -> No
         checkpoint.schedule = _scheduler_schedule(root / "scheduler" / "scheduler_config.json", checkpoint)
     checkpoint.sampling = read_sampling(ours.get("sampling"), index_path, f"{DITCLI_KEY}.sampling record")
     checkpoint.ema = read_ema(ours.get("ema"), index_path, f"{DITCLI_KEY}.ema record")
-    if ours.get("codec"):
+    if ours.get("codec") is not None:  # 0 or [] is no record of a codec, but a bad one
         checkpoint.codec = read_codec(ours["codec"], index_path, f"{DITCLI_KEY}.codec record")
     elif (root / "vae" / "config.json").is_file():
         scale = read_json(root / "vae" / "config.json").get("scaling_factor")
