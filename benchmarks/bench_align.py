@@ -18,16 +18,11 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from bench_meanflow import step_seconds, trainers
 from bench_precision import cpu_model, matmul_peak
-
-from ditcli.data.sources import ImageSet
-from ditcli.training.config import TrainConfig
-from ditcli.training.trainer import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = {"model": "DiT-S/4", "image_size": 28, "channels": 1, "vae": None, "hidden_size": 192, "depth": 6,
@@ -43,29 +38,10 @@ VARIANTS = {
 }
 
 
-def trainers(batch: int, precision: str, folder: Path, variants: dict) -> dict[str, Trainer]:
-    rng = np.random.default_rng(0)
-    images = ImageSet(rng.integers(0, 256, (4 * batch, 28, 28, 1), dtype=np.uint8), np.arange(4 * batch) % 10,
-                      [str(i) for i in range(10)], "synthetic")
-    built = {}
-    for name, options in variants.items():
-        config = TrainConfig(data="synthetic", out=str(folder / name.replace(" ", "-").replace(",", "")),
-                             global_batch=batch, steps=10**6, precision=precision, device="cpu", **SHAPE, **options)
-        built[name] = Trainer(config, images=images)
-        built[name].setup()
-        built[name].train_step()  # warm-up
-    return built
-
-
 def time_training(batch: int, precision: str, rounds: int, variants: dict) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        runs = trainers(batch, precision, Path(folder), variants)
-        seconds = {name: [] for name in runs}
-        for _ in range(rounds):
-            for name, trainer in runs.items():
-                start = time.perf_counter()
-                trainer.train_step()
-                seconds[name].append(time.perf_counter() - start)
+        runs = trainers(batch, precision, Path(folder), variants, SHAPE)
+        seconds = step_seconds(runs, rounds)
         heads = {name: sum(p.numel() for p in run.alignment.heads.parameters())
                  if run.alignment is not None and run.alignment.heads is not None else 0 for name, run in runs.items()}
     plain = statistics.median(seconds["plain"])

@@ -44,29 +44,36 @@ VARIANTS = {
 }
 
 
-def trainers(batch: int, precision: str, folder: Path) -> dict[str, Trainer]:
+def trainers(batch: int, precision: str, folder: Path, variants: dict, shape: dict) -> dict[str, Trainer]:
+    """One set-up Trainer per variant (`shape` and the variant's options), each warmed up by one step, on synthetic
+    images; bench_align.py builds its variants here too."""
     rng = np.random.default_rng(0)
     images = ImageSet(rng.integers(0, 256, (4 * batch, 28, 28, 1), dtype=np.uint8), np.arange(4 * batch) % 10,
                       [str(i) for i in range(10)], "synthetic")
     built = {}
-    for name, options in VARIANTS.items():
+    for name, options in variants.items():
         config = TrainConfig(data="synthetic", out=str(folder / name.replace(" ", "-").replace(",", "")),
-                             global_batch=batch, steps=10**6, precision=precision, device="cpu", **SHAPE, **options)
+                             global_batch=batch, steps=10**6, precision=precision, device="cpu", **shape, **options)
         built[name] = Trainer(config, images=images)
         built[name].setup()
         built[name].train_step()  # warm-up
     return built
 
 
+def step_seconds(runs: dict[str, Trainer], rounds: int) -> dict[str, list[float]]:
+    """Each trainer's `train_step`, timed in alternation, round by round, so drift in the machine's speed hits all."""
+    seconds = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, trainer in runs.items():
+            start = time.perf_counter()
+            trainer.train_step()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 def time_training(batch: int, precision: str, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        runs = trainers(batch, precision, Path(folder))
-        seconds = {name: [] for name in runs}
-        for _ in range(rounds):
-            for name, trainer in runs.items():
-                start = time.perf_counter()
-                trainer.train_step()
-                seconds[name].append(time.perf_counter() - start)
+        seconds = step_seconds(trainers(batch, precision, Path(folder), VARIANTS, SHAPE), rounds)
     flow = statistics.median(seconds["flow"])
     return {name: {"step_s": round(statistics.median(s), 3), "img_per_s": round(batch / statistics.median(s), 1),
                    "vs_flow": round(statistics.median(s) / flow, 2)} for name, s in seconds.items()}

@@ -87,6 +87,21 @@ def ok(*args):
     return result
 
 
+def assert_user_error(result, *fragments: str):
+    """A refusal as the shell shows it: exit 2, one `error:` line holding every fragment, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def metrics(out: Path) -> list[dict]:
+    """A run folder's metrics.jsonl, one dict per line."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 class LoopbackServer:
     """Serves `payload` on 127.0.0.1 with Range support, recording each request's Range header; the first `cuts`
     responses stop halfway through. Never the network."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import dit
+from conftest import dit, metrics
 from safetensors.torch import load_file
 
 from ditcli.diffusion.ddpm import Diffusion
@@ -212,10 +212,6 @@ def run(out: Path, data: Path, steps: int, resume=None, **overrides) -> Trainer:
     trainer = Trainer(TrainConfig(data=str(data), out=str(out), steps=steps, **{**TINY, **overrides}), resume=resume)
     trainer.run()
     return trainer
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_checkpoint_keeps_the_heads_in_repas_layout_and_their_optimizer(tmp_path, npz_data):

@@ -19,6 +19,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from conftest import assert_user_error
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
@@ -152,15 +153,6 @@ def save_pngs(folder: Path, images: np.ndarray) -> Path:
 
 def run(*args: str):
     return CliRunner().invoke(app, ["fid", *map(str, args)])
-
-
-def assert_user_error(result, *fragments: str):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def rel(a: float, b: float) -> float:

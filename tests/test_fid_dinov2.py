@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_user_error
 from typer.testing import CliRunner
 
 from ditcli.cli.app import app
@@ -17,15 +18,6 @@ GOLDEN = Path(__file__).parent / "golden-dinov2" / "dinov2-A.pt"
 
 def run(*args):
     return CliRunner().invoke(app, ["fid", *map(str, args)])
-
-
-def assert_user_error(result, *fragments: str):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def save_npz(path: Path, n: int, seed: int, size: int = 32) -> Path:

@@ -3,7 +3,6 @@ MeanFlow's `--decoupled-depth`): the JVP on the unwrapped module keeps two proce
 fp32, --compile leaves the JVP eager, a non-finite du/dt is a skipped step, resume is bit-exact, --init-from a flow
 model starts from its weights, and the bad options are one line each."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ok, perturbed
+from conftest import metrics, ok, perturbed
 from test_bad_inputs import assert_one_line_error, invoke, snapshot
 
 from ditcli.errors import UserError
@@ -52,10 +51,6 @@ def run(out: Path, data: Path, steps: int, resume=None, **overrides) -> Trainer:
     trainer = Trainer(TrainConfig(data=str(data), out=str(out), steps=steps, **{**TINY, **overrides}), resume=resume)
     trainer.run()
     return trainer
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # Two processes equal one: the gradient flows only through the DDP forward, so it is synchronised.

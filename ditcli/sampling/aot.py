@@ -70,7 +70,7 @@ def package_path(folder: Path, model: nn.Module) -> Path:
     """Where the package of `model` (a DiT or its `CastWeights` copy) lives in `folder`."""
     config = model.config
     x, time = torch.zeros(1, config.in_channels, config.input_size, config.input_size), torch.zeros(1)
-    second = time if getattr(config, "mean_flow_form", None) is not None else None
+    second = time if config.mean_flow_form is not None else None
     inputs = standard_inputs(x, time, torch.zeros(1, dtype=torch.long), second)
     return Path(folder) / f"{package_key(model, inputs)}.pt2"
 
