@@ -31,15 +31,17 @@ class TrainingData:
         if self.cache is not None:
             mean, std = self.cache.gather(indices, flips)
             return (mean + std * posterior_noise) * self.cache.scale  # (n, c, h, w)
-        x = from_uint8(torch.from_numpy(np.ascontiguousarray(self.images.images[indices])))  # (n, C, H, W)
-        flipped = torch.from_numpy(flips.astype(bool))
-        return torch.where(flipped[:, None, None, None], x.flip(3), x)
+        return from_uint8(self.flipped(indices, flips))  # (n, C, H, W)
 
     def pixels(self, indices: np.ndarray, flips: np.ndarray) -> torch.Tensor:
         """The clean images as uint8 (n, C, H, W), flipped as `x_start` (what an alignment encoder sees)."""
-        x = torch.from_numpy(np.ascontiguousarray(self.images.images[indices])).permute(0, 3, 1, 2)  # (n, C, H, W)
-        flipped = torch.from_numpy(flips.astype(bool))
-        return torch.where(flipped[:, None, None, None], x.flip(3), x)
+        return self.flipped(indices, flips).permute(0, 3, 1, 2)
+
+    def flipped(self, indices: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        """The uint8 images (n, H, W, C) at `indices`, mirrored left-right where `flips` says."""
+        x = torch.from_numpy(np.ascontiguousarray(self.images.images[indices]))
+        mirrored = torch.from_numpy(flips.astype(bool))
+        return torch.where(mirrored[:, None, None, None], x.flip(2), x)
 
 
 @dataclass
