@@ -15,7 +15,9 @@ Gsunshine/py-meanflow) and does not copy these defects (tests/golden-meanflow/RE
 - zhuyu-cs runs `torch.func.jvp` on the DDP-wrapped model; the JVP here goes through `TrainingNet.jvp` (the unwrapped
   module, no gradients) and the gradient only through the differentiable forward.
 Decoupled MeanFlow's own objective (a flow-matching term plus a learned log-variance weighting) is not implemented;
-its MeanFlow term here is trained with the official adaptive weight.
+its MeanFlow term here is trained with the official adaptive weight. Its two targets are: model guidance (the
+network's own u_cond - u_uncond) and distillation (a frozen flow teacher's guided velocity, `TrainedGuidance` form
+"distill").
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from ditcli.diffusion.flow import FlowMatching
 from ditcli.diffusion.process import TrainingNet
 
-GUIDANCE_FORMS = ("meanflow", "model")
+GUIDANCE_FORMS = ("meanflow", "model", "distill")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class TrainedGuidance:
     form "meanflow": v_g = omega v + kappa u_cond + (1 - omega - kappa) u_uncond (MeanFlow Sec. 4.2, with its kappa).
     form "model": v_g = v + omega (u_cond - u_uncond) (the model guidance of Decoupled MeanFlow); kappa must be 0.
     u_cond and u_uncond are the network's instantaneous velocities (r = t) with the row's label and the null label.
+    form "distill": v_g = T_uncond + omega (T_cond - T_uncond) in the interval and T_cond outside it, where T is a
+    frozen flow model, the teacher (DMF's `g-type distill`); a dropped label's row gets T_uncond. The sample's own
+    velocity v is not used: the target is the teacher's field, deterministic given (z_t, t, label).
     """
 
     form: str = "meanflow"
@@ -52,8 +57,10 @@ class TrainedGuidance:
             (math.isfinite(self.omega) and math.isfinite(self.kappa),
              f"guidance omega and kappa must be finite, got {self.omega}, {self.kappa}"),
             (self.form == "meanflow" or self.kappa == 0.0,
-             f"model guidance has no kappa, got {self.kappa}"),
-            (self.form == "meanflow" or 0.0 <= self.omega < 1.0,
+             f"{self.form} guidance has no kappa, got {self.kappa}"),
+            (self.form != "distill" or self.omega >= 0.0,
+             f"distilled guidance needs omega >= 0 (the teacher's guidance scale), got {self.omega}"),
+            (self.form != "model" or 0.0 <= self.omega < 1.0,
              f"model guidance needs 0 <= omega < 1 (its trained scale is 1 / (1 - omega)), got {self.omega}"),
             (len(self.interval) == 2 and all(math.isfinite(x) for x in self.interval),
              f"guidance interval must be two finite numbers, got {self.interval}"),
@@ -72,14 +79,16 @@ class TrainedGuidance:
         A kappa of 1 or a model-guidance omega of 1 or more has no fixed point: the difference grows every step."""
         if self.form == "meanflow":
             return self.omega / (1.0 - self.kappa) if self.kappa < 1.0 else math.inf
+        if self.form == "distill":
+            return self.omega  # the teacher is frozen: no loop, the scale is the formula's
         return 1.0 / (1.0 - self.omega) if self.omega < 1.0 else math.inf
 
     @property
     def is_identity(self) -> bool:
-        """v_g = v on every row: no extra forwards are needed."""
+        """v_g = v on every row: no extra forwards are needed (never so for a teacher's target)."""
         if self.form == "meanflow":
             return self.omega == 1.0 and self.kappa == 0.0
-        return self.omega == 0.0
+        return self.form == "model" and self.omega == 0.0
 
 
 def guided_velocity(v: torch.Tensor, u_cond: torch.Tensor, u_uncond: torch.Tensor,
@@ -88,6 +97,16 @@ def guided_velocity(v: torch.Tensor, u_cond: torch.Tensor, u_uncond: torch.Tenso
     if guidance.form == "meanflow":
         return guidance.omega * v + guidance.kappa * u_cond + (1 - guidance.omega - guidance.kappa) * u_uncond
     return v + guidance.omega * (u_cond - u_uncond)
+
+
+def distilled_velocity(t_cond: torch.Tensor, t_uncond: torch.Tensor, t: torch.Tensor, drop: torch.Tensor,
+                       guidance: TrainedGuidance) -> torch.Tensor:
+    """The teacher's target (form "distill"): T_uncond + omega (T_cond - T_uncond) on rows whose t lies in the
+    interval, T_cond on the others, T_uncond wherever the label was dropped (DMF's `compute_guidance`, `distill`)."""
+    low, high = guidance.interval
+    guided = _rows((t >= low) & (t <= high), t_cond)
+    target = torch.where(guided, t_uncond + guidance.omega * (t_cond - t_uncond), t_cond)
+    return torch.where(_rows(drop, t_cond), t_uncond, target)
 
 
 def guidance_mask(t: torch.Tensor, drop: torch.Tensor, interval: tuple[float, float]) -> torch.Tensor:
@@ -203,6 +222,10 @@ class MeanFlow:
         n = z_t.shape[0]
         null = torch.cat([torch.zeros_like(drop), torch.ones_like(drop)])  # (2N,): second half gets the null label
         tt = torch.cat([t, t])  # (2N,)
+        if self.guidance.form == "distill":
+            out = net.teach(torch.cat([z_t, z_t]), tt, torch.cat([labels, labels]), null)  # (2N, C', H, W)
+            t_cond, t_uncond = self.split_output(out)[0].float().split(n)  # 2 x (N, C, H, W)
+            return distilled_velocity(t_cond, t_uncond, t, drop, self.guidance)
         out = net.evaluate(torch.cat([z_t, z_t]), tt, torch.cat([labels, labels]), null, r=tt)  # (2N, C', H, W)
         u_cond, u_uncond = self.split_output(out)[0].float().split(n)  # 2 x (N, C, H, W)
         mask = _rows(guidance_mask(t, drop, self.guidance.interval), v)

@@ -59,6 +59,8 @@ class Objective(Protocol):
 
     def check_source(self, source: Objective, name: str) -> str | None: ...
 
+    def check_teacher(self, teacher: Objective, name: str) -> None: ...
+
     def guidance_warning(self, cfg: float) -> str | None: ...
 
     def to_metadata(self) -> dict[str, str]: ...
@@ -111,6 +113,9 @@ class DdpmObjective:
     def check_source(self, source: Objective, name: str) -> str | None:
         """Any source fine-tunes as DDPM, with a warning when it was trained otherwise."""
         return change_warning(source, self, name)
+
+    def check_teacher(self, teacher: Objective, name: str) -> None:
+        refuse_teacher(self, name)
 
     def guidance_warning(self, cfg: float) -> str | None:
         return None
@@ -200,6 +205,9 @@ class FlowObjective:
         check_direction(source, self, name)
         return change_warning(source, self, name)
 
+    def check_teacher(self, teacher: Objective, name: str) -> None:
+        refuse_teacher(self, name)
+
     def guidance_warning(self, cfg: float) -> str | None:
         return None
 
@@ -253,7 +261,7 @@ class MeanFlowObjective:
     training_flags: ClassVar[tuple[str, ...]] = (
         "--time-direction", "--decoupled-depth", "--interval-ratio", "--mf-time-mean", "--mf-time-std",
         "--adaptive-p", "--adaptive-c", "--train-guidance", "--train-omega", "--train-kappa",
-        "--train-guidance-interval")
+        "--train-guidance-interval", "--teacher")
     # The flow map; the flow samplers run its instantaneous velocity u(z_t, t, t).
     samplers: ClassVar[tuple[str, ...]] = (FLOW_MAP, *FLOW_SAMPLER_NAMES)
     # A released mean-flow file records no defaults: one step, no runtime guidance (MeanFlow's and DMF's 1-NFE setting).
@@ -299,6 +307,12 @@ class MeanFlowObjective:
         check_direction(source, self, name)
         return None
 
+    def check_teacher(self, teacher: Objective, name: str) -> None:
+        """`--teacher`: its velocity is the target, so it must be a flow model running this run's time."""
+        if teacher != FlowObjective(self.time_direction):
+            raise UserError(f"--teacher {name} is {teacher.noun()}, not a flow model of time {self.time_direction}",
+                            "pass the flow model the run starts from (its --init-from), or one trained like it")
+
     def guidance_warning(self, cfg: float) -> str | None:
         """Runtime guidance on a model with guidance trained in extrapolates twice (MeanFlow issue #45)."""
         if cfg == 1 or self.trained_cfg == 1:
@@ -342,6 +356,12 @@ class MeanFlowObjective:
 
 OBJECTIVES: dict[str, type] = {"ddpm": DdpmObjective, "flow": FlowObjective, "meanflow": MeanFlowObjective}
 DDPM = DdpmObjective()
+
+
+def refuse_teacher(objective: Objective, name: str) -> None:
+    """Only a mean-flow run regresses onto a teacher's velocity."""
+    raise UserError(f"--teacher {name}: a {objective.name} run trains on its data alone", "drop --teacher, or pass "
+                    "--objective meanflow --train-guidance distill")
 
 
 def make_objective(name: str, time_direction: str | None = None, **record) -> Objective:

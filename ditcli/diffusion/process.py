@@ -32,6 +32,9 @@ class TrainingNet(Protocol):
         """(u, du) of u(x, t, r) along tangents (dx, dt, dr), without gradients: forward-mode AD on the unwrapped
         module through the math attention kernel."""
 
+    def teach(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's output (`--teacher`, for `--train-guidance distill`), without gradients."""
+
 
 class Process(Protocol):
     """One objective's forward process, its loss and the time the network sees."""

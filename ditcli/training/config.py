@@ -51,7 +51,7 @@ TRAINED_GUIDANCE = ("none", *GUIDANCE_FORMS)  # --train-guidance
 # The options of one objective only (or of a few): each is refused where its objective does not take it.
 OBJECTIVE_SETTINGS = ("time_direction", "time_sampling", "time_shift", "decoupled_depth", "interval_ratio",
                       "mf_time_mean", "mf_time_std", "adaptive_p", "adaptive_c", "train_guidance", "train_omega",
-                      "train_kappa", "train_guidance_interval")
+                      "train_kappa", "train_guidance_interval", "teacher")
 RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "log", "eval_every", "eval_ref",
                      "eval_num", "eval_features", "eval_sampler", "eval_steps", "eval_cfg", "micro_batch", "compile",
                      "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights",
@@ -130,12 +130,16 @@ class TrainConfig:
                                "official code; p = 0 trains the plain squared error.", group=OBJECTIVE)
     adaptive_c: float = option(0.01, help="Mean flow: c of the adaptive weight (> 0).", group=OBJECTIVE)
     train_guidance: str = option("none", help="Mean flow: guidance trained into the target: none, meanflow "
-                                 "(MeanFlow: omega v + kappa u_cond + (1 - omega - kappa) u_uncond) or model (DMF: "
-                                 "v + omega (u_cond - u_uncond)).", group=OBJECTIVE)
+                                 "(MeanFlow: omega v + kappa u_cond + (1 - omega - kappa) u_uncond), model (DMF: "
+                                 "v + omega (u_cond - u_uncond)) or distill (DMF: a frozen --teacher's velocity, "
+                                 "guided at scale omega).", group=OBJECTIVE)
     train_omega: float = option(1.0, help="Mean flow: omega of the trained guidance.", group=OBJECTIVE)
     train_kappa: float = option(0.0, help="Mean flow: kappa of MeanFlow's trained guidance.", group=OBJECTIVE)
     train_guidance_interval: str = option("0,1", help="Mean flow: LOW,HIGH, the times t (the model's own) where the "
                                           "trained guidance applies.", group=OBJECTIVE)
+    teacher: str | None = option(None, help="Mean flow: the frozen flow model whose velocity --train-guidance "
+                                 "distill trains towards (anything dit sample reads, of the run's architecture, "
+                                 "classes and time direction).", group=OBJECTIVE)
 
     # Alignment (ditcli.training.align): an extra loss on the tokens after one block; none by default.
     align: str = option("none", help="Representation alignment: none, repa (REPA: block D's tokens through an MLP "
@@ -413,7 +417,7 @@ def check_mean_flow(config: TrainConfig) -> None:
     unused = [f"--{name.replace('_', '-')}" for name in ("train_omega", "train_kappa", "train_guidance_interval")
               if getattr(config, name) != TrainConfig.__dataclass_fields__[name].default]
     if config.train_guidance == "none" and unused:
-        raise UserError(f"{unused[0]} only applies with --train-guidance meanflow or model",
+        raise UserError(f"{unused[0]} only applies with --train-guidance meanflow, model or distill",
                         f"add --train-guidance, or drop {unused[0]}")
     if config.train_guidance == "meanflow" and config.train_kappa >= 1:
         raise UserError(f"--train-kappa {config.train_kappa:g} leaves no room for omega: the trained scale is "
@@ -422,16 +426,24 @@ def check_mean_flow(config: TrainConfig) -> None:
         raise UserError(f"--train-omega {config.train_omega:g} has no fixed point under model guidance: the target "
                         "feeds the model's own u_cond - u_uncond back, which then grows as 1 / (1 - omega)",
                         "pass --train-omega in [0, 1): 0.6 trains scale 2.5 (DMF), 2/3 scale 3")
-    if config.train_guidance == "model" and config.train_kappa != 0:
-        raise UserError(f"--train-kappa {config.train_kappa:g} has no place in model guidance, "
-                        "v + omega (u_cond - u_uncond)", "drop --train-kappa, or pass --train-guidance meanflow")
+    if config.train_guidance in ("model", "distill") and config.train_kappa != 0:
+        raise UserError(f"--train-kappa {config.train_kappa:g} has no place in {config.train_guidance} guidance",
+                        "drop --train-kappa, or pass --train-guidance meanflow")
+    if config.train_guidance == "distill" and config.train_omega < 0:
+        raise UserError(f"--train-omega {config.train_omega:g} is the teacher's guidance scale under distillation, "
+                        "and a scale is not negative", "pass --train-omega 1 for the teacher's conditional velocity, "
+                        "above 1 to guide it")
+    if (config.train_guidance == "distill") != (config.teacher is not None):
+        raise UserError("--train-guidance distill and --teacher go together: the teacher's velocity is the target"
+                        if config.teacher is None else "--teacher only applies with --train-guidance distill",
+                        "pass both, or neither")
     scale = config.trained_guidance().scale
     if config.train_guidance != "none" and not 0 <= scale <= MAX_CFG:
         given = f"--train-omega {config.train_omega:g}" + (f" with --train-kappa {config.train_kappa:g}"
                                                           if config.train_guidance == "meanflow" else "")
         raise UserError(f"{given} trains guidance scale {scale:g}, outside [0, {MAX_CFG:g}], the scales dit sample "
                         "--cfg takes", "pass an omega (and kappa) whose scale is in range: omega / (1 - kappa) for "
-                        "meanflow, 1 / (1 - omega) for model")
+                        "meanflow, 1 / (1 - omega) for model, omega for distill")
     if config.decoupled_depth is not None:
         depth = config.depth or preset(config.model).depth
         if not 1 <= config.decoupled_depth <= depth:
@@ -530,7 +542,9 @@ def config_from_options(preset: str | None, stored: dict | None = None, **option
 NEEDS = ((("eval_ref", "eval_num", "eval_features", "eval_sampler", "eval_steps", "eval_cfg"),
           lambda c: c.eval_every > 0, "--eval-every N", "evaluate"),
          (("train_omega", "train_kappa", "train_guidance_interval"), lambda c: c.train_guidance != "none",
-          "--train-guidance meanflow or model", "train guidance in"),
+          "--train-guidance meanflow, model or distill", "train guidance in"),
+         (("teacher",), lambda c: c.train_guidance == "distill", "--train-guidance distill",
+          "train towards a teacher's velocity"),
          (("init_weights",), lambda c: c.init_from is not None, "--init-from SRC", "start from another model"))
 
 

@@ -111,6 +111,30 @@ def init_from(source: str, target: DiTConfig, fresh: dict[str, torch.Tensor], cl
     return InitFrom(str(source), checkpoint.format, checkpoint.weights, config, state, plan, source_grid, stale, notes)
 
 
+def load_teacher(source: str, target: DiTConfig, objective: Objective, device: torch.device) -> DiT:
+    """`--teacher`: the frozen flow model whose velocity `--train-guidance distill` trains towards, read as
+    `--init-from` reads a source (its EMA; a SiT or REPA file as the flow of the run's time direction). It must be a
+    flow model running the run's time direction, with the run's architecture, image size and classes: its outputs
+    are the targets, row by row."""
+    if not Path(source).exists() and parse_hub_id(str(source)) is None:
+        raise UserError(f"--teacher {source} not found",
+                        "pass a flow model's checkpoint file, a diffusers folder or a hub id org/name[@revision]")
+    heads = None if target.hidden_size in HEADS_BY_WIDTH else target.num_heads
+    try:  # a file that records no objective (SiT, REPA) is read as the flow of the run's direction
+        checkpoint = load_source(source, heads, None, ((FlowObjective(objective.time_direction), None),))
+    except UserError as refused:
+        raise UserError(f"--teacher: {refused.what}", refused.hint) from None
+    objective.check_teacher(checkpoint.objective, source)
+    check_architecture(checkpoint.config, target, source, "--teacher")
+    differences = [f"{label} {getattr(checkpoint.config, field)} (teacher) vs {getattr(target, field)}"
+                   for field, label in (("input_size", "input size"), ("num_classes", "classes"))
+                   if getattr(checkpoint.config, field) != getattr(target, field)]
+    if differences:
+        raise UserError(f"--teacher {source} was trained for other inputs than this run's: " + "; ".join(differences),
+                        "pass a teacher of the run's image size and classes")
+    return checkpoint.build(device)  # in eval mode, without gradients
+
+
 def foreign_readings(objective: Objective, target: DiTConfig) -> tuple[Reading, ...]:
     """How a run reads a source from elsewhere that records no objective (a SiT, REPA or DMF release), as `dit sample`
     reads it given the same --objective, --time-direction and --decoupled-depth: as the run's objective at the run's
@@ -159,7 +183,7 @@ def read_source(source: str, heads: int | None, weights: str | None, readings: t
                                 f"fine-tune starts near scratch; {fix}")
 
 
-def check_architecture(source: DiTConfig, target: DiTConfig, name: str) -> None:
+def check_architecture(source: DiTConfig, target: DiTConfig, name: str, flag: str = "--init-from") -> None:
     """One line naming every difference that makes the weights unusable for `target`."""
     differences = [f"{label} {getattr(source, field)} (source) vs {getattr(target, field)}"
                    for field, label in ARCHITECTURE if getattr(source, field) != getattr(target, field)]
@@ -168,7 +192,7 @@ def check_architecture(source: DiTConfig, target: DiTConfig, name: str) -> None:
     else:
         fix = f"train the source's shape: {source_flags(source)}"
     if differences:
-        raise UserError(f"--init-from {name} holds {describe(source)}, which does not match the model to train: "
+        raise UserError(f"{flag} {name} holds {describe(source)}, which does not match the model to train: "
                         + "; ".join(differences), fix)
 
 

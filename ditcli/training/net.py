@@ -22,11 +22,13 @@ from ditcli.runtime import autocast
 
 class RunNet:
     """`forward`: the DDP-wrapped (maybe compiled) model; `module`: the model itself. `tapped`: the forward returns
-    (output, taps), and `taps` keeps those of the last differentiable forward."""
+    (output, taps), and `taps` keeps those of the last differentiable forward. `teacher`: a frozen flow model whose
+    velocity is a distilled target (`--teacher`), or None."""
 
     def __init__(self, forward: torch.nn.Module, module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                 tapped: bool = False):
+                 tapped: bool = False, teacher: torch.nn.Module | None = None):
         self.forward, self.module, self.device, self.dtype, self.tapped = forward, module, device, dtype, tapped
+        self.teacher = teacher
         self.taps: list[torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,
@@ -42,6 +44,13 @@ class RunNet:
                  r: torch.Tensor | None = None) -> torch.Tensor:
         with autocast(self.device, self.dtype):
             return self.module(x, t, y, drop_mask, r=r).float()
+
+    @torch.no_grad()
+    def teach(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None:
+            raise RuntimeError("this run has no teacher: --train-guidance distill needs --teacher")
+        with autocast(self.device, self.dtype):
+            return self.teacher(x, t, y, drop_mask).float()
 
     @torch.no_grad()
     def jvp(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor,

@@ -173,6 +173,9 @@ class Trainer:
         self.init = None if resumed else initialize_from(config, self.model, self.model_config, self.images, self.emit)
         self.model_config = self.init.config if self.init is not None else self.model_config
         self.ema_from_source = self.init is not None  # a resume reads it from the checkpoint's record
+        self.teacher = None if config.teacher is None else on_every_rank(
+            lambda: finetune.load_teacher(config.teacher, self.model_config, config.training_objective(),
+                                          self.device), "cannot load --teacher")
         if restarted is not None:  # a run stopped before its first checkpoint starts again, with its settings
             on_every_rank(lambda: check_compatible(config, self.model_config, self.images, restarted,
                                                    self.out / RUN_FILE, restarted.get("data_fingerprint"), self.force))
@@ -195,7 +198,8 @@ class Trainer:
         trained = self.model if self.alignment is None else self.alignment.wrap(self.model)  # with its heads
         self.ddp = data_parallel(trained, self.dist, self.device)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
-        self.net = RunNet(self.forward, self.model, self.device, self.dtype, tapped=self.alignment is not None)
+        self.net = RunNet(self.forward, self.model, self.device, self.dtype, tapped=self.alignment is not None,
+                          teacher=self.teacher)
         self.out.mkdir(parents=True, exist_ok=True)
         self.trackers = on_every_rank(lambda: Trackers(tuple(config.log), self.out, self.state.step,
                                                        config.to_dict(), self.dist.rank))  # rank 0 opens them
