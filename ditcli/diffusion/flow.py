@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ditcli.diffusion.process import predict_and_score
 from ditcli.diffusion.ddpm import mean_flat
+from ditcli.diffusion.process import predict_and_score
 from ditcli.errors import UserValueError
 
 TIME_DIRECTIONS = ("noise-to-data", "data-to-noise")
