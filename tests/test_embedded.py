@@ -1,5 +1,5 @@
-"""The shipped Fashion-MNIST DiTs (the flow model `fashion-mnist`, the DDPM model `fashion-mnist-ddpm`) and their
-judge: they load, sample offline by name and classify real images."""
+"""The shipped Fashion-MNIST DiTs (the flow model `fashion-mnist`, the DDPM model `fashion-mnist-ddpm`, the mean-flow
+model `fashion-mnist-meanflow`) and their judge: they load, sample offline by name and classify real images."""
 
 import json
 from pathlib import Path
@@ -25,9 +25,11 @@ from ditcli.weights.checkpoint import load_checkpoint
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 FLOW, DDPM = WEIGHTS / "fashion-mnist.safetensors", WEIGHTS / "fashion-mnist-ddpm.safetensors"
+MEANFLOW = WEIGHTS / "fashion-mnist-meanflow.safetensors"
 
 
-@pytest.mark.parametrize("path, objective, out_channels", [(FLOW, "flow", 1), (DDPM, "ddpm", 2)])
+@pytest.mark.parametrize("path, objective, out_channels", [(FLOW, "flow", 1), (DDPM, "ddpm", 2),
+                                                            (MEANFLOW, "meanflow", 1)])
 def test_shipped_weights_carry_their_config_codec_names_and_objective(path, objective, out_channels):
     assert path.stat().st_size <= 10 * 2**20
     checkpoint = load_checkpoint(path)
@@ -38,7 +40,7 @@ def test_shipped_weights_carry_their_config_codec_names_and_objective(path, obje
     assert checkpoint.weights == "ema"
 
 
-@pytest.mark.parametrize("path, sampler", [(FLOW, "euler"), (DDPM, "dpm++2m")])
+@pytest.mark.parametrize("path, sampler", [(FLOW, "euler"), (DDPM, "dpm++2m"), (MEANFLOW, "flow-map")])
 def test_shipped_models_make_images_of_the_right_shape_and_range(path, sampler):
     checkpoint = load_checkpoint(path)
     config = GenerateConfig(labels=(7, 9), sampler=sampler, steps=5, guidance=Guidance(2.0, "all"), batch_size=4,
@@ -71,7 +73,8 @@ def test_judge_classifies_real_test_images():
     assert accuracy > 0.88
 
 
-@pytest.mark.parametrize("name, sampler", [("fashion-mnist", "euler"), ("fashion-mnist-ddpm", "dpm++2m")])
+@pytest.mark.parametrize("name, sampler", [("fashion-mnist", "euler"), ("fashion-mnist-ddpm", "dpm++2m"),
+                                           ("fashion-mnist-meanflow", "flow-map")])
 def test_each_shipped_model_samples_offline_by_its_name_as_the_judge_expects(name, sampler, tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_OFFLINE", "1")
     monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))
