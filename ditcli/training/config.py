@@ -129,17 +129,15 @@ class TrainConfig:
     adaptive_p: float = option(1.0, help="Mean flow: the adaptive loss weight L / sg((L + c)^p) of MeanFlow's "
                                "official code; p = 0 trains the plain squared error.", group=OBJECTIVE)
     adaptive_c: float = option(0.01, help="Mean flow: c of the adaptive weight (> 0).", group=OBJECTIVE)
-    train_guidance: str = option("none", help="Mean flow: guidance trained into the target: none, meanflow "
-                                 "(MeanFlow: omega v + kappa u_cond + (1 - omega - kappa) u_uncond), model (DMF: "
-                                 "v + omega (u_cond - u_uncond)) or distill (DMF: a frozen --teacher's velocity, "
-                                 "guided at scale omega).", group=OBJECTIVE)
+    train_guidance: str = option("none", help="Mean flow: guidance trained into the target: none, meanflow (omega v "
+                                 "+ kappa u_cond + (1 - omega - kappa) u_uncond), model (DMF: v + omega (u_cond - "
+                                 "u_uncond)) or distill (DMF: --teacher's velocity at scale omega).", group=OBJECTIVE)
     train_omega: float = option(1.0, help="Mean flow: omega of the trained guidance.", group=OBJECTIVE)
     train_kappa: float = option(0.0, help="Mean flow: kappa of MeanFlow's trained guidance.", group=OBJECTIVE)
     train_guidance_interval: str = option("0,1", help="Mean flow: LOW,HIGH, the times t (the model's own) where the "
                                           "trained guidance applies.", group=OBJECTIVE)
-    teacher: str | None = option(None, help="Mean flow: the frozen flow model whose velocity --train-guidance "
-                                 "distill trains towards (anything dit sample reads, of the run's architecture, "
-                                 "classes and time direction).", group=OBJECTIVE)
+    teacher: str | None = option(None, help="Mean flow: the frozen flow model (of the run's shape, classes and time) "
+                                 "--train-guidance distill trains towards. Default: none.", group=OBJECTIVE)
 
     # Alignment (ditcli.training.align): an extra loss on the tokens after one block; none by default.
     align: str = option("none", help="Representation alignment: none, repa (REPA: block D's tokens through an MLP "
