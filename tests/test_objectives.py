@@ -14,6 +14,7 @@ from ditcli.diffusion.objectives import (
     OBJECTIVES,
     DdpmObjective,
     FlowObjective,
+    MeanFlowObjective,
     Objective,
     make_objective,
     objective_from_options,
@@ -86,6 +87,8 @@ def test_each_adapter_builds_its_own_process_and_plans():
         DDPM.plan("dopri5", 10, True)
     with pytest.raises(ValueError, match="samples DDPM models"):
         FlowObjective().plan("ddim", 10, False)
+    with pytest.raises(ValueError, match="cannot sample a mean-flow model .*flow-map"):
+        MeanFlowObjective().plan("ddpm", 2, False)
 
 
 def test_records_and_options_name_one_adapter():

@@ -334,6 +334,9 @@ class MeanFlowObjective:
     def plan(self, name: str, steps: int, learn_sigma: bool, *, schedule: str = "linear", eta: float = 0.0,
              flow: FlowSettings = FlowSettings()) -> SamplerPlan:
         path = FlowMatching(self.time_direction, learn_sigma)
+        if name not in self.samplers:
+            raise UserValueError(f"sampler {name!r} cannot sample a mean-flow model", "choose from "
+                                 f"{', '.join(self.samplers)}: the flow map, or a flow sampler on its instant velocity")
         if name != FLOW_MAP:
             return plan_flow_sampler(name, steps, path, flow)
         if steps < 1:
