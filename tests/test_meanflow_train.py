@@ -1,7 +1,8 @@
 """`dit train --objective meanflow`, in both network forms (MeanFlow's separate embedder of t - r and Decoupled
 MeanFlow's `--decoupled-depth`): the JVP on the unwrapped module keeps two processes equal to one, bf16 stays close to
 fp32, --compile leaves the JVP eager, a non-finite du/dt is a skipped step, resume is bit-exact, --init-from a flow
-model starts from its weights, and the bad options are one line each."""
+model starts from its weights, distillation from a --teacher starts on the teacher's field, and the bad options are
+one line each."""
 
 import os
 import shutil
