@@ -364,15 +364,20 @@ def edited_checkpoint(src: Path, dst: Path, where: tuple, value) -> Path:
     import torch
 
     data = torch.load(src, weights_only=True)
+    set_field(data, where, value() if callable(value) else value)
+    torch.save(data, dst)
+    return dst
+
+
+def set_field(data: dict, where: tuple, value) -> None:
+    """Set the field at key path `where` of nested `data` to `value`; MISSING drops it."""
     parent = data
     for key in where[:-1]:
         parent = parent[key]
     if value is MISSING:
         parent.pop(where[-1], None)
     else:
-        parent[where[-1]] = value() if callable(value) else value
-    torch.save(data, dst)
-    return dst
+        parent[where[-1]] = value
 
 
 def checkpoint_fields(src: Path) -> list[tuple]:
@@ -463,13 +468,7 @@ def edited_pipe(root: Path, relative: str, where: tuple, value) -> None:
     shutil.copytree(root / "fx" / "pipe", pipe)
     path = pipe / relative
     data = json.loads(path.read_text())
-    parent = data
-    for key in where[:-1]:
-        parent = parent[key]
-    if value is MISSING:
-        parent.pop(where[-1], None)
-    else:
-        parent[where[-1]] = value
+    set_field(data, where, value)
     path.write_text(json.dumps(data))
 
 
