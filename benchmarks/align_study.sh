@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# Steps to quality with representation alignment (docs/alignment.md, issue 31 item 6): the baseline and each
-# alignment variant trained with the same recipe, model, batch and budget per step as the shipped flow model
-# (docs/flow.md: 12,017 steps at batch 128, here as one cosine run), each logging its FD every EVAL_EVERY steps.
-# NOT RUN YET: about 3.5 h per plain run on 2 CPU cores in bf16 (REPA with its 2048-wide projector about twice
-# that, benchmarks/results/align-cpu.json), so about a day in all. Resumable: rerun the same command
-# and each run continues from its newest checkpoint (--resume auto); a finished run is skipped by dit itself.
-#   bash benchmarks/align_study.sh [OUT]      (from the repository root; OUT defaults to ~/dit-runs/align-study)
+# Steps to quality with representation alignment (docs/alignment.md, issue 31 item 6). The goal is the shipped flow
+# model's FD (22.3 at its default sampler, docs/flow.md) in at most a third of its 12,017 steps. So every run here,
+# the baseline and each alignment variant, trains 4,006 steps (a third) as one cosine run with the shipped model's
+# model, recipe and batch, logs its FD every EVAL_EVERY steps, and its last EMA is then scored at the shipped
+# default sampler against the shipped model (the 12,017-step baseline) by benchmarks/align_study_plot.py.
+# About 1.2 h per plain run on 2 CPU cores in bf16, 2 h on 1 (REPA with its 2048-wide projector about 2.4 times
+# that, benchmarks/results/align-cpu.json). Resumable: rerun the same command and each run continues from its newest
+# checkpoint (--resume auto); a finished run is skipped by dit itself.
+#   bash benchmarks/align_study.sh [OUT]      (from the repository root; OUT defaults to ~/dit-runs/align-study-4006)
 # Then: python benchmarks/align_study_plot.py OUT --out docs/images/align-study.png
+# Stop it by killing this script first: a run stopped by a signal returns, and the script goes on to the next one.
 #
-# FD is scored in the shipped judge's features (weights/fashion-judge.safetensors), the features of the 12,017-step
-# baseline's FD 22.3. REPA's encoder must not be the network FD is scored with, so it is a second judge, trained here
+# FD is scored in the shipped judge's features (weights/fashion-judge.safetensors), the features of the shipped
+# model's FD 22.3. REPA's encoder must not be the network FD is scored with, so it is a second judge, trained here
 # from another seed (benchmarks/fashion_judge.py --seed 1): the same architecture and data, other weights. With a
 # DINOv2 file, REPA_DINOV2=path/to/dinov2_vits14_pretrain.pth adds REPA with DINOv2 (ViT-S/14: 98 px inputs).
-# The evaluation samples as --eval-sampler euler --eval-steps 9 --eval-cfg 3, the shipped model's sampler and scale,
-# but guided on every step: dit train's evaluation has no guidance interval, so its FD is not the 22.3 of docs/flow.md
-# (guided in t 0.156-0.781); the baseline's own curve is the reference every variant is read against.
+# The in-training evaluation samples as --eval-sampler euler --eval-steps 9 --eval-cfg 3, the shipped model's sampler
+# and scale but guided on every step (dit train's evaluation has no guidance interval), so its curve is read against
+# the baseline's curve; the last checkpoints are scored with the interval as well.
 set -euo pipefail
-OUT=${1:-$HOME/dit-runs/align-study}
-STEPS=${STEPS:-12017}
-EVAL_EVERY=${EVAL_EVERY:-1000}
+OUT=${1:-$HOME/dit-runs/align-study-4006}
+STEPS=${STEPS:-4006}
+EVAL_EVERY=${EVAL_EVERY:-500}
 mkdir -p "$OUT"
 
 # The reference (60k train split, judge features) and REPA's encoder, each made once.
@@ -37,10 +40,10 @@ train() {  # NAME, then the variant's own options
 }
 
 train baseline
-train repa-judge --align repa --align-encoder "$OUT/encoder-judge.safetensors"
 train repa-judge-256 --align repa --align-encoder "$OUT/encoder-judge.safetensors" --align-projector-dim 256
-train self --align self
 train dispersive --dispersive
+train self --align self
+train repa-judge --align repa --align-encoder "$OUT/encoder-judge.safetensors"
 train repa-judge-dispersive --align repa --align-encoder "$OUT/encoder-judge.safetensors" --dispersive
 if [ -n "${REPA_DINOV2:-}" ]; then
     train repa-dinov2 --align repa --align-encoder dinov2 --dinov2-weights "$REPA_DINOV2"

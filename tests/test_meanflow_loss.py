@@ -183,6 +183,22 @@ def test_draw_times_levels_are_logit_normal_and_the_ratio_is_exact_at_the_ends()
     assert torch.equal(tr[:, 0], tr[:, 1])
 
 
+def test_draw_times_with_r_proposal_sorts_two_logit_normals_of_their_own():
+    """DMF's proposals: one level from (time_mean, time_std), one from r_time, the larger t's. Drawn as t's, the
+    pair's larger level would have a mean above time_mean; here its order statistics follow the two laws."""
+    process = MeanFlow(interval_ratio=1.0, time_mean=0.4, time_std=1.0, r_time=(-1.2, 0.5))
+    normal = torch.randn((200_000, 2), generator=torch.Generator().manual_seed(2))
+    tr = process.times_from_draws(normal, torch.zeros(200_000))
+    first, second = torch.sigmoid(normal[:, 0] * 1.0 + 0.4), torch.sigmoid(normal[:, 1] * 0.5 - 1.2)
+    assert torch.allclose(tr[:, 0], torch.maximum(first, second)) and torch.allclose(tr[:, 1], torch.minimum(first, second))
+    logits = torch.logit(torch.stack([first, second]).double(), eps=0)
+    assert abs(float(logits[1].mean()) + 1.2) < 0.01 and abs(float(logits[1].std()) - 0.5) < 0.01
+    shared = MeanFlow(interval_ratio=1.0, time_mean=0.4, time_std=1.0).times_from_draws(normal, torch.zeros(200_000))
+    assert float(tr[:, 1].mean()) < float(shared[:, 1].mean()) - 0.1  # r's own law: far cleaner than t's
+    assert torch.equal(MeanFlow(r_time=(0.4, 1.0), time_mean=0.4).times_from_draws(normal[:8], torch.ones(8)),
+                       MeanFlow(time_mean=0.4).times_from_draws(normal[:8], torch.ones(8)))
+
+
 def test_draw_times_uses_only_its_generator():
     process = MeanFlow()
     state = torch.get_rng_state()
@@ -260,7 +276,8 @@ def test_adaptive_loss_is_the_official_weight():
     ({"interval_ratio": 1.5}, "interval_ratio"), ({"interval_ratio": -0.1}, "interval_ratio"),
     ({"time_std": 0.0}, "time_std"), ({"time_mean": math.nan}, "finite"), ({"adaptive_c": math.inf}, "finite"),
     ({"adaptive_p": -1.0}, "adaptive_p"), ({"adaptive_c": 0.0}, "adaptive_c"),
-    ({"guidance": 1.0}, "TrainedGuidance"),
+    ({"guidance": 1.0}, "TrainedGuidance"), ({"r_time": (0.0, 0.0)}, "r_time"), ({"r_time": (math.nan, 1.0)}, "finite"),
+    ({"r_time": (0.0,)}, "r_time"),
 ])
 def test_meanflow_rejects_bad_settings(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -135,6 +135,7 @@ class MeanFlow:
     """The mean-flow process on the linear path `path`: its time draws, guided targets and adaptive loss.
 
     time_mean, time_std: the noise levels of t and r are logit-normal, sigmoid(N(time_mean, time_std)).
+    r_time: (mean, std) of r's own logit-normal (DMF's separate proposals); None draws both as t's.
     interval_ratio: the fraction of rows with r != t; the others (r = t) train the instantaneous velocity.
     adaptive_p, adaptive_c: the loss weight 1 / sg(L + c)^p (p = 0: the plain squared error).
     guidance: the guidance trained into the target (`TrainedGuidance`; the default is none).
@@ -143,18 +144,22 @@ class MeanFlow:
     path: FlowMatching = field(default_factory=lambda: FlowMatching(direction="data-to-noise"))
     time_mean: float = -0.4
     time_std: float = 1.0
+    r_time: tuple[float, float] | None = None
     interval_ratio: float = 0.25
     adaptive_p: float = 1.0
     adaptive_c: float = 0.01
     guidance: TrainedGuidance = field(default_factory=TrainedGuidance)
 
     def __post_init__(self):
-        numbers = (self.time_mean, self.time_std, self.interval_ratio, self.adaptive_p, self.adaptive_c)
+        numbers = (self.time_mean, self.time_std, *(self.r_time or ()), self.interval_ratio, self.adaptive_p,
+                   self.adaptive_c)
         checks = [
             (isinstance(self.guidance, TrainedGuidance),
              f"guidance must be a TrainedGuidance, got {type(self.guidance).__name__}"),
             (all(math.isfinite(x) for x in numbers), f"mean-flow settings must be finite numbers, got {numbers}"),
             (self.time_std > 0, f"time_std must be > 0, got {self.time_std}"),
+            (self.r_time is None or (len(self.r_time) == 2 and self.r_time[1] > 0),
+             f"r_time must be (mean, std) with std > 0, got {self.r_time}"),
             (0.0 <= self.interval_ratio <= 1.0, f"interval_ratio must be in [0, 1], got {self.interval_ratio}"),
             (self.adaptive_p >= 0, f"adaptive_p must be >= 0, got {self.adaptive_p}"),
             (self.adaptive_c > 0, f"adaptive_c must be > 0, got {self.adaptive_c}"),
@@ -208,7 +213,12 @@ class MeanFlow:
     def times_from_draws(self, normal: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         """Two logit-normal noise levels per row, the larger one t's (MeanFlow Sec. 4.3); r := t where
         uniform < 1 - interval_ratio, as zhuyu-cs's `sample_time_steps` (the official code takes the first rows)."""
-        levels = torch.sigmoid(normal * self.time_std + self.time_mean)  # (N, 2)
+        if self.r_time is None:
+            levels = torch.sigmoid(normal * self.time_std + self.time_mean)  # (N, 2)
+        else:  # DMF: the second level from r's own proposal, before the sort
+            r_mean, r_std = self.r_time
+            levels = torch.sigmoid(torch.stack([normal[:, 0] * self.time_std + self.time_mean,
+                                                normal[:, 1] * r_std + r_mean], dim=1))  # (N, 2)
         t = self.time_at(levels.amax(dim=1))  # (N,)
         r = self.time_at(levels.amin(dim=1))  # (N,)
         r = torch.where(uniform < 1 - self.interval_ratio, t, r)

@@ -260,7 +260,7 @@ class MeanFlowObjective:
     name: ClassVar[str] = "meanflow"
     training_flags: ClassVar[tuple[str, ...]] = (
         "--time-direction", "--decoupled-depth", "--interval-ratio", "--mf-time-mean", "--mf-time-std",
-        "--adaptive-p", "--adaptive-c", "--train-guidance", "--train-omega", "--train-kappa",
+        "--mf-r-time",        "--adaptive-p", "--adaptive-c", "--train-guidance", "--train-omega", "--train-kappa",
         "--train-guidance-interval", "--teacher")
     # The flow map; the flow samplers run its instantaneous velocity u(z_t, t, t).
     samplers: ClassVar[tuple[str, ...]] = (FLOW_MAP, *FLOW_SAMPLER_NAMES)
@@ -326,7 +326,8 @@ class MeanFlowObjective:
 
     def process(self, learn_sigma: bool, schedule: str = "linear", **settings) -> MeanFlow:
         """The mean-flow process on this direction's path, with the run's time draws, weight and guidance."""
-        named = {"time_mean": "mf_time_mean", "time_std": "mf_time_std", "interval_ratio": "interval_ratio",
+        named = {"time_mean": "mf_time_mean", "time_std": "mf_time_std", "r_time": "mf_r_time",
+                 "interval_ratio": "interval_ratio",
                  "adaptive_p": "adaptive_p", "adaptive_c": "adaptive_c", "guidance": "guidance"}
         given = {field: settings[option] for field, option in named.items() if option in settings}
         return MeanFlow(FlowMatching(self.time_direction, learn_sigma), **given)

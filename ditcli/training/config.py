@@ -50,7 +50,7 @@ LR_SCHEDULES = ("constant", "cosine")
 TRAINED_GUIDANCE = ("none", *GUIDANCE_FORMS)  # --train-guidance
 # The options of one objective only (or of a few): each is refused where its objective does not take it.
 OBJECTIVE_SETTINGS = ("time_direction", "time_sampling", "time_shift", "decoupled_depth", "interval_ratio",
-                      "mf_time_mean", "mf_time_std", "adaptive_p", "adaptive_c", "train_guidance", "train_omega",
+                      "mf_time_mean", "mf_time_std", "mf_r_time", "adaptive_p", "adaptive_c", "train_guidance", "train_omega",
                       "train_kappa", "train_guidance_interval", "teacher")
 RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "log", "eval_every", "eval_ref",
                      "eval_num", "eval_features", "eval_sampler", "eval_steps", "eval_cfg", "micro_batch", "compile",
@@ -61,6 +61,15 @@ RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_ev
 # The groups of TrainConfig's fields, in the order `dit train --help` shows them as panels.
 DATA, MODEL, OBJECTIVE, ALIGNMENT, OPTIMISATION, CHECKPOINTS, EVALUATION, LOGGING, PERFORMANCE = OPTION_GROUPS = (
     "Data", "Model", "Objective", "Alignment", "Optimisation", "Checkpoints", "Evaluation", "Logging", "Performance")
+
+
+def number_pair(text: str) -> tuple[float, float]:
+    """"A,B" as two numbers; (nan, nan) when it is not two numbers, for the caller's range check to refuse."""
+    parts = text.split(",")
+    try:
+        return (float(parts[0]), float(parts[1])) if len(parts) == 2 else (math.nan, math.nan)
+    except ValueError:
+        return math.nan, math.nan
 
 
 def option(default=MISSING, *, help: str, group: str, flag: str | None = None, parse: type | None = None):
@@ -126,6 +135,9 @@ class TrainConfig:
                                  group=OBJECTIVE)
     mf_time_std: float = option(1.0, help="Mean flow: standard deviation of the logit-normal noise levels (> 0).",
                                 group=OBJECTIVE)
+    mf_r_time: str | None = option(None, help="Mean flow: MEAN,STD of a logit-normal of r's own (DMF's proposals: "
+                                   "t's and r's levels drawn apart, then sorted so t >= r). Default: both drawn as "
+                                   "t's.", group=OBJECTIVE)
     adaptive_p: float = option(1.0, help="Mean flow: the adaptive loss weight L / sg((L + c)^p) of MeanFlow's "
                                "official code; p = 0 trains the plain squared error.", group=OBJECTIVE)
     adaptive_c: float = option(0.01, help="Mean flow: c of the adaptive weight (> 0).", group=OBJECTIVE)
@@ -269,11 +281,7 @@ class TrainConfig:
 
     def guidance_interval(self) -> tuple[float, float]:
         """--train-guidance-interval LOW,HIGH: times t of the model's own, 0 <= LOW <= HIGH <= 1."""
-        parts = self.train_guidance_interval.split(",")
-        try:
-            low, high = (float(parts[0]), float(parts[1])) if len(parts) == 2 else (math.nan, math.nan)
-        except ValueError:
-            low = high = math.nan
+        low, high = number_pair(self.train_guidance_interval)
         if not 0 <= low <= high <= 1:
             raise UserError(f"--train-guidance-interval must be LOW,HIGH with 0 <= LOW <= HIGH <= 1 in the model's "
                             f"time t, got {self.train_guidance_interval!r}", "pass e.g. 0,1 to guide every row")
@@ -288,6 +296,7 @@ class TrainConfig:
     def build_objective(self) -> Process:
         """The training process the objective draws times, noises and losses from."""
         settings = {name: getattr(self, name) for name in OBJECTIVE_SETTINGS}
+        settings["mf_r_time"] = None if self.mf_r_time is None else number_pair(self.mf_r_time)
         return self.training_objective().process(self.learn_sigma, self.schedule, guidance=self.trained_guidance(),
                                                  **settings)
 
@@ -412,6 +421,11 @@ def check_mean_flow(config: TrainConfig) -> None:
     if config.train_guidance not in TRAINED_GUIDANCE:
         raise UserError(f"unknown --train-guidance {config.train_guidance!r}",
                         f"choose from {', '.join(TRAINED_GUIDANCE)}")
+    if config.mf_r_time is not None:
+        mean, std = number_pair(config.mf_r_time)
+        if not (-1e3 <= mean <= 1e3 and 1e-6 <= std <= 1e3):
+            raise UserError(f"--mf-r-time must be MEAN,STD with MEAN in [-1000, 1000] and STD in [1e-06, 1000], got "
+                            f"{config.mf_r_time!r}", "pass e.g. -1.2,1 (DMF's r proposal)")
     unused = [f"--{name.replace('_', '-')}" for name in ("train_omega", "train_kappa", "train_guidance_interval")
               if getattr(config, name) != TrainConfig.__dataclass_fields__[name].default]
     if config.train_guidance == "none" and unused:
