@@ -190,7 +190,8 @@ def test_draw_times_with_r_proposal_sorts_two_logit_normals_of_their_own():
     normal = torch.randn((200_000, 2), generator=torch.Generator().manual_seed(2))
     tr = process.times_from_draws(normal, torch.zeros(200_000))
     first, second = torch.sigmoid(normal[:, 0] * 1.0 + 0.4), torch.sigmoid(normal[:, 1] * 0.5 - 1.2)
-    assert torch.allclose(tr[:, 0], torch.maximum(first, second)) and torch.allclose(tr[:, 1], torch.minimum(first, second))
+    assert torch.allclose(tr[:, 0], torch.maximum(first, second))
+    assert torch.allclose(tr[:, 1], torch.minimum(first, second))
     logits = torch.logit(torch.stack([first, second]).double(), eps=0)
     assert abs(float(logits[1].mean()) + 1.2) < 0.01 and abs(float(logits[1].std()) - 0.5) < 0.01
     shared = MeanFlow(interval_ratio=1.0, time_mean=0.4, time_std=1.0).times_from_draws(normal, torch.zeros(200_000))

@@ -50,8 +50,8 @@ LR_SCHEDULES = ("constant", "cosine")
 TRAINED_GUIDANCE = ("none", *GUIDANCE_FORMS)  # --train-guidance
 # The options of one objective only (or of a few): each is refused where its objective does not take it.
 OBJECTIVE_SETTINGS = ("time_direction", "time_sampling", "time_shift", "decoupled_depth", "interval_ratio",
-                      "mf_time_mean", "mf_time_std", "mf_r_time", "adaptive_p", "adaptive_c", "train_guidance", "train_omega",
-                      "train_kappa", "train_guidance_interval", "teacher")
+                      "mf_time_mean", "mf_time_std", "mf_r_time", "adaptive_p", "adaptive_c", "train_guidance",
+                      "train_omega", "train_kappa", "train_guidance_interval", "teacher")
 RESUMABLE_CHANGES = {"steps", "ckpt_every", "keep_last", "sample_every", "log_every", "log", "eval_every", "eval_ref",
                      "eval_num", "eval_features", "eval_sampler", "eval_steps", "eval_cfg", "micro_batch", "compile",
                      "grad_checkpointing", "device", "max_bad_steps", "precision", "init_from", "init_weights",
