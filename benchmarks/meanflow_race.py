@@ -1,6 +1,6 @@
 """The race of issue 30: the whole `dit sample` command, start-up included, of the embedded mean-flow model at 1 and 2
-steps against today's default (`--model fashion-mnist`, the flow model's Euler 9 at cfg 3 on its interval, 15
-forwards per image), in alternating rounds on this machine.
+steps against the flow model's default (`--model fashion-mnist-flow`, Euler 9 at cfg 3 on its interval, 15
+forwards per image; `fashion-mnist`'s default until 2026-12-07), in alternating rounds on this machine.
 
     python benchmarks/meanflow_race.py --meanflow weights/fashion-mnist-meanflow.safetensors --images 1000 --rounds 3
 
@@ -30,7 +30,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def commands(meanflow: Path, per_class: int) -> dict[str, list[str]]:
     """The contestants: the default by its registry name, the mean-flow file at one and two steps."""
     common = ["sample", "--num-per-class", str(per_class), "--seed", "0"]
-    return {"default (fashion-mnist, Euler 9, cfg 3 on its interval)": [*common, "--model", "fashion-mnist"],
+    return {"flow default (fashion-mnist-flow, Euler 9, cfg 3 on its interval)": [*common, "--model",
+                                                                                   "fashion-mnist-flow"],
             "mean flow, 2 steps": [*common, "--ckpt", str(meanflow), "--steps", "2"],
             "mean flow, 1 step": [*common, "--ckpt", str(meanflow), "--steps", "1"]}
 

@@ -423,8 +423,9 @@ def test_the_shipped_weights_are_what_the_registry_names():
         path = registry.CHECKOUT_WEIGHTS / entry.filename
         assert path.stat().st_size == entry.size, f"{entry.filename}: update its size in the registry"
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry.sha256, f"{entry.filename}: update its sha256"
-    path, entry = find_checkpoint("fashion-mnist", None, None, offline=True)
-    assert path == registry.CHECKOUT_WEIGHTS / "fashion-mnist.safetensors" and entry.model == "fashion-mnist"
+    for name, file in (("fashion-mnist", "fashion-mnist-meanflow"), ("fashion-mnist-flow", "fashion-mnist")):
+        path, entry = find_checkpoint(name, None, None, offline=True)
+        assert path == registry.CHECKOUT_WEIGHTS / f"{file}.safetensors" and entry.model == name
 
 
 @pytest.mark.parametrize("model", ["SiT-XL/2", "DiT-XL/2"])
@@ -442,11 +443,12 @@ def test_a_small_model_under_a_release_name_is_refused(model, state, work, tmp_p
 def test_an_embedded_model_replaced_in_the_home_folder_is_refused(state, work, tmp_path):
     home = Path(os.environ["DIT_HOME"])
     home.mkdir()
-    save_safetensors(Checkpoint(state, CONFIG, "safetensors", "ema", codec=CODEC), home / "fashion-mnist.safetensors")
+    file = registry.known_weights("fashion-mnist").filename
+    save_safetensors(Checkpoint(state, CONFIG, "safetensors", "ema", codec=CODEC), home / file)
     refused(["sample", "--model", "fashion-mnist", "--out", work / "out"], "not fashion-mnist as released", "bytes")
-    payload = bytearray((registry.CHECKOUT_WEIGHTS / "fashion-mnist.safetensors").read_bytes())
+    payload = bytearray((registry.CHECKOUT_WEIGHTS / file).read_bytes())
     payload[-100] ^= 1  # one bit of one weight: the same size, another file
-    (home / "fashion-mnist.safetensors").write_bytes(bytes(payload))
+    (home / file).write_bytes(bytes(payload))
     before = tree(home, work)
     refused(["sample", "--model", "fashion-mnist", "--out", work / "out"], "sha256")
     assert tree(home, work) == before

@@ -270,7 +270,7 @@ def test_the_nfe_line_says_how_guided_steps_count(tmp_path):
 
 # 9. Docs in step with the tool.
 
-@pytest.mark.parametrize("name", ["fashion-mnist", "fashion-mnist-ddpm"])
+@pytest.mark.parametrize("name", ["fashion-mnist", "fashion-mnist-flow", "fashion-mnist-ddpm"])
 def test_the_sampling_docs_give_the_embedded_models_own_defaults(name):
     entry = known_weights(name)
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(--steps|--cfg)` \| ([^|]*)\|", (

@@ -1,5 +1,5 @@
-"""The shipped Fashion-MNIST DiTs (the flow model `fashion-mnist`, the DDPM model `fashion-mnist-ddpm`, the mean-flow
-model `fashion-mnist-meanflow`) and their judge: they load, sample offline by name and classify real images."""
+"""The shipped Fashion-MNIST DiTs (the mean-flow model `fashion-mnist` or `fashion-mnist-meanflow`, the flow model
+`fashion-mnist-flow`, the DDPM model `fashion-mnist-ddpm`) and their judge: they load, sample offline by name and classify real images."""
 
 import json
 from pathlib import Path
@@ -73,8 +73,8 @@ def test_judge_classifies_real_test_images():
     assert accuracy > 0.88
 
 
-@pytest.mark.parametrize("name, sampler", [("fashion-mnist", "euler"), ("fashion-mnist-ddpm", "dpm++2m"),
-                                           ("fashion-mnist-meanflow", "flow-map")])
+@pytest.mark.parametrize("name, sampler", [("fashion-mnist", "flow-map"), ("fashion-mnist-flow", "euler"),
+                                           ("fashion-mnist-ddpm", "dpm++2m"), ("fashion-mnist-meanflow", "flow-map")])
 def test_each_shipped_model_samples_offline_by_its_name_as_the_judge_expects(name, sampler, tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_OFFLINE", "1")
     monkeypatch.setenv("DIT_HOME", str(tmp_path / "home"))

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 
 import ditcli.data.sources
 from ditcli.cli.app import app
-from ditcli.diffusion.objectives import DDPM
 from ditcli.diffusion.samplers import SamplingDefaults
 from ditcli.errors import UserError
 from ditcli.evaluation import features
@@ -193,15 +192,18 @@ def test_npz_alone_writes_what_its_help_says(tmp_path, monkeypatch):
 
 # A checkpoint's own sampling defaults.
 
-@pytest.mark.parametrize("name, expected, ema", [  # both EMAs are second stages, started from the first one's
-    ("fashion-mnist", SamplingDefaults("euler", 9, 3.0, (0.156, 0.781)), EmaRecord(0.999, True, 6517, True)),
-    ("fashion-mnist-ddpm", SamplingDefaults("dpm++2m", 10, 4.0, (82.0, 578.0)), EmaRecord(0.999, True, 5000)),
-])  # docs/flow.md (15 forwards per image) and docs/fashion-mnist.md
-def test_the_shipped_files_record_the_defaults_their_registry_entries_give(name, expected, ema):
+@pytest.mark.parametrize("name, expected, ema, objective", [  # every EMA is a later stage's, started from the last one's
+    ("fashion-mnist", SamplingDefaults("flow-map", 2, 1.0), EmaRecord(0.999, True, 3443, True), "meanflow"),
+    ("fashion-mnist-flow", SamplingDefaults("euler", 9, 3.0, (0.156, 0.781)), EmaRecord(0.999, True, 6517, True),
+     "flow"),
+    ("fashion-mnist-ddpm", SamplingDefaults("dpm++2m", 10, 4.0, (82.0, 578.0)), EmaRecord(0.999, True, 5000), "ddpm"),
+])  # docs/meanflow.md (2 forwards per image), docs/flow.md (15) and docs/fashion-mnist.md
+def test_the_shipped_files_record_the_defaults_their_registry_entries_give(name, expected, ema, objective):
     entry = known_weights(name)
     checkpoint = load_checkpoint(WEIGHTS / entry.filename)
     assert checkpoint.sampling == expected == entry.sampling
-    assert (checkpoint.objective, checkpoint.objective_recorded) == (entry.objective or DDPM, True)
+    assert (checkpoint.objective.name, checkpoint.objective_recorded) == (objective, True)
+    assert entry.objective is None or entry.objective == checkpoint.objective
     assert checkpoint.ema == ema
 
 

@@ -115,9 +115,10 @@ def test_registry_knows_the_released_checkpoints_and_the_embedded_model():
 def test_weights_found_in_a_checkout_folder_need_no_download(monkeypatch, tmp_path):
     folder = tmp_path / "weights"
     folder.mkdir()
-    (folder / "fashion-mnist.safetensors").write_bytes(b"x")
+    file = known_weights("fashion-mnist").filename
+    (folder / file).write_bytes(b"x")
     monkeypatch.setattr(registry, "weights_dirs", lambda: [tmp_path / "home", folder])
-    assert resolve_weights(known_weights("fashion-mnist")) == folder / "fashion-mnist.safetensors"
+    assert resolve_weights(known_weights("fashion-mnist")) == folder / file
 
 
 def test_sha256_of_a_file_and_of_a_folder_checkpoint(tmp_path):
