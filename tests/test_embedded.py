@@ -1,5 +1,6 @@
 """The shipped Fashion-MNIST DiTs (the mean-flow model `fashion-mnist` or `fashion-mnist-meanflow`, the flow model
-`fashion-mnist-flow`, the DDPM model `fashion-mnist-ddpm`) and their judge: they load, sample offline by name and classify real images."""
+`fashion-mnist-flow`, the DDPM model `fashion-mnist-ddpm`) and their judge: they load, sample offline by name and
+classify real images."""
 
 import json
 from pathlib import Path
