@@ -156,12 +156,16 @@ FJ=(--features fashion-judge --device cpu --json)
 echo "sampling the embedded models"
 run classes-imagenet  dit classes --search retriever --json
 run classes-fashion   dit classes --model fashion-mnist --json
-run sample-flow       "${S[@]}" --model fashion-mnist --num 32 --seed 0 --out samples/flow --npz samples/flow.npz
+F=("${S[@]}" --model fashion-mnist-flow)  # the flow model (`fashion-mnist` names the mean-flow model since 2026-12-07)
+run sample-meanflow   "${S[@]}" --model fashion-mnist --num 32 --seed 0 --out samples/meanflow \
+    --npz samples/meanflow.npz
+run sample-meanflow-1 "${S[@]}" --model fashion-mnist --steps 1 --num 16 --seed 9 --npz samples/meanflow-1.npz
+run sample-flow       "${F[@]}" --num 32 --seed 0 --out samples/flow --npz samples/flow.npz
 run sample-ddpm       "${S[@]}" --model fashion-mnist-ddpm --num 32 --seed 0 --npz samples/ddpm.npz
-run sample-flow-bf16  "${S[@]}" --model fashion-mnist --precision bf16 --num 16 --seed 1 --npz samples/flow-bf16.npz
-run sample-flow-heun  "${S[@]}" --model fashion-mnist --sampler heun --steps 5 --num 16 --seed 2 --npz samples/flow-heun.npz
-run sample-flow-sde   "${S[@]}" --model fashion-mnist --sampler sde --steps 10 --num 16 --seed 3 --npz samples/flow-sde.npz
-run sample-flow-dopri5 "${S[@]}" --model fashion-mnist --sampler dopri5 --atol 1e-3 --rtol 1e-2 --num 4 --seed 4 \
+run sample-flow-bf16  "${F[@]}" --precision bf16 --num 16 --seed 1 --npz samples/flow-bf16.npz
+run sample-flow-heun  "${F[@]}" --sampler heun --steps 5 --num 16 --seed 2 --npz samples/flow-heun.npz
+run sample-flow-sde   "${F[@]}" --sampler sde --steps 10 --num 16 --seed 3 --npz samples/flow-sde.npz
+run sample-flow-dopri5 "${F[@]}" --sampler dopri5 --atol 1e-3 --rtol 1e-2 --num 4 --seed 4 \
     --npz samples/flow-dopri5.npz
 run sample-ddpm-ddim  "${S[@]}" --model fashion-mnist-ddpm --sampler ddim --steps 10 --eta 0.5 --num 16 --seed 5 \
     --npz samples/ddpm-ddim.npz
