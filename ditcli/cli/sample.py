@@ -66,7 +66,7 @@ StepsOpt = Annotated[int | None, typer.Option(
                     f"takes its own ({', '.join(f'{name} {n}' for name, n in SAMPLER_STEPS.items())}).")]
 CfgOpt = Annotated[float | None, typer.Option(
     "--cfg", help="Classifier-free guidance scale: 1 off, 0 unconditional, 1.5 for DiT-XL/2's FID. Default: the "
-                  "model's (DiT-XL/2: 4; fashion-mnist: 3).")]
+                  "model's (DiT-XL/2: 4; fashion-mnist: 1, its guidance trained in; fashion-mnist-flow: 3).")]
 GuidedOpt = Annotated[str | None, typer.Option(
     "--guidance-channels", help=f"{' or '.join(GUIDED_CHANNELS)}: the first 3 latent channels, as published, or all. "
                                 f"Default: the model's, else {DEFAULT_CHANNELS}.", show_default=False)]
