@@ -117,7 +117,8 @@ def test_edm2_preprocessing_matches_reference(vectors, models, src):
     u8 = vectors[f"edm2.{src}.u8"].to(torch.uint8)
     pil, resized = edm2_preprocess(u8, "pil"), edm2_preprocess(u8, "torch")
     assert torch.equal(pil, vectors[f"edm2.{src}.pil.model_input"])
-    assert max_err(resized, vectors[f"edm2.{src}.torch.model_input"]) <= TORCH_RESIZE_TOL
+    # The copy keeps the torch-mode input of image 1 (the noise image) only; the features below check all three
+    assert max_err(resized[1:2], vectors[f"edm2.{src}.torch.model_input"]) <= TORCH_RESIZE_TOL
     with torch.no_grad():
         for name, model in models.items():
             assert max_err(model(pil), vectors[f"edm2.{src}.pil.{name}.feature"]) <= MODEL_TOL
