@@ -86,10 +86,8 @@ REGISTRY: dict[tuple[str, int | None], KnownWeights] = {
     # blocks on t, guidance 3 trained in by distilling the flow model's guided velocity, docs/meanflow.md), matches
     # that at 2 forwards per image (the flow map in 2 steps: FD 21.8 against 22.9 over seeds 0-2, judge 97.4% against
     # 97.9%) at 5x and more the images per second, so it is `fashion-mnist`; its file records the same defaults.
-    ("fashion-mnist", None): KnownWeights("fashion-mnist", None, *FASHION_MEANFLOW, sampler="flow-map", steps=2,
-                                          cfg=1.0, licence="MIT"),
-    ("fashion-mnist-meanflow", None): KnownWeights("fashion-mnist-meanflow", None, *FASHION_MEANFLOW,
-                                                   sampler="flow-map", steps=2, cfg=1.0, licence="MIT"),
+    **{(name, None): KnownWeights(name, None, *FASHION_MEANFLOW, sampler="flow-map", steps=2, cfg=1.0, licence="MIT")
+       for name in ("fashion-mnist", "fashion-mnist-meanflow")},
     # The flow model (`fashion-mnist` until 2026-12-07) by its own name. cfg 3 beat 2.5, 3.5 and 4.
     ("fashion-mnist-flow", None): KnownWeights("fashion-mnist-flow", None, *FASHION_FLOW, sampler="euler", steps=9,
                                                cfg=3.0, interval=(0.156, 0.781), licence="MIT",
