@@ -4,10 +4,10 @@
 # trains 4,006 steps (a third) as one cosine run with the shipped model's architecture, objective, recipe and batch
 # (the shipped model itself was two cosine runs, 5,500 + 6,517 steps, docs/flow.md), and logs its FD every
 # EVAL_EVERY steps. After the runs, the shipped model (the 12,017-step baseline) is scored once in the same protocol
-# as those evaluations, into OUT/shipped-eval.json (below). About 1.2 h per plain run on 2 CPU cores in bf16, 2 h
-# on 1 (REPA with its 2048-wide projector about 2.4 times that, benchmarks/results/align-cpu.json). Resumable: rerun
-# the same command and each run continues from its newest checkpoint (--resume auto); a finished run is skipped by
-# dit itself, and the files made once are kept.
+# as those evaluations, into OUT/shipped-eval.json (below). About 40 min to 1.2 h per plain run on 2 CPU cores in
+# bf16, by the CPU, 2 h on 1 (REPA with its 2048-wide projector about 2.4 times the step, align-cpu.json).
+# Resumable: rerun the same command and each run continues from its newest checkpoint (--resume auto); a finished run
+# is skipped by dit itself, and the files made once are kept.
 #   bash benchmarks/align_study.sh [OUT]      (from the repository root; OUT defaults to ~/dit-runs/align-study-4006)
 # Then: python benchmarks/align_study_plot.py OUT --out docs/images/align-study.png (the FD curves, the shipped
 # model's FD as a line, and the step at which each run reaches the baseline's last FD).
