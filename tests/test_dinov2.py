@@ -4,6 +4,7 @@ Model A mirrors the register-free releases (`dinov2_vit*14`: offset 0.1, no anti
 registers, offset 0, antialias). The README there lists every call and the effect of each convention error.
 """
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,14 @@ def test_convention_errors_break_the_match(vectors, name, monkeypatch):
     assert _broken_forward(vectors, name, "down") > 0.01
     monkeypatch.undo()
     assert _broken_forward(vectors, name, "down") <= MODEL_TOL
+
+
+def test_the_copied_files_are_the_ones_the_readme_lists():
+    """Each file of tests/golden-dinov2 has its size and sha256 in the folder's README (the vectors file is a trimmed
+    copy: a changed copy must update its line)."""
+    text = (GOLDEN / "README.md").read_text()
+    for path in sorted(GOLDEN.iterdir()):
+        if path.name != "README.md":
+            data = path.read_bytes()
+            assert f"| `{path.name}` | {len(data)} | `{hashlib.sha256(data).hexdigest()}` |" in text, path.name
+
