@@ -76,6 +76,8 @@ train repa-judge --align repa --align-encoder "$OUT/encoder-judge.safetensors"
 train repa-judge-dispersive --align repa --align-encoder "$OUT/encoder-judge.safetensors" --dispersive
 train dispersive-025 --dispersive --dispersive-weight 0.25  # the released training script's weight
 train baseline-seed2 --seed 2  # the baseline's spread over seeds (the evaluation draws from the seed too)
+train repa-judge-256-seed2 --align repa --align-encoder "$OUT/encoder-judge.safetensors" --align-projector-dim 256 \
+    --seed 2
 if [ -n "${REPA_DINOV2:-}" ]; then
     train repa-dinov2 --align repa --align-encoder dinov2 --dinov2-weights "$REPA_DINOV2"
 fi
