@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ditcli.data.sources import load_fashion_mnist
+from ditcli.diffusion.flow import FlowMatching
 from ditcli.training.align import dispersive_loss
 from ditcli.weights.checkpoint import load_checkpoint
 
@@ -26,15 +27,15 @@ BATCH = 128  # the study's batch
 
 
 def noised_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_t, t and the labels of BATCH train images; the flow runs from noise (t = 0) to data (t = 1)."""
+    """x_t, t and the labels of BATCH train images, on the study's flow path (noise at t = 0, data at t = 1)."""
     data = load_fashion_mnist(split="train")
     index = np.random.default_rng(seed).choice(len(data.images), BATCH, replace=False)
     x1 = torch.from_numpy(data.images[index]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    flow = FlowMatching(time_sampling="logit-normal")
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(x1.shape, generator=generator)
-    t = torch.sigmoid(torch.randn(BATCH, generator=generator))  # logit-normal(0, 1), the study's time sampling
-    t_ = t.view(-1, 1, 1, 1)
-    return t_ * x1 + (1 - t_) * noise, t, torch.from_numpy(data.labels[index])
+    t = flow.draw_times(BATCH, generator)
+    return flow.q_sample(x1, t, noise), t, torch.from_numpy(data.labels[index])
 
 
 def main() -> None:
